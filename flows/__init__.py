@@ -1,0 +1,1 @@
+"""Prefect flows (the DAGs), their deployments, and the `mlxflow` command line."""

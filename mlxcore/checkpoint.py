@@ -1,0 +1,98 @@
+"""Training checkpoints: HF-layout model dirs plus optimizer and trainer state, written atomically.
+
+  <out>/checkpoints/step-00000100/   config.json, model.safetensors, tokenizer files,
+                                     optimizer.safetensors, trainer_state.json
+  <out>/model/                       the final checkpoint, same files + manifest.json
+
+A checkpoint dir appears by rename only when complete, so any `step-*` dir can be resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlxcore  # noqa: F401
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlxcore.data.tokenizer import copy_files
+from mlxcore.io import atomic_dir, write_json, write_manifest
+from mlxcore.model import save_weights
+
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_STATE = "optimizer.safetensors"
+
+
+def step_dir(ckpt_root: Path, step: int) -> Path:
+    return Path(ckpt_root) / f"step-{step:08d}"
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
+    root = Path(ckpt_root)
+    found = []
+    for p in root.glob("step-*") if root.is_dir() else []:
+        if p.is_dir() and (p / TRAINER_STATE).is_file():
+            found.append((int(p.name.split("-")[1]), p))
+    return sorted(found)
+
+
+def latest(ckpt_root: str | Path) -> Path | None:
+    found = list_checkpoints(ckpt_root)
+    return found[-1][1] if found else None
+
+
+def prune(ckpt_root: str | Path, keep: int) -> None:
+    for _, path in list_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save(
+    path: str | Path,
+    model: nn.Module,
+    config: dict,
+    trainer_state: dict,
+    optimizer: optim.Optimizer | None = None,
+    tokenizer_dir: str | Path | None = None,
+    manifest: bool = False,
+) -> Path:
+    """Write a complete checkpoint dir atomically (replacing an older one at `path`)."""
+    with atomic_dir(path, replace=True) as tmp:
+        save_weights(model, tmp / "model.safetensors")
+        write_json(tmp / "config.json", config)
+        if tokenizer_dir is not None:
+            copy_files(tokenizer_dir, tmp)
+        if optimizer is not None:
+            mx.save_safetensors(str(tmp / OPTIMIZER_STATE), dict(sorted(tree_flatten(optimizer.state))))
+        write_json(tmp / TRAINER_STATE, trainer_state)
+        if manifest:
+            write_manifest(tmp, "checkpoint", config, step=trainer_state.get("step"))
+    return Path(path)
+
+
+def restore(path: str | Path, model: nn.Module, optimizer: optim.Optimizer | None = None) -> dict:
+    """Load weights (and optimizer state) from a checkpoint dir; returns its trainer state."""
+    path = Path(path)
+    model.load_weights(str(path / "model.safetensors"), strict=True)
+    if optimizer is not None:
+        optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_STATE)).items()))
+    mx.eval(model.parameters(), optimizer.state if optimizer is not None else [])
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def load_weights_only(path: str | Path, model: nn.Module) -> None:
+    """`init_from`: copy weights from another checkpoint, checking shapes match."""
+    weights = mx.load(str(Path(path) / "model.safetensors"))
+    ours = dict(tree_flatten(model.parameters()))
+    bad = [k for k, v in weights.items() if k not in ours or ours[k].shape != v.shape]
+    missing = [k for k in ours if k not in weights]
+    if bad or missing:
+        raise ValueError(
+            f"init_from {path}: weights do not fit this model "
+            f"(mismatched: {bad[:3]}, missing: {missing[:3]}); same model config and tokenizer needed"
+        )
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())

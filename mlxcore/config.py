@@ -1,0 +1,240 @@
+"""Typed configs, one per concern. Presets are named instances; YAML only overrides them.
+
+Every model rejects unknown keys, so a typo in a YAML file is an error that names the key,
+the file and the line, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the file, line and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # ~4.6M parameters with a 6400 vocab: fast enough to train on two CPU cores.
+    "tiny": dict(
+        hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=704
+    ),
+    # ~98M parameters with a 6400 vocab (MiniMind's tokenizer): the "200 MB in fp16" class.
+    "200mb": dict(
+        hidden_size=768,
+        num_layers=15,
+        num_heads=12,
+        num_kv_heads=3,
+        head_dim=64,
+        intermediate_size=2048,
+    ),
+}
+_ARCH_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+
+
+class ModelConfig(_Strict):
+    """A LLaMA-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings."""
+
+    preset: Literal["tiny", "200mb", "custom"] = Field("tiny", description="Named size; fields below override it.")
+    hidden_size: int = Field(0, gt=0)
+    num_layers: int = Field(0, gt=0)
+    num_heads: int = Field(0, gt=0)
+    num_kv_heads: int = Field(0, gt=0, description="Key/value heads (GQA); divides num_heads.")
+    head_dim: int | None = Field(None, gt=0, description="Default: hidden_size // num_heads.")
+    intermediate_size: int = Field(0, gt=0, description="SwiGLU inner width.")
+    vocab_size: int | None = Field(None, gt=0, description="Default: the tokenizer's size.")
+    rope_theta: float = Field(1e6, gt=0)
+    rms_norm_eps: float = Field(1e-5, gt=0)
+    max_position_embeddings: int = Field(4096, gt=0)
+    tie_embeddings: bool = True
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset", "tiny")
+        if preset == "custom":
+            missing = [k for k in _ARCH_KEYS if k not in data]
+            if missing:
+                raise ValueError(f"preset 'custom' needs {', '.join(missing)}")
+            return data
+        return {**MODEL_PRESETS.get(preset, {}), **data}
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        return self
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def num_params(self, vocab_size: int | None = None) -> int:
+        v = vocab_size or self.vocab_size or 0
+        h, d = self.hidden_size, self.resolved_head_dim
+        attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
+        layer = attn + 3 * h * self.intermediate_size + 2 * h
+        head = 0 if self.tie_embeddings else v * h
+        return v * h + self.num_layers * layer + h + head
+
+
+class SyntheticConfig(_Strict):
+    """Deterministic synthetic tasks: every example is a function of (seed, split, index)."""
+
+    tasks: list[Literal["copy", "sort", "arithmetic", "json"]] = ["copy", "sort", "arithmetic", "json"]
+    pretrain_docs: int = Field(24000, gt=0, description="Plain-text documents for pretraining.")
+    sft_examples: int = Field(8000, gt=0, description="User/assistant conversations for SFT.")
+    val_examples: int = Field(400, gt=0, description="Held-out documents and conversations each.")
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    source: Literal["synthetic"] = "synthetic"
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class TokenizerConfig(_Strict):
+    path: str | None = Field(None, description="A local Hugging Face tokenizer dir; unset: train a BPE.")
+    vocab_size: int = Field(1024, ge=300, description="Size of the byte-level BPE to train.")
+    min_frequency: int = Field(2, ge=1)
+
+
+class TrainConfig(_Strict):
+    """One optimisation run: AdamW, linear warmup then cosine decay to min_lr_ratio * lr."""
+
+    steps: int = Field(300, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(16, gt=0, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    seq_len: int = Field(128, gt=1, description="Tokens per packed sequence / SFT truncation length.")
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
+    eval_every: int = Field(100, ge=0, description="Steps between held-out evals; 0: only at the ends.")
+    eval_batches: int = Field(8, gt=0)
+    save_every: int = Field(100, ge=0, description="Steps between checkpoints; 0: only the final one.")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept in checkpoints/.")
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+    compile: bool = True
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> "TrainConfig":
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        return self
+
+
+class SampleConfig(_Strict):
+    num_prompts: int = Field(4, ge=0)
+    max_tokens: int = Field(48, gt=0)
+    temperature: float = Field(0.0, ge=0, description="0 means greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+def _default_sft() -> TrainConfig:
+    return TrainConfig(steps=200, batch_size=32, lr=5e-4, warmup_steps=10, eval_every=100)
+
+
+class PipelineConfig(_Strict):
+    """The whole DAG: data -> tokenizer -> pretokenize -> pretrain -> sft -> eval -> sample."""
+
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    out_dir: str = Field("runs", description="Stage outputs go to <out_dir>/<name>/<stage>-<key>.")
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: TrainConfig = TrainConfig()
+    sft: TrainConfig = Field(default_factory=_default_sft)
+    sample: SampleConfig = SampleConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# ---------------------------------------------------------------- loading YAML with good errors
+
+
+def _node_line(node: yaml.Node | None, loc: tuple) -> int | None:
+    """1-based line of the deepest YAML node along `loc` (a pydantic error location)."""
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(key)]
+            if not match:
+                break
+            line, node = match[0][0].start_mark.line + 1, match[0][1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _format_errors(err: ValidationError, source: str, root: yaml.Node | None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        line = _node_line(root, loc)
+        where = f"{source}:{line}" if line else source
+        lines.append(f"{where}: {key}: {e['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. sft.lr=1e-4")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type[BaseModel] = PipelineConfig):
+    """Build `cls` from a YAML file (optional) plus `KEY=VALUE` overrides."""
+    root, data, source = None, {}, "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read config: {e.strerror}") from None
+        try:
+            root = yaml.compose(text)
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark else source
+            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}:1: expected a mapping of settings, got {type(data).__name__}")
+    data = apply_overrides(data, list(overrides))
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source, root)) from None

@@ -1,0 +1,1 @@
+"""Data stages: synthetic generation, tokenizers, pretokenized shards and batch loaders."""

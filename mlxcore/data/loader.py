@@ -1,0 +1,140 @@
+"""Batches from pretokenized shards, addressed by a resumable cursor.
+
+A batch is a pure function of (dataset, seed, cursor): `next(cursor)` returns the batch and the
+cursor after it, so saving the cursor in a checkpoint is all resume needs, and every rank of a
+data-parallel run can compute its own slice. Each epoch visits the items in a fresh permutation
+drawn from (seed, epoch); the last partial batch of an epoch is dropped.
+
+- `PackedBatches` (pretraining): non-overlapping windows of seq_len + 1 tokens from the token
+  stream of each shard; inputs are the first seq_len, targets the last seq_len.
+- `SFTBatches`: one conversation per row, truncated to seq_len + 1 tokens, right-padded to the
+  batch's longest row rounded up to a multiple of 32 (few distinct shapes for the compiled
+  step); the loss mask is the target-side assistant mask, 0 on padding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mlxcore.io import read_manifest
+
+PAD_MULTIPLE = 32
+
+
+class _Shards:
+    def __init__(self, data_dir: str | Path, split: str):
+        self.dir = Path(data_dir)
+        self.manifest = read_manifest(self.dir, "tokens")
+        if split not in self.manifest["splits"]:
+            raise KeyError(f"{self.dir}: no split {split!r}")
+        info = self.manifest["splits"][split]
+        dtype = np.dtype(self.manifest["dtype"])
+        self.tokens, self.masks, self.index = [], [], []
+        for shard in info["shards"]:
+            stem = self.dir / split / shard["name"]
+            self.tokens.append(np.memmap(f"{stem}.tokens.bin", dtype=dtype, mode="r"))
+            self.index.append(np.fromfile(f"{stem}.index.bin", dtype=np.int64))
+            mask = Path(f"{stem}.mask.bin")
+            self.masks.append(np.memmap(mask, dtype=np.uint8, mode="r") if mask.exists() else None)
+
+
+class _Batches:
+    """Shared cursor logic: items are integers 0..len-1, visited per-epoch in a permutation."""
+
+    def __init__(self, batch_size: int, seed: int, shuffle: bool, rank: int, world: int):
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.rank, self.world = rank, world
+        self._perm_epoch, self._perm = None, None
+        if self.num_items < batch_size * world:
+            raise ValueError(
+                f"{self.num_items} items cannot fill one batch of {batch_size} x {world} rank(s); "
+                "use more data, a smaller batch_size or a shorter seq_len"
+            )
+
+    num_items: int = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_items // (self.batch_size * self.world)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            n = self.num_items
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def next(self, cursor: dict | None = None) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict]:
+        """The batch at `cursor` (default: the start) and the cursor that follows it."""
+        epoch, index = (cursor or {}).get("epoch", 0), (cursor or {}).get("index", 0)
+        if index >= self.batches_per_epoch:
+            epoch, index = epoch + 1, 0
+        per_step = self.batch_size * self.world
+        start = index * per_step + self.rank * self.batch_size
+        items = self._order(epoch)[start : start + self.batch_size]
+        return self._collate(items), {"epoch": epoch, "index": index + 1}
+
+    def take(self, n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The first `n` batches in file order (for evaluation), fewer if the data is short."""
+        cursor, out = {"epoch": 0, "index": 0}, []
+        for _ in range(min(n, self.batches_per_epoch)):
+            batch, cursor = self.next(cursor)
+            out.append(batch)
+        return out
+
+
+class PackedBatches(_Batches):
+    def __init__(self, data_dir, split, batch_size, seq_len, seed=0, shuffle=True, rank=0, world=1):
+        self.data, self.seq_len = _Shards(data_dir, split), seq_len
+        counts = [max(0, (len(t) - 1) // seq_len) for t in self.data.tokens]
+        self._starts = np.cumsum([0] + counts)
+        self.num_items = int(self._starts[-1])
+        super().__init__(batch_size, seed, shuffle, rank, world)
+
+    def _collate(self, items):
+        T = self.seq_len
+        rows = np.empty((len(items), T + 1), dtype=np.int32)
+        for r, item in enumerate(items):
+            shard = int(np.searchsorted(self._starts, item, side="right") - 1)
+            off = (item - self._starts[shard]) * T
+            rows[r] = self.data.tokens[shard][off : off + T + 1]
+        return rows[:, :-1], rows[:, 1:], np.ones((len(items), T), dtype=np.float32)
+
+
+class SFTBatches(_Batches):
+    def __init__(self, data_dir, split, batch_size, seq_len, seed=0, shuffle=True, rank=0, world=1, pad_id=0):
+        self.data, self.seq_len, self.pad_id = _Shards(data_dir, split), seq_len, pad_id
+        if self.data.masks[0] is None:
+            raise ValueError(f"{data_dir}: not an SFT dataset (no loss masks)")
+        docs = [len(ix) - 1 for ix in self.data.index]
+        self._starts = np.cumsum([0] + docs)
+        self.num_items = int(self._starts[-1])
+        super().__init__(batch_size, seed, shuffle, rank, world)
+        lengths = np.concatenate([np.diff(ix) for ix in self.data.index])
+        self.truncated = int((lengths > seq_len + 1).sum())
+
+    def _collate(self, items):
+        docs = []
+        for item in items:
+            shard = int(np.searchsorted(self._starts, item, side="right") - 1)
+            lo, hi = self.data.index[shard][item - self._starts[shard] : item - self._starts[shard] + 2]
+            hi = min(hi, lo + self.seq_len + 1)
+            docs.append((self.data.tokens[shard][lo:hi], self.data.masks[shard][lo:hi]))
+        longest = max(len(t) for t, _ in docs) - 1
+        width = min(self.seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+        ids = np.full((len(docs), width + 1), self.pad_id, dtype=np.int32)
+        mask = np.zeros((len(docs), width + 1), dtype=np.float32)
+        for r, (t, m) in enumerate(docs):
+            ids[r, : len(t)] = t
+            mask[r, : len(m)] = m
+        return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+
+
+def open_batches(data_dir, split, batch_size, seq_len, seed=0, shuffle=True, rank=0, world=1, pad_id=0):
+    """PackedBatches or SFTBatches, whichever the dataset's manifest says it is."""
+    task = read_manifest(data_dir, "tokens")["task"]
+    if task == "sft":
+        return SFTBatches(data_dir, split, batch_size, seq_len, seed, shuffle, rank, world, pad_id)
+    return PackedBatches(data_dir, split, batch_size, seq_len, seed, shuffle, rank, world)

@@ -1,0 +1,120 @@
+"""Tokenizers in the Hugging Face layout: load a local one, or train a byte-level BPE.
+
+A trained tokenizer splits digits one by one before BPE (as LLaMA and Qwen do), so numbers are
+spelled digit by digit and arithmetic stays learnable. Special tokens follow MiniMind's:
+`<|endoftext|>` (pad/unk, document separator), `<|im_start|>` (bos), `<|im_end|>` (eos), and
+the chat template is ChatML. Nothing here executes code from a tokenizer directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from mlxcore.config import TokenizerConfig
+from mlxcore.data.records import read_rows
+from mlxcore.io import atomic_dir, read_manifest, write_manifest
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def load(tokenizer_dir: str | Path):
+    """A transformers fast tokenizer from a local dir (offline, no remote code)."""
+    from transformers import AutoTokenizer
+
+    path = Path(tokenizer_dir)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.json / tokenizer_config.json")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+
+
+def copy_files(tokenizer_dir: str | Path, dest: str | Path) -> None:
+    """Copy the tokenizer files of `tokenizer_dir` (e.g. into a checkpoint)."""
+    for name in TOKENIZER_FILES:
+        src = Path(tokenizer_dir) / name
+        if src.is_file():
+            shutil.copy2(src, Path(dest) / name)
+
+
+def special_ids(tok) -> dict[str, int | None]:
+    sep = tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tok.get_vocab() else None
+    return {
+        "bos": tok.bos_token_id,
+        "eos": tok.eos_token_id,
+        "pad": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        "separator": sep if sep is not None else tok.eos_token_id,
+    }
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir: str | Path) -> None:
+    """Train a byte-level BPE on `texts` and save it (with a ChatML template) to `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=1 << 20,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+
+
+def _corpus(raw_dir: Path) -> Iterable[str]:
+    for kind in ("pretrain", "sft"):
+        path = raw_dir / kind / "train.jsonl"
+        if not path.is_file():
+            continue
+        for row in read_rows(path, kind):
+            if isinstance(row, str):
+                yield row
+            else:  # role names too, so the chat template's words become tokens
+                yield "\n".join(f"{m['role']}\n{m['content']}" for m in row)
+
+
+def load_or_train(cfg: TokenizerConfig, raw_dir: str | Path, out_dir: str | Path) -> dict:
+    """Copy a local tokenizer (cfg.path) or train a BPE on raw_dir's train splits."""
+    raw_dir = Path(raw_dir)
+    read_manifest(raw_dir, "raw-dataset")
+    with atomic_dir(out_dir) as tmp:
+        if cfg.path:
+            src = Path(cfg.path)
+            tok = load(src)  # validates before copying
+            copy_files(src, tmp)
+            if not tok.chat_template:
+                raise ValueError(f"{src}: tokenizer has no chat_template; SFT needs one")
+        else:
+            train_bpe(_corpus(raw_dir), cfg.vocab_size, cfg.min_frequency, tmp)
+        tok = load(tmp)
+        return write_manifest(tmp, "tokenizer", cfg.model_dump(), vocab_size=len(tok), special_ids=special_ids(tok))

@@ -1,0 +1,80 @@
+"""The model: mlx-lm's LLaMA classes, configured from `ModelConfig`, saved in the HF layout.
+
+A checkpoint directory is what `mlx_lm.load` and Hugging Face tooling read:
+`config.json` (model_type llama), `model.safetensors`, tokenizer files; training checkpoints
+add `trainer_state.json` and `optimizer.safetensors` (see `checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models import llama
+from mlx_lm.utils import load_model
+
+from mlxcore.config import ModelConfig
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int | None] | None = None) -> dict:
+    """The `config.json` of a checkpoint: readable by mlx-lm and transformers' LlamaForCausalLM."""
+    if cfg.vocab_size is not None and cfg.vocab_size != vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.vocab_size} does not match the tokenizer's {vocab_size} tokens"
+        )
+    ids = special_ids or {}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": vocab_size,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": cfg.dtype,
+        "bos_token_id": ids.get("bos"),
+        "eos_token_id": ids.get("eos"),
+        "pad_token_id": ids.get("pad"),
+    }
+
+
+def from_config(config: dict, seed: int = 0) -> nn.Module:
+    """A freshly initialised model for an HF-style config dict."""
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    dtype = DTYPES[config.get("torch_dtype", "float32")]
+    if dtype != mx.float32:
+        model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def load(path: str | Path) -> tuple[nn.Module, dict]:
+    """Load a checkpoint dir with mlx-lm's own loader (strict: every weight must match)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint (no config.json)")
+    return load_model(path)
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    weights = dict(sorted(tree_flatten(model.parameters())))  # sorted: same bytes for same weights
+    mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.size for _, p in tree_flatten(model.parameters()))

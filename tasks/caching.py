@@ -1,0 +1,88 @@
+"""Content-based cache keys and output dirs for stage tasks.
+
+A stage's key hashes: the stage name, the code version (every source file of mlxcore and
+tasks, plus the mlx / mlx-lm versions), the *digests* of its input dirs' manifests (never
+their paths: same path with new data is a new key), its config values, and the run dir it
+writes to (the same inputs written to two run dirs are two results, each with its files).
+The stage writes to `<run_dir>/<stage>-<key[:12]>`, so a key always names one output dir. If
+that dir was deleted while Prefect still holds a cached result for the key, the key function
+forces a re-run instead of handing out a path to nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+from pydantic import BaseModel
+
+from mlxcore.io import is_complete, read_manifest, sha256_json
+
+PACKAGES = ("mlxcore", "tasks")
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pkg in PACKAGES:
+        for path in sorted((root / pkg).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    for dist in ("mlx", "mlx-lm"):
+        try:
+            h.update(f"{dist}={importlib.metadata.version(dist)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return h.hexdigest()[:16]
+
+
+def _value(v: Any) -> Any:
+    return v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+
+
+def stage_key(stage: str, params: dict[str, Any], inputs: tuple[str, ...]) -> str:
+    """Key from input manifests' digests + the other parameters + code version."""
+    body = {"stage": stage, "code": code_version()}
+    for name, value in sorted(params.items()):
+        if name in inputs:
+            body[name] = None if value is None else read_manifest(value)["digest"]
+        elif name == "run_dir":
+            body[name] = str(Path(value).resolve())
+        else:
+            body[name] = _value(value)
+    return sha256_json(body)
+
+
+class Stage:
+    """A stage's name, which parameters are input dirs, and where its finished product lies.
+
+    `product` is the subdir whose manifest marks the stage done ("" = the stage dir itself).
+    """
+
+    def __init__(self, name: str, inputs: tuple[str, ...] = (), product: str = ""):
+        self.name, self.inputs, self.product = name, inputs, product
+
+    def dir(self, params: dict[str, Any], key: str | None = None) -> Path:
+        key = key or stage_key(self.name, params, self.inputs)
+        return Path(params["run_dir"]) / f"{self.name}-{key[:12]}"
+
+    def done(self, out: Path) -> bool:
+        return is_complete(out / self.product)
+
+    def task(self, **kwargs):
+        """prefect.task with this stage's cache policy and JSON results (paths + small dicts)."""
+        def key_fn(context, params: dict[str, Any]) -> str:
+            key = stage_key(self.name, params, self.inputs)
+            if not self.done(self.dir(params, key)) and context.result_store.exists(key):
+                return f"{key}-rebuild-{uuid.uuid4().hex}"  # cached result points at a deleted dir
+            return key
+
+        return task(name=self.name, cache_policy=CachePolicy.from_cache_key_fn(key_fn),
+                    persist_result=True, result_serializer="json", **kwargs)

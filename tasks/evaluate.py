@@ -1,0 +1,46 @@
+"""Evaluation stages: held-out loss / perplexity, and a few sample generations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect.artifacts import create_table_artifact
+
+from mlxcore.config import SampleConfig
+from mlxcore.evaluate import loss_ppl
+from mlxcore.generate import sample_dataset
+from mlxcore.io import atomic_dir, read_manifest, write_json, write_manifest
+from tasks.caching import Stage
+from tasks.progress import artifact_key
+
+EVAL = Stage("eval", inputs=("checkpoint", "data_dir"))
+SAMPLE = Stage("sample", inputs=("checkpoint", "raw_dir"))
+
+
+@EVAL.task()
+def evaluate(checkpoint: str, data_dir: str, batch_size: int, seq_len: int, run_dir: str) -> dict:
+    """Held-out loss and perplexity of `checkpoint` on the val split of `data_dir`."""
+    out = EVAL.dir(locals())
+    if not EVAL.done(out):
+        metrics = loss_ppl(checkpoint, data_dir, "val", batch_size, seq_len)
+        with atomic_dir(out) as tmp:
+            write_json(tmp / "metrics.json", metrics)
+            write_manifest(tmp, "eval", metrics)
+    return {"path": str(out), "checkpoint": checkpoint, **read_manifest(out)["config"]}
+
+
+@SAMPLE.task()
+def sample(checkpoint: str, raw_dir: str, config: SampleConfig, run_dir: str) -> dict:
+    """Generate replies to held-out SFT prompts and compare them with the reference answers."""
+    out = SAMPLE.dir(locals())
+    if not SAMPLE.done(out):
+        rows = sample_dataset(checkpoint, f"{raw_dir}/sft/val.jsonl", config.num_prompts,
+                              config.max_tokens, config.temperature, config.top_p)
+        with atomic_dir(out) as tmp:
+            write_json(tmp / "samples.json", rows)
+            write_manifest(tmp, "samples", config.model_dump())
+        create_table_artifact(table=rows, key=artifact_key(Path(run_dir).name, "samples"),
+                              description="Generations on held-out prompts")
+    rows = json.loads((out / "samples.json").read_text())
+    return {"path": str(out), "samples": rows, "exact_match": sum(r["correct"] for r in rows) / max(len(rows), 1)}

@@ -1,0 +1,61 @@
+"""The Prefect side of mlxcore's training callback: a progress artifact and a metrics table."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from mlxcore.callbacks import TrainingCallback
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+class PrefectProgress(TrainingCallback):
+    """Progress artifact updated at most every `interval` seconds; metrics table at the end."""
+
+    def __init__(self, stage: str, run_name: str, interval: float = 2.0):
+        self.stage, self.run_name, self.interval = stage, run_name, interval
+        self.artifact_id, self.total, self.last, self.rows = None, 1, 0.0, []
+
+    def on_begin(self, info: dict) -> None:
+        self.total = max(info["total_steps"], 1)
+        self.artifact_id = create_progress_artifact(
+            progress=100.0 * info["start_step"] / self.total,
+            description=f"{self.stage}: {info['params']:,} parameters, {self.total} steps"
+            + (f", resumed from {info['resumed_from']}" if info["resumed_from"] else ""),
+        )
+
+    def _progress(self, step: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.artifact_id and (force or now - self.last >= self.interval):
+            update_progress_artifact(self.artifact_id, 100.0 * step / self.total)
+            self.last = now
+
+    def on_train(self, info: dict) -> None:
+        self.rows.append({"step": info["step"], "loss": round(info["loss"], 4), "val_loss": None,
+                          "lr": f"{info['lr']:.2e}", "grad_norm": round(info["grad_norm"], 3),
+                          "tok_per_s": round(info["tok_per_s"])})
+        self._progress(info["step"], force=info["step"] >= self.total)
+
+    def on_eval(self, info: dict) -> None:
+        self.rows.append({"step": info["step"], "loss": None, "val_loss": round(info["val_loss"], 4),
+                          "lr": None, "grad_norm": None, "tok_per_s": None})
+
+    def on_end(self, info: dict) -> None:
+        self._progress(info["step"], force=True)
+        key = artifact_key(self.run_name, self.stage, "metrics")
+        create_table_artifact(table=self.rows, key=key, description=f"{self.stage} metrics by step")
+        create_markdown_artifact(
+            key=artifact_key(self.run_name, self.stage, "summary"),
+            markdown=(
+                f"### {self.stage}\n\n| | |\n|---|---|\n"
+                f"| checkpoint | `{info['checkpoint']}` |\n| steps | {info['step']} |\n"
+                f"| held-out loss | {info['initial_val_loss']:.4f} (untrained) → {info['val_loss']:.4f} |\n"
+                f"| train loss | {info['train_loss']:.4f} |\n| throughput | {info['tok_per_s']:.0f} tok/s |\n"
+            ),
+        )

@@ -1,0 +1,47 @@
+"""Training stages: each launches `mlxcore.train` in a subprocess and relays its progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlxcore.callbacks import CallbackList, ProgressBar
+from mlxcore.config import ModelConfig, TrainConfig
+from mlxcore.launch import TrainingCrashed, run_in_subprocess
+from mlxcore.train import TrainJob
+from tasks.caching import Stage
+from tasks.progress import PrefectProgress
+
+PRETRAIN = Stage("pretrain", inputs=("data_dir", "tokenizer_dir"), product="model")
+SFT = Stage("sft", inputs=("data_dir", "tokenizer_dir", "init_from"), product="model")
+
+
+def _crashed(task, task_run, state) -> bool:
+    """Retry only a trainer killed by a signal: the retry resumes from its last checkpoint."""
+    try:
+        state.result()
+    except TrainingCrashed:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _train(stage: str, job: TrainJob, run_dir: str) -> dict:
+    callback = CallbackList(ProgressBar(stage), PrefectProgress(stage, Path(run_dir).name))
+    return run_in_subprocess(job, callback)
+
+
+@PRETRAIN.task(retries=1, retry_condition_fn=_crashed)
+def pretrain(data_dir: str, tokenizer_dir: str, model: ModelConfig, train: TrainConfig, run_dir: str) -> dict:
+    """Train a fresh model on packed pretraining sequences."""
+    out = PRETRAIN.dir(locals())
+    job = TrainJob(data_dir=data_dir, tokenizer_dir=tokenizer_dir, out_dir=str(out), model=model, train=train)
+    return _train("pretrain", job, run_dir)
+
+
+@SFT.task(retries=1, retry_condition_fn=_crashed)
+def sft(data_dir: str, tokenizer_dir: str, init_from: str, train: TrainConfig, run_dir: str) -> dict:
+    """Fine-tune the weights of `init_from` on assistant tokens of chat conversations."""
+    out = SFT.dir(locals())
+    job = TrainJob(data_dir=data_dir, tokenizer_dir=tokenizer_dir, out_dir=str(out), init_from=init_from, train=train)
+    return _train("sft", job, run_dir)
