@@ -53,7 +53,8 @@ def lr_schedule(cfg: TrainConfig):
     decay = optim.cosine_decay(cfg.lr, max(1, cfg.steps - cfg.warmup_steps), floor)
     if cfg.warmup_steps == 0:
         return decay
-    warmup = optim.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps)
+    # step s < warmup trains at lr * (s + 1) / warmup: the last warmup step reaches lr
+    warmup = optim.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, max(cfg.warmup_steps - 1, 1))
     return optim.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
@@ -152,8 +153,8 @@ def fit(
         loss, n, grads = grads_fn(x, y, m)
         return loss, n, apply_fn(grads, n)
 
-    if cfg.compile:
-        grads_fn = mx.compile(grads_fn, inputs=state)
+    if cfg.compile:  # nn.value_and_grad writes the traced params into the model: state is an output too
+        grads_fn = mx.compile(grads_fn, inputs=state, outputs=state)
         apply_fn = mx.compile(apply_fn, inputs=state, outputs=state)
         full_step = mx.compile(full_step, inputs=state, outputs=state)
 

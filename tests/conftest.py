@@ -1,0 +1,66 @@
+"""Shared fixtures: one Prefect test server per session, small real datasets built once.
+
+Nothing here touches the network: data is synthetic or comes from $MLXFLOW_TEST_DATA (set by
+.ci/run to ../shared/data); tests that need the latter skip cleanly without it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports prefect: a private Prefect home (results, cache records, DB) per
+# session, and no telemetry (the machine may be offline).
+_HOME = tempfile.mkdtemp(prefix="mlxflow-prefect-home-")
+os.environ["PREFECT_HOME"] = _HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+from mlxcore.config import ModelConfig, SyntheticConfig, TokenizerConfig, TrainConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def micro_model() -> ModelConfig:
+    """A 2-layer model small enough that a training step takes milliseconds."""
+    return ModelConfig(preset="custom", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+
+
+def quick_train(**overrides) -> TrainConfig:
+    base = dict(steps=20, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=2, eval_every=10,
+                eval_batches=2, save_every=10, log_every=5)
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def test_data() -> Path:
+    path = os.environ.get("MLXFLOW_TEST_DATA")
+    if not path or not Path(path).is_dir():
+        pytest.skip("MLXFLOW_TEST_DATA is not set (real test data lives in ../shared/data)")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> dict[str, Path]:
+    """Raw synthetic data, a 512-token BPE, and pretrain + SFT shards, built once."""
+    from mlxcore.data import pretokenize, synthetic, tokenizer
+
+    root = tmp_path_factory.mktemp("small-data")
+    synthetic.write_dataset(SyntheticConfig(pretrain_docs=1500, sft_examples=600, val_examples=80), root / "raw")
+    tokenizer.load_or_train(TokenizerConfig(vocab_size=512), root / "raw", root / "tok")
+    pretokenize.pretokenize(root / "raw", root / "tok", "pretrain", root / "pretrain")
+    pretokenize.pretokenize(root / "raw", root / "tok", "sft", root / "sft")
+    return {k: root / k for k in ("raw", "tok", "pretrain", "sft")}

@@ -1,0 +1,64 @@
+"""Fast BLAS is loaded before mlx.core on Linux CPU, and can be turned off or diagnosed."""
+
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mlxcore
+import mlx.core as mx
+
+linux_x86 = pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and platform.machine() == "x86_64"), reason="MKL is Linux x86-64 only"
+)
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+@linux_x86
+def test_mkl_is_loaded_into_this_process():
+    assert mlxcore.BLAS.name == "mkl", mlxcore.BLAS
+    maps = open("/proc/self/maps").read()
+    assert "libmkl_rt" in maps
+
+
+def test_matmul_is_correct_with_the_loaded_blas():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((300, 200), dtype=np.float32), rng.standard_normal((200, 100), dtype=np.float32)
+    np.testing.assert_allclose(np.array(mx.array(a) @ mx.array(b)), a @ b, rtol=1e-4, atol=1e-4)
+
+
+def test_reference_blas_can_be_forced():
+    out = _python("import mlxcore, sys; print(mlxcore.BLAS.name); print('libmkl_rt' in open('/proc/self/maps').read())",
+                  MLXFLOW_BLAS="reference")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["reference", "False"]
+
+
+def test_unknown_blas_choice_is_a_clear_error():
+    out = _python("import mlxcore", MLXFLOW_BLAS="fastest-please")
+    assert out.returncode != 0
+    assert "MLXFLOW_BLAS='fastest-please'" in out.stderr
+
+
+@linux_x86
+def test_importing_mlx_first_warns_with_the_fix():
+    out = _python("import mlx.core; import mlxcore; print(mlxcore.BLAS.name)")
+    assert out.stdout.strip() == "unchanged"
+    assert "import mlxcore first" in out.stderr
+
+
+def test_doctor_reports_device_backend_blas_and_rate():
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "doctor"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    fields = dict(line.split(None, 1) for line in out.stdout.strip().splitlines())
+    assert fields["backend"] in {"cpu", "metal", "cuda"}
+    assert fields["blas"] == mlxcore.BLAS.name
+    assert float(fields["cpu_sgemm_gflops"]) > 0

@@ -1,0 +1,74 @@
+"""Typed configs: presets, YAML overrides, and errors that name the file, line and key."""
+
+from pathlib import Path
+
+import pytest
+
+from mlxcore.config import ConfigError, ModelConfig, PipelineConfig, load_config
+
+from tests.conftest import REPO
+
+
+def test_presets_have_the_documented_shapes_and_sizes():
+    tiny, big = ModelConfig(preset="tiny"), ModelConfig(preset="200mb")
+    assert (tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.num_kv_heads, tiny.intermediate_size) == (256, 4, 4, 2, 704)
+    assert (big.hidden_size, big.num_layers, big.num_heads, big.num_kv_heads, big.resolved_head_dim, big.intermediate_size) == (768, 15, 12, 3, 64, 2048)
+    assert 97e6 < big.num_params(6400) < 99e6  # "about 98M parameters with a 6400 vocab"
+    assert tiny.rope_theta == 1e6 and tiny.tie_embeddings
+
+
+def test_preset_fields_can_be_overridden_and_custom_needs_every_shape():
+    assert ModelConfig(preset="tiny", num_layers=2).num_layers == 2
+    with pytest.raises(ValueError, match="preset 'custom' needs hidden_size"):
+        ModelConfig(preset="custom", num_layers=2)
+
+
+def test_model_param_count_matches_the_built_model():
+    from mlxcore.model import from_config, hf_config, num_params
+
+    cfg = ModelConfig(preset="tiny")
+    assert num_params(from_config(hf_config(cfg, 1000))) == cfg.num_params(1000)
+
+
+def test_yaml_overrides_defaults(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: exp1\nsft:\n  lr: 0.0002\nmodel:\n  preset: tiny\n  num_layers: 3\n")
+    cfg = load_config(path)
+    assert (cfg.name, cfg.sft.lr, cfg.model.num_layers, cfg.model.hidden_size) == ("exp1", 2e-4, 3, 256)
+    assert cfg.pretrain == PipelineConfig().pretrain  # untouched sections keep their defaults
+
+
+def test_errors_name_file_line_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\npretrain:\n  steps: 10\n  lr: -1\n  stepz: 5\nmodel:\n  num_kv_heads: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert f"{path}:4: pretrain.lr: Input should be greater than 0" in msg
+    assert f"{path}:5: pretrain.stepz: Extra inputs are not permitted" in msg
+    assert f"{path}:6: model:" in msg and "num_kv_heads=3" in msg
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("name: x\na: b: c\n", ":2: not valid YAML: mapping values are not allowed here"),
+    ("- 1\n- 2\n", ":1: expected a mapping"),
+    ("pretrain:\n  warmup_steps: 50\n  steps: 10\n", "warmup_steps=50 exceeds steps=10"),
+])
+def test_malformed_files(tmp_path, text, expect):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expect.replace("[", r"\[")):
+        load_config(path)
+
+
+def test_missing_file_and_bad_override():
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config("/nonexistent/x.yaml")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["sft.lr"])
+    assert load_config(None, ["sft.lr=1e-4", "model.num_layers=2"]).sft.lr == 1e-4
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_in_the_repo_loads(path: Path):
+    assert isinstance(load_config(path), PipelineConfig)

@@ -1,0 +1,54 @@
+"""Checkpoints in the Hugging Face layout load with mlx_lm.load and give the same logits."""
+
+import json
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+
+from mlxcore import checkpoint
+from mlxcore.config import ModelConfig
+from mlxcore.data import tokenizer as tokenizers
+from mlxcore.model import from_config, hf_config
+
+from tests.conftest import micro_model
+
+
+@pytest.fixture
+def saved(tmp_path, small_data):
+    tok = tokenizers.load(small_data["tok"])
+    config = hf_config(micro_model(), len(tok), tokenizers.special_ids(tok))
+    model = from_config(config, seed=3)
+    path = checkpoint.save(tmp_path / "ckpt", model, config, {"step": 0}, tokenizer_dir=small_data["tok"], manifest=True)
+    return model, config, path
+
+
+def test_checkpoint_has_the_hf_layout(saved):
+    _, config, path = saved
+    names = {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "trainer_state.json", "manifest.json"} <= names
+    on_disk = json.loads((path / "config.json").read_text())
+    assert on_disk["model_type"] == "llama" and on_disk["architectures"] == ["LlamaForCausalLM"]
+    assert on_disk["tie_word_embeddings"] is True and on_disk["rope_theta"] == 1e6
+    assert on_disk["num_key_value_heads"] == 2 and on_disk["eos_token_id"] == 2
+
+
+def test_mlx_lm_load_gives_identical_logits_and_generates(saved):
+    model, _, path = saved
+    loaded, tok = mlx_lm.load(str(path))
+    x = mx.array([[1, 5, 9, 200, 17, 3, 42]])
+    np.testing.assert_array_equal(np.array(loaded(x)), np.array(model(x)))
+    text = mlx_lm.generate(loaded, tok, tok.apply_chat_template([{"role": "user", "content": "Copy: abc"}], add_generation_prompt=True), max_tokens=5)
+    assert isinstance(text, str)
+
+
+def test_vocab_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="model.vocab_size=6400 does not match the tokenizer's 512 tokens"):
+        hf_config(ModelConfig(preset="tiny", vocab_size=6400), 512)
+
+
+def test_bfloat16_params():
+    config = hf_config(micro_model().model_copy(update={"dtype": "bfloat16"}), 512)
+    model = from_config(config)
+    assert model.model.embed_tokens.weight.dtype == mx.bfloat16
