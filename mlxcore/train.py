@@ -75,6 +75,49 @@ def mean_loss(model: nn.Module, batches) -> float:
     return total.item() / max(count.item(), 1.0)
 
 
+def make_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float = 0.0, compile: bool = True):
+    """A compiled optimizer step over one or more micro-batches, and the state it updates.
+
+    `step(micro_batches) -> (loss_sum, n_tokens, grad_norm)`: gradients of the summed masked
+    loss are added over the micro-batches, divided by the total token count, clipped to
+    `grad_clip` (0: no clipping), then applied.
+    """
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    state = [model.state, optimizer.state]
+
+    def grads_fn(x, y, m):
+        (loss, n), grads = loss_and_grad(model, x, y, m)
+        return loss, n, grads
+
+    def apply_fn(grads, n):
+        grads = tree_map(lambda g: g / mx.maximum(n, 1), grads)
+        grads, norm = optim.clip_grad_norm(grads, grad_clip if grad_clip > 0 else float("inf"))
+        optimizer.update(model, grads)
+        return norm
+
+    def full_step(x, y, m):
+        loss, n, grads = grads_fn(x, y, m)
+        return loss, n, apply_fn(grads, n)
+
+    if compile:  # nn.value_and_grad writes the traced params into the model: state is an output too
+        grads_fn = mx.compile(grads_fn, inputs=state, outputs=state)
+        apply_fn = mx.compile(apply_fn, inputs=state, outputs=state)
+        full_step = mx.compile(full_step, inputs=state, outputs=state)
+
+    def step(micro_batches):
+        arrays = [tuple(map(mx.array, b)) for b in micro_batches]
+        if len(arrays) == 1:
+            return full_step(*arrays[0])
+        loss, n, acc = mx.array(0.0), mx.array(0.0), None
+        for x, y, m in arrays:
+            l_, n_, g_ = grads_fn(x, y, m)
+            loss, n = loss + l_, n + n_
+            acc = g_ if acc is None else tree_map(mx.add, acc, g_)
+        return loss, n, apply_fn(acc, n)
+
+    return step, state
+
+
 def _trainer_state(step, cursor, tokens, elapsed, initial_val, history, cfg) -> dict:
     return {
         "step": step,
@@ -136,27 +179,7 @@ def fit(
     if step == 0:
         initial_val = run_eval(0)
 
-    loss_and_grad = nn.value_and_grad(model, masked_loss)
-    state = [model.state, optimizer.state]
-
-    def grads_fn(x, y, m):
-        (loss, n), grads = loss_and_grad(model, x, y, m)
-        return loss, n, grads
-
-    def apply_fn(grads, n):
-        grads = tree_map(lambda g: g / mx.maximum(n, 1), grads)
-        grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        optimizer.update(model, grads)
-        return norm
-
-    def full_step(x, y, m):
-        loss, n, grads = grads_fn(x, y, m)
-        return loss, n, apply_fn(grads, n)
-
-    if cfg.compile:  # nn.value_and_grad writes the traced params into the model: state is an output too
-        grads_fn = mx.compile(grads_fn, inputs=state, outputs=state)
-        apply_fn = mx.compile(apply_fn, inputs=state, outputs=state)
-        full_step = mx.compile(full_step, inputs=state, outputs=state)
+    step_fn, state = make_step(model, optimizer, cfg.grad_clip, cfg.compile)
 
     def save(at: int, **kw) -> Path:
         st = _trainer_state(at, cursor, tokens, elapsed, initial_val, history, cfg)
@@ -168,19 +191,13 @@ def fit(
     window_t, window_tokens, train_loss = time.perf_counter(), 0, float("nan")
     while step < cfg.steps:
         t0 = time.perf_counter()
-        if cfg.grad_accum == 1:
-            (x, y, m), cursor = train_batches.next(cursor)
-            loss, n, norm = full_step(mx.array(x), mx.array(y), mx.array(m))
-            step_tokens = x.size
-        else:
-            loss, n, acc, step_tokens = mx.array(0.0), mx.array(0.0), None, 0
-            for _ in range(cfg.grad_accum):
-                (x, y, m), cursor = train_batches.next(cursor)
-                l_, n_, g_ = grads_fn(mx.array(x), mx.array(y), mx.array(m))
-                loss, n, step_tokens = loss + l_, n + n_, step_tokens + x.size
-                acc = g_ if acc is None else tree_map(mx.add, acc, g_)
-            norm = apply_fn(acc, n)
+        micro = []
+        for _ in range(cfg.grad_accum):
+            batch, cursor = train_batches.next(cursor)
+            micro.append(batch)
+        loss, n, norm = step_fn(micro)
         mx.eval(state, loss, n, norm)
+        step_tokens = sum(x.size for x, _, _ in micro)
         step += 1
         tokens += step_tokens
         window_tokens += step_tokens
