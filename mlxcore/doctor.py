@@ -17,6 +17,19 @@ def backend() -> str:
     return "cpu"
 
 
+def backend_packages() -> list[str]:
+    """Installed MLX backend distributions. mlx-cpu and mlx-cuda-* share mlx/lib/libmlx.so."""
+    import importlib.metadata as md
+
+    found = []
+    for dist in ("mlx-cpu", "mlx-cuda-12", "mlx-cuda-13", "mlx-metal"):
+        try:
+            found.append(f"{dist}=={md.version(dist)}")
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
 def sgemm_gflops(n: int = 1024, repeats: int = 5, device: mx.Device | None = None) -> float:
     """Measured float32 matmul rate, n x n @ n x n, after one warm-up."""
     device = device or mx.default_device()
@@ -39,11 +52,15 @@ def report() -> dict:
         "platform": f"{platform.system()} {platform.machine()}",
         "device": str(mx.default_device()),
         "backend": backend(),
+        "backend_packages": ", ".join(backend_packages()) or "-",
         "blas": blas.name,
         "blas_library": blas.path or "-",
         "blas_detail": blas.detail,
         "cpu_sgemm_gflops": round(sgemm_gflops(device=mx.cpu), 1),
     }
+    if len([p for p in backend_packages() if not p.startswith("mlx-metal")]) > 1:
+        info["warning"] = ("several MLX backends are installed and overwrite each other's libmlx.so; "
+                           "keep one (README: Other platforms)")
     if backend() != "cpu":
         info["gpu_sgemm_gflops"] = round(sgemm_gflops(n=4096, device=mx.gpu), 1)
     return info

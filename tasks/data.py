@@ -36,7 +36,7 @@ def tokenizer(config: TokenizerConfig, raw_dir: str, run_dir: str) -> dict:
     return _output(out) | {"vocab_size": read_manifest(out)["vocab_size"]}
 
 
-@PRETOKENIZE.task()
+@PRETOKENIZE.task(task_run_name="pretokenize-{kind}")
 def pretokenize(raw_dir: str, tokenizer_dir: str, kind: str, run_dir: str) -> dict:
     """Tokenize the `kind` (pretrain | sft) splits into memmap shards (+ SFT loss masks)."""
     out = PRETOKENIZE.dir(locals())

@@ -72,3 +72,7 @@ def test_missing_file_and_bad_override():
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_in_the_repo_loads(path: Path):
     assert isinstance(load_config(path), PipelineConfig)
+
+
+def test_demo_yaml_spells_out_the_embedded_defaults():
+    assert load_config(REPO / "configs/demo.yaml") == PipelineConfig()

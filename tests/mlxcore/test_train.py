@@ -37,6 +37,12 @@ def _weights(path):
     return mx.load(str(path / "model.safetensors"))
 
 
+# CPU (and Metal) kernels are deterministic; MLX's CUDA kernels are not bitwise so: two
+# identical runs on an H200 differed by up to 7e-5 after 30 steps. Exactness is asserted on CPU.
+ON_CPU = mx.default_device() == mx.cpu
+ATOL = 2e-6 if ON_CPU else 2e-4
+
+
 def test_pretraining_reduces_held_out_loss_and_reports_events(small_data, tmp_path):
     rec = Recorder()
     result = train.run(_job(small_data, tmp_path / "run", steps=40), rec)
@@ -80,7 +86,7 @@ def test_grad_accumulation_equals_the_big_batch(small_data, tmp_path):
     train.run(_job(small_data, tmp_path / "acc", steps=3, batch_size=4, grad_accum=2, eval_every=0, save_every=0), None)
     big, acc = _weights(tmp_path / "big/model"), _weights(tmp_path / "acc/model")
     for k in big:
-        np.testing.assert_allclose(np.array(acc[k]), np.array(big[k]), atol=2e-6, err_msg=k)
+        np.testing.assert_allclose(np.array(acc[k]), np.array(big[k]), atol=ATOL, err_msg=k)
 
 
 def test_compiled_and_eager_steps_agree(small_data, tmp_path):
@@ -88,7 +94,7 @@ def test_compiled_and_eager_steps_agree(small_data, tmp_path):
     train.run(_job(small_data, tmp_path / "e", steps=3, eval_every=0, save_every=0, compile=False), None)
     c, e = _weights(tmp_path / "c/model"), _weights(tmp_path / "e/model")
     for k in c:
-        np.testing.assert_allclose(np.array(c[k]), np.array(e[k]), atol=2e-6, err_msg=k)
+        np.testing.assert_allclose(np.array(c[k]), np.array(e[k]), atol=ATOL, err_msg=k)
 
 
 def test_sft_init_from_starts_at_the_pretrained_weights(small_data, tmp_path):
@@ -141,9 +147,14 @@ def test_resume_after_sigkill_is_bit_identical(small_data, tmp_path):
     resumed = train.run(job, rec)
     assert rec.events[0][1]["start_step"] >= killed_at and resumed["resumed_from"]
     a, b = tmp_path / "straight/model", tmp_path / "killed/model"
-    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
-    assert (a / "optimizer.safetensors").read_bytes() == (b / "optimizer.safetensors").read_bytes()
-    assert resumed["val_loss"] == straight["val_loss"]
+    if ON_CPU:
+        assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+        assert (a / "optimizer.safetensors").read_bytes() == (b / "optimizer.safetensors").read_bytes()
+        assert resumed["val_loss"] == straight["val_loss"]
+    else:
+        wa, wb = _weights(a), _weights(b)
+        for k in wa:
+            np.testing.assert_allclose(np.array(wb[k]), np.array(wa[k]), atol=1e-3, err_msg=k)
 
 
 # ------------------------------------------------------------------ the training subprocess
