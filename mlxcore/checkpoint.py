@@ -10,6 +10,7 @@ A checkpoint dir appears by rename only when complete, so any `step-*` dir can b
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -71,6 +72,25 @@ def save(
         if manifest:
             write_manifest(tmp, "checkpoint", config, step=trainer_state.get("step"))
     return Path(path)
+
+
+def finalize(src: str | Path, final: str | Path, extra_state: dict) -> Path:
+    """Publish checkpoint `src` as the final model dir, atomically, with a manifest.
+
+    Files are hard-linked (copied across filesystems), so a 400 MB model is not written twice.
+    """
+    src = Path(src)
+    with atomic_dir(final, replace=True) as tmp:
+        for f in src.iterdir():
+            if f.name != TRAINER_STATE:
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        state = json.loads((src / TRAINER_STATE).read_text()) | extra_state
+        write_json(tmp / TRAINER_STATE, state)
+        write_manifest(tmp, "checkpoint", json.loads((src / "config.json").read_text()), step=state["step"])
+    return Path(final)
 
 
 def restore(path: str | Path, model: nn.Module, optimizer: optim.Optimizer | None = None) -> dict:

@@ -71,7 +71,7 @@ def mean_loss(model: nn.Module, batches) -> float:
     for x, y, m in batches:
         loss, n = masked_loss(model, mx.array(x), mx.array(y), mx.array(m))
         total, count = total + loss, count + n
-    mx.eval(total, count)
+        mx.eval(total, count)  # one batch's logits alive at a time
     return total.item() / max(count.item(), 1.0)
 
 
@@ -219,9 +219,9 @@ def fit(
             window_t = time.perf_counter()
 
     val = run_eval(step)
-    last = save(step)
-    ckpt.save(final_dir, model, config, json.loads((last / ckpt.TRAINER_STATE).read_text()) | {"final_val_loss": val,
-              "final_train_loss": train_loss}, optimizer, tokenizer_dir, manifest=True)
+    if math.isnan(train_loss):  # resumed from the last step's checkpoint: nothing left to train
+        train_loss = next((h["loss"] for h in reversed(history) if h["event"] == "train"), None)
+    ckpt.finalize(save(step), final_dir, {"final_val_loss": val, "final_train_loss": train_loss})
     state = json.loads((final_dir / ckpt.TRAINER_STATE).read_text())
     result = _result(final_dir, state, num_params(model), resumed_from=str(resumed) if resumed else None)
     cb.on_event("end", result)

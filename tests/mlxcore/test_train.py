@@ -72,6 +72,19 @@ def test_a_finished_run_is_not_trained_again(small_data, tmp_path):
     assert (tmp_path / "run/model/model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_a_crash_between_the_last_checkpoint_and_the_final_model_only_finalizes(small_data, tmp_path):
+    import shutil
+
+    first = train.run(_job(small_data, tmp_path / "run", steps=10, save_every=5), None)
+    weights = (tmp_path / "run/model/model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "run/model")  # as if killed right after checkpoints/step-00000010
+    rec = Recorder()
+    again = train.run(_job(small_data, tmp_path / "run", steps=10, save_every=5), rec)
+    assert [e for e, _ in rec.events if e == "train"] == []  # nothing was trained again
+    assert (tmp_path / "run/model/model.safetensors").read_bytes() == weights
+    assert again["train_loss"] == first["train_loss"] and again["val_loss"] == first["val_loss"]
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     cfg = quick_train(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
     lr = train.lr_schedule(cfg)
