@@ -30,7 +30,6 @@ from pydantic import BaseModel, ConfigDict
 from mlxcore import checkpoint as ckpt
 from mlxcore.callbacks import JsonLinesCallback, ProgressBar, TrainingCallback
 from mlxcore.config import ModelConfig, TrainConfig
-from mlxcore.data import tokenizer as tokenizers
 from mlxcore.data.loader import open_batches
 from mlxcore.io import clean_stale_tmp, is_complete, read_manifest, sha256_file
 from mlxcore.model import from_config, hf_config, num_params
