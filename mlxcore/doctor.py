@@ -45,20 +45,20 @@ def sgemm_gflops(n: int = 1024, repeats: int = 5, device: mx.Device | None = Non
 
 
 def report() -> dict:
-    blas = mlxcore.BLAS
+    blas, packages = mlxcore.BLAS, backend_packages()
     info = {
         "mlx": mx.__version__,
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.machine()}",
         "device": str(mx.default_device()),
         "backend": backend(),
-        "backend_packages": ", ".join(backend_packages()) or "-",
+        "backend_packages": ", ".join(packages) or "-",
         "blas": blas.name,
         "blas_library": blas.path or "-",
         "blas_detail": blas.detail,
         "cpu_sgemm_gflops": round(sgemm_gflops(device=mx.cpu), 1),
     }
-    if len([p for p in backend_packages() if not p.startswith("mlx-metal")]) > 1:
+    if len([p for p in packages if not p.startswith("mlx-metal")]) > 1:
         info["warning"] = ("several MLX backends are installed and overwrite each other's libmlx.so; "
                            "keep one (README: Other platforms)")
     if backend() != "cpu":

@@ -55,7 +55,7 @@ class PrefectProgress(TrainingCallback):
             markdown=(
                 f"### {self.stage}\n\n| | |\n|---|---|\n"
                 f"| checkpoint | `{info['checkpoint']}` |\n| steps | {info['step']} |\n"
-                f"| held-out loss | {info['initial_val_loss']:.4f} (untrained) → {info['val_loss']:.4f} |\n"
+                f"| held-out loss | {info['initial_val_loss']:.4f} (step 0) → {info['val_loss']:.4f} |\n"
                 f"| train loss | {info['train_loss']:.4f} |\n| throughput | {info['tok_per_s']:.0f} tok/s |\n"
             ),
         )
