@@ -58,7 +58,6 @@ def save(
     trainer_state: dict,
     optimizer: optim.Optimizer | None = None,
     tokenizer_dir: str | Path | None = None,
-    manifest: bool = False,
 ) -> Path:
     """Write a complete checkpoint dir atomically (replacing an older one at `path`)."""
     with atomic_dir(path, replace=True) as tmp:
@@ -69,8 +68,6 @@ def save(
         if optimizer is not None:
             mx.save_safetensors(str(tmp / OPTIMIZER_STATE), dict(sorted(tree_flatten(optimizer.state))))
         write_json(tmp / TRAINER_STATE, trainer_state)
-        if manifest:
-            write_manifest(tmp, "checkpoint", config, step=trainer_state.get("step"))
     return Path(path)
 
 

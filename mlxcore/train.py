@@ -180,9 +180,9 @@ def fit(
 
     step_fn, state = make_step(model, optimizer, cfg.grad_clip, cfg.compile)
 
-    def save(at: int, **kw) -> Path:
+    def save(at: int) -> Path:
         st = _trainer_state(at, cursor, tokens, elapsed, initial_val, history, cfg)
-        path = ckpt.save(ckpt.step_dir(ckpt_root, at), model, config, st, optimizer, tokenizer_dir, **kw)
+        path = ckpt.save(ckpt.step_dir(ckpt_root, at), model, config, st, optimizer, tokenizer_dir)
         ckpt.prune(ckpt_root, cfg.keep_last)
         cb.on_event("checkpoint", {"step": at, "path": str(path)})
         return path

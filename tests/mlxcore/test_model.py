@@ -20,7 +20,8 @@ def saved(tmp_path, small_data):
     tok = tokenizers.load(small_data["tok"])
     config = hf_config(micro_model(), len(tok), tokenizers.special_ids(tok))
     model = from_config(config, seed=3)
-    path = checkpoint.save(tmp_path / "ckpt", model, config, {"step": 0}, tokenizer_dir=small_data["tok"], manifest=True)
+    step = checkpoint.save(tmp_path / "step", model, config, {"step": 0}, tokenizer_dir=small_data["tok"])
+    path = checkpoint.finalize(step, tmp_path / "ckpt", {})
     return model, config, path
 
 
