@@ -4,6 +4,10 @@
                                      optimizer.safetensors, trainer_state.json
   <out>/model/                       the final checkpoint, same files + manifest.json
 
+With adapters (LoRA/DoRA/QLoRA) a checkpoint holds `adapters.safetensors` and
+`adapter_config.json` (mlx-lm's adapter layout, see `adapters.py`) instead of `config.json` and
+`model.safetensors`; it resumes the same way.
+
 A checkpoint dir appears by rename only when complete, so any `step-*` dir can be resumed from.
 """
 
@@ -20,6 +24,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxcore import adapters
 from mlxcore.data.tokenizer import copy_files
 from mlxcore.io import atomic_dir, write_json, write_manifest
 from mlxcore.model import save_weights
@@ -58,11 +63,20 @@ def save(
     trainer_state: dict,
     optimizer: optim.Optimizer | None = None,
     tokenizer_dir: str | Path | None = None,
+    adapter_config: dict | None = None,
 ) -> Path:
-    """Write a complete checkpoint dir atomically (replacing an older one at `path`)."""
+    """Write a complete checkpoint dir atomically (replacing an older one at `path`).
+
+    With `adapter_config` only the trainable (adapter) weights are written, mlx-lm style.
+    """
     with atomic_dir(path, replace=True) as tmp:
-        save_weights(model, tmp / "model.safetensors")
-        write_json(tmp / "config.json", config)
+        if adapter_config is not None:
+            mx.save_safetensors(str(tmp / adapters.ADAPTER_WEIGHTS), adapters.trainable_weights(model),
+                                metadata={"format": "mlx"})
+            write_json(tmp / adapters.ADAPTER_CONFIG, adapter_config)
+        else:
+            save_weights(model, tmp / "model.safetensors")
+            write_json(tmp / "config.json", config)
         if tokenizer_dir is not None:
             copy_files(tokenizer_dir, tmp)
         if optimizer is not None:
@@ -86,30 +100,36 @@ def finalize(src: str | Path, final: str | Path, extra_state: dict) -> Path:
                     shutil.copy2(f, tmp / f.name)
         state = json.loads((src / TRAINER_STATE).read_text()) | extra_state
         write_json(tmp / TRAINER_STATE, state)
-        write_manifest(tmp, "checkpoint", json.loads((src / "config.json").read_text()), step=state["step"])
+        kind, cfg_file = ("adapter", adapters.ADAPTER_CONFIG) if adapters.is_adapter_dir(src) else ("checkpoint", "config.json")
+        write_manifest(tmp, kind, json.loads((src / cfg_file).read_text()), step=state["step"])
     return Path(final)
+
+
+def save_model_dir(out: str | Path, model: nn.Module, config: dict, tokenizer_dir: str | Path | None = None,
+                   manifest_config: dict | None = None) -> Path:
+    """A plain model dir (config.json, model.safetensors, tokenizer, manifest), atomically."""
+    with atomic_dir(out, replace=True) as tmp:
+        save_weights(model, tmp / "model.safetensors")
+        write_json(tmp / "config.json", config)
+        if tokenizer_dir is not None:
+            copy_files(tokenizer_dir, tmp)
+        write_manifest(tmp, "checkpoint", manifest_config or config)
+    return Path(out)
 
 
 def restore(path: str | Path, model: nn.Module, optimizer: optim.Optimizer | None = None) -> dict:
     """Load weights (and optimizer state) from a checkpoint dir; returns its trainer state."""
     path = Path(path)
-    model.load_weights(str(path / "model.safetensors"), strict=True)
+    if adapters.is_adapter_dir(path):
+        saved = mx.load(str(path / adapters.ADAPTER_WEIGHTS))
+        expected = set(adapters.trainable_weights(model))
+        if set(saved) != expected:
+            raise ValueError(f"{path}: its adapters do not match this run's adapter layout "
+                             f"(e.g. {sorted(set(saved) ^ expected)[:3]})")
+        model.load_weights(list(saved.items()), strict=False)
+    else:
+        model.load_weights(str(path / "model.safetensors"), strict=True)
     if optimizer is not None:
         optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_STATE)).items()))
     mx.eval(model.parameters(), optimizer.state if optimizer is not None else [])
     return json.loads((path / TRAINER_STATE).read_text())
-
-
-def load_weights_only(path: str | Path, model: nn.Module) -> None:
-    """`init_from`: copy weights from another checkpoint, checking shapes match."""
-    weights = mx.load(str(Path(path) / "model.safetensors"))
-    ours = dict(tree_flatten(model.parameters()))
-    bad = [k for k, v in weights.items() if k not in ours or ours[k].shape != v.shape]
-    missing = [k for k in ours if k not in weights]
-    if bad or missing:
-        raise ValueError(
-            f"init_from {path}: weights do not fit this model "
-            f"(mismatched: {bad[:3]}, missing: {missing[:3]}); same model config and tokenizer needed"
-        )
-    model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())

@@ -111,8 +111,47 @@ class TokenizerConfig(_Strict):
     min_frequency: int = Field(2, ge=1)
 
 
+LORA_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+class LoRAConfig(_Strict):
+    """Low-rank adapters (mlx-lm's LoRA/DoRA layers) on the frozen base of `fine_tune_type: lora|dora`.
+
+    The update of a wrapped linear layer is `scale * (x @ A) @ B` with rank-`rank` A and B; set
+    `alpha` instead of `scale` for the PEFT convention scale = alpha / rank.
+    """
+
+    rank: int = Field(8, gt=0)
+    scale: float | None = Field(None, gt=0, description="Adapter output multiplier (mlx-lm's `scale`; default 20).")
+    alpha: float | None = Field(None, gt=0, description="PEFT-style alpha: scale = alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    keys: list[str] = Field(list(LORA_KEYS), min_length=1,
+                            description="Modules to adapt, relative to a decoder layer (short names like q_proj match too).")
+    num_layers: int = Field(-1, description="Adapt the last N decoder layers; -1: all of them.")
+
+    @model_validator(mode="after")
+    def _one_scale(self) -> "LoRAConfig":
+        if self.scale is not None and self.alpha is not None:
+            raise ValueError("set either scale or alpha (scale = alpha / rank), not both")
+        return self
+
+    @property
+    def resolved_scale(self) -> float:
+        if self.alpha is not None:
+            return self.alpha / self.rank
+        return 20.0 if self.scale is None else self.scale
+
+
+class QuantizeConfig(_Strict):
+    """Quantize the frozen base model's linear layers (QLoRA); weights stay `bits`-bit in memory."""
+
+    bits: Literal[4, 8] = 4
+    group_size: Literal[32, 64, 128] = 64
+
+
 class TrainConfig(_Strict):
-    """One optimisation run: AdamW, linear warmup then cosine decay to min_lr_ratio * lr."""
+    """One optimisation run: optimizer, schedule (linear warmup, cosine to a floor), memory knobs."""
 
     steps: int = Field(300, gt=0, description="Optimizer steps.")
     batch_size: int = Field(16, gt=0, description="Sequences per micro-batch.")
@@ -132,11 +171,35 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, gt=0)
     seed: int = 0
     compile: bool = True
+    # -- what trains
+    fine_tune_type: Literal["full", "lora", "dora"] = Field(
+        "full", description="full: every weight; lora/dora: adapters on a frozen base (mlx-lm's names).")
+    lora: LoRAConfig = LoRAConfig()
+    quantize: QuantizeConfig | None = Field(None, description="QLoRA: quantize the frozen base (lora/dora only).")
+    # -- optimizer
+    optimizer: Literal["adamw", "adafactor", "lion", "muon"] = Field(
+        "adamw", description="muon: Muon on hidden weight matrices, AdamW on embeddings, norms and head.")
+    optimizer_state_dtype: Literal["float32", "param"] = Field(
+        "float32", description="AdamW moments in float32, or in the parameters' dtype (halves state for bf16).")
+    muon_lr: float = Field(0.02, gt=0, description="Peak learning rate of the Muon part (optimizer: muon).")
+    # -- memory
+    grad_checkpoint: int = Field(0, ge=0, description="Recompute activations in segments of N layers; 0: off.")
+    loss_chunk: int = Field(0, ge=0, description="Tokens per logits chunk in the loss (never the full [B,T,V]); 0: off.")
+    sparse_loss: bool = Field(False, description="Compute logits only where the loss mask is 1 (SFT).")
+    bucket: Literal["none", "length", "labels"] = Field(
+        "none", description="SFT: batch rows of similar length / label count (less padding, fewer shapes).")
+    bucket_window: int = Field(32, gt=0, description="Batches per sorting window when bucketing.")
+    pad_multiple: int = Field(32, gt=0, description="SFT rows (and sparse label counts) pad to a multiple of this.")
+    # -- scale and diagnostics
+    world_size: int = Field(1, gt=0, description="Data-parallel ranks (mx.distributed); batch_size is per rank.")
+    profile_timing: bool = Field(False, description="Time data, forward+backward, clip and optimizer separately.")
 
     @model_validator(mode="after")
-    def _check_warmup(self) -> "TrainConfig":
+    def _check(self) -> "TrainConfig":
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        if self.quantize is not None and self.fine_tune_type == "full":
+            raise ValueError("quantize (QLoRA) needs fine_tune_type lora or dora: quantized weights cannot train")
         return self
 
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlxcore  # noqa: F401
-from mlx_lm import generate, load
+from mlx_lm import generate
 from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from mlxcore.model import load
 
 
 def load_chat(checkpoint: str | Path):
-    """(model, tokenizer) as mlx-lm loads them; fails clearly on a non-checkpoint dir."""
+    """(model, tokenizer) for a checkpoint, model dir or adapter dir (tokenizer files inside it)."""
     path = Path(checkpoint)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint (no config.json)")
-    return load(str(path))
+    model, config = load(path)
+    model.eval()
+    return model, load_tokenizer(path, {"trust_remote_code": False}, eos_token_ids=config.get("eos_token_id"))
 
 
 def reply(model, tokenizer, prompt: str | list[dict], max_tokens: int = 64,

@@ -122,5 +122,21 @@ def read_manifest(directory: str | Path, kind: str | None = None) -> dict:
     return manifest
 
 
+def dir_digest(directory: str | Path) -> str:
+    """A content digest of a directory: its manifest's digest, else a hash of all its files.
+
+    The second case covers model dirs made elsewhere (a Hugging Face download, an mlx-lm
+    conversion) that carry no manifest of ours.
+    """
+    directory = Path(directory)
+    if (directory / MANIFEST).is_file():
+        return read_manifest(directory)["digest"]
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not a directory")
+    files = {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*"))
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)}
+    return sha256_json(files)
+
+
 def is_complete(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST).is_file()

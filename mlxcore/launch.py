@@ -4,7 +4,9 @@ Training runs in its own process so that a timeout or cancellation really stops 
 cannot be interrupted), its memory goes back to the OS when it ends, and a crash of the
 trainer never takes the caller with it. The child writes JSON-lines events to a pipe (see
 `callbacks.JsonLinesCallback`); they are replayed here into the caller's callback. The child
-gets SIGTERM if this process dies, so no orphan keeps training.
+gets SIGTERM if this process dies, so no orphan keeps training. A data-parallel job
+(`train.world_size > 1`) starts one child per rank (see `distributed.py`); rank 0 sends the
+events, and when any rank dies the others are stopped instead of waiting in an all-reduce.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
+from mlxcore import distributed
 from mlxcore.callbacks import TrainingCallback, replay
 
 
@@ -35,33 +39,60 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec (Linu
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _watch(procs: list[subprocess.Popen]) -> list[int]:
+    """Wait for every rank; when one fails, stop the others (they would block in an all-reduce)."""
+    codes: list[int | None] = [None] * len(procs)
+    while any(c is None for c in codes):
+        for i, p in enumerate(procs):
+            if codes[i] is None:
+                codes[i] = p.poll()
+        if any(c not in (None, 0) for c in codes):
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            return [p.wait() for p in procs]
+        time.sleep(0.05)
+    return codes
+
+
 def run_in_subprocess(job, callback: TrainingCallback | None = None, module: str = "mlxcore.train") -> dict:
-    """Run `python -m <module> <out_dir>/job.json`; returns the job's result (its `end` event)."""
+    """Run `python -m <module> <out_dir>/job.json`, one process per data-parallel rank.
+
+    Returns the job's result (its `end` event, sent by rank 0).
+    """
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     job_path = out / "job.json"
     job_path.write_text(job.model_dump_json(indent=2))
     callback = callback or TrainingCallback()
+    world = job.train.world_size
+    rank_envs = distributed.local_ring(world, out) if world > 1 else [{}]
     read_fd, write_fd = os.pipe()
-    env = {**os.environ, "MLXFLOW_EVENTS_FD": str(write_fd), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, str(job_path)],
-        env=env,
-        pass_fds=(write_fd,),
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_die_with_parent,
-    )
-    os.close(write_fd)
     tail: collections.deque[str] = collections.deque(maxlen=40)
+    procs = []
+    for rank, extra in enumerate(rank_envs):
+        env = {**os.environ, **extra, "PYTHONUNBUFFERED": "1"}
+        if rank == 0:
+            env["MLXFLOW_EVENTS_FD"] = str(write_fd)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", module, str(job_path)],
+            env=env,
+            pass_fds=(write_fd,) if rank == 0 else (),
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_die_with_parent,
+        ))
+    os.close(write_fd)
 
-    def pump_stderr() -> None:
+    def pump_stderr(proc, prefix: str) -> None:
         for line in proc.stderr:
-            tail.append(line)
-            sys.stderr.write(line)
+            tail.append(prefix + line)
+            sys.stderr.write(prefix + line)
 
-    pump = threading.Thread(target=pump_stderr, daemon=True)
-    pump.start()
+    pumps = [threading.Thread(target=pump_stderr, args=(p, f"[rank {r}] " if world > 1 else ""), daemon=True)
+             for r, p in enumerate(procs)]
+    for t in pumps:
+        t.start()
     result = None
     try:
         with os.fdopen(read_fd) as events:
@@ -69,14 +100,19 @@ def run_in_subprocess(job, callback: TrainingCallback | None = None, module: str
                 msg = replay(line, callback)
                 if msg and msg["event"] == "end":
                     result = {k: v for k, v in msg.items() if k != "event"}
-        code = proc.wait()
+        codes = _watch(procs)
     except BaseException:
-        proc.terminate()
-        proc.wait()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
         raise
-    pump.join(timeout=5)
-    if code < 0:
-        raise TrainingCrashed(f"training process killed by signal {-code}; re-running resumes from {out}/checkpoints")
-    if code != 0 or result is None:
-        raise TrainingFailed(f"training failed (exit {code}):\n{''.join(tail).rstrip()}")
+    for t in pumps:
+        t.join(timeout=5)
+    signals = [-c for c in codes if c < 0]
+    if codes[0] < 0 or any(sig != signal.SIGTERM for sig in signals):  # SIGTERM alone: stopped by _watch
+        sig = next((s_ for s_ in signals if s_ != signal.SIGTERM), signal.SIGTERM)
+        raise TrainingCrashed(f"training process killed by signal {sig}; re-running resumes from {out}/checkpoints")
+    if any(codes) or result is None:
+        raise TrainingFailed(f"training failed (exit {', '.join(map(str, codes))}):\n{''.join(tail).rstrip()}")
     return result

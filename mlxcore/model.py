@@ -1,8 +1,13 @@
-"""The model: mlx-lm's LLaMA classes, configured from `ModelConfig`, saved in the HF layout.
+"""The model: mlx-lm's model classes, configured from `ModelConfig` or read from a local dir.
 
 A checkpoint directory is what `mlx_lm.load` and Hugging Face tooling read:
 `config.json` (model_type llama), `model.safetensors`, tokenizer files; training checkpoints
 add `trainer_state.json` and `optimizer.safetensors` (see `checkpoint.py`).
+
+`load()` also opens any local Hugging Face / mlx-lm model dir whose `model_type` mlx-lm
+implements (llama, qwen2, qwen3, mistral, ...), sharded or quantized, and adapter dirs. It never
+executes code shipped in a model dir: a config asking for its own `model_file` is refused, and
+tokenizers load with `trust_remote_code=False`.
 """
 
 from __future__ import annotations
@@ -13,8 +18,7 @@ import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.models import llama
-from mlx_lm.utils import load_model
+from mlx_lm.utils import _get_classes, load_model
 
 from mlxcore.config import ModelConfig
 
@@ -53,10 +57,11 @@ def hf_config(cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int | No
 
 
 def from_config(config: dict, seed: int = 0) -> nn.Module:
-    """A freshly initialised model for an HF-style config dict."""
+    """A freshly initialised model for an HF-style config dict (any mlx-lm `model_type`)."""
     mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    dtype = DTYPES[config.get("torch_dtype", "float32")]
+    model_class, args_class = _get_classes(config)  # mlx_lm.models.<model_type>; never a file of ours
+    model = model_class(args_class.from_dict(config))
+    dtype = DTYPES.get(config.get("torch_dtype") or "float32", mx.float32)
     if dtype != mx.float32:
         model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
     mx.eval(model.parameters())
@@ -64,11 +69,18 @@ def from_config(config: dict, seed: int = 0) -> nn.Module:
 
 
 def load(path: str | Path) -> tuple[nn.Module, dict]:
-    """Load a checkpoint dir with mlx-lm's own loader (strict: every weight must match)."""
+    """(model, config) for a checkpoint, a local HF / mlx-lm model dir, or an adapter dir."""
+    from mlxcore import adapters
+
     path = Path(path)
+    if adapters.is_adapter_dir(path):
+        return adapters.load(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint (no config.json)")
-    return load_model(path)
+        raise FileNotFoundError(f"{path}: not a checkpoint or model dir (no config.json)")
+    try:
+        return load_model(path, trust_remote_code=False)  # strict: every weight must match
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:

@@ -27,12 +27,15 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 from pydantic import BaseModel, ConfigDict
 
+from mlxcore import adapters, distributed, losses, optimizers, remat
 from mlxcore import checkpoint as ckpt
 from mlxcore.callbacks import JsonLinesCallback, ProgressBar, TrainingCallback
 from mlxcore.config import ModelConfig, TrainConfig
 from mlxcore.data.loader import open_batches
-from mlxcore.io import clean_stale_tmp, is_complete, read_manifest, sha256_file
+from mlxcore.io import clean_stale_tmp, dir_digest, is_complete, read_manifest, sha256_file
+from mlxcore.losses import Loss
 from mlxcore.model import from_config, hf_config, num_params
+from mlxcore.model import load as load_model
 
 
 class TrainJob(BaseModel):
@@ -48,73 +51,120 @@ class TrainJob(BaseModel):
 
 
 def lr_schedule(cfg: TrainConfig):
-    floor = cfg.lr * cfg.min_lr_ratio
-    decay = optim.cosine_decay(cfg.lr, max(1, cfg.steps - cfg.warmup_steps), floor)
-    if cfg.warmup_steps == 0:
-        return decay
-    # step s < warmup trains at lr * (s + 1) / warmup: the last warmup step reaches lr
-    warmup = optim.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, max(cfg.warmup_steps - 1, 1))
-    return optim.join_schedules([warmup, decay], [cfg.warmup_steps])
+    return optimizers.lr_schedule(cfg)
 
 
-def masked_loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array):
-    """(sum of token losses where mask == 1, number of such tokens)."""
-    logits = model(inputs).astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits, targets, reduction="none")
-    return (losses * mask).sum(), mask.sum()
+def mean_loss(model: nn.Module, batches, loss: Loss | None = None, group=None) -> float:
+    """Token-weighted mean loss over `batches` (host `(inputs, targets, mask)` tuples).
 
-
-def mean_loss(model: nn.Module, batches) -> float:
-    """Token-weighted mean loss over `batches` (a list of (inputs, targets, mask))."""
+    With a data-parallel group, rank r takes batches r, r + world, ... and the sums are
+    all-reduced, so the result does not depend on the number of ranks.
+    """
+    loss = loss or Loss()
+    rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
+    was_training = model.training
+    model.eval()  # adapters' dropout off
     total, count = mx.array(0.0), mx.array(0.0)
-    for x, y, m in batches:
-        loss, n = masked_loss(model, mx.array(x), mx.array(y), mx.array(m))
-        total, count = total + loss, count + n
+    for batch in batches[rank::world]:
+        l_, n_ = loss(model, *map(mx.array, loss.prepare(batch)))
+        total, count = total + l_, count + n_
         mx.eval(total, count)  # one batch's logits alive at a time
+    if world > 1:
+        total, count = mx.distributed.all_sum(total, group=group), mx.distributed.all_sum(count, group=group)
+    model.train(was_training)
     return total.item() / max(count.item(), 1.0)
 
 
-def make_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float = 0.0, compile: bool = True):
-    """A compiled optimizer step over one or more micro-batches, and the state it updates.
+class Stepper:
+    """One optimizer step over one or more micro-batches: `step(micro_batches) -> (loss_sum, n, grad_norm)`.
 
-    `step(micro_batches) -> (loss_sum, n_tokens, grad_norm)`: gradients of the summed masked
-    loss are added over the micro-batches, divided by the total token count, clipped to
-    `grad_clip` (0: no clipping), then applied.
+    Gradients of the summed masked loss are added over micro-batches (and all-reduced across
+    data-parallel ranks), divided by the step's total token count, clipped to `grad_clip`
+    (0: off) and applied. Normally the whole step is one compiled graph. With `profile=True`
+    the phases (forward+backward, all-reduce, clip, optimizer) are compiled and evaluated one
+    by one so each can be timed (`timings`, ms); the arithmetic is the same, only slower.
+    `state` is what the compiled graph reads and writes: evaluate it after each step.
     """
-    loss_and_grad = nn.value_and_grad(model, masked_loss)
-    state = [model.state, optimizer.state]
 
-    def grads_fn(x, y, m):
-        (loss, n), grads = loss_and_grad(model, x, y, m)
-        return loss, n, grads
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, grad_clip: float = 0.0, compile: bool = True,
+                 loss: Loss | None = None, group=None, profile: bool = False):
+        self.model, self.optimizer, self.loss, self.profile = model, optimizer, loss or Loss(), profile
+        self.group = group if group is not None and group.size() > 1 else None
+        self.world = self.group.size() if self.group else 1
+        self.state = [model.state, optimizer.state, mx.random.state]
+        self.timings: dict[str, float] = {}
+        loss_and_grad = nn.value_and_grad(model, self.loss)
+        max_norm = grad_clip if grad_clip > 0 else float("inf")
 
-    def apply_fn(grads, n):
-        grads = tree_map(lambda g: g / mx.maximum(n, 1), grads)
-        grads, norm = optim.clip_grad_norm(grads, grad_clip if grad_clip > 0 else float("inf"))
-        optimizer.update(model, grads)
-        return norm
+        def grads_fn(*arrays):
+            (loss_sum, n), grads = loss_and_grad(model, *arrays)
+            return loss_sum, n, grads
 
-    def full_step(x, y, m):
-        loss, n, grads = grads_fn(x, y, m)
-        return loss, n, apply_fn(grads, n)
+        def reduce_fn(loss_sum, n, grads):  # sum over ranks (average_gradients packs small arrays)
+            if self.group is None:
+                return loss_sum, n, grads
+            all_sum = lambda x: mx.distributed.all_sum(x, group=self.group)  # noqa: E731
+            grads = nn.average_gradients(grads, group=self.group)  # mean over ranks: x world below
+            return all_sum(loss_sum), all_sum(n), grads
 
-    if compile:  # nn.value_and_grad writes the traced params into the model: state is an output too
-        grads_fn = mx.compile(grads_fn, inputs=state, outputs=state)
-        apply_fn = mx.compile(apply_fn, inputs=state, outputs=state)
-        full_step = mx.compile(full_step, inputs=state, outputs=state)
+        def clip_fn(grads, n):
+            grads = tree_map(lambda g: g * (self.world / mx.maximum(n, 1)), grads)
+            return optim.clip_grad_norm(grads, max_norm)
 
-    def step(micro_batches):
-        arrays = [tuple(map(mx.array, b)) for b in micro_batches]
+        def update_fn(grads):
+            optimizer.update(model, grads)
+
+        def apply_fn(loss_sum, n, grads):
+            loss_sum, n, grads = reduce_fn(loss_sum, n, grads)
+            grads, norm = clip_fn(grads, n)
+            update_fn(grads)
+            return loss_sum, n, norm
+
+        def full_step(*arrays):
+            return apply_fn(*grads_fn(*arrays))
+
+        fns = dict(grads=grads_fn, reduce=reduce_fn, clip=clip_fn, update=update_fn, apply=apply_fn, full=full_step)
+        if compile:  # nn.value_and_grad writes the traced params into the model: state is an output too
+            fns = {k: mx.compile(f, inputs=self.state, outputs=self.state) for k, f in fns.items()}
+        self.fns = fns
+
+    def _timed(self, phase: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        mx.eval(out, self.state)
+        self.timings[phase] = self.timings.get(phase, 0.0) + 1e3 * (time.perf_counter() - t0)
+        return out
+
+    def __call__(self, micro_batches):
+        arrays = [tuple(map(mx.array, self.loss.prepare(b))) for b in micro_batches]
+        f = self.fns
+        if self.profile:
+            self.timings = {}
+            loss_sum, n, acc = mx.array(0.0), mx.array(0.0), None
+            for a in arrays:
+                l_, n_, g_ = self._timed("fwd_bwd", f["grads"], *a)
+                loss_sum, n = loss_sum + l_, n + n_
+                acc = g_ if acc is None else tree_map(mx.add, acc, g_)
+            if self.group is not None:
+                loss_sum, n, acc = self._timed("allreduce", f["reduce"], loss_sum, n, acc)
+            grads, norm = self._timed("clip", f["clip"], acc, n)
+            self._timed("optimizer", f["update"], grads)
+            return loss_sum, n, norm
         if len(arrays) == 1:
-            return full_step(*arrays[0])
-        loss, n, acc = mx.array(0.0), mx.array(0.0), None
-        for x, y, m in arrays:
-            l_, n_, g_ = grads_fn(x, y, m)
-            loss, n = loss + l_, n + n_
+            return f["full"](*arrays[0])
+        loss_sum, n, acc = mx.array(0.0), mx.array(0.0), None
+        for a in arrays:
+            l_, n_, g_ = f["grads"](*a)
+            loss_sum, n = loss_sum + l_, n + n_
             acc = g_ if acc is None else tree_map(mx.add, acc, g_)
-        return loss, n, apply_fn(acc, n)
+        return f["apply"](loss_sum, n, acc)
 
-    return step, state
+
+def make_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float = 0.0, compile: bool = True,
+              loss: Loss | None = None, group=None, profile: bool = False):
+    """(step, state): a `Stepper` and the arrays to evaluate after each call."""
+    stepper = Stepper(model, optimizer, grad_clip, compile, loss, group, profile)
+    return stepper, stepper.state
 
 
 def _trainer_state(step, cursor, tokens, elapsed, initial_val, history, cfg) -> dict:
@@ -140,17 +190,28 @@ def fit(
     *,
     tokenizer_dir: str | Path | None = None,
     callback: TrainingCallback | None = None,
+    adapter_config: dict | None = None,
+    group=None,
 ) -> dict:
+    """Train `model` (its trainable parameters) for `cfg.steps` optimizer steps; resume if possible.
+
+    With a data-parallel `group` every rank runs this with its own slice of each batch; only
+    rank 0 reports and writes checkpoints.
+    """
     out = Path(out_dir)
     final_dir, ckpt_root = out / "model", out / "checkpoints"
-    cb = callback or TrainingCallback()
+    rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
+    main_rank = rank == 0
+    cb = (callback or TrainingCallback()) if main_rank else TrainingCallback()
+    trainable = adapters.num_trainable(model)
     if is_complete(final_dir):  # finished earlier: nothing to redo
         state = json.loads((final_dir / ckpt.TRAINER_STATE).read_text())
-        return _result(final_dir, state, num_params(model), resumed_from=str(final_dir))
-    clean_stale_tmp(ckpt_root)
-    clean_stale_tmp(out)
+        return _result(final_dir, state, num_params(model), trainable, resumed_from=str(final_dir))
+    if main_rank:
+        clean_stale_tmp(ckpt_root)
+        clean_stale_tmp(out)
 
-    optimizer = optim.AdamW(lr_schedule(cfg), betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay)
+    optimizer = optimizers.build(cfg)
     optimizer.init(model.trainable_parameters())
     step, cursor, tokens, elapsed, history, initial_val = 0, {"epoch": 0, "index": 0}, 0, 0.0, [], None
     resumed = ckpt.latest(ckpt_root)
@@ -162,14 +223,17 @@ def fit(
         mx.random.seed((hi << 32) | lo)
     else:
         mx.random.seed(cfg.seed)
+    remat.checkpoint_layers(model, cfg.grad_checkpoint)
+    loss = losses.from_config(cfg)
     eval_set = val_batches.take(cfg.eval_batches) if val_batches is not None else []
     cb.on_event("begin", {"total_steps": cfg.steps, "start_step": step, "params": num_params(model),
+                          "trainable_params": trainable, "world_size": world,
                           "resumed_from": str(resumed) if resumed else None})
 
     def run_eval(at: int) -> float | None:
         if not eval_set:
             return None
-        val = mean_loss(model, eval_set)
+        val = mean_loss(model, eval_set, loss, group)
         info = {"step": at, "val_loss": val, "val_ppl": math.exp(min(val, 50))}
         history.append({"event": "eval", **info})
         cb.on_event("eval", info)
@@ -178,35 +242,46 @@ def fit(
     if step == 0:
         initial_val = run_eval(0)
 
-    step_fn, state = make_step(model, optimizer, cfg.grad_clip, cfg.compile)
+    step_fn, state = make_step(model, optimizer, cfg.grad_clip, cfg.compile, loss, group, cfg.profile_timing)
 
     def save(at: int) -> Path:
-        st = _trainer_state(at, cursor, tokens, elapsed, initial_val, history, cfg)
-        path = ckpt.save(ckpt.step_dir(ckpt_root, at), model, config, st, optimizer, tokenizer_dir)
-        ckpt.prune(ckpt_root, cfg.keep_last)
-        cb.on_event("checkpoint", {"step": at, "path": str(path)})
+        path = ckpt.step_dir(ckpt_root, at)
+        if main_rank:
+            st = _trainer_state(at, cursor, tokens, elapsed, initial_val, history, cfg)
+            ckpt.save(path, model, config, st, optimizer, tokenizer_dir, adapter_config)
+            ckpt.prune(ckpt_root, cfg.keep_last)
+            cb.on_event("checkpoint", {"step": at, "path": str(path)})
         return path
 
     window_t, window_tokens, train_loss = time.perf_counter(), 0, float("nan")
+    phases: dict[str, float] = {}
     while step < cfg.steps:
         t0 = time.perf_counter()
         micro = []
         for _ in range(cfg.grad_accum):
             batch, cursor = train_batches.next(cursor)
             micro.append(batch)
-        loss, n, norm = step_fn(micro)
-        mx.eval(state, loss, n, norm)
-        step_tokens = sum(x.size for x, _, _ in micro)
+        t_data = time.perf_counter() - t0
+        loss_sum, n, norm = step_fn(micro)
+        mx.eval(state, loss_sum, n, norm)
+        step_tokens = sum(x.size for x, _, _ in micro) * world  # padded positions, all ranks
         step += 1
         tokens += step_tokens
         window_tokens += step_tokens
         elapsed += time.perf_counter() - t0
-        train_loss = loss.item() / max(n.item(), 1.0)
+        train_loss = loss_sum.item() / max(n.item(), 1.0)
+        if cfg.profile_timing:
+            for k, v in {"data": 1e3 * t_data, **step_fn.timings}.items():
+                phases[k] = phases.get(k, 0.0) + v
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.perf_counter()
-            info = {"step": step, "loss": train_loss, "lr": optimizer.learning_rate.item(),
+            info = {"step": step, "loss": train_loss, "lr": optimizers.current_lr(optimizer),
                     "grad_norm": norm.item(), "tokens": tokens, "elapsed_s": elapsed,
                     "tok_per_s": window_tokens / max(now - window_t, 1e-9)}
+            if phases:
+                steps_in_window = step - next((h["step"] for h in reversed(history) if h["event"] == "train"), step - cfg.log_every)
+                info.update({f"ms_{k}": v / max(steps_in_window, 1) for k, v in phases.items()})
+                phases = {}
             history.append({"event": "train", **info})
             cb.on_event("train", info)
             window_t, window_tokens = now, 0
@@ -220,18 +295,24 @@ def fit(
     val = run_eval(step)
     if math.isnan(train_loss):  # resumed from the last step's checkpoint: nothing left to train
         train_loss = next((h["loss"] for h in reversed(history) if h["event"] == "train"), None)
-    ckpt.finalize(save(step), final_dir, {"final_val_loss": val, "final_train_loss": train_loss})
+    last = save(step)
+    if not main_rank:
+        state = _trainer_state(step, cursor, tokens, elapsed, initial_val, history, cfg)
+        return _result(final_dir, state | {"final_val_loss": val, "final_train_loss": train_loss},
+                       num_params(model), trainable, resumed_from=str(resumed) if resumed else None)
+    ckpt.finalize(last, final_dir, {"final_val_loss": val, "final_train_loss": train_loss})
     state = json.loads((final_dir / ckpt.TRAINER_STATE).read_text())
-    result = _result(final_dir, state, num_params(model), resumed_from=str(resumed) if resumed else None)
+    result = _result(final_dir, state, num_params(model), trainable, resumed_from=str(resumed) if resumed else None)
     cb.on_event("end", result)
     return result
 
 
-def _result(final_dir: Path, state: dict, params: int, resumed_from: str | None) -> dict:
+def _result(final_dir: Path, state: dict, params: int, trainable: int, resumed_from: str | None) -> dict:
     return {
         "checkpoint": str(final_dir),
         "step": state["step"],
         "params": params,
+        "trainable_params": trainable,
         "train_loss": state.get("final_train_loss"),
         "val_loss": state.get("final_val_loss"),
         "initial_val_loss": state.get("initial_val_loss"),
@@ -248,29 +329,54 @@ def _check_same_tokenizer(init_from: Path, tokenizer_dir: Path) -> None:
         raise ValueError(f"init_from {init_from}: its tokenizer differs from {tokenizer_dir}")
 
 
+def build_model(job: TrainJob, vocab_size: int, special_ids: dict) -> tuple[nn.Module, dict, dict | None]:
+    """(model ready to train, its config.json, adapter config or None) for a job.
+
+    `init_from` may be one of our checkpoints or any local Hugging Face / mlx-lm model dir
+    (llama, qwen2, qwen3, ...); lora/dora then train adapters on it and record it as the base.
+    """
+    cfg = job.train
+    if job.init_from:
+        src = Path(job.init_from)
+        if adapters.is_adapter_dir(src):
+            raise ValueError(f"init_from {src} is an adapter checkpoint; fuse it first (mlxflow fuse)")
+        _check_same_tokenizer(src, Path(job.tokenizer_dir))
+        model, config = load_model(src)
+        if config.get("vocab_size", vocab_size) < vocab_size:
+            raise ValueError(f"init_from {src}: its vocab_size {config['vocab_size']} is smaller than the "
+                             f"tokenizer's {vocab_size} tokens")
+    elif job.model is not None:
+        if cfg.fine_tune_type != "full":
+            raise ValueError(f"fine_tune_type {cfg.fine_tune_type} trains adapters on a base model: set init_from")
+        config = hf_config(job.model, vocab_size, special_ids)
+        model = from_config(config, seed=cfg.seed)
+    else:
+        raise ValueError("a training job needs `model` or `init_from`")
+    mx.random.seed(cfg.seed)  # adapter initialisation
+    adapter_config = adapters.prepare(model, cfg)
+    if adapter_config is not None:
+        adapter_config |= {"base_model": str(Path(job.init_from).resolve()), "base_digest": dir_digest(job.init_from)}
+    return model, config, adapter_config
+
+
 def run(job: TrainJob, callback: TrainingCallback | None = None) -> dict:
-    """Build the model (fresh or `init_from`) and the batch streams, then `fit()`."""
+    """Join the data-parallel group (if any), build the model and the batch streams, then `fit()`."""
     tok_dir, cfg = Path(job.tokenizer_dir), job.train
     tok = read_manifest(tok_dir, "tokenizer")
     data = read_manifest(job.data_dir, "tokens")
     if data["vocab_size"] != tok["vocab_size"]:
         raise ValueError(f"{job.data_dir} was tokenized with {data['vocab_size']} tokens, the tokenizer has {tok['vocab_size']}")
-    if job.init_from:
-        src = Path(job.init_from)
-        read_manifest(src, "checkpoint")
-        _check_same_tokenizer(src, tok_dir)
-        config = json.loads((src / "config.json").read_text())
-        model = from_config(config, seed=cfg.seed)
-        ckpt.load_weights_only(src, model)
-    elif job.model is not None:
-        config = hf_config(job.model, tok["vocab_size"], tok["special_ids"])
-        model = from_config(config, seed=cfg.seed)
-    else:
-        raise ValueError("a training job needs `model` or `init_from`")
+    group = distributed.init(cfg.world_size)
+    rank = group.rank() if group is not None else 0
+    model, config, adapter_config = build_model(job, tok["vocab_size"], tok["special_ids"])
     pad = tok["special_ids"]["pad"] or 0
-    train = open_batches(job.data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, pad_id=pad)
-    val = open_batches(job.data_dir, "val", cfg.batch_size, cfg.seq_len, shuffle=False, pad_id=pad)
-    return fit(model, config, cfg, train, val, job.out_dir, tokenizer_dir=tok_dir, callback=callback)
+    buckets = dict(bucket=cfg.bucket, bucket_window=cfg.bucket_window, pad_multiple=cfg.pad_multiple)
+    train = open_batches(job.data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, pad_id=pad,
+                         rank=rank, world=cfg.world_size, **buckets)
+    val = open_batches(job.data_dir, "val", cfg.batch_size, cfg.seq_len, shuffle=False, pad_id=pad,
+                       pad_multiple=cfg.pad_multiple)
+    return fit(model, config, cfg, train, val, job.out_dir, tokenizer_dir=tok_dir, callback=callback,
+               adapter_config=adapter_config, group=group)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = TrainJob.model_validate_json(Path(argv[0]).read_text())
     fd = os.environ.get("MLXFLOW_EVENTS_FD")
-    callback = JsonLinesCallback(int(fd)) if fd else ProgressBar(Path(job.out_dir).name)
+    if fd:
+        callback = JsonLinesCallback(int(fd))
+    else:  # started by hand or by mlx.launch: rank 0 draws the progress bar
+        callback = ProgressBar(Path(job.out_dir).name) if distributed.env_rank() == 0 else None
     try:
         run(job, callback)
     except (ValueError, FileNotFoundError, KeyError) as e:

@@ -8,8 +8,14 @@ drawn from (seed, epoch); the last partial batch of an epoch is dropped.
 - `PackedBatches` (pretraining): non-overlapping windows of seq_len + 1 tokens from the token
   stream of each shard; inputs are the first seq_len, targets the last seq_len.
 - `SFTBatches`: one conversation per row, truncated to seq_len + 1 tokens, right-padded to the
-  batch's longest row rounded up to a multiple of 32 (few distinct shapes for the compiled
-  step); the loss mask is the target-side assistant mask, 0 on padding.
+  batch's longest row rounded up to a multiple of `pad_multiple` (few distinct shapes for the
+  compiled step); the loss mask is the target-side assistant mask, 0 on padding.
+
+Bucketing (SFT, `bucket="length"` or `"labels"`): the epoch's permutation is cut into windows of
+`bucket_window` global batches, each window is sorted by row length (or by label count, which
+is what the sparse loss's cost follows), and the resulting batches are shuffled again. Rows of
+a batch then have similar lengths, so little compute goes to padding. The set of rows an
+epoch visits is exactly the unbucketed one: the same rows, each once, only grouped differently.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ import numpy as np
 
 from mlxcore.io import read_manifest
 
-PAD_MULTIPLE = 32
 
 
 class _Shards:
@@ -43,6 +48,9 @@ class _Shards:
 class _Batches:
     """Shared cursor logic: items are integers 0..len-1, visited per-epoch in a permutation."""
 
+    bucket_keys: np.ndarray | None = None  # per-item sort key when bucketing
+    bucket_window: int = 32
+
     def __init__(self, batch_size: int, seed: int, shuffle: bool, rank: int, world: int):
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world = rank, world
@@ -62,9 +70,22 @@ class _Batches:
     def _order(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:
             n = self.num_items
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._perm_epoch = epoch
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(n) if self.shuffle else np.arange(n)
+            if self.bucket_keys is not None:
+                perm = self._bucketed(perm, rng)
+            self._perm, self._perm_epoch = perm, epoch
         return self._perm
+
+    def _bucketed(self, perm: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        per_step = self.batch_size * self.world
+        used = perm[: self.batches_per_epoch * per_step]  # the rows an unbucketed epoch visits
+        window = self.bucket_window * per_step
+        parts = [w[np.argsort(self.bucket_keys[w], kind="stable")] for w in np.split(used, range(window, len(used), window))]
+        groups = np.concatenate(parts).reshape(-1, per_step)
+        if self.shuffle:
+            groups = groups[rng.permutation(len(groups))]
+        return groups.reshape(-1)
 
     def next(self, cursor: dict | None = None) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict]:
         """The batch at `cursor` (default: the start) and the cursor that follows it."""
@@ -104,16 +125,32 @@ class PackedBatches(_Batches):
 
 
 class SFTBatches(_Batches):
-    def __init__(self, data_dir, split, batch_size, seq_len, seed=0, shuffle=True, rank=0, world=1, pad_id=0):
+    def __init__(self, data_dir, split, batch_size, seq_len, seed=0, shuffle=True, rank=0, world=1, pad_id=0,
+                 bucket="none", bucket_window=32, pad_multiple=32):
         self.data, self.seq_len, self.pad_id = _Shards(data_dir, split), seq_len, pad_id
+        self.pad_multiple = pad_multiple
         if self.data.masks[0] is None:
             raise ValueError(f"{data_dir}: not an SFT dataset (no loss masks)")
         docs = [len(ix) - 1 for ix in self.data.index]
         self._starts = np.cumsum([0] + docs)
         self.num_items = int(self._starts[-1])
-        super().__init__(batch_size, seed, shuffle, rank, world)
         lengths = np.concatenate([np.diff(ix) for ix in self.data.index])
         self.truncated = int((lengths > seq_len + 1).sum())
+        if bucket not in ("none", "length", "labels"):
+            raise ValueError(f"bucket must be none, length or labels, not {bucket!r}")
+        if bucket != "none":
+            self.bucket_window = bucket_window
+            self.bucket_keys = np.minimum(lengths, seq_len + 1) if bucket == "length" else self._label_counts()
+        super().__init__(batch_size, seed, shuffle, rank, world)
+
+    def _label_counts(self) -> np.ndarray:
+        """Trainable tokens per row, after truncation to seq_len + 1."""
+        counts = []
+        for ix, mask in zip(self.data.index, self.data.masks):
+            csum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+            ends = np.minimum(ix[1:], ix[:-1] + self.seq_len + 1)
+            counts.append(csum[ends] - csum[ix[:-1]])
+        return np.concatenate(counts)
 
     def _collate(self, items):
         docs = []
@@ -123,7 +160,7 @@ class SFTBatches(_Batches):
             hi = min(hi, lo + self.seq_len + 1)
             docs.append((self.data.tokens[shard][lo:hi], self.data.masks[shard][lo:hi]))
         longest = max(len(t) for t, _ in docs) - 1
-        width = min(self.seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+        width = min(self.seq_len, -(-longest // self.pad_multiple) * self.pad_multiple)
         ids = np.full((len(docs), width + 1), self.pad_id, dtype=np.int32)
         mask = np.zeros((len(docs), width + 1), dtype=np.float32)
         for r, (t, m) in enumerate(docs):
@@ -132,9 +169,14 @@ class SFTBatches(_Batches):
         return ids[:, :-1], ids[:, 1:], mask[:, 1:]
 
 
-def open_batches(data_dir, split, batch_size, seq_len, seed=0, shuffle=True, rank=0, world=1, pad_id=0):
-    """PackedBatches or SFTBatches, whichever the dataset's manifest says it is."""
+def open_batches(data_dir, split, batch_size, seq_len, seed=0, shuffle=True, rank=0, world=1, pad_id=0,
+                 bucket="none", bucket_window=32, pad_multiple=32):
+    """PackedBatches or SFTBatches, whichever the dataset's manifest says it is.
+
+    Bucketing and padding options apply to SFT data; packed pretraining rows are all seq_len long.
+    """
     task = read_manifest(data_dir, "tokens")["task"]
     if task == "sft":
-        return SFTBatches(data_dir, split, batch_size, seq_len, seed, shuffle, rank, world, pad_id)
+        return SFTBatches(data_dir, split, batch_size, seq_len, seed, shuffle, rank, world, pad_id,
+                          bucket, bucket_window, pad_multiple)
     return PackedBatches(data_dir, split, batch_size, seq_len, seed, shuffle, rank, world)

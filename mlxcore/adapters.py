@@ -1,0 +1,150 @@
+"""What trains: every weight, or LoRA / DoRA adapters on a frozen (optionally quantized) base.
+
+Adapters are mlx-lm's own layers (`linear_to_lora_layers`, `LoRALinear`, `DoRALinear`), so an
+adapter checkpoint is an mlx-lm adapter dir:
+
+  adapters.safetensors   the trainable weights only (lora_a, lora_b, and DoRA's m)
+  adapter_config.json    mlx-lm's keys (fine_tune_type, num_layers, lora_parameters) plus
+                         ours: base_model (path), base_digest, quantize ({bits, group_size})
+
+`mlx_lm.load(base, adapter_path=dir)` opens it; `mlxcore.model.load(dir)` rebuilds exactly the
+trained model (base, then the same quantization, then the adapters); `fuse()` merges the
+adapters into a plain checkpoint any tool can read.
+
+QLoRA quantizes the base on load (`nn.quantize`, affine, `bits` and `group_size` from the
+config) rather than requiring a pre-quantized copy; quantization is deterministic, so the base
+that resumes or evaluates an adapter is bit-identical to the one it was trained on. A base
+that is already quantized (an mlx-community 4-bit dir) is used as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import dequantize_model
+
+from mlxcore.config import LoRAConfig, QuantizeConfig, TrainConfig
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapters.safetensors"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def resolve_keys(model: nn.Module, keys: list[str]) -> list[str]:
+    """Module paths inside a decoder layer for `keys`; `q_proj` matches `self_attn.q_proj`."""
+    names = [n for n, m in model.layers[0].named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    resolved = []
+    for key in keys:
+        hits = [n for n in names if n == key or n.endswith("." + key)]
+        if not hits:
+            raise ValueError(f"lora.keys: {key!r} matches no linear layer; a layer has {', '.join(sorted(names))}")
+        resolved += [h for h in hits if h not in resolved]
+    return resolved
+
+
+def quantize_base(model: nn.Module, q: QuantizeConfig) -> None:
+    """Quantize every linear layer (and the embedding) whose input width the group size divides."""
+
+    def eligible(_path, module):
+        if not hasattr(module, "to_quantized") or isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            return False
+        return module.weight.shape[-1] % q.group_size == 0
+
+    nn.quantize(model, group_size=q.group_size, bits=q.bits, class_predicate=eligible)
+
+
+def lora_parameters(lora: LoRAConfig, model: nn.Module) -> dict:
+    """mlx-lm's `lora_parameters` dict (its adapter_config.json names)."""
+    return {"rank": lora.rank, "scale": lora.resolved_scale, "dropout": lora.dropout,
+            "keys": resolve_keys(model, lora.keys)}
+
+
+def prepare(model: nn.Module, cfg: TrainConfig) -> dict | None:
+    """Set up `model` for `cfg.fine_tune_type`; returns the adapter config (None when full).
+
+    full: every parameter trains. lora/dora: the base is frozen (and quantized for QLoRA),
+    then the chosen linear layers of the last `num_layers` decoder layers get adapters.
+    """
+    if cfg.fine_tune_type == "full":
+        if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
+            raise ValueError("this model is quantized: full fine-tuning cannot train it; use fine_tune_type lora or dora")
+        return None
+    model.freeze()
+    if cfg.quantize is not None:
+        quantize_base(model, cfg.quantize)
+    params = lora_parameters(cfg.lora, model)
+    linear_to_lora_layers(model, cfg.lora.num_layers, params, use_dora=cfg.fine_tune_type == "dora")
+    return {
+        "fine_tune_type": cfg.fine_tune_type,
+        "num_layers": cfg.lora.num_layers,
+        "lora_parameters": params,
+        "quantize": cfg.quantize.model_dump() if cfg.quantize else None,
+    }
+
+
+def trainable_weights(model: nn.Module) -> dict[str, mx.array]:
+    return dict(sorted(tree_flatten(model.trainable_parameters())))
+
+
+def num_trainable(model: nn.Module) -> int:
+    return sum(v.size for v in trainable_weights(model).values())
+
+
+def apply(model: nn.Module, adapter_config: dict) -> nn.Module:
+    """Rebuild the adapted model from its adapter config (base already loaded into `model`)."""
+    model.freeze()
+    if adapter_config.get("quantize"):
+        quantize_base(model, QuantizeConfig(**adapter_config["quantize"]))
+    linear_to_lora_layers(model, adapter_config["num_layers"], adapter_config["lora_parameters"],
+                          use_dora=adapter_config["fine_tune_type"] == "dora")
+    return model
+
+
+def load(adapter_dir: str | Path) -> tuple[nn.Module, dict]:
+    """(base + adapters, the base's config) for an adapter dir, exactly as it was trained."""
+    from mlxcore.model import load as load_model
+
+    adapter_dir = Path(adapter_dir)
+    acfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    base = acfg.get("base_model")
+    if not base or not Path(base).is_dir():
+        raise FileNotFoundError(f"{adapter_dir / ADAPTER_CONFIG}: base_model {base!r} is not a directory here")
+    model, config = load_model(base)
+    apply(model, acfg)
+    model.load_weights(str(adapter_dir / ADAPTER_WEIGHTS), strict=False)
+    missing = set(trainable_weights(model)) - set(mx.load(str(adapter_dir / ADAPTER_WEIGHTS)))
+    if missing:
+        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: no weights for {sorted(missing)[:3]}")
+    mx.eval(model.parameters())
+    return model, config
+
+
+def fuse_model(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its linear layer and dequantize: a plain full-precision model."""
+    fused = [(n, m.fuse(dequantize=True)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    model = dequantize_model(model)
+    model.unfreeze()
+    return model
+
+
+def fuse(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write base + adapters of `adapter_dir` as one plain checkpoint (HF layout) to `out_dir`."""
+    from mlxcore.checkpoint import save_model_dir
+
+    model, config = load(adapter_dir)
+    model = fuse_model(model)
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    acfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    return save_model_dir(out_dir, model, config, tokenizer_dir=adapter_dir,
+                          manifest_config={"fused_from": str(adapter_dir), **acfg})
