@@ -5,9 +5,9 @@ trainer divides by the token count of the whole step, so every token weighs the 
 
 - dense (default): `model(inputs)` gives the full `[B, T, V]` logits, then cross-entropy.
 - chunked (`chunk > 0`): the decoder's final hidden states `[B*T, H]` go through the output
-  head `chunk` tokens at a time, each piece under `mx.checkpoint`, so the backward pass
-  recomputes a piece's logits instead of keeping them: at most `[chunk, V]` logits are alive,
-  never `[B, T, V]` (with V = 152k and B*T = 16k that is 10 GB of float32 saved).
+  head `chunk` tokens at a time in a custom function whose backward pass recomputes a chunk's
+  logits instead of keeping them, so only a few `[chunk, V]` blocks are ever alive, never
+  `[B, T, V]` (with V = 152k and B*T = 16k that is 10 GB of float32, twice: logits and softmax).
 - sparse (`sparse=True`): only positions whose mask is non-zero reach the output head. The
   positions are found on the host (`prepare`) and padded to a multiple of `pad_multiple`
   with zero-weight entries, so a compiled step sees few distinct shapes. In SFT, where the
@@ -26,6 +26,7 @@ import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 
 def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
@@ -53,19 +54,57 @@ def _head_loss(model: nn.Module, h: mx.array, targets: mx.array, weights: mx.arr
     if not chunk or chunk >= h.shape[0]:
         return (token_cross_entropy(project(h), targets) * weights).sum()
     outer = module.trainable_parameters()
+    keys = [k for k, _ in tree_flatten(outer)]
 
-    def piece(params, h, y, w):
-        # The head's trainable weights are explicit inputs so that the recomputation in the
-        # backward pass differentiates with respect to them (closures are not inputs).
-        module.update(params)
-        return (token_cross_entropy(project(h), y) * w).sum()
+    def head(h_piece, *params):
+        module.update(tree_unflatten(list(zip(keys, params))))
+        return project(h_piece)
 
-    piece = mx.checkpoint(piece)
-    total = mx.array(0.0, dtype=mx.float32)
-    for s in range(0, h.shape[0], chunk):
-        total = total + piece(outer, h[s : s + chunk], targets[s : s + chunk], weights[s : s + chunk])
+    loss = _chunked_cross_entropy(head, chunk, h.shape[0])
+    total = loss(h, targets, weights, *[v for _, v in tree_flatten(outer)])
     module.update(outer)
     return total
+
+
+def _pieces(n: int, chunk: int):
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+def _chunked_cross_entropy(head, chunk: int, n: int):
+    """`f(h, targets, weights, *head_params) -> weighted CE sum` holding one chunk of logits at a time.
+
+    A custom function: its forward sums the chunks' losses; its backward recomputes each chunk's
+    logits and turns `softmax - onehot` into gradients for h and the head's parameters at once.
+    `mx.depends` chains the chunks (forward: on the running total; backward: on all of the
+    previous chunk's gradients) because MLX would otherwise schedule them side by side and keep many
+    chunks of logits alive at once.
+    """
+
+    @mx.custom_function
+    def loss(h, targets, weights, *params):
+        total = mx.array(0.0, dtype=mx.float32)
+        for s, e in _pieces(n, chunk):
+            logits = head(mx.depends(h[s:e], total), *params)
+            total = total + (token_cross_entropy(logits, targets[s:e]) * weights[s:e]).sum()
+        return total
+
+    @loss.vjp
+    def loss_vjp(primals, cotangent, _output):
+        h, targets, weights, *params = primals
+        d_h, d_params, previous = [], [mx.zeros_like(p) for p in params], cotangent
+        for s, e in _pieces(n, chunk):
+            h_piece = mx.depends(h[s:e], previous)
+            logits = head(h_piece, *params)
+            probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+            onehot = mx.arange(logits.shape[-1])[None, :] == targets[s:e, None]
+            g = ((probs - onehot) * (weights[s:e] * cotangent)[:, None]).astype(logits.dtype)
+            _, grads = mx.vjp(head, [h_piece, *params], [g])
+            d_h.append(grads[0])
+            d_params = [a + b for a, b in zip(d_params, grads[1:])]
+            previous = [grads[0], *d_params]  # all of this chunk's results, or its logits stay alive
+        return [mx.concatenate(d_h), mx.zeros_like(targets), mx.zeros_like(weights), *d_params]
+
+    return loss
 
 
 @dataclass(frozen=True)

@@ -89,4 +89,13 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def num_params(model: nn.Module) -> int:
-    return sum(p.size for _, p in tree_flatten(model.parameters()))
+    """Parameters of the model as trained (a quantized weight counts its unpacked size, scales do not)."""
+    modules = dict(model.named_modules())
+    total = 0
+    for path, p in tree_flatten(model.parameters()):
+        owner, _, leaf = path.rpartition(".")
+        bits = getattr(modules.get(owner), "bits", None)
+        if bits and leaf in ("scales", "biases"):
+            continue
+        total += p.size * 32 // bits if bits and leaf == "weight" else p.size
+    return total

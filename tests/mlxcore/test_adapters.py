@@ -1,0 +1,193 @@
+"""Fine-tuning modes: LoRA / DoRA / QLoRA train, resume and fuse; any local HF model dir; no remote code."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import numpy as np
+import pytest
+
+from mlxcore import adapters, checkpoint, train
+from mlxcore.config import LoRAConfig, QuantizeConfig
+from mlxcore.model import from_config, hf_config, load
+from mlxcore.train import TrainJob
+
+from tests.conftest import micro_model, quick_train
+
+X = mx.array([[1, 5, 9, 200, 17, 3, 42, 7]])
+
+# micro model: hidden 64, 4 heads of 16, 2 kv heads (kv width 32), SwiGLU 128, 2 layers.
+# LoRA adds rank * (in + out) per adapted linear: q 64+64, k 64+32, v 64+32, o 64+64,
+# gate 64+128, up 64+128, down 128+64 -> 1024 * rank per layer. DoRA adds a magnitude per output:
+# 64 + 32 + 32 + 64 + 128 + 128 + 64 = 512 per layer.
+LORA_PER_LAYER_PER_RANK, DORA_EXTRA_PER_LAYER = 1024, 512
+
+
+def _save_model(path, config, tok_dir, seed=0):
+    return checkpoint.save_model_dir(path, from_config(config, seed=seed), config, tokenizer_dir=tok_dir)
+
+
+@pytest.fixture(scope="module")
+def base(small_data, tmp_path_factory):
+    """A briefly pretrained llama checkpoint to fine-tune."""
+    out = tmp_path_factory.mktemp("base")
+    job = TrainJob(data_dir=str(small_data["pretrain"]), tokenizer_dir=str(small_data["tok"]), out_dir=str(out),
+                   model=micro_model(), train=quick_train(steps=30, eval_every=0, save_every=0))
+    return train.run(job)["checkpoint"]
+
+
+def _sft(small_data, out, init_from, **overrides):
+    base_cfg = dict(steps=30, lr=2e-3, eval_every=0, save_every=0, eval_batches=2)
+    return TrainJob(data_dir=str(small_data["sft"]), tokenizer_dir=str(small_data["tok"]), out_dir=str(out),
+                    init_from=str(init_from), train=quick_train(**{**base_cfg, **overrides}))
+
+
+def _logits(model):
+    return np.array(model(X).astype(mx.float32))
+
+
+@pytest.mark.parametrize("kind, quantize, expected", [
+    ("lora", None, 2 * 4 * LORA_PER_LAYER_PER_RANK),
+    ("dora", None, 2 * (4 * LORA_PER_LAYER_PER_RANK + DORA_EXTRA_PER_LAYER)),
+    ("lora", QuantizeConfig(bits=4, group_size=32), 2 * 4 * LORA_PER_LAYER_PER_RANK),
+    ("lora", QuantizeConfig(bits=8, group_size=64), 2 * 4 * LORA_PER_LAYER_PER_RANK),
+], ids=["lora", "dora", "qlora4", "qlora8"])
+def test_adapters_train_with_the_expected_trainable_parameters(small_data, base, tmp_path, kind, quantize, expected):
+    job = _sft(small_data, tmp_path / "run", base, fine_tune_type=kind, quantize=quantize,
+               lora=LoRAConfig(rank=4, alpha=8), eval_every=30)
+    result = train.run(job)
+    assert result["trainable_params"] == expected
+    assert result["params"] > 10 * expected
+    assert result["val_loss"] < result["initial_val_loss"] - 0.1, result
+    final = tmp_path / "run/model"
+    names = {p.name for p in final.iterdir()}
+    assert {"adapters.safetensors", "adapter_config.json", "optimizer.safetensors", "tokenizer.json"} <= names
+    assert "model.safetensors" not in names  # the base is not copied
+    acfg = json.loads((final / "adapter_config.json").read_text())
+    assert acfg["fine_tune_type"] == kind and acfg["lora_parameters"]["scale"] == 2.0
+    assert acfg["base_model"] == str(base) and len(acfg["base_digest"]) == 64
+    assert sum(v.size for v in mx.load(str(final / "adapters.safetensors")).values()) == expected
+    model, _ = load(final)
+    quantized = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert bool(quantized) == (quantize is not None)
+    if quantize:
+        assert {m.bits for m in quantized} == {quantize.bits}
+
+
+@pytest.mark.parametrize("kind, quantize", [("lora", None), ("dora", None), ("lora", QuantizeConfig(bits=4, group_size=32))],
+                         ids=["lora", "dora", "qlora4"])
+def test_fuse_gives_the_logits_of_base_plus_adapters(small_data, base, tmp_path, kind, quantize):
+    train.run(_sft(small_data, tmp_path / "run", base, steps=10, fine_tune_type=kind, quantize=quantize))
+    adapted, _ = load(tmp_path / "run/model")
+    fused_dir = adapters.fuse(tmp_path / "run/model", tmp_path / "fused")
+    fused, config = load(fused_dir)
+    assert "quantization" not in config
+    assert not any(isinstance(m, (nn.QuantizedLinear, adapters.LoRALinear)) for _, m in fused.named_modules())
+    # float32: merging W + scale * B^T A^T changes only the summation order
+    np.testing.assert_allclose(_logits(fused), _logits(adapted), atol=2e-4, rtol=1e-4)
+    assert not np.allclose(_logits(fused), _logits(load(base)[0]), atol=1e-3)  # the adapters did something
+    model, tok = mlx_lm.load(str(fused_dir))  # a plain checkpoint for mlx-lm
+    np.testing.assert_allclose(_logits(model), _logits(fused), atol=1e-5)
+
+
+def test_mlx_lm_loads_our_adapters_on_the_base(small_data, base, tmp_path):
+    train.run(_sft(small_data, tmp_path / "run", base, steps=10, fine_tune_type="lora"))
+    ours, _ = load(tmp_path / "run/model")
+    theirs, _ = mlx_lm.load(str(base), adapter_path=str(tmp_path / "run/model"))
+    np.testing.assert_allclose(_logits(theirs), _logits(ours), atol=1e-5)
+
+
+def test_adapter_training_resumes_after_sigkill_bit_identical(small_data, base, tmp_path):
+    overrides = dict(steps=60, save_every=10, fine_tune_type="lora", quantize=QuantizeConfig(bits=4, group_size=32))
+    straight = train.run(_sft(small_data, tmp_path / "straight", base, **overrides))
+    job = _sft(small_data, tmp_path / "killed", base, **overrides)
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "job.json").write_text(job.model_dump_json())
+    proc = subprocess.Popen([sys.executable, "-m", "mlxcore.train", str(tmp_path / "job.json")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not checkpoint.list_checkpoints(tmp_path / "killed/checkpoints") and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed/model").exists(), "the run finished before it could be killed"
+    resumed = train.run(job)
+    assert resumed["resumed_from"] and "step-" in resumed["resumed_from"]
+    a, b = tmp_path / "straight/model", tmp_path / "killed/model"
+    if mx.default_device() == mx.cpu:
+        assert (a / "adapters.safetensors").read_bytes() == (b / "adapters.safetensors").read_bytes()
+        assert resumed["train_loss"] == straight["train_loss"]
+
+
+def _hf_dir(tmp_path, small_data, model_type):
+    """A tiny model in the layout Hugging Face / mlx-lm write (config.json + model.safetensors + tokenizer)."""
+    common = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=512, max_position_embeddings=512,
+                  rope_theta=1e6, torch_dtype="float32")
+    configs = {
+        "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True),
+        "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=16, tie_word_embeddings=False),
+    }
+    path = tmp_path / model_type
+    _save_model(path, {**common, **configs[model_type]}, small_data["tok"])
+    (path / "manifest.json").unlink()  # as downloaded: no manifest of ours
+    return path
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_fine_tunes_a_local_hugging_face_qwen_dir(small_data, tmp_path, model_type, kind):
+    src = _hf_dir(tmp_path, small_data, model_type)
+    result = train.run(_sft(small_data, tmp_path / "run", src, steps=30, fine_tune_type=kind, eval_every=30))
+    assert result["val_loss"] < result["initial_val_loss"] - 0.1
+    model, config = load(tmp_path / "run/model")
+    assert config["model_type"] == model_type
+    if kind == "full":
+        assert json.loads((tmp_path / "run/model/config.json").read_text())["model_type"] == model_type
+        mlx_lm.load(str(tmp_path / "run/model"))
+
+
+def test_a_model_dir_asking_to_run_its_own_code_is_refused(small_data, tmp_path):
+    src = _hf_dir(tmp_path, small_data, "qwen2")
+    marker = tmp_path / "code-ran"
+    (src / "evil_model.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "model_file": "evil_model.py",
+                                                 "auto_map": {"AutoModelForCausalLM": "evil_model.Model"}}))
+    with pytest.raises(ValueError, match="custom module"):
+        load(src)
+    with pytest.raises(ValueError, match="custom module"):
+        train.run(_sft(small_data, tmp_path / "run", src))
+    assert not marker.exists()
+
+
+def test_full_fine_tuning_a_quantized_model_is_a_clear_error(small_data, base, tmp_path):
+    model, config = load(base)
+    adapters.quantize_base(model, QuantizeConfig(bits=4, group_size=32))
+    config = {**config, "quantization": {"group_size": 32, "bits": 4}}
+    checkpoint.save_model_dir(tmp_path / "q4", model, config, tokenizer_dir=small_data["tok"])
+    with pytest.raises(ValueError, match="quantized: full fine-tuning cannot train it"):
+        train.run(_sft(small_data, tmp_path / "run", tmp_path / "q4"))
+    result = train.run(_sft(small_data, tmp_path / "run-lora", tmp_path / "q4", steps=5, fine_tune_type="lora"))
+    assert result["step"] == 5  # a pre-quantized base (mlx-community style) takes adapters as it is
+
+
+def test_lora_needs_a_base_and_bad_keys_are_named(small_data, base, tmp_path):
+    job = TrainJob(data_dir=str(small_data["sft"]), tokenizer_dir=str(small_data["tok"]), out_dir=str(tmp_path / "a"),
+                   model=micro_model(), train=quick_train(fine_tune_type="lora"))
+    with pytest.raises(ValueError, match="set init_from"):
+        train.run(job)
+    with pytest.raises(ValueError, match="'qproj' matches no linear layer"):
+        train.run(_sft(small_data, tmp_path / "b", base, fine_tune_type="lora", lora=LoRAConfig(keys=["qproj"])))
+
+
+def test_short_keys_and_layer_count_choose_what_is_adapted(small_data, base, tmp_path):
+    result = train.run(_sft(small_data, tmp_path / "run", base, steps=2, fine_tune_type="lora",
+                            lora=LoRAConfig(rank=2, keys=["q_proj", "v_proj"], num_layers=1)))
+    assert result["trainable_params"] == 2 * ((64 + 64) + (64 + 32))  # one layer, q and v
