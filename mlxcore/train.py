@@ -108,7 +108,8 @@ class Stepper:
             return all_sum(loss_sum), all_sum(n), grads
 
         def clip_fn(grads, n):
-            grads = tree_map(lambda g: g * (self.world / mx.maximum(n, 1)), grads)
+            scale = self.world / mx.maximum(n, 1)  # keep each gradient in its parameter's dtype
+            grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
             return optim.clip_grad_norm(grads, max_norm)
 
         def update_fn(grads):
