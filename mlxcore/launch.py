@@ -39,9 +39,8 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec (Linu
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _watch(procs: list[subprocess.Popen]) -> list[int]:
+def _watch(procs: list[subprocess.Popen], codes: list[int | None]) -> None:
     """Wait for every rank; when one fails, stop the others (they would block in an all-reduce)."""
-    codes: list[int | None] = [None] * len(procs)
     while any(c is None for c in codes):
         for i, p in enumerate(procs):
             if codes[i] is None:
@@ -50,9 +49,10 @@ def _watch(procs: list[subprocess.Popen]) -> list[int]:
             for p in procs:
                 if p.poll() is None:
                     p.terminate()
-            return [p.wait() for p in procs]
+            for i, p in enumerate(procs):
+                codes[i] = p.wait()
+            return
         time.sleep(0.05)
-    return codes
 
 
 def run_in_subprocess(job, callback: TrainingCallback | None = None, module: str = "mlxcore.train") -> dict:
@@ -91,16 +91,18 @@ def run_in_subprocess(job, callback: TrainingCallback | None = None, module: str
 
     pumps = [threading.Thread(target=pump_stderr, args=(p, f"[rank {r}] " if world > 1 else ""), daemon=True)
              for r, p in enumerate(procs)]
-    for t in pumps:
+    codes: list[int | None] = [None] * len(procs)
+    watcher = threading.Thread(target=_watch, args=(procs, codes), daemon=True)
+    for t in [*pumps, watcher]:
         t.start()
     result = None
     try:
-        with os.fdopen(read_fd) as events:
+        with os.fdopen(read_fd) as events:  # ends when rank 0 exits (or is stopped by the watcher)
             for line in events:
                 msg = replay(line, callback)
                 if msg and msg["event"] == "end":
                     result = {k: v for k, v in msg.items() if k != "event"}
-        codes = _watch(procs)
+        watcher.join()
     except BaseException:
         for p in procs:
             p.terminate()

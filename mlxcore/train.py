@@ -374,7 +374,8 @@ def run(job: TrainJob, callback: TrainingCallback | None = None) -> dict:
     buckets = dict(bucket=cfg.bucket, bucket_window=cfg.bucket_window, pad_multiple=cfg.pad_multiple)
     train = open_batches(job.data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, pad_id=pad,
                          rank=rank, world=cfg.world_size, **buckets)
-    val = open_batches(job.data_dir, "val", cfg.batch_size, cfg.seq_len, shuffle=False, pad_id=pad,
+    # held-out batches are global batches (the same data whatever the world size); ranks share them out
+    val = open_batches(job.data_dir, "val", cfg.batch_size * cfg.world_size, cfg.seq_len, shuffle=False, pad_id=pad,
                        pad_multiple=cfg.pad_multiple)
     return fit(model, config, cfg, train, val, job.out_dir, tokenizer_dir=tok_dir, callback=callback,
                adapter_config=adapter_config, group=group)
