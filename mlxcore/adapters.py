@@ -47,7 +47,7 @@ def resolve_keys(model: nn.Module, keys: list[str]) -> list[str]:
     for key in keys:
         hits = [n for n in names if n == key or n.endswith("." + key)]
         if not hits:
-            raise ValueError(f"lora.keys: {key!r} matches no linear layer; a layer has {', '.join(sorted(names))}")
+            raise ValueError(f"lora.target_modules: {key!r} matches no linear layer; a layer has {', '.join(sorted(names))}")
         resolved += [h for h in hits if h not in resolved]
     return resolved
 
@@ -66,7 +66,7 @@ def quantize_base(model: nn.Module, q: QuantizeConfig) -> None:
 def lora_parameters(lora: LoRAConfig, model: nn.Module) -> dict:
     """mlx-lm's `lora_parameters` dict (its adapter_config.json names)."""
     return {"rank": lora.rank, "scale": lora.resolved_scale, "dropout": lora.dropout,
-            "keys": resolve_keys(model, lora.keys)}
+            "keys": resolve_keys(model, lora.target_modules)}
 
 
 def prepare(model: nn.Module, cfg: TrainConfig) -> dict | None:

@@ -126,7 +126,7 @@ class LoRAConfig(_Strict):
     scale: float | None = Field(None, gt=0, description="Adapter output multiplier (mlx-lm's `scale`; default 20).")
     alpha: float | None = Field(None, gt=0, description="PEFT-style alpha: scale = alpha / rank.")
     dropout: float = Field(0.0, ge=0, lt=1)
-    keys: list[str] = Field(list(LORA_KEYS), min_length=1,
+    target_modules: list[str] = Field(list(LORA_KEYS), min_length=1,
                             description="Modules to adapt, relative to a decoder layer (short names like q_proj match too).")
     num_layers: int = Field(-1, description="Adapt the last N decoder layers; -1: all of them.")
 

@@ -28,10 +28,16 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxcore import kernels
+
 
 def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
-    """Per-token cross-entropy in float32: logsumexp(logits) - logits[target]."""
-    return nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
+    """Per-token cross-entropy in float32: logsumexp(logits) - logits[target].
+
+    `mlxcore.kernels.cross_entropy`: a fused kernel on the Linux CPU backend (forward and
+    backward ~20x faster than MLX's ops there), plain MLX ops on every other device.
+    """
+    return kernels.cross_entropy(logits, targets)
 
 
 def output_head(model: nn.Module) -> tuple[nn.Module, callable]:
@@ -74,7 +80,8 @@ def _chunked_cross_entropy(head, chunk: int, n: int):
     """`f(h, targets, weights, *head_params) -> weighted CE sum` holding one chunk of logits at a time.
 
     A custom function: its forward sums the chunks' losses; its backward recomputes each chunk's
-    logits and turns `softmax - onehot` into gradients for h and the head's parameters at once.
+    logits, takes the cross-entropy's gradient (`softmax - onehot`) and pushes it through the head
+    to h and the head's parameters.
     `mx.depends` chains the chunks (forward: on the running total; backward: on all of the
     previous chunk's gradients) because MLX would otherwise schedule them side by side and keep many
     chunks of logits alive at once.
@@ -95,9 +102,8 @@ def _chunked_cross_entropy(head, chunk: int, n: int):
         for s, e in _pieces(n, chunk):
             h_piece = mx.depends(h[s:e], previous)
             logits = head(h_piece, *params)
-            probs = mx.softmax(logits.astype(mx.float32), axis=-1)
-            onehot = mx.arange(logits.shape[-1])[None, :] == targets[s:e, None]
-            g = ((probs - onehot) * (weights[s:e] * cotangent)[:, None]).astype(logits.dtype)
+            y = targets[s:e]
+            _, (g,) = mx.vjp(lambda lg: token_cross_entropy(lg, y), [logits], [weights[s:e] * cotangent])
             _, grads = mx.vjp(head, [h_piece, *params], [g])
             d_h.append(grads[0])
             d_params = [a + b for a, b in zip(d_params, grads[1:])]

@@ -184,10 +184,10 @@ def test_lora_needs_a_base_and_bad_keys_are_named(small_data, base, tmp_path):
     with pytest.raises(ValueError, match="set init_from"):
         train.run(job)
     with pytest.raises(ValueError, match="'qproj' matches no linear layer"):
-        train.run(_sft(small_data, tmp_path / "b", base, fine_tune_type="lora", lora=LoRAConfig(keys=["qproj"])))
+        train.run(_sft(small_data, tmp_path / "b", base, fine_tune_type="lora", lora=LoRAConfig(target_modules=["qproj"])))
 
 
 def test_short_keys_and_layer_count_choose_what_is_adapted(small_data, base, tmp_path):
     result = train.run(_sft(small_data, tmp_path / "run", base, steps=2, fine_tune_type="lora",
-                            lora=LoRAConfig(rank=2, keys=["q_proj", "v_proj"], num_layers=1)))
+                            lora=LoRAConfig(rank=2, target_modules=["q_proj", "v_proj"], num_layers=1)))
     assert result["trainable_params"] == 2 * ((64 + 64) + (64 + 32))  # one layer, q and v

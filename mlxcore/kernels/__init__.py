@@ -1,0 +1,126 @@
+"""Fast CPU kernels for the training step: token cross-entropy, causal GQA attention, SwiGLU.
+
+    from mlxcore.kernels import cross_entropy, attention, swiglu
+    losses = cross_entropy(logits, targets)          # [..., V], [...] -> float32 [...]
+    out = attention(q, k, v, scale=D**-0.5)          # [B,H,T,D], [B,Hkv,S,D] x2 -> [B,H,T,D]
+    h = swiglu(gate, up)                             # silu(gate) * up, same shapes
+
+Same API and semantics on every device. On the Linux CPU backend they run custom MLX
+primitives from a small C++ extension (vectorized, multi-threaded; built on first use, see
+`_build.py`), elsewhere — macOS/Metal, CUDA, no compiler, `MLXFLOW_KERNELS=off`, an
+unsupported shape — they are plain MLX ops (`reference_cross_entropy`,
+`mx.fast.scaled_dot_product_attention`). Both paths are lazy graph ops: they compose with
+`mx.compile`, `mx.grad` and `nn.value_and_grad` (the extension's vjp is a custom primitive).
+
+Semantics beyond mlx.nn.losses.cross_entropy: targets outside [0, V) (e.g. -100 padding)
+give loss 0 and no gradient, on both paths. Numbers and design notes: README.md here.
+"""
+
+from __future__ import annotations
+
+import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
+import mlx.core as mx
+
+from mlxcore.kernels import _build
+
+__all__ = ["attention", "available", "cross_entropy", "reference_attention",
+           "reference_cross_entropy", "reference_swiglu", "status", "swiglu"]
+
+
+def _ext():
+    """The extension if it may run here and now (CPU default device), else None."""
+    if _build.mode() == "off" or mx.default_device().type != mx.cpu:
+        return None
+    return _build.load()
+
+
+def available() -> bool:
+    """True when the fast CPU path will be used for calls made now (builds on first call)."""
+    return _ext() is not None
+
+
+def status() -> str:
+    """One line for logs: which path is used and why."""
+    if _build.mode() == "off":
+        return "plain MLX ops (MLXFLOW_KERNELS=off)"
+    if mx.default_device().type != mx.cpu:
+        return f"plain MLX ops (default device {mx.default_device()})"
+    ext = _build.load()
+    if ext is None:
+        return f"plain MLX ops ({_build.error()})"
+    return f"mlxflow CPU kernels ({ext.num_threads()} threads, cache {_build.cache_root()})"
+
+
+# ------------------------------------------------------------------------ cross-entropy
+def reference_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Plain-MLX per-token cross-entropy (float32), with out-of-range targets ignored."""
+    x = logits.astype(mx.float32)
+    t = targets.astype(mx.int32)
+    valid = (t >= 0) & (t < x.shape[-1])
+    safe = mx.where(valid, t, 0)
+    picked = mx.take_along_axis(x, safe[..., None], axis=-1)[..., 0]
+    return mx.where(valid, mx.logsumexp(x, axis=-1) - picked, 0.0)
+
+
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Per-token cross-entropy `logsumexp(logits) - logits[target]`, float32.
+
+    logits [..., V] (any float dtype; computed in float32), targets [...] integer class ids.
+    Differentiable w.r.t. logits: d/dlogits = (softmax - onehot) * g.
+    """
+    if logits.ndim < 1 or tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"cross_entropy: logits {logits.shape} vs targets {targets.shape}: "
+                         "targets must have the logits' shape without the last axis")
+    if not mx.issubdtype(targets.dtype, mx.integer):
+        raise TypeError(f"cross_entropy: targets must be integers, got {targets.dtype}")
+    ext = _ext()
+    if ext is None or not mx.issubdtype(logits.dtype, mx.floating) or logits.size == 0:
+        return reference_cross_entropy(logits, targets)
+    v = logits.shape[-1]
+    x = logits.reshape(-1, v).astype(mx.float32)  # both no-ops for contiguous float32
+    t = targets.reshape(-1).astype(mx.int32)
+    return ext.cross_entropy(x, t).reshape(targets.shape)
+
+
+# ---------------------------------------------------------------------------- attention
+def reference_attention(q, k, v, scale: float, causal: bool = True) -> mx.array:
+    return mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=scale, mask="causal" if causal else None)
+
+
+def _attention_supported(q, k, v) -> bool:
+    return (q.ndim == 4 and k.ndim == 4 and tuple(k.shape) == tuple(v.shape)
+            and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3]
+            and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0 and q.shape[3] % 8 == 0
+            and q.size > 0 and k.size > 0
+            and all(mx.issubdtype(a.dtype, mx.floating) for a in (q, k, v)))
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
+              causal: bool = True) -> mx.array:
+    """softmax(scale * q k^T [+ causal mask]) v with grouped-query heads.
+
+    q [B, H, T, D], k/v [B, Hkv, S, D], H a multiple of Hkv. The causal mask is aligned
+    bottom-right (query i sees keys j <= i + S - T), as mx.fast.scaled_dot_product_attention
+    with mask="causal". Computed in float32; the result has q's dtype.
+    """
+    ext = _ext()
+    if ext is None or not _attention_supported(q, k, v):
+        return reference_attention(q, k, v, scale, causal)
+    dtype = q.dtype
+    f32 = [a.astype(mx.float32) for a in (q, k, v)]
+    return ext.attention(*f32, float(scale), bool(causal)).astype(dtype)
+
+
+# ------------------------------------------------------------------------------- swiglu
+def reference_swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    return mx.sigmoid(gate) * gate * x  # = nn.silu(gate) * x, without importing mlx.nn
+
+
+def swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """silu(gate) * x (the LLaMA MLP gate). Fast path: float32 arrays of one shape."""
+    ext = _ext()
+    if (ext is None or gate.dtype != mx.float32 or x.dtype != mx.float32
+            or tuple(gate.shape) != tuple(x.shape) or gate.size == 0):
+        return reference_swiglu(gate, x)
+    return ext.swiglu(gate, x)

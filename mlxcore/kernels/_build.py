@@ -1,0 +1,266 @@
+"""Build the C++ kernel extension on first use, cache it per user, load it.
+
+Why lazily and not at `pip install` time: the project installs with plain `pip install -e .`
+(setuptools, no compiler step) and also runs on macOS and CUDA, where the extension must not
+exist at all. Building on first use needs only what MLX's own CPU JIT already needs (a C++
+compiler), it can target the running CPU (`-march=native`), and a failure costs nothing but
+the speed-up: every caller falls back to plain MLX ops. The trade-off is a one-time 25-40 s
+build (2 cores) in the first process that asks for a kernel, and that the cache is per user.
+
+Cache key: sha256 of the C++ sources, the mlx / nanobind / Python versions, the compiler's
+`--version`, the flags and the CPU's feature flags (a home directory shared by different
+machines must not load a `-march=native` build made for another CPU). Builds go to a
+temporary directory and are moved into place with an atomic rename, so concurrent processes
+never see a half-written library. A failed build leaves a FAILED marker (with the log) so
+later processes do not retry it; delete the cache directory to retry.
+
+Environment:
+  MLXFLOW_KERNELS        auto (default) | off (never use the extension) | on (raise instead
+                         of falling back; for tests and benchmarks)
+  MLXFLOW_KERNELS_CACHE  cache root (default $XDG_CACHE_HOME/mlxflow/kernels or
+                         ~/.cache/mlxflow/kernels)
+  CXX                    compiler (default: c++, g++ or clang++ from PATH)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+MODULE_NAME = "_mlxflow_kernels"  # must match NB_MODULE(...) in csrc/bindings.cpp
+SRC_DIR = Path(__file__).resolve().parent / "csrc"
+SOURCES = ["cross_entropy.cpp", "attention.cpp", "swiglu.cpp", "bindings.cpp"]
+KERNEL_FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno"]  # no -ffast-math: see simd.h
+# nanobind internals versions of releases checked by hand (for the error message only)
+KNOWN_NANOBIND = {22: "3.1.0", 19: "2.12.0", 17: "2.10.2", 16: "2.9.2"}
+
+_lock = threading.Lock()
+_module = None
+_error: str | None = None
+
+
+class KernelsUnavailable(RuntimeError):
+    pass
+
+
+def mode() -> str:
+    m = os.environ.get("MLXFLOW_KERNELS", "auto").strip().lower() or "auto"
+    if m in ("0", "false", "no", "disable", "disabled"):
+        return "off"
+    if m in ("1", "true", "yes", "require", "required"):
+        return "on"
+    return m
+
+
+def load():
+    """The extension module, or None (with `error()` saying why). Thread-safe, cached."""
+    global _module, _error
+    if mode() == "off":
+        return None
+    if _module is not None or _error is not None:
+        if _error is not None and mode() == "on":
+            raise KernelsUnavailable(_error)
+        return _module
+    with _lock:
+        if _module is None and _error is None:
+            try:
+                _module = _load_or_build()
+            except Exception as e:  # noqa: BLE001 - any failure means "use plain MLX"
+                _error = f"{type(e).__name__}: {e}"
+                print(f"mlxflow: CPU kernels unavailable, using plain MLX ops ({_error})",
+                      file=sys.stderr)
+    if _error is not None and mode() == "on":
+        raise KernelsUnavailable(_error)
+    return _module
+
+
+def error() -> str | None:
+    return _error
+
+
+def cache_root() -> Path:
+    if os.environ.get("MLXFLOW_KERNELS_CACHE"):
+        return Path(os.environ["MLXFLOW_KERNELS_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlxflow" / "kernels"
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or next(
+        (c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    if not cxx or not shutil.which(cxx.split()[0]):
+        raise KernelsUnavailable("no C++ compiler found (set CXX or install g++)")
+    return cxx
+
+
+def _cpu_id() -> str:
+    """Feature flags of this CPU: part of the key because we compile with -march=native."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"^(flags|Features)\s*:\s*(.*)$", text, re.M)
+        return platform.machine() + ":" + (m.group(2) if m else "")
+    except OSError:
+        return platform.machine()
+
+
+def _arch_flags() -> list[str]:
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return ["-march=native"]
+    if machine in ("aarch64", "arm64"):
+        return ["-mcpu=native"]
+    return []
+
+
+def _nanobind_internals(nb_dir: Path) -> int | None:
+    m = re.search(r"define\s+NB_INTERNALS_VERSION\s+(\d+)",
+                  (nb_dir / "src" / "nb_internals.h").read_text())
+    return int(m.group(1)) if m else None
+
+
+def _mlx_internals() -> int | None:
+    """nanobind internals version mlx.core was built with, read from its binary."""
+    import mlx.core as mx
+    data = Path(mx.__file__).read_bytes()
+    m = re.search(rb"nanobind_\w*?_a\d+_v(\d+)", data)  # nanobind >= 3
+    if not m:
+        m = re.search(rb"\bv(\d+)_(?:system|gcc|clang|msvc|icc)", data)  # nanobind 2.x
+    return int(m.group(1)) if m else None
+
+
+def _nanobind():
+    try:
+        import nanobind
+    except ImportError:
+        raise KernelsUnavailable("nanobind is not installed (pip install nanobind==3.1.0 "
+                                 "for mlx 0.32; it must match mlx's nanobind ABI)") from None
+    return nanobind, Path(nanobind.__file__).resolve().parent
+
+
+def _check_nanobind_abi(nanobind, nb_dir: Path) -> None:
+    """Before spending a build: is nanobind's internals ABI the one mlx.core uses?"""
+    ours, theirs = _nanobind_internals(nb_dir), _mlx_internals()
+    if ours is not None and theirs is not None and ours != theirs:
+        hint = KNOWN_NANOBIND.get(theirs, f"the release with NB_INTERNALS_VERSION {theirs}")
+        raise KernelsUnavailable(
+            f"nanobind {nanobind.__version__} has internals ABI v{ours} but mlx.core was built "
+            f"with v{theirs}: pip install nanobind=={hint}")
+
+
+def _build_plan():
+    import mlx.core as mx
+    nanobind, nb_dir = _nanobind()
+    cxx = _compiler()
+    mlx_dir = Path(mx.__file__).resolve().parent  # `mlx` is a namespace package: no __file__
+    py_inc = sysconfig.get_paths()["include"]
+    common = ["-std=c++20", "-fPIC", "-fvisibility=hidden", "-DNDEBUG",
+              "-DNB_DOMAIN=mlx",  # mlx.core's nanobind domain: shares its array type
+              "-DNB_COMPACT_ASSERTIONS", f"-I{py_inc}", f"-I{nb_dir / 'include'}",
+              f"-I{nb_dir / 'ext' / 'robin_map' / 'include'}", f"-I{mlx_dir / 'include'}"]
+    kflags = KERNEL_FLAGS + _arch_flags()
+    link = ["-shared", f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}", "-Wl,-s"]
+    try:
+        cxx_version = subprocess.run([*cxx.split(), "--version"], capture_output=True,
+                                     text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelsUnavailable(f"cannot run {cxx}: {e}") from None
+    h = hashlib.sha256()
+    for f in sorted(SRC_DIR.iterdir()):
+        if f.suffix in (".cpp", ".h"):
+            h.update(f.name.encode() + f.read_bytes())
+    for part in (mx.__version__, nanobind.__version__, sys.version, sysconfig.get_config_var(
+            "EXT_SUFFIX"), cxx, cxx_version, " ".join(common + kflags + link), _cpu_id()):
+        h.update(str(part).encode() + b"\0")
+    return dict(cxx=cxx.split(), common=common, kflags=kflags, link=link, nb_dir=nb_dir,
+                nanobind=nanobind, key=h.hexdigest()[:20])
+
+
+def _compile(plan, out_dir: Path) -> Path:
+    """Compile all translation units in parallel, then link. Returns the library path."""
+    jobs = [(plan["nb_dir"] / "src" / "nb_combined.cpp", ["-O2", "-fno-strict-aliasing"])]
+    jobs += [(SRC_DIR / s, plan["kflags"] + ["-Wall"]) for s in SOURCES]
+    log = out_dir / "build.log"
+    procs, objs = [], []
+    with open(log, "w") as logf:
+        for src, flags in jobs:
+            obj = out_dir / (src.stem + ".o")
+            cmd = [*plan["cxx"], *plan["common"], *flags, "-c", str(src), "-o", str(obj)]
+            logf.write(" ".join(cmd) + "\n")
+            logf.flush()
+            procs.append(subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT))
+            objs.append(str(obj))
+        failed = [p.args for p in procs if p.wait() != 0]
+        if failed:
+            raise KernelsUnavailable("compilation failed")
+        lib = out_dir / (MODULE_NAME + sysconfig.get_config_var("EXT_SUFFIX"))
+        cmd = [*plan["cxx"], *objs, *plan["link"], "-o", str(lib)]
+        logf.write(" ".join(cmd) + "\n")
+        logf.flush()
+        if subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT).returncode != 0:
+            raise KernelsUnavailable("linking failed")
+    return lib
+
+
+def _import(path: Path):
+    loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
+    spec = importlib.util.spec_from_file_location(MODULE_NAME, str(path), loader=loader)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _probe(mod):
+    import mlx.core as mx
+    try:
+        mod.probe(mx.zeros((1,)))
+    except TypeError as e:  # nanobind could not convert mlx.core.array: ABI/domain mismatch
+        raise KernelsUnavailable(f"extension cannot read mlx arrays (nanobind ABI): {e}") from None
+    return mod
+
+
+def _load_or_build():
+    if not sys.platform.startswith("linux"):
+        raise KernelsUnavailable(f"{sys.platform}: only built for Linux CPU (MLX has "
+                                 "Accelerate/Metal on macOS)")
+    if not SRC_DIR.is_dir():
+        raise KernelsUnavailable(f"C++ sources not installed ({SRC_DIR})")
+    plan = _build_plan()
+    final_dir = cache_root() / plan["key"]
+    lib = final_dir / (MODULE_NAME + sysconfig.get_config_var("EXT_SUFFIX"))
+    if lib.exists():
+        return _probe(_import(lib))
+    if (final_dir / "FAILED").exists():
+        raise KernelsUnavailable(f"an earlier build failed, see {final_dir}/FAILED "
+                                 "(delete that directory to retry)")
+    _check_nanobind_abi(plan["nanobind"], plan["nb_dir"])
+    final_dir.mkdir(parents=True, exist_ok=True)
+    print(f"mlxflow: compiling CPU kernels into {final_dir} (one-time, under a minute)...",
+          file=sys.stderr)
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=final_dir))
+    try:
+        built = _compile(plan, tmp)
+        os.replace(built, lib)  # atomic: a concurrent builder's identical file may win
+    except KernelsUnavailable as e:
+        log = tmp / "build.log"
+        if log.exists():
+            shutil.copyfile(log, final_dir / "FAILED")
+        else:
+            (final_dir / "FAILED").write_text("build failed\n")
+        raise KernelsUnavailable(f"{e}, log: {final_dir / 'FAILED'}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"mlxflow: CPU kernels built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return _probe(_import(lib))

@@ -1,0 +1,43 @@
+// nanobind module `_mlxflow_kernels`.
+//
+// It must share nanobind's type registry with mlx.core so that a Python mlx.core.array
+// converts to `const mlx::core::array&`: same nanobind internals ABI (the version mlx was
+// built with; _build.py checks it) and the same NB_DOMAIN ("mlx", passed by _build.py).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/vector.h>
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_mlxflow_kernels, m) {
+  m.doc() = "mlxflow CPU kernels for MLX (built lazily by mlxcore.kernels._build)";
+
+  m.def(
+      "cross_entropy",
+      [](const mlxk::mx::array& logits, const mlxk::mx::array& targets) {
+        return mlxk::cross_entropy(logits, targets)[0];
+      },
+      "logits"_a, "targets"_a,
+      "Per-row cross-entropy: float32 logits [N, V], int32 targets [N] -> float32 [N].");
+
+  m.def(
+      "attention",
+      [](const mlxk::mx::array& q, const mlxk::mx::array& k, const mlxk::mx::array& v,
+         float scale, bool causal) { return mlxk::attention(q, k, v, scale, causal)[0]; },
+      "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a = true,
+      "Grouped-query attention, q [B,H,T,D], k/v [B,Hkv,T',D] float32 -> [B,H,T,D].");
+
+  m.def(
+      "swiglu",
+      [](const mlxk::mx::array& a, const mlxk::mx::array& b) { return mlxk::swiglu(a, b); },
+      "a"_a, "b"_a, "silu(a) * b for float32 arrays of one shape.");
+
+  // Cheap call used right after loading: raises TypeError if nanobind cannot see
+  // mlx.core.array (an ABI/domain mismatch), so the loader can fall back cleanly.
+  m.def("probe", [](const mlxk::mx::array& a) { return a.size(); }, "a"_a);
+  m.def("num_threads", &mlxk::num_threads);
+  m.def("ce_grad_donations", [] { return mlxk::ce_grad_donations.load(); });
+}

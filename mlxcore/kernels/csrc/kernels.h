@@ -1,0 +1,43 @@
+// Public C++ ops of the mlxflow CPU kernel extension (bound to Python in bindings.cpp).
+//
+// Every op builds MLX graph nodes (custom Primitives) lazily, exactly like mlx::core ops:
+// nothing runs until the array is evaluated, the nodes work under mx.compile, and their
+// vjp() returns further custom nodes, so nn.value_and_grad differentiates through them.
+// They only implement eval_cpu: the Python layer calls them only for CPU streams.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "mlx/array.h"
+#include "mlx/primitives.h"
+#include "mlx/stream.h"
+#include "mlx/utils.h"
+
+namespace mlxk {
+namespace mx = mlx::core;
+
+// Per-row cross-entropy of float32 logits [N, V] against int32 targets [N].
+// Returns {loss [N], lse [N]} (float32); lse = logsumexp of each row, kept for the
+// backward pass. Targets outside [0, V) give loss 0 and a zero loss-gradient (ignore).
+std::vector<mx::array> cross_entropy(
+    const mx::array& logits, const mx::array& targets, mx::StreamOrDevice s = {});
+
+// Causal-optional grouped-query attention. q [B, H, T, D], k/v [B, Hkv, T', D] float32,
+// H a multiple of Hkv. With causal=true, query i attends keys j <= i + (T' - T).
+// Returns {out [B, H, T, D], lse [B, H, T]} (lse kept for the backward pass).
+std::vector<mx::array> attention(
+    const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
+    mx::StreamOrDevice s = {});
+
+// silu(a) * b for float32 a, b of one shape (the SwiGLU gate of LLaMA MLPs).
+mx::array swiglu(const mx::array& a, const mx::array& b, mx::StreamOrDevice s = {});
+
+// How many cross-entropy gradients reused the logits buffer (for tests and tuning).
+extern std::atomic<int64_t> ce_grad_donations;
+
+// Shared helper: a primitive that only exists on the CPU.
+[[noreturn]] void no_gpu(const char* name);
+
+}  // namespace mlxk

@@ -1,0 +1,294 @@
+"""mlxcore.kernels: the fast CPU path equals plain MLX (values and gradients), composes with
+mx.compile / nn.value_and_grad / mx.checkpoint, and falls back cleanly.
+
+Tolerances: both paths compute in float32 but sum in different orders and use different exp
+implementations (ours: < 1 ulp). Losses agree to 1e-5 relative (logsumexp of ~6k terms),
+probabilities/gradients to 2e-6 absolute (they are bounded by 1); attention outputs and
+gradients to 2e-5 absolute for unit-normal inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlxcore  # noqa: F401
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlxcore import kernels
+from mlxcore.kernels import _build
+
+LOSS_TOL = dict(rtol=1e-5, atol=1e-5)
+GRAD_TOL = dict(rtol=1e-5, atol=2e-6)
+ATT_TOL = dict(rtol=1e-4, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def fast():
+    """Skips when the extension cannot be built here (the reason is in the skip message)."""
+    if _build.mode() == "off":
+        pytest.skip("MLXFLOW_KERNELS=off")
+    if not kernels.available():
+        pytest.skip(f"CPU kernels unavailable: {_build.error()}")
+    return _build.load()
+
+
+def close(a, b, **tol):
+    np.testing.assert_allclose(np.array(a), np.array(b), **tol)
+
+
+def _logits(shape, seed=0, scale=3.0):
+    return mx.random.normal(shape, key=mx.random.key(seed)) * scale
+
+
+def _targets(shape, v, seed=1):
+    return mx.random.randint(0, v, shape, key=mx.random.key(seed))
+
+
+# ------------------------------------------------------------------------ cross-entropy
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 33), (64, 1000), (2, 9, 6400)])
+def test_cross_entropy_matches_mlx(fast, shape):
+    x, t = _logits(shape), _targets(shape[:-1], shape[-1])
+    ref = nn.losses.cross_entropy(x, t, reduction="none")
+    close(kernels.cross_entropy(x, t), ref, **LOSS_TOL)
+    w = mx.random.uniform(shape=shape[:-1])  # a non-uniform cotangent
+    g_ref = mx.grad(lambda x: (nn.losses.cross_entropy(x, t, reduction="none") * w).sum())(x)
+    g_new = mx.grad(lambda x: (kernels.cross_entropy(x, t) * w).sum())(x)
+    close(g_new, g_ref, **GRAD_TOL)
+
+
+def test_cross_entropy_extreme_values(fast):
+    x = mx.array([[1e4, 0.0, -1e4, 5.0], [-float("inf"), 2.0, 1.0, -float("inf")],
+                  [80.0, 80.0, 80.0, 80.0]])
+    t = mx.array([0, 1, 3])
+    close(kernels.cross_entropy(x, t), kernels.reference_cross_entropy(x, t), **LOSS_TOL)
+    g = mx.grad(lambda x: kernels.cross_entropy(x, t).sum())(x)
+    g_ref = mx.grad(lambda x: kernels.reference_cross_entropy(x, t).sum())(x)
+    close(g, g_ref, **GRAD_TOL)
+    nan = kernels.cross_entropy(mx.array([[0.0, float("nan"), 1.0]]), mx.array([0]))
+    assert np.isnan(np.array(nan)).all()  # a diverged model must not look fine
+
+
+def test_cross_entropy_ignores_out_of_range_targets(fast):
+    x, t = _logits((6, 50)), mx.array([3, -100, 49, 50, 0, -1])
+    for fn in (kernels.cross_entropy, kernels.reference_cross_entropy):
+        loss = np.array(fn(x, t))
+        assert (loss[[1, 3, 5]] == 0).all() and (loss[[0, 2, 4]] > 0).all()
+        g = np.array(mx.grad(lambda x: fn(x, t).sum())(x))
+        assert (g[[1, 3, 5]] == 0).all()
+    close(kernels.cross_entropy(x, t), kernels.reference_cross_entropy(x, t), **LOSS_TOL)
+
+
+def test_cross_entropy_strided_and_low_precision_inputs(fast):
+    base = _logits((40, 300))
+    x = base.T[:, ::2]  # non-contiguous [300, 20]
+    t = _targets((300,), 20)
+    close(kernels.cross_entropy(x, t), kernels.reference_cross_entropy(x, t), **LOSS_TOL)
+    xb = base.astype(mx.bfloat16)
+    t2 = _targets((40,), 300).astype(mx.int64)
+    out = kernels.cross_entropy(xb, t2)
+    assert out.dtype == mx.float32
+    close(out, kernels.reference_cross_entropy(xb, t2), **LOSS_TOL)
+    g = mx.grad(lambda x: kernels.cross_entropy(x, t2).sum())(xb)
+    assert g.dtype == mx.bfloat16
+
+
+def _head_model(seed=0, d=32, v=500):
+    mx.random.seed(seed)
+    model = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, v))
+    mx.eval(model.parameters())
+    return model
+
+
+def test_cross_entropy_in_compiled_value_and_grad(fast):
+    """The training-step pattern: compiled value_and_grad over a model, masked token sum."""
+    from mlx.utils import tree_flatten
+
+    x = mx.random.normal((4, 16, 32), key=mx.random.key(3))
+    y = _targets((4, 16), 500, seed=4)
+    m = (mx.random.uniform(shape=(4, 16), key=mx.random.key(5)) > 0.3).astype(mx.float32)
+    results = []
+    for ce in (kernels.cross_entropy, kernels.reference_cross_entropy):
+        model = _head_model()
+
+        def loss(model, x, y, m, ce=ce):
+            return (ce(model(x), y) * m).sum() / m.sum()
+
+        loss_and_grad = nn.value_and_grad(model, loss)
+        # as mlxcore.train.make_step: the model is a closure, its state an implicit input
+        step = mx.compile(lambda x, y, m: loss_and_grad(model, x, y, m),
+                          inputs=model.state, outputs=model.state)
+        for _ in range(2):  # the second call runs the cached compiled graph
+            value, grads = step(x, y, m)
+            mx.eval(value, grads)
+        results.append((value.item(), dict(tree_flatten(grads))))
+    (v1, g1), (v2, g2) = results
+    assert v1 == pytest.approx(v2, rel=1e-5)
+    for k in g1:
+        close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
+
+
+def test_cross_entropy_under_checkpoint(fast):
+    """mx.checkpoint (used by the chunked loss) recomputes the forward inside the vjp."""
+    x, t = _logits((8, 100)), _targets((8,), 100)
+    w = mx.random.normal((100, 100), key=mx.random.key(7)) * 0.1
+    f = mx.checkpoint(lambda w, x: kernels.cross_entropy(x @ w, t).sum())
+    g = mx.grad(f)(w, x)
+    g_ref = mx.grad(lambda w, x: kernels.reference_cross_entropy(x @ w, t).sum())(w, x)
+    close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- attention
+ATT_SHAPES = [  # B, H, Hkv, T, S, D, causal
+    (2, 4, 2, 37, 37, 64, True),
+    (1, 2, 1, 20, 45, 16, True),  # fewer queries than keys (decode-style, bottom-right mask)
+    (2, 4, 4, 33, 33, 8, False),
+    (1, 3, 1, 70, 70, 24, True),
+    (2, 4, 2, 128, 128, 64, True),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,S,D,causal", ATT_SHAPES)
+def test_attention_matches_sdpa(fast, B, H, Hkv, T, S, D, causal):
+    keys = mx.random.split(mx.random.key(11), 4)
+    q = mx.random.normal((B, H, T, D), key=keys[0])
+    k = mx.random.normal((B, Hkv, S, D), key=keys[1])
+    v = mx.random.normal((B, Hkv, S, D), key=keys[2])
+    w = mx.random.normal((B, H, T, D), key=keys[3])
+    scale = D**-0.5
+    close(kernels.attention(q, k, v, scale, causal),
+          kernels.reference_attention(q, k, v, scale, causal), **ATT_TOL)
+
+    def grads(fn):
+        return mx.grad(lambda q, k, v: (fn(q, k, v, scale, causal) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    for a, b in zip(grads(kernels.attention), grads(kernels.reference_attention)):
+        close(a, b, **ATT_TOL)
+
+
+def test_attention_compiled_transposed_inputs_and_bf16(fast):
+    """mlx-lm passes q/k/v as transposed views of [B, T, H, D]; bf16 goes through float32."""
+    B, T, H, Hkv, D = 2, 40, 4, 2, 32
+    qs = mx.random.normal((B, T, H, D), key=mx.random.key(1)).transpose(0, 2, 1, 3)
+    ks = mx.random.normal((B, T, Hkv, D), key=mx.random.key(2)).transpose(0, 2, 1, 3)
+    vs = mx.random.normal((B, T, Hkv, D), key=mx.random.key(3)).transpose(0, 2, 1, 3)
+    f = mx.compile(mx.value_and_grad(lambda q, k, v: kernels.attention(q, k, v, 0.2).square().sum(), argnums=(0, 1, 2)))
+    f_ref = mx.value_and_grad(lambda q, k, v: kernels.reference_attention(q, k, v, 0.2).square().sum(), argnums=(0, 1, 2))
+    (v1, g1), (v2, g2) = f(qs, ks, vs), f_ref(qs, ks, vs)
+    assert v1.item() == pytest.approx(v2.item(), rel=1e-5)
+    for a, b in zip(g1, g2):
+        close(a, b, rtol=1e-4, atol=1e-4)
+    qb, kb, vb = (a.astype(mx.bfloat16) for a in (qs, ks, vs))
+    out = kernels.attention(qb, kb, vb, 0.2)
+    assert out.dtype == mx.bfloat16
+    close(out.astype(mx.float32), kernels.reference_attention(qb, kb, vb, 0.2).astype(mx.float32), atol=3e-2)
+
+
+def test_attention_unsupported_shape_falls_back(fast):
+    q = mx.random.normal((1, 2, 5, 12))  # D % 8 != 0: plain SDPA
+    close(kernels.attention(q, q, q, 0.3), kernels.reference_attention(q, q, q, 0.3), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- swiglu
+@pytest.mark.parametrize("shape", [(1,), (13,), (8, 37, 70)])
+def test_swiglu_matches_mlx(fast, shape):
+    a = mx.random.normal(shape, key=mx.random.key(1)) * 4
+    b = mx.random.normal(shape, key=mx.random.key(2))
+    w = mx.random.normal(shape, key=mx.random.key(3))
+    close(kernels.swiglu(a, b), nn.silu(a) * b, rtol=1e-5, atol=1e-6)
+    f = mx.compile(mx.grad(lambda a, b: (kernels.swiglu(a, b) * w).sum(), argnums=(0, 1)))
+    g_ref = mx.grad(lambda a, b: ((nn.silu(a) * b) * w).sum(), argnums=(0, 1))(a, b)
+    for x, y in zip(f(a, b), g_ref):
+        close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_extremes_and_fallback_dtypes(fast):
+    a = mx.array([-1e4, -90.0, -20.0, 0.0, 20.0, 90.0, float("nan")])
+    b = mx.ones_like(a)
+    close(kernels.swiglu(a, b), nn.silu(a) * b, rtol=1e-6, atol=1e-6)
+    ab = a.astype(mx.bfloat16)
+    assert kernels.swiglu(ab, ab).dtype == mx.bfloat16  # non-float32: plain MLX path
+
+
+# ------------------------------------------------------- all three inside an mlx-lm LLaMA
+def test_llama_training_step_with_all_kernels(fast, monkeypatch):
+    """A compiled value_and_grad step of mlx-lm's LLaMA gives the same loss and gradients
+    when its attention, SwiGLU and loss are swapped for the kernels (scratch-style patching:
+    the model code itself is not changed)."""
+    import mlx_lm.models.llama as llama_mod
+    from mlx.utils import tree_flatten
+
+    from mlxcore.model import from_config, hf_config
+    from tests.conftest import micro_model
+
+    orig_sdpa = llama_mod.scaled_dot_product_attention
+
+    def fast_sdpa(q, k, v, cache, scale, mask, sinks=None):
+        if cache is None and sinks is None and isinstance(mask, str) and mask == "causal":
+            return kernels.attention(q, k, v, scale, causal=True)
+        return orig_sdpa(q, k, v, cache, scale=scale, mask=mask, sinks=sinks)
+
+    rng = np.random.default_rng(0)
+    x, y = (mx.array(rng.integers(0, 300, (2, 40))) for _ in range(2))
+    results = []
+    for use in (False, True):
+        if use:
+            monkeypatch.setattr(llama_mod, "scaled_dot_product_attention", fast_sdpa)
+            monkeypatch.setattr(llama_mod, "swiglu", kernels.swiglu)
+        ce = kernels.cross_entropy if use else kernels.reference_cross_entropy
+        model = from_config(hf_config(micro_model(), 300), seed=0)
+        loss_and_grad = nn.value_and_grad(model, lambda model, x, y: ce(model(x), y).mean())
+        step = mx.compile(lambda x, y: loss_and_grad(model, x, y), inputs=model.state,
+                          outputs=model.state)
+        value, grads = step(x, y)
+        mx.eval(value, grads)
+        results.append((value.item(), dict(tree_flatten(grads))))
+    (v1, g1), (v2, g2) = results
+    assert v1 == pytest.approx(v2, rel=1e-5)
+    for k in g1:
+        close(g2[k], g1[k], rtol=1e-3, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- fallback
+def test_env_off_uses_plain_mlx(monkeypatch):
+    monkeypatch.setenv("MLXFLOW_KERNELS", "off")
+    assert not kernels.available()
+    assert "MLXFLOW_KERNELS=off" in kernels.status()
+    x, t = _logits((4, 10)), _targets((4,), 10)
+    close(kernels.cross_entropy(x, t), nn.losses.cross_entropy(x, t, reduction="none"), **LOSS_TOL)
+    q = mx.random.normal((1, 2, 6, 8))
+    close(kernels.attention(q, q, q, 0.5), kernels.reference_attention(q, q, q, 0.5), atol=0)
+    close(kernels.swiglu(q, q), nn.silu(q) * q, rtol=1e-6, atol=1e-7)
+
+
+def test_non_cpu_default_device_uses_plain_mlx(monkeypatch):
+    class FakeDevice:
+        type = "gpu"
+    monkeypatch.setattr(mx, "default_device", lambda: FakeDevice())
+    assert kernels._ext() is None
+
+
+def test_nanobind_abi_mismatch_is_reported(monkeypatch):
+    nanobind, nb_dir = _build._nanobind()
+    monkeypatch.setattr(_build, "_mlx_internals", lambda: 9999)
+    with pytest.raises(_build.KernelsUnavailable, match="pip install nanobind=="):
+        _build._check_nanobind_abi(nanobind, nb_dir)
+
+
+def test_no_compiler_falls_back_in_a_fresh_process(tmp_path):
+    code = (
+        "import mlxcore.kernels as K, mlx.core as mx, mlx.nn as nn\n"
+        "x = mx.random.normal((3, 11)); t = mx.array([1, 2, 10])\n"
+        "d = mx.abs(K.cross_entropy(x, t) - nn.losses.cross_entropy(x, t)).max().item()\n"
+        "print(K.status()); assert d < 1e-5, d\n"
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"),
+           "MLXFLOW_KERNELS_CACHE": str(tmp_path / "cache"), "MLXFLOW_KERNELS": "auto"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "plain MLX ops" in r.stdout and "no C++ compiler" in r.stdout
