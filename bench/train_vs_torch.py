@@ -39,6 +39,7 @@ import mlx.optimizers as optim
 import numpy as np
 import torch
 
+from mlxcore import stats
 from mlxcore.config import ModelConfig
 from mlxcore.model import from_config, hf_config, num_params
 from mlxcore.train import make_step
@@ -67,8 +68,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="blocks the frameworks' timed steps alternate in (default: "
                    "--steps, i.e. one step of each in turn)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile for torch; auto: on for CUDA, on CPU time both and use the faster")
+    p.add_argument("--peak-tflops", type=float, help="the device peak for MFU (default: a measured torch matmul "
+                   "in the training dtype, the same denominator for both frameworks)")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
+
+
+def torch_matmul_peak(device: torch.device, dtype: str) -> float:
+    """Best FLOP/s of a large torch matmul in `dtype` on `device` (the MFU denominator)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    best = float("inf")
+    for i in range(12):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def model_config(args) -> ModelConfig:
@@ -163,12 +184,12 @@ def check_same_loss(mlx_model, torch_model, batch_np, batch_t, dtype: str) -> di
 
 
 def print_table(rows: list[dict], chosen: str) -> None:
-    print(f"\n{'framework':<20} {'step ms':>9} {'min ms':>9} {'tok/s':>9} {'peak mem':>11} {'warmup s':>9} {'loss@end':>9}")
+    print(f"\n{'framework':<20} {'step ms':>9} {'min ms':>9} {'tok/s':>9} {'MFU':>6} {'peak mem':>11} {'warmup s':>9} {'loss@end':>9}")
     for r in rows:
         mem = f"{r['peak_mem_bytes'] / 2**20:.0f} MiB" if r["peak_mem_bytes"] else "n/a"
         mark = " *" if r["framework"] == chosen else ""
         print(f"{r['framework'] + mark:<20} {r['step_ms']:>9.1f} {min(r['step_times_ms']):>9.1f} "
-              f"{r['tok_per_s']:>9.0f} {mem:>11} {r['warmup_s']:>9.1f} {r['final_loss']:>9.4f}")
+              f"{r['tok_per_s']:>9.0f} {r['mfu']:>6.1%} {mem:>11} {r['warmup_s']:>9.1f} {r['final_loss']:>9.4f}")
 
 
 def main(argv=None) -> dict:
@@ -212,10 +233,15 @@ def main(argv=None) -> dict:
     runners = [mlx_runner(mlx_model, batch_np)]
     runners += [torch_runner(config, init_state, batch_t, device, compiled) for compiled in compile_modes]
     rows = measure(runners, args.warmup, args.steps, args.rounds)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else torch_matmul_peak(device, args.dtype)
+    flops_per_token = stats.flops_per_token(config, T)["train"]
     for r in rows:
         r["step_times_ms"] = [t * 1e3 for t in r.pop("times")]
         r["step_ms"] = statistics.median(r["step_times_ms"])
         r["tok_per_s"] = B * T / (r["step_ms"] / 1e3)
+        r["mfu"] = stats.mfu(r["tok_per_s"], flops_per_token, peak)
+    print(f"MFU: {flops_per_token / 1e6:.1f} MFLOP/token (mlxcore.stats: 6N + 12*L*T*heads*head_dim) over a peak of "
+          f"{peak / 1e12:.1f} TFLOP/s ({'given' if args.peak_tflops else f'measured torch {args.dtype} matmul'})")
     fastest = max(rows[1:], key=lambda r: r["tok_per_s"])
     ratio = rows[0]["tok_per_s"] / fastest["tok_per_s"]
     # the fastest step is the one least disturbed by other load: a second opinion on a busy box
@@ -232,7 +258,7 @@ def main(argv=None) -> dict:
               "mlx": {"version": mx.__version__, "device": str(mx.default_device()), "blas": mlxcore.BLAS.name},
               "torch": {"version": torch.__version__, "device": str(device), "threads": torch.get_num_threads()},
               "matmul_precision": matmul,
-              "initial_loss": initial, "rows": rows, "pytorch_row": fastest["framework"], "ratio": ratio,
+              "initial_loss": initial, "rows": rows, "peak_flops": peak, "flops_per_token": flops_per_token, "pytorch_row": fastest["framework"], "ratio": ratio,
               "ratio_fastest_steps": ratio_min}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -16,7 +16,10 @@ import os
 import sys
 from pathlib import Path
 
-FLOWS = {"pipeline": ("flows.pipeline", "pipeline")}
+FLOWS = {  # name: (module, flow function, config class)
+    "pipeline": ("flows.pipeline", "pipeline", "PipelineConfig"),
+    "finetune": ("flows.finetune", "finetune", "FinetuneConfig"),
+}
 
 
 def _err(msg: str, code: int) -> int:
@@ -24,11 +27,12 @@ def _err(msg: str, code: int) -> int:
     return code
 
 
-def format_summary(config, result: dict) -> str:
+def format_summary(flow: str, config, result: dict) -> str:
     train, evals = result["train"], result["eval"]
-    lines = [f"pipeline '{config.name}' finished", "",
+    lines = [f"{flow} '{config.name}' finished", "",
              f"{'stage':<9} {'held-out loss: before -> after':<31} {'ppl':>7} {'uniform ln(V)':>14}"]
-    for stage, label in (("pretrain", "untrained"), ("sft", "pretrained")):
+    stages = (("pretrain", "untrained"), ("sft", "pretrained")) if flow == "pipeline" else (("sft", "base"),)
+    for stage, label in stages:
         e, t = evals[stage], train[stage]
         change = f"{label} {t['initial_val_loss']:.3f} -> {e['loss']:.3f}"
         lines.append(f"{stage:<9} {change:<31} {e['ppl']:>7.2f} {e['uniform_loss']:>14.3f}")
@@ -43,22 +47,22 @@ def format_summary(config, result: dict) -> str:
 
 
 def cmd_run(args) -> int:
-    from mlxcore.config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config, args.set)
-    except ConfigError as e:
-        return _err(str(e), 2)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     import importlib
 
-    module, name = FLOWS[args.flow]
+    from mlxcore import config as configs
+
+    module, name, config_class = FLOWS[args.flow]
+    try:
+        config = configs.load_config(args.config, args.set, cls=getattr(configs, config_class))
+    except configs.ConfigError as e:
+        return _err(str(e), 2)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     flow = getattr(importlib.import_module(module), name)
     state = flow(config, return_state=True)
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         return _err(f"flow {args.flow} {state.name.lower()}: {error}", 1)
-    print(format_summary(config, state.result()))
+    print(format_summary(args.flow, config, state.result()))
     return 0
 
 

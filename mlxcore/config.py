@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -225,6 +225,32 @@ class PipelineConfig(_Strict):
     pretrain: TrainConfig = TrainConfig()
     sft: TrainConfig = Field(default_factory=_default_sft)
     sample: SampleConfig = SampleConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+def _default_finetune() -> TrainConfig:
+    return TrainConfig(steps=200, batch_size=16, lr=2e-4, warmup_steps=10, eval_every=100, fine_tune_type="lora")
+
+
+class FinetuneConfig(_Strict):
+    """Fine-tune a local Hugging Face / mlx-lm model dir on chat data (its own tokenizer)."""
+
+    name: str = Field("finetune", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    out_dir: str = Field("runs", description="Stage outputs go to <out_dir>/<name>/<stage>-<key>.")
+    base_model: str = Field(description="A local model dir (llama / qwen2 / qwen3 ...); no code from it runs.")
+    data: DataConfig = DataConfig()
+    sft: TrainConfig = Field(default_factory=_default_finetune)
+    sample: SampleConfig = SampleConfig()
+
+    @field_validator("base_model")
+    @classmethod
+    def _is_model_dir(cls, value: str) -> str:
+        if not (Path(value) / "config.json").is_file():
+            raise ValueError(f"{value!r} is not a local model dir (no config.json); set base_model=/path/to/model")
+        return value
 
     @property
     def run_dir(self) -> Path:

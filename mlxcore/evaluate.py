@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mlxcore.data.loader import open_batches
 from mlxcore.io import read_manifest
+from mlxcore.losses import Loss
 from mlxcore.model import load
 from mlxcore.train import mean_loss
 
@@ -16,12 +17,15 @@ def loss_ppl(checkpoint: str | Path, data_dir: str | Path, split: str = "val", b
     """Token-weighted mean loss over the split (first `max_batches` batches, in file order)."""
     model, config = load(checkpoint)
     data = read_manifest(data_dir, "tokens")
-    if data["vocab_size"] != config["vocab_size"]:
+    # Hugging Face models often pad their embedding past the tokenizer's size (Qwen: 151936 > 151669)
+    if data["vocab_size"] > config["vocab_size"]:
         raise ValueError(f"{checkpoint} has {config['vocab_size']} tokens, {data_dir} was tokenized with {data['vocab_size']}")
     pad = config.get("pad_token_id") or 0
     batches = open_batches(data_dir, split, batch_size, seq_len, shuffle=False, pad_id=pad)
     taken = batches.take(max_batches or batches.batches_per_epoch)
-    loss = mean_loss(model, taken)
+    # chunk the logits when a batch's would pass 256 MB (large vocabularies)
+    big = batch_size * seq_len * config["vocab_size"] > (1 << 26)
+    loss = mean_loss(model, taken, Loss(chunk=max(64, (1 << 24) // config["vocab_size"]) if big else 0))
     tokens = int(sum(m.sum() for _, _, m in taken))
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": tokens, "batches": len(taken),
             "uniform_loss": math.log(config["vocab_size"]), "task": data["task"], "split": split}

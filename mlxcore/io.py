@@ -122,20 +122,28 @@ def read_manifest(directory: str | Path, kind: str | None = None) -> dict:
     return manifest
 
 
-def dir_digest(directory: str | Path) -> str:
-    """A content digest of a directory: its manifest's digest, else a hash of all its files.
+_DIGESTS: dict[tuple, str] = {}
+
+
+def dir_digest(directory: str | Path, names: tuple[str, ...] | None = None) -> str:
+    """A content digest of a directory: its manifest's digest, else a hash of its files.
 
     The second case covers model dirs made elsewhere (a Hugging Face download, an mlx-lm
-    conversion) that carry no manifest of ours.
+    conversion) that carry no manifest of ours; `names` limits it to those files. Hashes are
+    remembered per (path, size, mtime) of every file, so a 1 GB model is read once per process.
     """
     directory = Path(directory)
-    if (directory / MANIFEST).is_file():
+    if names is None and (directory / MANIFEST).is_file():
         return read_manifest(directory)["digest"]
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: not a directory")
-    files = {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*"))
-             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)}
-    return sha256_json(files)
+    files = [p for p in sorted(directory.rglob("*")) if p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+             and (names is None or p.name in names)]
+    stamp = (str(directory.resolve()), names, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stamp not in _DIGESTS:
+        _DIGESTS[stamp] = sha256_json({str(p.relative_to(directory)): sha256_file(p) for p in files})
+    return _DIGESTS[stamp]
 
 
 def is_complete(directory: str | Path) -> bool:

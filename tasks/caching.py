@@ -22,7 +22,7 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
-from mlxcore.io import is_complete, read_manifest, sha256_json
+from mlxcore.io import dir_digest, is_complete, sha256_json
 
 PACKAGES = ("mlxcore", "tasks")
 
@@ -47,12 +47,18 @@ def _value(v: Any) -> Any:
     return v.model_dump(mode="json") if isinstance(v, BaseModel) else v
 
 
-def stage_key(stage: str, params: dict[str, Any], inputs: tuple[str, ...]) -> str:
-    """Key from input manifests' digests + the other parameters + code version."""
+def stage_key(stage: str, params: dict[str, Any], inputs: tuple[str, ...], extra=None) -> str:
+    """Key from input dirs' content digests + the other parameters + code version.
+
+    An input dir is digested by its manifest, or file by file when it has none (a model
+    downloaded elsewhere). `extra(params)` adds content a parameter only points at.
+    """
     body = {"stage": stage, "code": code_version()}
+    if extra is not None:
+        body["extra"] = extra(params)
     for name, value in sorted(params.items()):
         if name in inputs:
-            body[name] = None if value is None else read_manifest(value)["digest"]
+            body[name] = None if value is None else dir_digest(value)
         elif name == "run_dir":
             body[name] = str(Path(value).resolve())
         else:
@@ -66,11 +72,11 @@ class Stage:
     `product` is the subdir whose manifest marks the stage done ("" = the stage dir itself).
     """
 
-    def __init__(self, name: str, inputs: tuple[str, ...] = (), product: str = ""):
-        self.name, self.inputs, self.product = name, inputs, product
+    def __init__(self, name: str, inputs: tuple[str, ...] = (), product: str = "", extra=None):
+        self.name, self.inputs, self.product, self.extra = name, inputs, product, extra
 
     def dir(self, params: dict[str, Any], key: str | None = None) -> Path:
-        key = key or stage_key(self.name, params, self.inputs)
+        key = key or stage_key(self.name, params, self.inputs, self.extra)
         return Path(params["run_dir"]) / f"{self.name}-{key[:12]}"
 
     def done(self, out: Path) -> bool:
@@ -79,7 +85,7 @@ class Stage:
     def task(self, **kwargs):
         """prefect.task with this stage's cache policy and JSON results (paths + small dicts)."""
         def key_fn(context, params: dict[str, Any]) -> str:
-            key = stage_key(self.name, params, self.inputs)
+            key = stage_key(self.name, params, self.inputs, self.extra)
             if not self.done(self.dir(params, key)) and context.result_store.exists(key):
                 return f"{key}-rebuild-{uuid.uuid4().hex}"  # cached result points at a deleted dir
             return key

@@ -5,11 +5,13 @@ from __future__ import annotations
 from mlxcore.config import DataConfig, TokenizerConfig
 from mlxcore.data import pretokenize as pretok
 from mlxcore.data import synthetic, tokenizer as tokenizers
-from mlxcore.io import read_manifest
+from mlxcore.io import dir_digest, read_manifest
 from tasks.caching import Stage
 
 DATA = Stage("data")
-TOKENIZER = Stage("tokenizer", inputs=("raw_dir",))
+# a tokenizer copied from a local dir is keyed by that dir's content, not by its path
+TOKENIZER = Stage("tokenizer", inputs=("raw_dir",),
+                  extra=lambda p: dir_digest(p["config"].path, tokenizers.TOKENIZER_FILES) if p["config"].path else None)
 PRETOKENIZE = Stage("pretokenize", inputs=("raw_dir", "tokenizer_dir"))
 
 

@@ -18,6 +18,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Equivalence tests compare float32 results: on CUDA, MLX would run float32 matmuls in TF32.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import pytest  # noqa: E402
 
@@ -35,6 +37,24 @@ def quick_train(**overrides) -> TrainConfig:
     base = dict(steps=20, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=2, eval_every=10,
                 eval_batches=2, save_every=10, log_every=5)
     return TrainConfig(**{**base, **overrides})
+
+
+def hf_model_dir(path: Path, tokenizer_dir: Path, model_type: str = "qwen3") -> Path:
+    """A tiny model in the layout Hugging Face / mlx-lm write (config.json, model.safetensors, tokenizer)."""
+    from mlxcore import checkpoint
+    from mlxcore.model import from_config
+
+    common = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=512, max_position_embeddings=512,
+                  rope_theta=1e6, torch_dtype="float32")
+    configs = {
+        "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True),
+        "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=16, tie_word_embeddings=False),
+    }
+    config = {**common, **configs[model_type]}
+    checkpoint.save_model_dir(path, from_config(config), config, tokenizer_dir=tokenizer_dir)
+    (path / "manifest.json").unlink()  # as downloaded: no manifest of ours
+    return path
 
 
 @pytest.fixture(scope="session")

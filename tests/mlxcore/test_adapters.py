@@ -18,7 +18,7 @@ from mlxcore.config import LoRAConfig, QuantizeConfig
 from mlxcore.model import from_config, hf_config, load
 from mlxcore.train import TrainJob
 
-from tests.conftest import micro_model, quick_train
+from tests.conftest import hf_model_dir, micro_model, quick_train
 
 X = mx.array([[1, 5, 9, 200, 17, 3, 42, 7]])
 
@@ -126,18 +126,7 @@ def test_adapter_training_resumes_after_sigkill_bit_identical(small_data, base, 
 
 
 def _hf_dir(tmp_path, small_data, model_type):
-    """A tiny model in the layout Hugging Face / mlx-lm write (config.json + model.safetensors + tokenizer)."""
-    common = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                  num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=512, max_position_embeddings=512,
-                  rope_theta=1e6, torch_dtype="float32")
-    configs = {
-        "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True),
-        "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=16, tie_word_embeddings=False),
-    }
-    path = tmp_path / model_type
-    _save_model(path, {**common, **configs[model_type]}, small_data["tok"])
-    (path / "manifest.json").unlink()  # as downloaded: no manifest of ours
-    return path
+    return hf_model_dir(tmp_path / model_type, small_data["tok"], model_type)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
