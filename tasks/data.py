@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mlxcore.config import DataConfig, TokenizerConfig
 from mlxcore.data import pretokenize as pretok
 from mlxcore.data import synthetic, tokenizer as tokenizers
@@ -9,9 +11,17 @@ from mlxcore.io import dir_digest, read_manifest
 from tasks.caching import Stage
 
 DATA = Stage("data")
-# a tokenizer copied from a local dir is keyed by that dir's content, not by its path
-TOKENIZER = Stage("tokenizer", inputs=("raw_dir",),
-                  extra=lambda p: dir_digest(p["config"].path, tokenizers.TOKENIZER_FILES) if p["config"].path else None)
+
+
+def _tokenizer_source(params: dict) -> str | None:
+    """A tokenizer copied from a local dir is keyed by that dir's content, not by its path."""
+    path = params["config"].path
+    if path and Path(path).is_dir():
+        return dir_digest(path, tokenizers.TOKENIZER_FILES)
+    return path  # missing: the task itself fails with the reason
+
+
+TOKENIZER = Stage("tokenizer", inputs=("raw_dir",), extra=_tokenizer_source)
 PRETOKENIZE = Stage("pretokenize", inputs=("raw_dir", "tokenizer_dir"))
 
 

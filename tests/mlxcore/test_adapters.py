@@ -180,3 +180,36 @@ def test_short_keys_and_layer_count_choose_what_is_adapted(small_data, base, tmp
     result = train.run(_sft(small_data, tmp_path / "run", base, steps=2, fine_tune_type="lora",
                             lora=LoRAConfig(rank=2, target_modules=["q_proj", "v_proj"], num_layers=1)))
     assert result["trainable_params"] == 2 * ((64 + 64) + (64 + 32))  # one layer, q and v
+
+
+def test_cpu_quantized_layers_match_mlx_quantized_matmul_in_value_and_gradient():
+    """The dequantize + BLAS path QLoRA uses on the CPU computes what mx.quantized_matmul does."""
+    lin, emb = nn.Linear(128, 96, bias=True), nn.Embedding(80, 128)
+    ours = [nn.QuantizedLinear.from_linear(lin, 32, 4), nn.QuantizedEmbedding.from_embedding(emb, 32, 4)]
+    ref = [nn.QuantizedLinear.from_linear(lin, 32, 4), nn.QuantizedEmbedding.from_embedding(emb, 32, 4)]
+    for m in ours:
+        adapters.use_cpu_quantized_matmuls(m)
+    assert type(ours[0]).__name__ == "_CPUQuantizedLinear" and type(ours[1]).__name__ == "_CPUQuantizedEmbedding"
+    x = mx.random.normal((6, 128))
+    pairs = [(lambda x: ours[0](x), lambda x: ref[0](x)), (lambda x: ours[1].as_linear(x), lambda x: ref[1].as_linear(x))]
+    for f, g in pairs:
+        np.testing.assert_allclose(np.array(f(x)), np.array(g(x)), atol=1e-4, rtol=1e-5)
+        np.testing.assert_allclose(np.array(mx.grad(lambda x: (f(x) ** 2).sum())(x)),
+                                   np.array(mx.grad(lambda x: (g(x) ** 2).sum())(x)), atol=1e-3, rtol=1e-4)
+
+
+def test_adapter_branch_runs_in_the_input_dtype_and_float32_is_unchanged():
+    lin = nn.Linear(64, 32)
+    plain = adapters.LoRALinear.from_base(lin, r=4, scale=2.0)
+    plain.lora_b = mx.random.normal(plain.lora_b.shape)
+    auto = adapters.LoRALinear.from_base(lin, r=4, scale=2.0)
+    auto.lora_a, auto.lora_b = plain.lora_a, plain.lora_b
+    adapters._autocast_adapters(auto)
+    assert type(auto) is adapters._AutocastLoRALinear
+    x = mx.random.normal((3, 64))
+    np.testing.assert_array_equal(np.array(auto(x)), np.array(plain(x)))
+    xb = x.astype(mx.bfloat16)
+    auto.linear = nn.Linear(64, 32)
+    auto.linear.update({"weight": lin.weight.astype(mx.bfloat16), "bias": lin.bias.astype(mx.bfloat16)})
+    assert auto(xb).dtype == mx.bfloat16
+    assert auto.lora_a.dtype == mx.float32  # the trained weights stay float32

@@ -64,7 +64,9 @@ def test_qlora_4bit_needs_a_fraction_of_full_fine_tuning_memory():
     full = run_point(_cfg(**base))
     qlora = run_point(_cfg(**base, fine_tune_type="lora", quantize_bits=4))
     # full: weights + grads + AdamW moments (16 bytes/param); QLoRA: 4-bit base + small adapters
-    assert qlora["peak_mib"] < 0.2 * full["peak_mib"], (qlora["peak_mib"], full["peak_mib"])
+    # resident, plus (on the CPU) a layer's weights dequantized for a moment
+    assert qlora["active_mib"] < 0.1 * full["active_mib"], (qlora["active_mib"], full["active_mib"])
+    assert qlora["peak_mib"] < 0.3 * full["peak_mib"], (qlora["peak_mib"], full["peak_mib"])
     assert qlora["trainable_params"] < 0.05 * full["trainable_params"]
 
 
