@@ -39,6 +39,29 @@ def quick_train(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+def kill_after_first_checkpoint(job, tmp_path: Path) -> int:
+    """Start `python -m mlxcore.train` on `job`, SIGKILL it once a checkpoint exists; its step."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlxcore import checkpoint
+
+    out = Path(job.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "job.json").write_text(job.model_dump_json())
+    proc = subprocess.Popen([sys.executable, "-m", "mlxcore.train", str(tmp_path / "job.json")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not checkpoint.list_checkpoints(out / "checkpoints") and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "model").exists(), "the run finished before it could be killed"
+    return checkpoint.list_checkpoints(out / "checkpoints")[-1][0]
+
+
 def hf_model_dir(path: Path, tokenizer_dir: Path, model_type: str = "qwen3") -> Path:
     """A tiny model in the layout Hugging Face / mlx-lm write (config.json, model.safetensors, tokenizer)."""
     from mlxcore import checkpoint

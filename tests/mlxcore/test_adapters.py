@@ -1,11 +1,6 @@
 """Fine-tuning modes: LoRA / DoRA / QLoRA train, resume and fuse; any local HF model dir; no remote code."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,10 +10,10 @@ import pytest
 
 from mlxcore import adapters, checkpoint, train
 from mlxcore.config import LoRAConfig, QuantizeConfig
-from mlxcore.model import from_config, hf_config, load
+from mlxcore.model import from_config, load
 from mlxcore.train import TrainJob
 
-from tests.conftest import hf_model_dir, micro_model, quick_train
+from tests.conftest import hf_model_dir, kill_after_first_checkpoint, micro_model, quick_train
 
 X = mx.array([[1, 5, 9, 200, 17, 3, 42, 7]])
 
@@ -107,16 +102,7 @@ def test_adapter_training_resumes_after_sigkill_bit_identical(small_data, base, 
     overrides = dict(steps=60, save_every=10, fine_tune_type="lora", quantize=QuantizeConfig(bits=4, group_size=32))
     straight = train.run(_sft(small_data, tmp_path / "straight", base, **overrides))
     job = _sft(small_data, tmp_path / "killed", base, **overrides)
-    (tmp_path / "killed").mkdir()
-    (tmp_path / "job.json").write_text(job.model_dump_json())
-    proc = subprocess.Popen([sys.executable, "-m", "mlxcore.train", str(tmp_path / "job.json")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not checkpoint.list_checkpoints(tmp_path / "killed/checkpoints") and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed/model").exists(), "the run finished before it could be killed"
+    assert 0 < kill_after_first_checkpoint(job, tmp_path) < 60
     resumed = train.run(job)
     assert resumed["resumed_from"] and "step-" in resumed["resumed_from"]
     a, b = tmp_path / "straight/model", tmp_path / "killed/model"

@@ -85,7 +85,8 @@ def test_chunked_loss_never_builds_the_full_logits():
 
     dense, chunked = peak(Loss()), peak(Loss(chunk=128))
     assert dense > 2 * logits_bytes  # logits + their softmax for backward
-    assert chunked < 0.6 * logits_bytes, (dense, chunked)  # measured here: 2.2 GB vs 0.26 GB
+    # measured: 2.2 GB vs 0.26 GB on the CPU, 2.1 GB vs 0.37 GB on an H200 (it runs further ahead)
+    assert chunked < 0.25 * dense and chunked < logits_bytes, (dense, chunked)
 
 
 @pytest.mark.parametrize("every", [1, 2, 3])

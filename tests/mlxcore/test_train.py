@@ -1,23 +1,19 @@
 """fit(): learning, schedules, accumulation, checkpoints, init_from and crash-resume."""
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxcore import checkpoint, train
+from mlxcore import train
 from mlxcore.callbacks import TrainingCallback
 from mlxcore.evaluate import loss_ppl
 from mlxcore.launch import TrainingCrashed, TrainingFailed, run_in_subprocess
 from mlxcore.train import TrainJob
 
-from tests.conftest import micro_model, quick_train
+from tests.conftest import kill_after_first_checkpoint, micro_model, quick_train
 
 
 class Recorder(TrainingCallback):
@@ -143,17 +139,7 @@ def test_resume_after_sigkill_is_bit_identical(small_data, tmp_path):
     straight = train.run(_job(small_data, tmp_path / "straight", **steps), None)
 
     job = _job(small_data, tmp_path / "killed", **steps)
-    (tmp_path / "killed").mkdir()
-    (tmp_path / "job.json").write_text(job.model_dump_json())
-    proc = subprocess.Popen([sys.executable, "-m", "mlxcore.train", str(tmp_path / "job.json")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not checkpoint.list_checkpoints(tmp_path / "killed/checkpoints") and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert not (tmp_path / "killed/model").exists(), "the run finished before it could be killed"
-    killed_at = checkpoint.list_checkpoints(tmp_path / "killed/checkpoints")[-1][0]
+    killed_at = kill_after_first_checkpoint(job, tmp_path)
     assert 0 < killed_at < 150
 
     rec = Recorder()

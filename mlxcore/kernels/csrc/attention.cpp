@@ -223,10 +223,7 @@ class AttentionVJP : public mx::Primitive {
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
     check_contiguous(in);
-    for (auto& o : outs) o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : in) enc.set_input_array(a);
-    for (auto& o : outs) enc.set_output_array(o);
+    auto& enc = begin_eval(stream(), in, outs);
     Dims d = make_dims(in[0], in[1], scale_, causal_);
     enc.dispatch([d, q = in[0].data<float>(), k = in[1].data<float>(), v = in[2].data<float>(),
                   o = in[3].data<float>(), lse = in[4].data<float>(), dout = in[5].data<float>(),
@@ -268,10 +265,7 @@ class Attention : public mx::Primitive {
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
     check_contiguous(in);
-    for (auto& o : outs) o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : in) enc.set_input_array(a);
-    for (auto& o : outs) enc.set_output_array(o);
+    auto& enc = begin_eval(stream(), in, outs);
     Dims d = make_dims(in[0], in[1], scale_, causal_);
     enc.dispatch([d, q = in[0].data<float>(), k = in[1].data<float>(), v = in[2].data<float>(),
                   o = outs[0].data<float>(), lse = outs[1].data<float>()]() {

@@ -27,6 +27,15 @@ std::atomic<int64_t> ce_grad_donations{0};
       " is a CPU-only primitive; mlxcore.kernels uses it only on CPU streams");
 }
 
+mx::cpu::CommandEncoder& begin_eval(const mx::Stream& s, const std::vector<mx::array>& in,
+                                    std::vector<mx::array>& outs) {
+  for (auto& o : outs) o.set_data(mx::allocator::malloc(o.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(s);
+  for (const auto& a : in) enc.set_input_array(a);
+  for (auto& o : outs) enc.set_output_array(o);
+  return enc;
+}
+
 namespace {
 
 // Rows per parallel chunk: at least ~256k elements per thread so thread start-up
@@ -164,11 +173,7 @@ class CrossEntropy : public mx::Primitive {
     const auto& t = in[1];
     check_cpu_contiguous(x, "logits");
     check_cpu_contiguous(t, "targets");
-    for (auto& o : outs) o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(x);
-    enc.set_input_array(t);
-    for (auto& o : outs) enc.set_output_array(o);
+    auto& enc = begin_eval(stream(), {x, t}, outs);
     int64_t N = x.shape(0), V = x.shape(1);
     enc.dispatch([xp = x.data<float>(), tp = t.data<int32_t>(), lossp = outs[0].data<float>(),
                   lsep = outs[1].data<float>(), N, V]() {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
 #include "mlx/primitives.h"
 #include "mlx/stream.h"
 #include "mlx/utils.h"
@@ -39,5 +40,10 @@ extern std::atomic<int64_t> ce_grad_donations;
 
 // Shared helper: a primitive that only exists on the CPU.
 [[noreturn]] void no_gpu(const char* name);
+
+// The preamble of an eval_cpu: allocate `outs` and register `in` and `outs` with the stream's
+// command encoder (which keeps them alive until the dispatched task has run); returns it.
+mx::cpu::CommandEncoder& begin_eval(const mx::Stream& s, const std::vector<mx::array>& in,
+                                    std::vector<mx::array>& outs);
 
 }  // namespace mlxk

@@ -60,10 +60,7 @@ class SwiGLUVJP : public mx::Primitive {
   explicit SwiGLUVJP(mx::Stream s) : mx::Primitive(s) {}
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
     check(in);
-    for (auto& o : outs) o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& x : in) enc.set_input_array(x);
-    for (auto& o : outs) enc.set_output_array(o);
+    auto& enc = begin_eval(stream(), in, outs);
     enc.dispatch([a = in[0].data<float>(), b = in[1].data<float>(), g = in[2].data<float>(),
                   da = outs[0].data<float>(), db = outs[1].data<float>(), n = int64_t(in[0].size())]() {
       parallel_for(n, GRAIN, [&](int64_t i0, int64_t i1) { backward(a, b, g, da, db, i0, i1); });
