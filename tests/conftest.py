@@ -6,13 +6,16 @@ Nothing here touches the network: data is synthetic or comes from $MLXFLOW_TEST_
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Before anything imports prefect: a private Prefect home (results, cache records, DB) per
 # session, and no telemetry (the machine may be offline).
 _HOME = tempfile.mkdtemp(prefix="mlxflow-prefect-home-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ["PREFECT_HOME"] = _HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
