@@ -1,7 +1,10 @@
 """Training: one readable `fit()`, the `run()` that sets it up, and a subprocess entry point.
 
-`fit()` is AdamW with linear warmup then cosine decay to a floor, gradient accumulation,
-global-norm clipping and a compiled step. The loss is the mean cross-entropy over the tokens
+`fit()` trains a model's trainable parameters (all of them, or adapters: `adapters.py`) with the
+configured optimizer (`optimizers.py`: warmup then cosine decay to a floor), gradient
+accumulation, global-norm clipping and one compiled step (`Stepper`); data parallel across
+`mx.distributed` ranks when launched that way (`distributed.py`). The loss (`losses.py`: dense,
+chunked or sparse) is the mean cross-entropy over the tokens
 whose mask is 1 (all targets when pretraining, assistant tokens in SFT), summed over the
 micro-batches of a step before dividing, so every token weighs the same however the padding
 falls. Every `save_every` steps it writes a checkpoint atomically and keeps the last
@@ -48,7 +51,7 @@ class TrainJob(BaseModel):
     out_dir: str
     train: TrainConfig
     model: ModelConfig | None = None  # required unless init_from is set
-    init_from: str | None = None  # a checkpoint dir: weights only, e.g. SFT from pretrain
+    init_from: str | None = None  # our checkpoint or any local HF / mlx-lm model dir: the starting weights
 
 
 def lr_schedule(cfg: TrainConfig):
