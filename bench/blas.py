@@ -27,7 +27,7 @@ def worker(steps: int) -> dict:
     from mlxcore.config import ModelConfig
     from mlxcore.doctor import sgemm_gflops
     from mlxcore.model import from_config, hf_config
-    from mlxcore.train import make_step
+    from mlxcore.step import make_step
 
     B, T, V = 8, 256, 6400
     model = from_config(hf_config(ModelConfig(preset="tiny"), V))

@@ -42,7 +42,7 @@ import torch
 from mlxcore import stats
 from mlxcore.config import ModelConfig
 from mlxcore.model import from_config, hf_config, num_params
-from mlxcore.train import make_step
+from mlxcore.step import make_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 import torch_llama  # noqa: E402

@@ -37,7 +37,7 @@ from mlxcore.config import LoRAConfig, ModelConfig, QuantizeConfig, TrainConfig
 from mlxcore.losses import Loss
 from mlxcore.model import from_config, hf_config, num_params
 from mlxcore.model import load as load_model
-from mlxcore.train import make_step
+from mlxcore.step import make_step
 
 MIB = 1 << 20
 

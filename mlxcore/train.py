@@ -2,7 +2,7 @@
 
 `fit()` trains a model's trainable parameters (all of them, or adapters: `adapters.py`) with the
 configured optimizer (`optimizers.py`: warmup then cosine decay to a floor), gradient
-accumulation, global-norm clipping and one compiled step (`Stepper`); data parallel across
+accumulation, global-norm clipping and one compiled step (`step.py`); data parallel across
 `mx.distributed` ranks when launched that way (`distributed.py`). The loss (`losses.py`: dense,
 chunked or sparse) is the mean cross-entropy over the tokens
 whose mask is 1 (all targets when pretraining, assistant tokens in SFT), summed over the
@@ -26,8 +26,6 @@ from pathlib import Path
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
-from mlx.utils import tree_map
 from pydantic import BaseModel, ConfigDict
 
 from mlxcore import adapters, distributed, losses, optimizers, remat
@@ -36,10 +34,9 @@ from mlxcore.callbacks import JsonLinesCallback, ProgressBar, TrainingCallback
 from mlxcore.config import ModelConfig, TrainConfig
 from mlxcore.data.loader import open_batches
 from mlxcore.io import clean_stale_tmp, dir_digest, is_complete, read_manifest, sha256_file
-from mlxcore.kernels.patch import use_fast_kernels
-from mlxcore.losses import Loss
 from mlxcore.model import from_config, hf_config, num_params
 from mlxcore.model import load as load_model
+from mlxcore.step import make_step, mean_loss
 
 
 class TrainJob(BaseModel):
@@ -52,129 +49,6 @@ class TrainJob(BaseModel):
     train: TrainConfig
     model: ModelConfig | None = None  # required unless init_from is set
     init_from: str | None = None  # our checkpoint or any local HF / mlx-lm model dir: the starting weights
-
-
-def lr_schedule(cfg: TrainConfig):
-    return optimizers.lr_schedule(cfg)
-
-
-def mean_loss(model: nn.Module, batches, loss: Loss | None = None, group=None) -> float:
-    """Token-weighted mean loss over `batches` (host `(inputs, targets, mask)` tuples).
-
-    With a data-parallel group, rank r takes batches r, r + world, ... and the sums are
-    all-reduced, so the result does not depend on the number of ranks.
-    """
-    loss = loss or Loss()
-    rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
-    was_training = model.training
-    model.eval()  # adapters' dropout off
-    total, count = mx.array(0.0), mx.array(0.0)
-    for batch in batches[rank::world]:
-        l_, n_ = loss(model, *map(mx.array, loss.prepare(batch)))
-        total, count = total + l_, count + n_
-        mx.eval(total, count)  # one batch's logits alive at a time
-    if world > 1:
-        total, count = mx.distributed.all_sum(total, group=group), mx.distributed.all_sum(count, group=group)
-    model.train(was_training)
-    return total.item() / max(count.item(), 1.0)
-
-
-class Stepper:
-    """One optimizer step over one or more micro-batches: `step(micro_batches) -> (loss_sum, n, grad_norm)`.
-
-    Gradients of the summed masked loss are added over micro-batches (and all-reduced across
-    data-parallel ranks), divided by the step's total token count, clipped to `grad_clip`
-    (0: off) and applied. Normally the whole step is one compiled graph. With `profile=True`
-    the phases (forward+backward, all-reduce, clip, optimizer) are compiled and evaluated one
-    by one so each can be timed (`timings`, ms); the arithmetic is the same, only slower.
-    `state` is what the compiled graph reads and writes: evaluate it after each step.
-    """
-
-    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, grad_clip: float = 0.0, compile: bool = True,
-                 loss: Loss | None = None, group=None, profile: bool = False):
-        self.model, self.optimizer, self.loss, self.profile = model, optimizer, loss or Loss(), profile
-        self.group = group if group is not None and group.size() > 1 else None
-        self.world = self.group.size() if self.group else 1
-        self.state = [model.state, optimizer.state, mx.random.state]
-        self.timings: dict[str, float] = {}
-        use_fast_kernels(model)  # fused CPU attention / SwiGLU for mlx-lm's layers (no-op elsewhere)
-        if mx.default_device() == mx.cpu:
-            # MLX's CPU buffer cache defaults to 32 MB: every vocab-sized array would come fresh
-            # from the OS (page faults cost ~5% of a small model's step). Keep 1 GB of buffers.
-            mx.set_cache_limit(max(mx.set_cache_limit(1 << 30), 1 << 30))
-        loss_and_grad = nn.value_and_grad(model, self.loss)
-        max_norm = grad_clip if grad_clip > 0 else float("inf")
-
-        def grads_fn(*arrays):
-            (loss_sum, n), grads = loss_and_grad(model, *arrays)
-            return loss_sum, n, grads
-
-        def reduce_fn(loss_sum, n, grads):  # sum over ranks (average_gradients packs small arrays)
-            if self.group is None:
-                return loss_sum, n, grads
-            all_sum = lambda x: mx.distributed.all_sum(x, group=self.group)  # noqa: E731
-            grads = nn.average_gradients(grads, group=self.group)  # mean over ranks: x world below
-            return all_sum(loss_sum), all_sum(n), grads
-
-        def clip_fn(grads, n):
-            scale = self.world / mx.maximum(n, 1)  # keep each gradient in its parameter's dtype
-            grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
-            return optim.clip_grad_norm(grads, max_norm)
-
-        def update_fn(grads):
-            optimizer.update(model, grads)
-
-        def apply_fn(loss_sum, n, grads):
-            loss_sum, n, grads = reduce_fn(loss_sum, n, grads)
-            grads, norm = clip_fn(grads, n)
-            update_fn(grads)
-            return loss_sum, n, norm
-
-        def full_step(*arrays):
-            return apply_fn(*grads_fn(*arrays))
-
-        fns = dict(grads=grads_fn, reduce=reduce_fn, clip=clip_fn, update=update_fn, apply=apply_fn, full=full_step)
-        if compile:  # nn.value_and_grad writes the traced params into the model: state is an output too
-            fns = {k: mx.compile(f, inputs=self.state, outputs=self.state) for k, f in fns.items()}
-        self.fns = fns
-
-    def _timed(self, phase: str, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        mx.eval(out, self.state)
-        self.timings[phase] = self.timings.get(phase, 0.0) + 1e3 * (time.perf_counter() - t0)
-        return out
-
-    def __call__(self, micro_batches):
-        arrays = [tuple(map(mx.array, self.loss.prepare(b))) for b in micro_batches]
-        f = self.fns
-        if self.profile:
-            self.timings = {}
-            loss_sum, n, acc = mx.array(0.0), mx.array(0.0), None
-            for a in arrays:
-                l_, n_, g_ = self._timed("fwd_bwd", f["grads"], *a)
-                loss_sum, n = loss_sum + l_, n + n_
-                acc = g_ if acc is None else tree_map(mx.add, acc, g_)
-            if self.group is not None:
-                loss_sum, n, acc = self._timed("allreduce", f["reduce"], loss_sum, n, acc)
-            grads, norm = self._timed("clip", f["clip"], acc, n)
-            self._timed("optimizer", f["update"], grads)
-            return loss_sum, n, norm
-        if len(arrays) == 1:
-            return f["full"](*arrays[0])
-        loss_sum, n, acc = mx.array(0.0), mx.array(0.0), None
-        for a in arrays:
-            l_, n_, g_ = f["grads"](*a)
-            loss_sum, n = loss_sum + l_, n + n_
-            acc = g_ if acc is None else tree_map(mx.add, acc, g_)
-        return f["apply"](loss_sum, n, acc)
-
-
-def make_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float = 0.0, compile: bool = True,
-              loss: Loss | None = None, group=None, profile: bool = False):
-    """(step, state): a `Stepper` and the arrays to evaluate after each call."""
-    stepper = Stepper(model, optimizer, grad_clip, compile, loss, group, profile)
-    return stepper, stepper.state
 
 
 def _trainer_state(step, cursor, tokens, elapsed, initial_val, history, cfg) -> dict:

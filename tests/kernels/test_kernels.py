@@ -119,7 +119,7 @@ def test_cross_entropy_in_compiled_value_and_grad(fast):
             return (ce(model(x), y) * m).sum() / m.sum()
 
         loss_and_grad = nn.value_and_grad(model, loss)
-        # as mlxcore.train.make_step: the model is a closure, its state an implicit input
+        # as mlxcore.step.make_step: the model is a closure, its state an implicit input
         step = mx.compile(lambda x, y, m: loss_and_grad(model, x, y, m),
                           inputs=model.state, outputs=model.state)
         for _ in range(2):  # the second call runs the cached compiled graph

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxcore import train
+from mlxcore import optimizers, train
 from mlxcore.callbacks import TrainingCallback
 from mlxcore.evaluate import loss_ppl
 from mlxcore.launch import TrainingCrashed, TrainingFailed, run_in_subprocess
@@ -83,7 +83,7 @@ def test_a_crash_between_the_last_checkpoint_and_the_final_model_only_finalizes(
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     cfg = quick_train(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
-    lr = train.lr_schedule(cfg)
+    lr = optimizers.lr_schedule(cfg)
     values = [lr(mx.array(s)).item() for s in (0, 9, 10, 55, 100)]
     assert values[0] == pytest.approx(1e-4) and values[1] == pytest.approx(1e-3)
     assert values[2] == pytest.approx(1e-3) and values[3] == pytest.approx(0.55e-3, rel=1e-3)
