@@ -100,15 +100,66 @@ class SyntheticConfig(_Strict):
     seed: int = 0
 
 
+class SourceConfig(_Strict):
+    """Where one kind of data (pretrain text or SFT chats) comes from and how rows become examples.
+
+    `train` / `val` take download specs: `minimind:smoke|small|auto|<file>`, `gsm8k:train|test`,
+    `hf:<owner>/<name>[@revision]/<path>` (hub datasets), or local files and globs (JSONL, a JSON
+    array, parquet, or .txt whose blank-line-separated paragraphs are documents).
+    """
+
+    train: list[str] = Field(min_length=1, description="Specs of the training files.")
+    val: list[str] = Field([], description="Specs of held-out files; empty: hold out val_fraction of train.")
+    val_fraction: float = Field(0.01, ge=0, lt=1, description="Train rows held out when val is empty (fixed by row number).")
+    val_max_rows: int = Field(1000, gt=0, description="At most this many held-out rows.")
+    format: Literal["auto", "text", "conversations", "instruction", "alpaca", "gsm8k", "ids"] = Field(
+        "auto", description="Row schema; auto: detected from each file's first row.")
+    text_field: str = Field("text", description="text format: the field holding the document.")
+    prompt_field: str = Field("prompt", description="instruction format: the prompt's field.")
+    response_field: str = Field("response", description="instruction format: the response's field.")
+    prompt_format: str | None = Field(None, description="Template over the row's fields for the user turn, e.g. 'Q: {question}'.")
+    response_format: str | None = Field(None, description="Template over the row's fields for the assistant turn.")
+    system_prompt: str | None = Field(None, description="System message added to rows that have none.")
+    max_tokens: int | None = Field(None, gt=1, description="Per-document token limit; SFT default: its seq_len + 1.")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="What happens to documents over max_tokens.")
+
+    @field_validator("prompt_format", "response_format")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            from mlxcore.data.records import template_fields
+
+            try:
+                if not template_fields(value):
+                    raise ValueError("it uses no {field} of the row")
+            except ValueError as e:
+                raise ValueError(f"bad template {value!r}: {e}") from None
+        return value
+
+    def options(self) -> dict:
+        """The format options pretokenize and tokenizer training take."""
+        return self.model_dump(exclude={"train", "val", "max_tokens"})
+
+
 class DataConfig(_Strict):
-    source: Literal["synthetic"] = "synthetic"
+    """Training data: real sources per kind, or (when unset) the synthetic tasks below."""
+
     synthetic: SyntheticConfig = SyntheticConfig()
+    pretrain: SourceConfig | None = Field(None, description="Pretraining text; unset: synthetic.")
+    sft: SourceConfig | None = Field(None, description="SFT conversations; unset: synthetic.")
+    max_download_mb: float = Field(2048, gt=0, description="Refuse hub files larger than this (checked before downloading).")
+    workers: int = Field(0, ge=0, description="Pretokenize processes; 0: every core (one process for small inputs).")
+
+    @property
+    def uses_synthetic(self) -> bool:
+        return self.pretrain is None or self.sft is None
 
 
 class TokenizerConfig(_Strict):
     path: str | None = Field(None, description="A local Hugging Face tokenizer dir; unset: train a BPE.")
     vocab_size: int = Field(1024, ge=300, description="Size of the byte-level BPE to train.")
     min_frequency: int = Field(2, ge=1)
+    train_mb: float = Field(256, gt=0, description="Train the BPE on at most this much text (MB) of the train files.")
 
 
 LORA_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -214,7 +265,22 @@ def _default_sft() -> TrainConfig:
     return TrainConfig(steps=200, batch_size=32, lr=5e-4, warmup_steps=10, eval_every=100)
 
 
-class PipelineConfig(_Strict):
+class _Run:
+    """What a flow's config has: a run dir, and the token limit pretokenize applies per kind."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def pretokenize_limit(self, kind: str) -> int | None:
+        """Per-document token limit: the source's max_tokens; SFT default seq_len + 1 (what training sees)."""
+        source = getattr(self.data, kind)
+        if source is not None and source.max_tokens is not None:
+            return source.max_tokens
+        return getattr(self, kind).seq_len + 1 if kind == "sft" else None
+
+
+class PipelineConfig(_Run, _Strict):
     """The whole DAG: data -> tokenizer -> pretokenize -> pretrain -> sft -> eval -> sample."""
 
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -226,16 +292,12 @@ class PipelineConfig(_Strict):
     sft: TrainConfig = Field(default_factory=_default_sft)
     sample: SampleConfig = SampleConfig()
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
-
 
 def _default_finetune() -> TrainConfig:
     return TrainConfig(steps=200, batch_size=16, lr=2e-4, warmup_steps=10, eval_every=100, fine_tune_type="lora")
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(_Run, _Strict):
     """Fine-tune a local Hugging Face / mlx-lm model dir on chat data (its own tokenizer)."""
 
     name: str = Field("finetune", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -251,10 +313,6 @@ class FinetuneConfig(_Strict):
         if not (Path(value) / "config.json").is_file():
             raise ValueError(f"{value!r} is not a local model dir (no config.json); set base_model=/path/to/model")
         return value
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
 
 
 # ---------------------------------------------------------------- loading YAML with good errors

@@ -35,22 +35,54 @@ def sample(checkpoint: str | Path, prompts: list[str], max_tokens: int = 64,
     return [{"prompt": p, "reply": reply(model, tokenizer, p, max_tokens, temperature, top_p)} for p in prompts]
 
 
-def sample_dataset(checkpoint: str | Path, sft_jsonl: str | Path, n: int, max_tokens: int = 64,
-                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
-    """Reply to the first `n` conversations' prompts; mark replies equal to the reference."""
-    import mlx.core as mx
+def held_out_prompts(data_dir: str | Path, n: int, split: str = "val") -> list[dict]:
+    """The first `n` SFT rows of a pretokenized split as (prompt ids, expected reply ids).
 
-    from mlxcore.data.records import read_rows
+    The prompt is everything before the first trainable token, the expected reply the first
+    trainable run (the first assistant turn, end-of-turn token included), whatever the source
+    format was.
+    """
+    import numpy as np
+
+    from mlxcore.data.loader import _Shards
+
+    shards, out = _Shards(data_dir, split), []
+    if shards.masks[0] is None:
+        raise ValueError(f"{data_dir}: not an SFT dataset (no loss masks)")
+    for tokens, index, mask in zip(shards.tokens, shards.index, shards.masks):
+        for lo, hi in zip(index[:-1], index[1:]):
+            if len(out) == n:
+                return out
+            m = np.asarray(mask[lo:hi])
+            start = int(m.argmax())
+            stop = start + (int(m[start:].argmin()) or len(m) - start)
+            out.append({"prompt": tokens[lo : lo + start].tolist(), "expected": tokens[lo + start : lo + stop].tolist()})
+    return out
+
+
+def sample_split(checkpoint: str | Path, data_dir: str | Path, n: int, max_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
+    """Reply to the prompts of the first `n` held-out SFT rows; mark replies equal to the reference."""
+    import mlx.core as mx
 
     model, tokenizer = load_chat(checkpoint)
     mx.random.seed(seed)
     rows = []
-    for messages in read_rows(sft_jsonl, "sft"):
-        if len(rows) == n:
-            break
-        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        out = reply(model, tokenizer, messages[:first], max_tokens, temperature, top_p)
-        expected = messages[first]["content"]
-        rows.append({"prompt": messages[first - 1]["content"], "reply": out, "expected": expected,
+    for row in held_out_prompts(data_dir, n):
+        sampler = make_sampler(temp=temperature, top_p=top_p)
+        out = generate(model, tokenizer, row["prompt"], max_tokens=max_tokens, sampler=sampler, verbose=False)
+        expected = tokenizer.decode(row["expected"], skip_special_tokens=True)
+        prompt = tokenizer.decode(row["prompt"], skip_special_tokens=True)
+        rows.append({"prompt": _last_turn(prompt), "reply": out, "expected": expected,
                      "correct": out.strip() == expected.strip()})
     return rows
+
+
+def _last_turn(rendered: str) -> str:
+    """The user's words from a rendered prompt with special tokens removed ("user\nHi\nassistant\n")."""
+    lines = rendered.rstrip().split("\n")
+    if len(lines) > 1 and lines[-1].strip() == "assistant":
+        lines = lines[:-1]
+    if len(lines) > 1 and lines[0].strip() in ("user", "system"):
+        lines = lines[1:]
+    return "\n".join(lines).strip()

@@ -146,5 +146,17 @@ def dir_digest(directory: str | Path, names: tuple[str, ...] | None = None) -> s
     return _DIGESTS[stamp]
 
 
+def path_digest(path: str | Path) -> str:
+    """`dir_digest` for a directory, the sha256 of a file (remembered per path, size and mtime)."""
+    path = Path(path)
+    if path.is_dir():
+        return dir_digest(path)
+    st = path.stat()
+    stamp = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if stamp not in _DIGESTS:
+        _DIGESTS[stamp] = sha256_file(path)
+    return _DIGESTS[stamp]
+
+
 def is_complete(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST).is_file()

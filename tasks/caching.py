@@ -22,7 +22,7 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
-from mlxcore.io import dir_digest, is_complete, sha256_json
+from mlxcore.io import is_complete, path_digest, sha256_json
 
 PACKAGES = ("mlxcore", "tasks")
 
@@ -47,6 +47,17 @@ def _value(v: Any) -> Any:
     return v.model_dump(mode="json") if isinstance(v, BaseModel) else v
 
 
+def _digest(value: Any) -> Any:
+    """Content digests of an input: a dir or file path, or lists / dicts of them."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: _digest(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_digest(v) for v in value]
+    return path_digest(value)
+
+
 def stage_key(stage: str, params: dict[str, Any], inputs: tuple[str, ...], extra=None) -> str:
     """Key from input dirs' content digests + the other parameters + code version.
 
@@ -58,7 +69,7 @@ def stage_key(stage: str, params: dict[str, Any], inputs: tuple[str, ...], extra
         body["extra"] = extra(params)
     for name, value in sorted(params.items()):
         if name in inputs:
-            body[name] = None if value is None else dir_digest(value)
+            body[name] = _digest(value)
         elif name == "run_dir":
             body[name] = str(Path(value).resolve())
         else:

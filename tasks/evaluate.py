@@ -9,13 +9,13 @@ from prefect.artifacts import create_table_artifact
 
 from mlxcore.config import SampleConfig
 from mlxcore.evaluate import loss_ppl
-from mlxcore.generate import sample_dataset
+from mlxcore.generate import sample_split
 from mlxcore.io import atomic_dir, read_manifest, write_json, write_manifest
 from tasks.caching import Stage
 from tasks.progress import artifact_key
 
 EVAL = Stage("eval", inputs=("checkpoint", "data_dir"))
-SAMPLE = Stage("sample", inputs=("checkpoint", "raw_dir"))
+SAMPLE = Stage("sample", inputs=("checkpoint", "data_dir"))
 
 
 @EVAL.task()
@@ -31,11 +31,11 @@ def evaluate(checkpoint: str, data_dir: str, batch_size: int, seq_len: int, run_
 
 
 @SAMPLE.task()
-def sample(checkpoint: str, raw_dir: str, config: SampleConfig, run_dir: str) -> dict:
+def sample(checkpoint: str, data_dir: str, config: SampleConfig, run_dir: str) -> dict:
     """Generate replies to held-out SFT prompts and compare them with the reference answers."""
     out = SAMPLE.dir(locals())
     if not SAMPLE.done(out):
-        rows = sample_dataset(checkpoint, f"{raw_dir}/sft/val.jsonl", config.num_prompts,
+        rows = sample_split(checkpoint, data_dir, config.num_prompts,
                               config.max_tokens, config.temperature, config.top_p)
         with atomic_dir(out) as tmp:
             write_json(tmp / "samples.json", rows)

@@ -15,6 +15,23 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
+class StageProgress:
+    """`on_progress(done, total)` for a data stage: a progress artifact, updated every `interval` s."""
+
+    def __init__(self, description: str, interval: float = 2.0):
+        self.description, self.interval, self.artifact_id, self.last = description, interval, None, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = 100.0 * done / max(total, 1)
+        now = time.monotonic()
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(progress=pct, description=self.description)
+            self.last = now
+        elif now - self.last >= self.interval or done >= total:
+            update_progress_artifact(self.artifact_id, pct)
+            self.last = now
+
+
 class PrefectProgress(TrainingCallback):
     """Progress artifact updated at most every `interval` seconds; metrics table at the end."""
 

@@ -1,29 +1,52 @@
-"""Pretokenize raw JSONL into memmap-able binary shards plus a manifest.
+"""Pretokenize raw rows into memmap-able binary shards plus a manifest, on all cores.
 
-Layout of the output dir, per split (`train`, `val`):
-  <split>/<n>.tokens.bin   token ids, uint16 (vocab <= 65535) or uint32, documents back to back
+Input: for each split (`train`, `val`) a list of data files (or `download` dirs standing for
+them); with no val files, a fixed pseudo-random `val_fraction` of the train rows (at most
+`val_max_rows`) is held out, chosen by row number so the choice never changes. A synthetic
+raw-dataset dir (`<kind>/{train,val}.jsonl`) is accepted as it is.
+
+How it runs: the main process reads the files as a stream of chunks (bytes, never the whole
+corpus), worker processes parse, format, render chat templates and tokenize each chunk
+(`tokenizers`' Rust encoder, one thread per worker), and the main process writes results in
+input order. At most two chunks per worker are in flight, so memory does not grow with the
+corpus, and the output is the same for any number of workers.
+
+Layout of the output dir, per split:
+  <split>/<n>.tokens.bin   token ids, uint16 (vocab <= 65536) or uint32, documents back to back
   <split>/<n>.index.bin    int64 offsets of document starts, plus the end (num_docs + 1 values)
   <split>/<n>.mask.bin     SFT only: uint8, 1 where the token is one the model must learn to
                            produce (assistant replies through their end-of-turn token)
-A document never spans shards. Pretraining documents end with the separator token.
+A document never spans shards. Pretraining documents end with the separator token (except
+pretokenized `ids` rows, which are used as they are).
 
 SFT masks come from the tokenizer's own chat template: the text is rendered once per assistant
 turn and split where the rendered prompt (`add_generation_prompt=True`) ends, so any
 prefix-stable template works, not only ChatML.
+
+Over-long documents (more than `max_tokens`) are truncated or dropped (`overlong`); an SFT row
+whose kept part has no assistant token is dropped. Both are counted in the manifest's `stats`.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
+import os
+import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
+from mlxcore.data import records
 from mlxcore.data import tokenizer as tokenizers
-from mlxcore.data.records import DataError, read_rows
-from mlxcore.io import atomic_dir, read_manifest, write_manifest
+from mlxcore.data.records import DataError
+from mlxcore.io import atomic_dir, path_digest, read_manifest, write_manifest
 
 SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB of uint16 per shard
-BATCH_ROWS = 1024
+INLINE_BYTES = 8 << 20  # below this much input, tokenize in this process (no worker start-up)
+SPLITS = ("train", "val")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -50,7 +73,127 @@ def chat_segments(tok, messages: list[dict]) -> list[tuple[str, bool]]:
     return [(text, train) for text, train in segments if text]
 
 
+# ---------------------------------------------------------------- the per-chunk encoder
+
+
+class Encoder:
+    """Turns a chunk of raw rows into token ids, lengths and masks (runs in each worker)."""
+
+    def __init__(self, backend_json: str, tokenizer_dir: str, kind: str, opts: dict, max_tokens: int | None,
+                 overlong: str, separator: int, vocab_size: int):
+        from tokenizers import Tokenizer
+
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one encoder thread per worker process
+        self.backend = Tokenizer.from_str(backend_json)
+        self.tokenizer_dir, self.kind, self.opts = tokenizer_dir, kind, opts
+        self.max_tokens, self.overlong, self.separator = max_tokens, overlong, separator
+        self.vocab_size, self.dtype = vocab_size, token_dtype(vocab_size)
+        self._hf = None
+
+    @property
+    def hf(self):
+        """The transformers tokenizer, for chat templates only (loaded on first use)."""
+        if self._hf is None:
+            self._hf = tokenizers.load(self.tokenizer_dir)
+        return self._hf
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)] if texts else []
+
+    def __call__(self, path: str, fmt: str, chunk) -> dict:
+        items = records.chunk_items(chunk)
+        text_file = records.file_kind(Path(path)) == "txt"
+        docs: list[tuple[list[int], list[int] | None, str]] = [None] * len(items)
+        texts, text_rows, chats = [], [], []
+        for r, (lineno, payload) in enumerate(items):
+            where = f"{path}:{lineno}"
+            ex = records.to_example(records.decode_row(path, lineno, payload, text_file), fmt, self.kind, self.opts, where)
+            if isinstance(ex, tuple):
+                docs[r] = (ex[0], ex[1], where)
+            elif isinstance(ex, str):
+                texts.append(ex)
+                text_rows.append(r)
+            elif self.kind == "pretrain":  # a conversation as plain text, all of it learned
+                texts.append(self.hf.apply_chat_template(ex, tokenize=False))
+                text_rows.append(r)
+            else:
+                try:
+                    chats.append((r, chat_segments(self.hf, ex), where))
+                except DataError as e:
+                    raise DataError(f"{where}: {e}") from None
+        if len(texts) == len(items) and not self.max_tokens:  # plain text, nothing to cut: vectorised
+            return self._pack_texts(self._encode(texts))
+        for r, ids in zip(text_rows, self._encode(texts)):
+            docs[r] = (ids + [self.separator], None, "")
+        flat = self._encode([text for _, segs, _ in chats for text, _ in segs])
+        pos = 0
+        for r, segs, where in chats:
+            ids, mask = [], []
+            for (text, train), piece in zip(segs, flat[pos : pos + len(segs)]):
+                ids += piece
+                mask += [int(train)] * len(piece)
+            pos += len(segs)
+            docs[r] = (ids, mask, "")
+        return self._pack(docs)
+
+    def _pack_texts(self, id_lists: list[list[int]]) -> dict:
+        """Documents back to back, each followed by the separator."""
+        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+        flat = _flat(id_lists, self.dtype)
+        ids = np.insert(flat, np.cumsum(lengths), self.separator)
+        return {"ids": ids, "lengths": lengths + 1, "mask": None, "stats": {"rows": len(id_lists)}}
+
+    def _pack(self, docs: list) -> dict:
+        stats = collections.Counter(rows=len(docs))
+        lengths = np.zeros(len(docs), dtype=np.int64)
+        keep_ids, keep_masks = [], []
+        sft = self.kind == "sft"
+        for r, (ids, mask, where) in enumerate(docs):
+            if where and max(ids) >= self.vocab_size:  # `where` marks pretokenized rows
+                raise DataError(f"{where}: token id {max(ids)} is out of range for the tokenizer's "
+                                f"{self.vocab_size} tokens (was it pretokenized with another vocabulary?)")
+            if self.max_tokens and len(ids) > self.max_tokens:
+                if self.overlong == "drop":
+                    stats["dropped_overlong"] += 1
+                    continue
+                stats["truncated"] += 1
+                ids = ids[: self.max_tokens]
+                mask = mask[: self.max_tokens] if mask is not None else None
+            if sft and not any(mask):
+                stats["dropped_no_labels"] += 1
+                continue
+            lengths[r] = len(ids)
+            keep_ids.append(ids)
+            if sft:
+                keep_masks.append(mask)
+        out = {"ids": _flat(keep_ids, self.dtype), "lengths": lengths, "stats": dict(stats), "mask": None}
+        if sft:
+            out["mask"] = _flat(keep_masks, np.uint8)
+        return out
+
+
+def _flat(lists: list[list[int]], dtype) -> np.ndarray:
+    return np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype, count=sum(map(len, lists)))
+
+
+_WORKER: Encoder | None = None
+
+
+def _init_worker(*args) -> None:
+    global _WORKER
+    _WORKER = Encoder(*args)
+
+
+def _work(job: tuple) -> dict:
+    return _WORKER(*job)
+
+
+# ---------------------------------------------------------------- writing shards
+
+
 class _ShardWriter:
+    """Appends documents to shards; offsets go to disk as they come, so memory stays flat."""
+
     def __init__(self, directory: Path, dtype: np.dtype, with_mask: bool):
         self.dir, self.dtype, self.with_mask = directory, dtype, with_mask
         self.dir.mkdir(parents=True)
@@ -58,32 +201,45 @@ class _ShardWriter:
         self._open()
 
     def _open(self) -> None:
-        n = len(self.shards)
-        stem = self.dir / f"{n:05d}"
+        stem = self.dir / f"{len(self.shards):05d}"
         self.tokens = open(f"{stem}.tokens.bin", "wb")
         self.mask = open(f"{stem}.mask.bin", "wb") if self.with_mask else None
-        self.offsets, self.count, self.trainable = [0], 0, 0
-        self.shards.append({"name": f"{n:05d}"})
+        self.index = open(f"{stem}.index.bin", "wb")
+        self.index.write(np.zeros(1, dtype=np.int64).tobytes())
+        self.count, self.docs, self.trainable = 0, 0, 0
+        self.shards.append({"name": stem.name})
 
     def _close(self) -> None:
-        self.tokens.close()
-        if self.mask:
-            self.mask.close()
-        np.asarray(self.offsets, dtype=np.int64).tofile(self.dir / f"{self.shards[-1]['name']}.index.bin")
-        self.shards[-1].update(num_tokens=self.count, num_docs=len(self.offsets) - 1, num_trainable=self.trainable)
+        for f in (self.tokens, self.mask, self.index):
+            if f is not None:
+                f.close()
+        self.shards[-1].update(num_tokens=self.count, num_docs=self.docs, num_trainable=self.trainable)
 
-    def add(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
-        if self.count and self.count + len(ids) > SHARD_TOKENS:
-            self._close()
-            self._open()
-        self.tokens.write(ids.astype(self.dtype).tobytes())
-        if self.mask is not None:
-            self.mask.write(mask.astype(np.uint8).tobytes())
-            self.trainable += int(mask.sum())
-        else:
-            self.trainable += len(ids)
-        self.count += len(ids)
-        self.offsets.append(self.count)
+    def add(self, ids: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Append documents: `ids` is their tokens back to back, `lengths` their sizes (all > 0)."""
+        ends = np.cumsum(lengths)
+        start_doc, start_tok = 0, 0
+        while start_doc < len(lengths):
+            room = SHARD_TOKENS - self.count
+            fit = int(np.searchsorted(ends, start_tok + room, side="right"))  # whole docs that fit
+            if fit == start_doc:
+                if self.count:
+                    self._close()
+                    self._open()
+                    continue
+                fit = start_doc + 1  # a single document longer than a shard gets a shard of its own
+            stop_tok = int(ends[fit - 1])
+            part = slice(start_tok, stop_tok)
+            self.tokens.write(ids[part].astype(self.dtype, copy=False).tobytes())
+            self.index.write((ends[start_doc:fit] - start_tok + self.count).astype(np.int64).tobytes())
+            if self.mask is not None:
+                self.mask.write(mask[part].tobytes())
+                self.trainable += int(mask[part].sum())
+            else:
+                self.trainable += stop_tok - start_tok
+            self.count += stop_tok - start_tok
+            self.docs += fit - start_doc
+            start_doc, start_tok = fit, stop_tok
 
     def finish(self) -> dict:
         self._close()
@@ -91,65 +247,196 @@ class _ShardWriter:
         return {"shards": self.shards, **{k: total(k) for k in ("num_tokens", "num_docs", "num_trainable")}}
 
 
-def _batches(rows, size: int):
-    batch = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+# ---------------------------------------------------------------- inputs
 
 
-def _encode(tok, texts: list[str]) -> list[list[int]]:
-    return tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+def resolve_inputs(inputs: Any, kind: str) -> dict[str, list[Path]]:
+    """{split: [data files]} from a synthetic raw dir, or from {split: [files | download dirs]}."""
+    if isinstance(inputs, (str, Path)):
+        raw = Path(inputs)
+        read_manifest(raw, "raw-dataset")
+        files = {split: [raw / kind / f"{split}.jsonl"] for split in SPLITS}
+        for split, paths in files.items():
+            if not paths[0].is_file():
+                raise DataError(f"{paths[0]}: missing (the raw dataset has no {kind} {split} split)")
+        return files
+    out = {}
+    for split in SPLITS:
+        paths = []
+        for p in inputs.get(split) or []:
+            p = Path(p)
+            if p.is_dir():
+                from mlxcore.data.download import data_files
+
+                paths += data_files(p)
+            else:
+                paths.append(p)
+        out[split] = paths
+    if not out["train"]:
+        raise DataError(f"no {kind} training files given")
+    for p in out["train"] + out["val"]:
+        if not p.is_file():
+            raise DataError(f"{p}: no such data file")
+    return out
 
 
-def _write_split(tok, path: Path, kind: str, writer: _ShardWriter, separator: int) -> None:
-    for batch in _batches(read_rows(path, kind), BATCH_ROWS):
-        if kind == "pretrain":
-            for ids in _encode(tok, batch):
-                writer.add(np.asarray(ids + [separator]))
-            continue
-        segs = [chat_segments(tok, msgs) for msgs in batch]
-        flat = _encode(tok, [text for s in segs for text, _ in s])
-        pos = 0
-        for s in segs:
-            pieces = flat[pos : pos + len(s)]
-            pos += len(s)
-            ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces])
-            mask = np.concatenate([np.full(len(p), train, dtype=np.uint8) for p, (_, train) in zip(pieces, s)])
-            writer.add(ids, mask)
+def _weyl(rows: np.ndarray) -> np.ndarray:
+    """A fixed pseudo-random number in [0, 1) per row number."""
+    with np.errstate(over="ignore"):
+        return ((rows.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15) >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
-def pretokenize(raw_dir: str | Path, tokenizer_dir: str | Path, kind: str, out_dir: str | Path) -> dict:
-    """Tokenize raw_dir/<kind>/{train,val}.jsonl into shards under out_dir."""
+class _Holdout:
+    """Sends a fixed fraction of train rows (by row number, at most `max_rows`) to val."""
+
+    def __init__(self, fraction: float, max_rows: int):
+        self.fraction, self.left, self.row = fraction, max_rows, 0
+
+    def __call__(self, n: int) -> np.ndarray:
+        rows = np.arange(self.row, self.row + n)
+        self.row += n
+        chosen = _weyl(rows) < self.fraction
+        chosen &= np.cumsum(chosen) <= self.left
+        self.left -= int(chosen.sum())
+        return chosen
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def pretokenize(inputs: Any, tokenizer_dir: str | Path, kind: str, out_dir: str | Path, *,
+                source: dict | None = None, max_tokens: int | None = None, workers: int = 0,
+                on_progress: Callable[[int, int], None] | None = None, progress_bar: bool = True) -> dict:
+    """Tokenize `inputs` (see the module docstring) into shards under `out_dir`.
+
+    `source` holds the format options (`SourceConfig` fields: format, field names, templates,
+    system_prompt, val_fraction, val_max_rows, overlong); `max_tokens` the per-document limit.
+    `workers=0` uses every core (or this process alone for inputs under 8 MB).
+    `on_progress(bytes_done, bytes_total)` is called as chunks are written.
+    """
     if kind not in ("pretrain", "sft"):
         raise ValueError(f"kind must be 'pretrain' or 'sft', not {kind!r}")
-    raw_dir = Path(raw_dir)
-    raw = read_manifest(raw_dir, "raw-dataset")
+    opts = dict(source or {})
+    fmt = opts.get("format", "auto")
+    files = resolve_inputs(inputs, kind)
     tok_manifest = read_manifest(tokenizer_dir, "tokenizer")
     tok = tokenizers.load(tokenizer_dir)
     vocab = len(tok)
     separator = tokenizers.special_ids(tok)["separator"]
-    splits = {}
-    with atomic_dir(out_dir) as tmp:
-        for split in ("train", "val"):
-            path = raw_dir / kind / f"{split}.jsonl"
-            if not path.is_file():
-                raise DataError(f"{path}: missing (the raw dataset has no {kind} {split} split)")
-            writer = _ShardWriter(tmp / split, token_dtype(vocab), with_mask=kind == "sft")
-            _write_split(tok, path, kind, writer, separator)
-            splits[split] = writer.finish()
-        config = {"kind": kind, "raw": raw["digest"], "tokenizer": tok_manifest["digest"]}
-        return write_manifest(
-            tmp,
-            "tokens",
-            config,
-            task=kind,
-            vocab_size=vocab,
-            dtype=token_dtype(vocab).name,
-            separator_id=separator,
-            splits=splits,
-        )
+    dtype = token_dtype(vocab)
+    total = sum(p.stat().st_size for paths in files.values() for p in paths)
+    if workers <= 0:
+        workers = 1 if total < INLINE_BYTES else len(os.sched_getaffinity(0))
+    encoder_args = (tok.backend_tokenizer.to_str(), str(tokenizer_dir), kind, opts, max_tokens,
+                    opts.get("overlong", "truncate"), separator, vocab)
+    holdout = None if files["val"] else _Holdout(opts.get("val_fraction", 0.01), opts.get("val_max_rows", 1000))
+    stats, formats = collections.Counter(), {}
+    bar = _bar(total, f"pretokenize {kind}") if progress_bar else None
+    done_bytes = 0
+    with atomic_dir(out_dir) as tmp, _Pool(workers, encoder_args) as pool, _closing(bar):
+        writers = {s: _ShardWriter(tmp / s, dtype, with_mask=kind == "sft") for s in SPLITS}
+
+        def write(split: str, res: dict) -> None:
+            lengths = res["lengths"]
+            stats.update(res["stats"])
+            kept = lengths > 0
+            if split == "train" and holdout is not None:
+                to_val = holdout(len(lengths)) & kept
+                for s, rows in (("val", to_val), ("train", kept & ~to_val)):
+                    sel = np.repeat(rows[kept], lengths[kept])
+                    writers[s].add(res["ids"][sel], lengths[rows], None if res["mask"] is None else res["mask"][sel])
+            else:
+                writers[split].add(res["ids"], lengths[kept], res["mask"])
+
+        for split in SPLITS:
+            for path in files[split]:
+                file_fmt = _file_format(path, fmt, kind)
+                formats[str(path)] = file_fmt
+                base = done_bytes
+                for chunk, pos in records.read_chunks(path):
+                    for res in pool.submit((str(path), file_fmt, chunk)):
+                        write(split, res)
+                    done_bytes = base + pos
+                    _report(bar, on_progress, done_bytes, total)
+                for res in pool.drain():
+                    write(split, res)
+                done_bytes = base + path.stat().st_size
+        _report(bar, on_progress, total, total)
+        splits = {s: w.finish() for s, w in writers.items()}
+        if splits["train"]["num_docs"] == 0:
+            raise DataError(f"no {kind} training rows are left (read {stats['rows']}; see dropped / truncated counts: "
+                            f"{dict(stats)}); check max_tokens and overlong")
+        config = {"kind": kind, "inputs": {s: [path_digest(p) for p in ps] for s, ps in files.items()},
+                  "tokenizer": tok_manifest["digest"], "format": opts, "max_tokens": max_tokens}
+        return write_manifest(tmp, "tokens", config, task=kind, vocab_size=vocab, dtype=dtype.name,
+                              separator_id=separator, splits=splits,
+                              stats={"rows": 0, "truncated": 0, "dropped_overlong": 0, "dropped_no_labels": 0, **stats},
+                              formats={Path(k).name: v for k, v in formats.items()})
+
+
+def _file_format(path: Path, fmt: str, kind: str) -> str:
+    """The declared format, or the one the file's first row shows; an empty file is an error."""
+    for chunk, _ in records.read_chunks(path, rows=1):
+        items = records.chunk_items(chunk)
+        if not items:
+            continue
+        lineno, payload = items[0]
+        row = records.decode_row(str(path), lineno, payload, records.file_kind(path) == "txt")
+        return records.detect_format(row, f"{path}:{lineno}") if fmt == "auto" else fmt
+    raise DataError(f"{path}: no rows (empty file)")
+
+
+class _Pool:
+    """Worker processes with at most 2 chunks each in flight; results come back in order."""
+
+    def __init__(self, workers: int, encoder_args: tuple):
+        self.workers, self.args, self.pool, self.pending = workers, encoder_args, None, collections.deque()
+
+    def __enter__(self):
+        if self.workers > 1:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")  # never fork a process holding MLX / Prefect threads
+            self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=self.args)
+        else:
+            self.encoder = Encoder(*self.args)
+        return self
+
+    def submit(self, job: tuple):
+        if self.pool is None:
+            yield self.encoder(*job)
+            return
+        self.pending.append(self.pool.apply_async(_work, (job,)))
+        while len(self.pending) > 2 * self.workers:
+            yield self.pending.popleft().get()
+
+    def drain(self):
+        while self.pending:
+            yield self.pending.popleft().get()
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+@contextlib.contextmanager
+def _closing(bar):
+    try:
+        yield
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+
+
+def _report(bar, on_progress, done: int, total: int) -> None:
+    if bar is not None:
+        bar.update(done - bar.n)
+    if on_progress is not None:
+        on_progress(done, total)

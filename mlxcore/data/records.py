@@ -1,58 +1,358 @@
-"""Reading raw JSONL rows with errors that name the file and line.
+"""Raw rows in, training examples out, with errors that name the file and line.
 
-Row schemas (more formats arrive with the data issue):
-  pretrain: {"text": str}
-  sft:      {"conversations" | "messages": [{"role": system|user|assistant, "content": str}, ...]}
+Files are read as a stream of chunks (`read_chunks`), so nothing here holds a whole corpus:
+  *.jsonl / *.json(l) lines   one JSON object per line (the line number is the row's place)
+  *.parquet                   row batches via pyarrow (the "line" is the 1-based row number)
+  *.json                      a JSON array of objects (read whole: arrays do not stream)
+  *.txt                       plain text; documents are separated by blank lines (pretraining)
+
+Each row becomes an example of one of these formats, declared (`SourceConfig.format`) or
+detected from a file's first row:
+  text           {"text": str}                                   pretraining text
+  conversations  {"conversations" | "messages": [{"role", "content"}, ...]}  (also ShareGPT's
+                 {"from": human|gpt|system, "value"})
+  instruction    {prompt_field, response_field} (default "prompt", "response"), or any fields
+                 through `prompt_format` / `response_format` templates ("Q: {question}")
+  alpaca         {"instruction", "input" (optional), "output"}
+  gsm8k          {"question", "answer"}
+  ids            {"ids": [int, ...]} and for SFT optionally {"mask": [0|1, ...]} or
+                 {"labels": [int | -100, ...]}: pretokenized, used as they are
+Every chat-like format becomes a message list (+ `system_prompt` when the row has none),
+rendered later through the tokenizer's chat template with loss on assistant tokens only. For
+pretraining, a chat-like row is rendered whole and every token is learned.
 """
 
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, NamedTuple
+
+import orjson
 
 ROLES = {"system", "user", "assistant"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+FORMATS = ("auto", "text", "conversations", "instruction", "alpaca", "gsm8k", "ids")
+CHAT_FORMATS = ("conversations", "instruction", "alpaca", "gsm8k")
+CHUNK_ROWS = 1024
+CHUNK_BYTES = 1 << 20
+MAX_LINE_BYTES = 8 << 20  # a longer JSONL line is refused before it is held in memory
 
 
 class DataError(ValueError):
-    """Bad input data; the message starts with `file:line:`."""
+    """Bad input data; the message starts with `file:line:` (or the file alone)."""
+
+
+# ---------------------------------------------------------------- reading files as chunks
+
+
+def file_kind(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in (".gz", ".zst", ".bz2", ".xz"):
+        if name.endswith(suffix):
+            raise DataError(f"{path}: compressed files are not read directly; decompress it first")
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".txt") or name.endswith(".md"):
+        return "txt"
+    if name.endswith(".json"):
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith(b"["):
+            return "json-array"
+    return "jsonl"
+
+
+class LineBlock(NamedTuple):
+    """Whole JSONL lines as one bytes block (cheap to hand to a worker), from line `first` on."""
+
+    first: int
+    data: bytes
+
+
+def chunk_items(chunk) -> list[tuple[int, Any]]:
+    """(line, payload) items of a chunk; a LineBlock is split here, blank lines skipped."""
+    if not isinstance(chunk, LineBlock):
+        return chunk
+    lines = chunk.data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    return [(chunk.first + i, line) for i, line in enumerate(lines) if line.strip()]
+
+
+def read_chunks(path: str | Path, rows: int = CHUNK_ROWS, max_bytes: int | None = None) -> Iterator[tuple[Any, int]]:
+    """Yield (chunk, bytes_read_so_far); `chunk_items(chunk)` gives its (line, payload) items.
+
+    JSONL comes as LineBlocks of about `max_bytes` (decoded and parsed by whoever encodes them,
+    in parallel); parquet and JSON arrays as lists of row dicts; txt as lists of documents.
+    """
+    path, max_bytes = Path(path), max_bytes or CHUNK_BYTES
+    kind = file_kind(path)
+    if kind == "parquet":
+        yield from _parquet_chunks(path, rows)
+    elif kind == "json-array":
+        yield from _array_chunks(path, rows)
+    elif kind == "txt":
+        yield from _text_chunks(path, rows, max_bytes)
+    else:
+        yield from _line_blocks(path, max_bytes)
+
+
+def _line_blocks(path: Path, max_bytes: int):
+    first, pos, rest = 1, 0, b""
+    with open(path, "rb") as f:
+        while block := f.read(max_bytes):
+            pos += len(block)
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            if not cut:  # one line longer than a block: read on, up to the limit
+                if len(block) > MAX_LINE_BYTES:
+                    raise DataError(f"{path}:{first}: a single line of over {MAX_LINE_BYTES >> 20} MB; one row may "
+                                    "not be that long (is this a JSON array, or not JSONL at all?)")
+                rest = block
+                continue
+            yield LineBlock(first, block[:cut]), pos
+            first += block.count(b"\n", 0, cut)
+            rest = block[cut:]
+    if rest:
+        yield LineBlock(first, rest), pos
+
+
+def _text_chunks(path: Path, rows: int, max_bytes: int):
+    """Plain text: documents are runs of non-blank lines."""
+    items, size, pos, doc, doc_line = [], 0, 0, [], 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            pos += len(line)
+            if line.strip():
+                doc_line = doc_line or lineno
+                doc.append(line)
+                continue
+            if not doc:
+                continue
+            items.append((doc_line, b"".join(doc).rstrip(b"\r\n")))
+            size += items[-1][1].__len__()
+            doc, doc_line = [], 0
+            if len(items) >= rows or size >= max_bytes:
+                yield items, pos
+                items, size = [], 0
+    if doc:
+        items.append((doc_line, b"".join(doc).rstrip(b"\r\n")))
+    if items:
+        yield items, pos
+
+
+def _parquet_chunks(path: Path, rows: int):
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        raise DataError(f"{path}: not a readable parquet file: {e}") from None
+    total, done, row = path.stat().st_size, 0, 0
+    n = max(pf.metadata.num_rows, 1)
+    for batch in pf.iter_batches(batch_size=rows):
+        items = [(row + i + 1, r) for i, r in enumerate(batch.to_pylist())]
+        row += len(items)
+        done = total * row // n
+        yield items, done
+
+
+def _array_chunks(path: Path, rows: int):
+    """A JSON array file (Alpaca's layout): read whole, since JSON arrays do not stream."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f"{path}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else str(path)
+        raise DataError(f"{where}: invalid JSON array file: {e}") from None
+    size = path.stat().st_size
+    for start in range(0, len(data), rows):
+        part = data[start : start + rows]
+        yield [(start + i + 1, r if isinstance(r, dict) else json.dumps(r).encode()) for i, r in enumerate(part)], \
+            size * (start + len(part)) // max(len(data), 1)
+
+
+def _utf8(payload: bytes, where: str) -> str:
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{payload[e.start]:02x} at column {e.start + 1})") from None
+
+
+def decode_row(path: str, lineno: int, payload: Any, text_file: bool = False) -> dict:
+    """A row dict from a chunk item; DataError naming file:line for anything else."""
+    where = f"{path}:{lineno}"
+    if isinstance(payload, dict):
+        return payload
+    if text_file:
+        return {"text": _utf8(payload, where)}
+    try:
+        row = orjson.loads(payload)
+    except orjson.JSONDecodeError:  # the slow path names the bad byte or says what and where
+        try:
+            row = json.loads(_utf8(payload, where))  # also takes what orjson refuses (NaN)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+# ---------------------------------------------------------------- formats
+
+
+def detect_format(row: dict, where: str) -> str:
+    """The format of a row, from its keys."""
+    if "ids" in row:
+        return "ids"
+    if "conversations" in row or "messages" in row:
+        return "conversations"
+    if "question" in row and "answer" in row:
+        return "gsm8k"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if ("prompt" in row and ("response" in row or "completion" in row)) or ("instruction" in row and "response" in row):
+        return "instruction"
+    if "text" in row:
+        return "text"
+    raise DataError(
+        f"{where}: cannot tell the format from the fields {sorted(row)[:8]}; expected text, conversations/messages, "
+        "instruction/response, alpaca (instruction/input/output), gsm8k (question/answer) or ids; "
+        "or set format and the field names in the data config"
+    )
+
+
+def _field(row: dict, name: str, where: str, fmt: str) -> str:
+    if name not in row:
+        raise DataError(f"{where}: missing field {name!r} ({fmt} format)")
+    value = row[name]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _template(tpl: str, row: dict, where: str, name: str) -> str:
+    try:
+        return tpl.format_map(row)
+    except KeyError as e:
+        raise DataError(f"{where}: {name} {tpl!r} needs field {e.args[0]!r}, which the row lacks") from None
+    except (ValueError, IndexError, AttributeError) as e:
+        raise DataError(f"{where}: {name} {tpl!r} cannot be filled: {e}") from None
+
+
+def template_fields(tpl: str) -> list[str]:
+    """Field names a str.format template uses (raises ValueError on a malformed one)."""
+    return [name for _, name, _, _ in string.Formatter().parse(tpl) if name is not None]
 
 
 def _messages(row: dict, where: str) -> list[dict]:
-    msgs = row.get("conversations", row.get("messages"))
+    key = "conversations" if "conversations" in row else "messages"
+    msgs = row.get(key)
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{where}: expected a non-empty 'conversations' or 'messages' list")
+    out = []
     for i, m in enumerate(msgs):
+        if isinstance(m, dict) and "from" in m and "role" not in m:  # ShareGPT
+            m = {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
             raise DataError(f"{where}: message {i} needs 'role' in {sorted(ROLES)} and a string 'content'")
-    if not any(m["role"] == "assistant" for m in msgs):
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: no assistant message to learn from")
-    if msgs[0]["role"] == "assistant":
+    if out[0]["role"] == "assistant":
         raise DataError(f"{where}: the first message is from the assistant; nothing prompts it")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return out
 
 
-def read_rows(path: str | Path, kind: str) -> Iterator[str | list[dict]]:
-    """Yield pretraining texts (kind='pretrain') or message lists (kind='sft')."""
-    path = Path(path)
+def _prompt_response(row: dict, fmt: str, opts: dict, where: str) -> tuple[str, str]:
+    if opts.get("prompt_format"):
+        prompt = _template(opts["prompt_format"], row, where, "prompt_format")
+    elif fmt == "alpaca":
+        prompt = _field(row, "instruction", where, fmt)
+        extra = row.get("input") or ""
+        if not isinstance(extra, str):
+            raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
+        prompt = f"{prompt}\n\n{extra}" if extra.strip() else prompt
+    elif fmt == "gsm8k":
+        prompt = _field(row, "question", where, fmt)
+    else:
+        name = opts.get("prompt_field") or "prompt"
+        if name not in row and name == "prompt" and "instruction" in row:
+            name = "instruction"
+        prompt = _field(row, name, where, fmt)
+    if opts.get("response_format"):
+        response = _template(opts["response_format"], row, where, "response_format")
+    else:
+        name = {"alpaca": "output", "gsm8k": "answer"}.get(fmt) or opts.get("response_field") or "response"
+        if name not in row and name == "response" and "completion" in row:
+            name = "completion"
+        response = _field(row, name, where, fmt)
+    return prompt, response
+
+
+def to_example(row: dict, fmt: str, kind: str, opts: dict, where: str):
+    """One example: `str` (text), a message list (chat), or `(ids, mask | None)` (ids)."""
+    if fmt == "ids":
+        return _ids(row, kind, where)
+    if fmt == "text":
+        if kind == "sft":
+            raise DataError(f"{where}: plain text rows have no assistant turn to learn; use them for pretraining, "
+                            "or declare a chat format")
+        return _field(row, opts.get("text_field") or "text", where, fmt)
+    if fmt == "conversations":
+        msgs = _messages(row, where)
+    elif fmt in CHAT_FORMATS:
+        prompt, response = _prompt_response(row, fmt, opts, where)
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    else:
+        raise DataError(f"{where}: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if opts.get("system_prompt") and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": opts["system_prompt"]}] + msgs
+    return msgs
+
+
+def _int_list(value, name: str, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(type(v) is int for v in value):
+        raise DataError(f"{where}: field {name!r} must be a non-empty list of integers")
+    return value
+
+
+def _ids(row: dict, kind: str, where: str):
+    ids = _int_list(row.get("ids"), "ids", where)
+    mask = None
+    if "mask" in row:
+        mask = _int_list(row["mask"], "mask", where)
+        if any(v not in (0, 1) for v in mask):
+            raise DataError(f"{where}: field 'mask' must hold only 0 and 1")
+    elif "labels" in row:
+        labels = _int_list(row["labels"], "labels", where)
+        mask = [0 if v == -100 else 1 for v in labels]
+    if mask is not None and len(mask) != len(ids):
+        raise DataError(f"{where}: 'ids' has {len(ids)} tokens but the mask / labels have {len(mask)}")
+    if kind == "sft" and mask is None:
+        raise DataError(f"{where}: SFT rows given as 'ids' also need a 'mask' (1 = learn) or 'labels' (-100 = skip)")
+    return ids, mask
+
+
+def iter_examples(path: str | Path, kind: str, fmt: str = "auto", opts: dict | None = None):
+    """Yield (where, example) for every row of one file, in order (single process)."""
+    path, opts = Path(path), opts or {}
+    text_file = file_kind(path) == "txt"
     count = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    for chunk, _ in read_chunks(path):
+        for lineno, payload in chunk_items(chunk):
             where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if kind == "pretrain":
-                if not isinstance(row.get("text"), str):
-                    raise DataError(f"{where}: missing string field 'text'")
-                yield row["text"]
-            else:
-                yield _messages(row, where)
+            row = decode_row(str(path), lineno, payload, text_file)
+            if fmt == "auto":
+                fmt = detect_format(row, where)
+            yield where, to_example(row, fmt, kind, opts, where)
             count += 1
     if count == 0:
         raise DataError(f"{path}: no rows (empty file)")
+
+
+def read_rows(path: str | Path, kind: str, fmt: str = "auto", opts: dict | None = None) -> Iterator:
+    """Examples of one file: texts (pretrain) or message lists (sft)."""
+    for _, example in iter_examples(path, kind, fmt, opts):
+        yield example

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from mlxcore.config import TokenizerConfig
 from mlxcore.data.records import read_rows
-from mlxcore.io import atomic_dir, read_manifest, write_manifest
+from mlxcore.io import atomic_dir, write_manifest
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -91,22 +91,33 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir
     fast.save_pretrained(str(out_dir))
 
 
-def _corpus(raw_dir: Path) -> Iterable[str]:
-    for kind in ("pretrain", "sft"):
-        path = raw_dir / kind / "train.jsonl"
-        if not path.is_file():
-            continue
-        for row in read_rows(path, kind):
-            if isinstance(row, str):
-                yield row
-            else:  # role names too, so the chat template's words become tokens
-                yield "\n".join(f"{m['role']}\n{m['content']}" for m in row)
+def _corpus(corpus, max_bytes: int) -> Iterable[str]:
+    """Training text: the train files of every (kind, inputs, format) source, up to `max_bytes`."""
+    from mlxcore.data.pretokenize import resolve_inputs
+
+    if isinstance(corpus, (str, Path)):  # a synthetic raw-dataset dir: both kinds
+        corpus = [{"kind": kind, "inputs": corpus} for kind in ("pretrain", "sft")]
+    used = 0
+    for part in corpus:
+        opts = dict(part.get("source") or {})
+        for path in resolve_inputs(part["inputs"], part["kind"])["train"]:
+            for row in read_rows(path, part["kind"], opts.get("format", "auto"), opts):
+                if isinstance(row, tuple):  # pretokenized ids: nothing to learn a vocabulary from
+                    break
+                # role names too, so the chat template's words become tokens
+                text = row if isinstance(row, str) else "\n".join(f"{m['role']}\n{m['content']}" for m in row)
+                yield text
+                used += len(text.encode())
+                if used >= max_bytes:
+                    return
 
 
-def load_or_train(cfg: TokenizerConfig, raw_dir: str | Path, out_dir: str | Path) -> dict:
-    """Copy a local tokenizer (cfg.path) or train a BPE on raw_dir's train splits."""
-    raw_dir = Path(raw_dir)
-    read_manifest(raw_dir, "raw-dataset")
+def load_or_train(cfg: TokenizerConfig, corpus, out_dir: str | Path) -> dict:
+    """Copy a local tokenizer (cfg.path) or train a BPE on the corpus's train files.
+
+    `corpus` is a synthetic raw-dataset dir, or a list of `{"kind", "inputs", "source"}`
+    (inputs and source as `pretokenize` takes them).
+    """
     with atomic_dir(out_dir) as tmp:
         if cfg.path:
             src = Path(cfg.path)
@@ -115,6 +126,6 @@ def load_or_train(cfg: TokenizerConfig, raw_dir: str | Path, out_dir: str | Path
             if not tok.chat_template:
                 raise ValueError(f"{src}: tokenizer has no chat_template; SFT needs one")
         else:
-            train_bpe(_corpus(raw_dir), cfg.vocab_size, cfg.min_frequency, tmp)
+            train_bpe(_corpus(corpus, int(cfg.train_mb * (1 << 20))), cfg.vocab_size, cfg.min_frequency, tmp)
         tok = load(tmp)
         return write_manifest(tmp, "tokenizer", cfg.model_dump(), vocab_size=len(tok), special_ids=special_ids(tok))

@@ -66,12 +66,15 @@ def test_pipeline_trains_and_reports(first_run):
     assert len(result["samples"]["samples"]) == config.sample.num_prompts
 
 
-def test_training_tasks_publish_progress_and_metrics_artifacts(first_run):
-    _, _, flow_run_id, _ = first_run
+def test_data_and_training_tasks_publish_progress_and_metrics_artifacts(first_run):
+    _, _, flow_run_id, result = first_run
     arts = _artifacts(flow_run_id)
-    progress = [a for a in arts if a.type == "progress"]
-    assert len(progress) == 2 and all(float(a.data) == 100.0 for a in progress)
+    progress = sorted(a.description.split(":")[0] for a in arts if a.type == "progress" and float(a.data) == 100.0)
+    assert progress == ["pretokenize pretrain", "pretokenize sft", "pretrain", "sft"]
     tables = {a.key: a for a in arts if a.type == "table"}
+    splits = {r["split"]: r for r in json.loads(tables["smoke-pretokenize-sft"].data)}
+    assert splits["train"]["documents"] == 1200 and splits["val"]["documents"] == 100
+    assert "1300 rows read, 0 truncated" in tables["smoke-pretokenize-sft"].description
     metrics = json.loads(tables["smoke-pretrain-metrics"].data)
     assert [r["step"] for r in metrics if r["loss"] is not None][-1] == 30
     assert {"smoke-sft-metrics", "smoke-samples"} <= set(tables)
@@ -132,5 +135,5 @@ def test_bad_data_fails_the_pretokenize_task_with_file_and_line(small_data, tmp_
         f.write("{not json}\n")
     write_manifest(raw, "raw-dataset")
     with pytest.raises(DataError, match=r"sft/val.jsonl:81: invalid JSON"):
-        pretokenize(str(raw), str(small_data["tok"]), "sft", str(tmp_path / "run"))
+        pretokenize(str(raw), str(small_data["tok"]), "sft", {}, 129, 0, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

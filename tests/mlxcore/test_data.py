@@ -210,6 +210,6 @@ def test_pretrain_row_without_text(small_data, tmp_path):
     shutil.copytree(small_data["raw"], raw)
     with open(raw / "pretrain/val.jsonl", "a") as f:
         f.write('{"txt": "typo"}\n')
-    with pytest.raises(DataError, match=r"val.jsonl:81: missing string field 'text'"):
+    with pytest.raises(DataError, match=r"val.jsonl:81: missing field 'text' \(text format\)"):
         pretokenize.pretokenize(raw, small_data["tok"], "pretrain", tmp_path / "out")
     assert not (tmp_path / "out").exists()
