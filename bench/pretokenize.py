@@ -37,7 +37,7 @@ The reference and ours take turns --repeats times (a busy machine slows both ali
 best time of each is reported; ratio = ours / reference tok/s, so 1.0 means pretokenize adds
 nothing over the bare encoder. The 2x corpus is pretokenized once, for the memory ratio
 (2x-input / 1x-input peak RSS; ~1.0 means memory does not grow with the corpus). Note that
-pretokenize with --workers 0 tokenizes inputs under 8 MiB in its own process, without workers.
+pretokenize with --workers 0 tokenizes inputs under 2 MiB in its own process, without workers.
 """
 
 from __future__ import annotations
@@ -215,6 +215,14 @@ def _status_kib(pid: int | str, field: str) -> int:
     return 0
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def _descendants(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:
@@ -232,7 +240,7 @@ def _descendants(pid: int) -> list[int]:
 
 class TreeSampler(threading.Thread):
     """Every `interval` s: the summed RSS of this process and its descendants (its peak is kept),
-    and each descendant's own high-water mark (VmHWM, the last value seen before it exits)."""
+    and each descendant's own high-water mark (VmHWM: the last value seen before it exits)."""
 
     def __init__(self, interval: float = 0.05):
         super().__init__(daemon=True)
@@ -241,11 +249,13 @@ class TreeSampler(threading.Thread):
         self.ok = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
     def run(self) -> None:
+        own = _cmdline(os.getpid())
         while self.ok:
-            kids = _descendants(os.getpid())
+            # not a child still between fork and exec: it reports this process's pages as its own
+            kids = [p for p in _descendants(os.getpid()) if _cmdline(p) != own]
             self.tree_peak_kib = max(self.tree_peak_kib, sum(_status_kib(p, "VmRSS") for p in [os.getpid(), *kids]))
-            for p in kids:
-                self.hwm_kib[p] = max(self.hwm_kib.get(p, 0), _status_kib(p, "VmHWM"))
+            for p in kids:  # the latest value: a new address space (exec) starts a new mark
+                self.hwm_kib[p] = _status_kib(p, "VmHWM") or self.hwm_kib.get(p, 0)
             if self.done.wait(self.interval):
                 return
 
@@ -377,7 +387,7 @@ def main(argv=None) -> None:
     print(f"(raw encode_batch: this process peaked at {ref_peak_mb:.1f} MB with the texts in memory)")
     if single["workers"] != double["workers"]:
         print(f"note: the 1x and 2x runs used {single['workers']} and {double['workers']} worker(s) (pretokenize "
-              "tokenizes inputs under 8 MiB in-process), so their memory is not like for like; "
+              "tokenizes inputs under 2 MiB in-process), so their memory is not like for like; "
               "use --mb >= 8 or set --workers")
     print(f"pretokenize / raw encode_batch: {ratio:.2f}x   peak memory 2x-input / 1x-input: {mem_ratio:.2f}")
 

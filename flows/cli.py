@@ -6,6 +6,8 @@
   mlxflow speed [--preset 200mb] [--batch-size 1,2,4,8] [--fine-tune-type lora --quantize-bits 4] ...
   mlxflow stats [--preset 200mb | --model-dir DIR] [--seq-len 1024] [--tok-per-s 5000]
   mlxflow fuse --adapter DIR --out DIR
+  mlxflow download SPEC [--kind sft] --out DIR
+  mlxflow pretokenize SPEC... --kind sft --tokenizer DIR --out DIR [--format alpaca] [--max-tokens 513]
 """
 
 from __future__ import annotations
@@ -176,6 +178,45 @@ def cmd_fuse(args) -> int:
     return 0
 
 
+def cmd_download(args) -> int:
+    from mlxcore.data.download import DownloadError, fetch
+
+    try:
+        manifest = fetch(args.spec, args.out, args.kind, args.max_download_mb)
+    except DownloadError as e:
+        return _err(str(e), 1)
+    print(json.dumps({"out": args.out, "source": manifest["source"], "data_files": manifest["data_files"]}, indent=2))
+    return 0
+
+
+def cmd_pretokenize(args) -> int:
+    import tempfile
+
+    from mlxcore.data.download import DownloadError, fetch
+    from mlxcore.data.pretokenize import pretokenize
+    from mlxcore.data.records import DataError
+
+    source = {"format": args.format, "overlong": args.overlong, "val_fraction": args.val_fraction,
+              "system_prompt": args.system_prompt, "prompt_format": args.prompt_format,
+              "response_format": args.response_format}
+    def fetched(tmp: str, split: str, specs: list[str]) -> list[str]:
+        dirs = [str(Path(tmp) / f"{split}-{i}") for i in range(len(specs))]
+        for spec, out in zip(specs, dirs):
+            fetch(spec, out, args.kind, args.max_download_mb)
+        return dirs
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="mlxflow-fetch-") as tmp:
+            inputs = {"train": fetched(tmp, "train", args.specs), "val": fetched(tmp, "val", args.val)}
+            m = pretokenize(inputs, args.tokenizer, args.kind, args.out, source=source, max_tokens=args.max_tokens,
+                            workers=args.workers)
+    except (DownloadError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+        return _err(str(e), 1)
+    splits = {k: {"docs": v["num_docs"], "tokens": v["num_tokens"]} for k, v in m["splits"].items()}
+    print(json.dumps({"out": args.out, "splits": splits, "stats": m["stats"], "formats": m["formats"]}, indent=2))
+    return 0
+
+
 def _csv_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -242,6 +283,30 @@ def build_parser() -> argparse.ArgumentParser:
     fu.add_argument("--adapter", required=True, help="an adapter checkpoint (e.g. runs/x/sft-*/model)")
     fu.add_argument("--out", required=True)
     fu.set_defaults(func=cmd_fuse)
+
+    dl = sub.add_parser("download", help="fetch a data spec (minimind:, gsm8k:, hf:owner/name[@rev]/path, local glob)")
+    dl.add_argument("spec")
+    dl.add_argument("--kind", choices=["pretrain", "sft"], help="what the data is for (minimind:auto needs it)")
+    dl.add_argument("--out", required=True, help="a new dir: the file (hub) or a manifest naming the files (local)")
+    dl.add_argument("--max-download-mb", type=float, default=2048)
+    dl.set_defaults(func=cmd_download)
+
+    pt = sub.add_parser("pretokenize", help="tokenize data specs into training shards (what the pipeline's stage does)")
+    pt.add_argument("specs", nargs="+", help="training data specs")
+    pt.add_argument("--val", action="append", default=[], metavar="SPEC", help="held-out data (default: 1%% of train)")
+    pt.add_argument("--kind", choices=["pretrain", "sft"], required=True)
+    pt.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer dir")
+    pt.add_argument("--out", required=True, help="a new dir for the shards")
+    pt.add_argument("--format", default="auto", choices=["auto", "text", "conversations", "instruction", "alpaca", "gsm8k", "ids"])
+    pt.add_argument("--prompt-format")
+    pt.add_argument("--response-format")
+    pt.add_argument("--system-prompt")
+    pt.add_argument("--max-tokens", type=int, help="per-document token limit")
+    pt.add_argument("--overlong", choices=["truncate", "drop"], default="truncate")
+    pt.add_argument("--val-fraction", type=float, default=0.01)
+    pt.add_argument("--workers", type=int, default=0, help="processes; 0: every core (one for small inputs)")
+    pt.add_argument("--max-download-mb", type=float, default=2048)
+    pt.set_defaults(func=cmd_pretokenize)
     return parser
 
 

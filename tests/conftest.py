@@ -65,13 +65,13 @@ def kill_after_first_checkpoint(job, tmp_path: Path) -> int:
     return checkpoint.list_checkpoints(out / "checkpoints")[-1][0]
 
 
-def hf_model_dir(path: Path, tokenizer_dir: Path, model_type: str = "qwen3") -> Path:
+def hf_model_dir(path: Path, tokenizer_dir: Path, model_type: str = "qwen3", vocab_size: int = 512) -> Path:
     """A tiny model in the layout Hugging Face / mlx-lm write (config.json, model.safetensors, tokenizer)."""
     from mlxcore import checkpoint
     from mlxcore.model import from_config
 
     common = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                  num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=512, max_position_embeddings=512,
+                  num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=vocab_size, max_position_embeddings=1024,
                   rope_theta=1e6, torch_dtype="float32")
     configs = {
         "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True),

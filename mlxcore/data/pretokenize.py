@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import os
 import sys
@@ -42,10 +43,10 @@ import numpy as np
 from mlxcore.data import records
 from mlxcore.data import tokenizer as tokenizers
 from mlxcore.data.records import DataError
-from mlxcore.io import atomic_dir, path_digest, read_manifest, write_manifest
+from mlxcore.io import atomic_dir, dir_digest, is_complete, path_digest, read_manifest, write_manifest
 
 SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB of uint16 per shard
-INLINE_BYTES = 8 << 20  # below this much input, tokenize in this process (no worker start-up)
+INLINE_BYTES = 2 << 20  # below this much input, tokenize in this process (no worker start-up)
 SPLITS = ("train", "val")
 
 
@@ -121,8 +122,8 @@ class Encoder:
                     chats.append((r, chat_segments(self.hf, ex), where))
                 except DataError as e:
                     raise DataError(f"{where}: {e}") from None
-        if len(texts) == len(items) and not self.max_tokens:  # plain text, nothing to cut: vectorised
-            return self._pack_texts(self._encode(texts))
+        if len(texts) == len(items) and not self.max_tokens:  # plain text, nothing to cut
+            return self._joined(texts) or self._pack_texts(self._encode(texts))
         for r, ids in zip(text_rows, self._encode(texts)):
             docs[r] = (ids + [self.separator], None, "")
         flat = self._encode([text for _, segs, _ in chats for text, _ in segs])
@@ -135,6 +136,29 @@ class Encoder:
             pos += len(segs)
             docs[r] = (ids, mask, "")
         return self._pack(docs)
+
+    def _joined(self, texts: list[str], group: int = 16) -> dict | None:
+        """Encode documents in groups joined by the separator token, or None if that is unsafe.
+
+        The tokenizer splits special tokens out of the text before anything else, so the result
+        equals encoding each document and appending the separator, with 16x fewer Python objects
+        (measured 15% less time; much longer strings encode slower). Unsafe when the separator is
+        not a special token or a document contains its text; checked by counting separators too.
+        """
+        sep_text = self.separator_text
+        if not sep_text or any(sep_text in t for t in texts):
+            return None
+        groups = [sep_text.join(texts[i : i + group]) + sep_text for i in range(0, len(texts), group)]
+        ids = _flat(self._encode(groups), self.dtype)
+        ends = np.flatnonzero(ids == self.separator) + 1
+        if len(ends) != len(texts):
+            return None
+        return {"ids": ids, "lengths": np.diff(ends, prepend=0), "mask": None, "stats": {"rows": len(texts)}}
+
+    @functools.cached_property
+    def separator_text(self) -> str | None:
+        token = self.backend.get_added_tokens_decoder().get(self.separator)
+        return token.content if token is not None and token.special else None
 
     def _pack_texts(self, id_lists: list[list[int]]) -> dict:
         """Documents back to back, each followed by the separator."""
@@ -311,7 +335,7 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, kind: str, out_dir: str 
 
     `source` holds the format options (`SourceConfig` fields: format, field names, templates,
     system_prompt, val_fraction, val_max_rows, overlong); `max_tokens` the per-document limit.
-    `workers=0` uses every core (or this process alone for inputs under 8 MB).
+    `workers=0` uses every core (or this process alone for inputs under 2 MB).
     `on_progress(bytes_done, bytes_total)` is called as chunks are written.
     """
     if kind not in ("pretrain", "sft"):
@@ -319,8 +343,9 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, kind: str, out_dir: str 
     opts = dict(source or {})
     fmt = opts.get("format", "auto")
     files = resolve_inputs(inputs, kind)
-    tok_manifest = read_manifest(tokenizer_dir, "tokenizer")
     tok = tokenizers.load(tokenizer_dir)
+    tok_digest = (read_manifest(tokenizer_dir, "tokenizer")["digest"] if is_complete(tokenizer_dir)
+                  else dir_digest(tokenizer_dir, tokenizers.TOKENIZER_FILES))  # a plain HF tokenizer dir
     vocab = len(tok)
     separator = tokenizers.special_ids(tok)["separator"]
     dtype = token_dtype(vocab)
@@ -367,7 +392,7 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, kind: str, out_dir: str 
             raise DataError(f"no {kind} training rows are left (read {stats['rows']}; see dropped / truncated counts: "
                             f"{dict(stats)}); check max_tokens and overlong")
         config = {"kind": kind, "inputs": {s: [path_digest(p) for p in ps] for s, ps in files.items()},
-                  "tokenizer": tok_manifest["digest"], "format": opts, "max_tokens": max_tokens}
+                  "tokenizer": tok_digest, "format": opts, "max_tokens": max_tokens}
         return write_manifest(tmp, "tokens", config, task=kind, vocab_size=vocab, dtype=dtype.name,
                               separator_id=separator, splits=splits,
                               stats={"rows": 0, "truncated": 0, "dropped_overlong": 0, "dropped_no_labels": 0, **stats},
@@ -397,7 +422,8 @@ class _Pool:
             import multiprocessing
 
             ctx = multiprocessing.get_context("spawn")  # never fork a process holding MLX / Prefect threads
-            self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=self.args)
+            with _main_module_hidden():
+                self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=self.args)
         else:
             self.encoder = Encoder(*self.args)
         return self
@@ -427,6 +453,22 @@ def _closing(bar):
     finally:
         if bar is not None:
             bar.close()
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Spawned workers would re-run the caller's main module (imports and all, seconds for a CLI
+    or notebook, and an error for a script without a __main__ guard); the worker code lives
+    here, so they are told there is no main module to prepare."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    try:
+        for k in saved:
+            setattr(main, k, None) if k == "__spec__" else delattr(main, k)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
 
 
 def _bar(total: int, desc: str):

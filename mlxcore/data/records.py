@@ -36,7 +36,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 FORMATS = ("auto", "text", "conversations", "instruction", "alpaca", "gsm8k", "ids")
 CHAT_FORMATS = ("conversations", "instruction", "alpaca", "gsm8k")
 CHUNK_ROWS = 1024
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 256 << 10  # per worker task: small enough to balance the last tasks
 MAX_LINE_BYTES = 8 << 20  # a longer JSONL line is refused before it is held in memory
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from mlxcore.config import TokenizerConfig
 from mlxcore.data.records import read_rows
 from mlxcore.io import atomic_dir, write_manifest
+
+if TYPE_CHECKING:  # pretokenize's worker processes import this module; pydantic configs are not needed there
+    from mlxcore.config import TokenizerConfig
 
 TOKENIZER_FILES = (
     "tokenizer.json",

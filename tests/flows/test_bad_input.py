@@ -1,0 +1,96 @@
+"""The bad-input corpus (tests/data/bad): each file or spec fails with file:line (or the spec),
+a non-zero exit, and no output directory, whether through `mlxflow pretokenize` or the pipeline."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+
+BAD = Path(__file__).resolve().parent.parent / "data" / "bad"
+REPO = BAD.parent.parent.parent
+
+CASES = {  # file: (expected message after "<path>", kind)
+    "malformed_json.jsonl": (":2: invalid JSON: Expecting ',' delimiter", "sft"),
+    "empty.jsonl": (": no rows (empty file)", "sft"),
+    "missing_field.jsonl": (":2: missing field 'answer' (gsm8k format)", "sft"),
+    "wrong_type.jsonl": (":2: field 'output' must be a string, got int", "sft"),
+    "non_utf8.jsonl": (":2: not UTF-8 text (byte 0xe9 at column 47)", "sft"),
+    "wrong_vocab_ids.jsonl": (":2: token id 99999 is out of range for the tokenizer's 512 tokens", "sft"),
+    "array_with_string.json": (":2: expected a JSON object, got str", "sft"),
+}
+
+
+def _no_output(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_file_fails_naming_file_and_line_with_no_output(name, small_data, tmp_path, capsys):
+    expect, kind = CASES[name]
+    out = tmp_path / "out"
+    code = main(["pretokenize", str(BAD / name), "--kind", kind, "--tokenizer", str(small_data["tok"]), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{BAD / name}{expect}" in err, err
+    _no_output(out)
+
+
+def test_a_10mb_single_line_is_refused_without_reading_it_all(small_data, tmp_path, capsys):
+    big = tmp_path / "one_line.jsonl"
+    big.write_bytes(b'{"text": "' + b"a" * (10 << 20) + b'"}\n')
+    out = tmp_path / "out"
+    code = main(["pretokenize", str(big), "--kind", "pretrain", "--tokenizer", str(small_data["tok"]), "--out", str(out)])
+    assert code == 1 and f"{big}:1: a single line of over 8 MB" in capsys.readouterr().err
+    _no_output(out)
+
+
+@pytest.mark.parametrize("spec, expect", [
+    ("s3:bucket/data.jsonl", "unknown spec prefix 's3:'"),
+    ("hf:owner/name/../../etc/passwd", "'..'"),
+    ("minimind:../secrets.jsonl", "bare file name"),
+    ("gsm8k:validation", "gsm8k"),
+])
+def test_bad_specs_fail_naming_the_spec_before_any_network(spec, expect, small_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: a request would fail differently
+    out = tmp_path / "out"
+    code = main(["pretokenize", spec, "--kind", "sft", "--tokenizer", str(small_data["tok"]), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"data spec '{spec}'" in err and expect in err, err
+    _no_output(out)
+
+
+def test_the_console_command_exits_non_zero(small_data, tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "pretokenize", str(BAD / "missing_field.jsonl"), "--kind", "sft",
+                          "--tokenizer", str(small_data["tok"]), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and f"{BAD / 'missing_field.jsonl'}:2: missing field 'answer'" in run.stderr
+    _no_output(out)
+
+
+def _pipeline(tmp_path, *sets):
+    return main(["run", "pipeline", "--config", str(REPO / "configs/smoke.yaml"), "--set", f"out_dir={tmp_path}", *sum((["--set", s] for s in sets), [])])
+
+
+def test_pipeline_with_a_bad_file_fails_at_pretokenize_and_leaves_no_partial_stage(tmp_path, capsys):
+    code = _pipeline(tmp_path, f"data.sft.train=[{BAD / 'wrong_type.jsonl'}]")
+    assert code == 1 and f"{BAD / 'wrong_type.jsonl'}:2: field 'output' must be a string" in capsys.readouterr().err
+    run = tmp_path / "smoke"
+    assert not list(run.glob("pretokenize-*")) or all((d / "manifest.json").is_file() for d in run.glob("pretokenize-*"))
+    assert not list(run.glob(".tmp-*")) and not list(run.glob("pretrain-*"))
+
+
+def test_pipeline_with_a_traversal_spec_fails_naming_it(tmp_path, capsys):
+    code = _pipeline(tmp_path, "data.sft.train=['hf:a/b@main/../../x.jsonl']")
+    err = capsys.readouterr().err
+    assert code == 1 and "data spec 'hf:a/b@main/../../x.jsonl'" in err, err
+    assert not list((tmp_path / "smoke").glob("download-*"))
+
+
+def test_model_vocab_that_does_not_match_the_tokenizer_fails_naming_the_field(tmp_path, capsys):
+    code = _pipeline(tmp_path, "model.vocab_size=999")
+    err = capsys.readouterr().err
+    assert code == 1 and "model.vocab_size=999 does not match the tokenizer's 512 tokens" in err, err
+    assert not list((tmp_path / "smoke").glob("pretrain-*/model"))

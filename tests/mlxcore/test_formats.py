@@ -1,0 +1,211 @@
+"""Every input format and file type becomes the right tokens and loss masks; parallel = serial."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mlxcore.data import pretokenize, records, tokenizer as tokenizers
+from mlxcore.data.records import DataError
+from mlxcore.io import read_manifest
+
+
+def _docs(out, split="train"):
+    """[(tokens, mask | None)] of every document of a split, across shards."""
+    m = read_manifest(out)
+    docs = []
+    for shard in m["splits"][split]["shards"]:
+        stem = out / split / shard["name"]
+        toks = np.fromfile(f"{stem}.tokens.bin", dtype=m["dtype"])
+        index = np.fromfile(f"{stem}.index.bin", dtype=np.int64)
+        mask_path = stem.with_name(stem.name + ".mask.bin")
+        mask = np.fromfile(mask_path, dtype=np.uint8) if mask_path.exists() else None
+        docs += [(toks[a:b], None if mask is None else mask[a:b]) for a, b in zip(index[:-1], index[1:])]
+    return docs
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _sft(tmp_path, small_data, rows, name="rows.jsonl", out="out", **source):
+    src = _write(tmp_path / name, rows)
+    out = tmp_path / out
+    m = pretokenize.pretokenize({"train": [src], "val": [src]}, small_data["tok"], "sft", out, source=source,
+                                progress_bar=False)
+    return m, _docs(out), tokenizers.load(small_data["tok"])
+
+
+def _learned(tok, doc):
+    toks, mask = doc
+    return tok.decode(toks[mask == 1])
+
+
+CASES = {  # format: (row, user turn, assistant turn)
+    "conversations": ({"conversations": [{"role": "user", "content": "Sort: 3 1"}, {"role": "assistant", "content": "1 3"}]},
+                      "Sort: 3 1", "1 3"),
+    "messages": ({"messages": [{"role": "user", "content": "Copy: ab"}, {"role": "assistant", "content": "ab"}]}, "Copy: ab", "ab"),
+    "sharegpt": ({"conversations": [{"from": "human", "value": "hi there"}, {"from": "gpt", "value": "hello"}]}, "hi there", "hello"),
+    "alpaca": ({"instruction": "Add the numbers", "input": "2 and 3", "output": "5"}, "Add the numbers\n\n2 and 3", "5"),
+    "alpaca_no_input": ({"instruction": "Say yes", "input": "", "output": "yes"}, "Say yes", "yes"),
+    "gsm8k": ({"question": "What is 2+3?", "answer": "2+3=<<2+3=5>>5\n#### 5"}, "What is 2+3?", "2+3=<<2+3=5>>5\n#### 5"),
+    "instruction": ({"prompt": "Name a color", "response": "red"}, "Name a color", "red"),
+    "completion": ({"prompt": "Name a fruit", "completion": "plum"}, "Name a fruit", "plum"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_sft_format_is_detected_rendered_and_masked_to_the_answer(case, tmp_path, small_data):
+    row, user, answer = CASES[case]
+    m, docs, tok = _sft(tmp_path, small_data, [row] * 3)
+    fmt = "conversations" if case in ("messages", "sharegpt") else "instruction" if case == "completion" else case.split("_")[0]
+    assert m["formats"] == {"rows.jsonl": fmt}
+    assert len(docs) == 3 and m["stats"]["rows"] == 6
+    msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    for doc in docs:
+        assert tok.decode(doc[0]) == tok.apply_chat_template(msgs, tokenize=False)
+        assert _learned(tok, doc) == answer + tok.eos_token
+
+
+def test_templates_custom_fields_and_system_prompt(tmp_path, small_data):
+    rows = [{"q": "2+2", "a": "4", "id": 7}]
+    _, docs, tok = _sft(tmp_path, small_data, rows, format="instruction", prompt_format="Q{id}: {q}?",
+                        response_format="A: {a}", system_prompt="Be brief.")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q7: 2+2?"},
+            {"role": "assistant", "content": "A: 4"}]
+    assert tok.decode(docs[0][0]) == tok.apply_chat_template(msgs, tokenize=False)
+    assert _learned(tok, docs[0]) == "A: 4" + tok.eos_token
+    _, docs, _ = _sft(tmp_path, small_data, [{"ask": "hi", "say": "yo"}], name="b.jsonl", out="b", format="instruction",
+                      prompt_field="ask", response_field="say")
+    assert _learned(tok, docs[0]) == "yo" + tok.eos_token
+
+
+def test_a_template_naming_a_missing_field_is_a_row_error(tmp_path, small_data):
+    with pytest.raises(DataError, match=r"rows.jsonl:1: prompt_format 'Q: \{question\}' needs field 'question'"):
+        _sft(tmp_path, small_data, [{"q": "x", "response": "y"}], format="instruction", prompt_format="Q: {question}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_multi_turn_masks_every_assistant_turn(tmp_path, small_data):
+    conv = [{"role": "system", "content": "sys"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    _, docs, tok = _sft(tmp_path, small_data, [{"messages": conv}])
+    assert _learned(tok, docs[0]) == "b" + tok.eos_token + "d" + tok.eos_token
+
+
+def test_pretokenized_ids_are_used_as_they_are(tmp_path, small_data):
+    rows = [{"ids": [5, 6, 7, 8], "mask": [0, 0, 1, 1]}, {"ids": [9, 10, 11], "labels": [-100, 10, 11]}]
+    _, docs, _ = _sft(tmp_path, small_data, rows)
+    assert [d[0].tolist() for d in docs] == [[5, 6, 7, 8], [9, 10, 11]]
+    assert [d[1].tolist() for d in docs] == [[0, 0, 1, 1], [0, 1, 1]]
+    src = _write(tmp_path / "pt.jsonl", [{"ids": [1, 2, 3]}, {"ids": [4]}])
+    pretokenize.pretokenize({"train": [src], "val": [src]}, small_data["tok"], "pretrain", tmp_path / "pt", progress_bar=False)
+    assert [d[0].tolist() for d in _docs(tmp_path / "pt")] == [[1, 2, 3], [4]]  # no separator added
+
+
+def test_chat_rows_can_be_pretraining_text(tmp_path, small_data):
+    row = CASES["alpaca"][0]
+    src = _write(tmp_path / "a.jsonl", [row])
+    pretokenize.pretokenize({"train": [src], "val": [src]}, small_data["tok"], "pretrain", tmp_path / "o", progress_bar=False)
+    tok = tokenizers.load(small_data["tok"])
+    (toks, mask), = _docs(tmp_path / "o")
+    msgs = [{"role": "user", "content": CASES["alpaca"][1]}, {"role": "assistant", "content": "5"}]
+    assert mask is None and tok.decode(toks[:-1]) == tok.apply_chat_template(msgs, tokenize=False)
+
+
+def test_parquet_json_array_and_txt_inputs(tmp_path, small_data):
+    table = pa.table({"question": ["1+1?", "2+2?"], "answer": ["#### 2", "#### 4"]})
+    pq.write_table(table, tmp_path / "g.parquet")
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "hi", "input": "", "output": "yo"}] * 2))
+    tok = tokenizers.load(small_data["tok"])
+    for name in ("g.parquet", "a.json"):
+        out = tmp_path / f"out-{name}"
+        src = tmp_path / name
+        pretokenize.pretokenize({"train": [src], "val": [src]}, small_data["tok"], "sft", out, progress_bar=False)
+        learned = [_learned(tok, d) for d in _docs(out)]
+        assert learned == (["#### 2<|im_end|>", "#### 4<|im_end|>"] if name.endswith("parquet") else ["yo<|im_end|>"] * 2)
+    (tmp_path / "t.txt").write_text("First para\nline two\n\n\n  \nSecond para\n")
+    pretokenize.pretokenize({"train": [tmp_path / "t.txt"], "val": [tmp_path / "t.txt"]}, small_data["tok"], "pretrain",
+                            tmp_path / "txt", progress_bar=False)
+    assert [tok.decode(d[0][:-1]) for d in _docs(tmp_path / "txt")] == ["First para\nline two", "Second para"]
+
+
+def test_overlong_rows_are_truncated_or_dropped_and_counted(tmp_path, small_data):
+    short = {"prompt": "a", "response": "b"}
+    long_answer = {"prompt": "a", "response": "word " * 200}
+    long_prompt = {"prompt": "word " * 200, "response": "b"}  # the answer is cut away entirely
+    rows = [short, long_answer, long_prompt]
+    m, docs, tok = _sft(tmp_path, small_data, rows, max_tokens=None)
+    assert m["stats"]["truncated"] == 0 and len(docs) == 3
+    for overlong, kept, stats in (("truncate", 2, {"truncated": 4, "dropped_no_labels": 2, "dropped_overlong": 0}),
+                                  ("drop", 1, {"truncated": 0, "dropped_no_labels": 0, "dropped_overlong": 4})):
+        out = tmp_path / overlong
+        src = tmp_path / "rows.jsonl"
+        m = pretokenize.pretokenize({"train": [src], "val": [src]}, small_data["tok"], "sft", out, max_tokens=64,
+                                    source={"overlong": overlong}, progress_bar=False)
+        assert {k: m["stats"][k] for k in stats} == stats and m["stats"]["rows"] == 6
+        docs = _docs(out)
+        assert len(docs) == kept and all(len(t) <= 64 for t, _ in docs)
+
+
+def test_held_out_rows_are_a_fixed_capped_fraction_of_train(tmp_path, small_data):
+    rows = [{"text": f"document number {i}"} for i in range(2000)]
+    src = _write(tmp_path / "t.jsonl", rows)
+    tok = tokenizers.load(small_data["tok"])
+
+    def run(name, **source):
+        out = tmp_path / name
+        pretokenize.pretokenize({"train": [src]}, small_data["tok"], "pretrain", out, source=source, progress_bar=False)
+        return {s: [tok.decode(t[:-1]) for t, _ in _docs(out, s)] for s in ("train", "val")}
+
+    a, b = run("a", val_fraction=0.05), run("b", val_fraction=0.05)
+    assert a == b and 70 <= len(a["val"]) <= 130
+    assert sorted(a["train"] + a["val"]) == sorted(r["text"] for r in rows) and not set(a["train"]) & set(a["val"])
+    capped = run("c", val_fraction=0.05, val_max_rows=10)
+    assert capped["val"] == a["val"][:10]
+
+
+def test_worker_processes_write_the_same_bytes_as_one_process(tmp_path, small_data, monkeypatch):
+    monkeypatch.setattr(records, "CHUNK_BYTES", 4096)  # many chunks, read in this process
+    rows = [{"conversations": [{"role": "user", "content": f"Compute: {i} + {i}"}, {"role": "assistant", "content": str(2 * i)}]}
+            for i in range(3000)]
+    src = _write(tmp_path / "c.jsonl", rows)
+    outs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        m = pretokenize.pretokenize({"train": [src]}, small_data["tok"], "sft", out, workers=workers, progress_bar=False)
+        outs[workers] = (m["digest"], {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.bin"))})
+    assert outs[1] == outs[2] and len(outs[1][1]) == 6
+
+
+def test_progress_is_reported_up_to_the_total(tmp_path, small_data, monkeypatch):
+    monkeypatch.setattr(records, "CHUNK_BYTES", 2048)
+    src = _write(tmp_path / "t.jsonl", [{"text": "some words " * 20}] * 300)
+    seen = []
+    pretokenize.pretokenize({"train": [src]}, small_data["tok"], "pretrain", tmp_path / "o",
+                            on_progress=lambda done, total: seen.append((done, total)), progress_bar=False)
+    total = src.stat().st_size
+    assert len(seen) > 10 and seen[-1] == (total, total)
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+
+
+def test_worker_processes_do_not_rerun_the_callers_script(tmp_path, small_data):
+    """A script without a __main__ guard (a notebook export, a quick script) still works with workers."""
+    import subprocess
+    import sys
+
+    src = _write(tmp_path / "t.jsonl", [{"text": f"line {i}"} for i in range(500)])
+    marker = tmp_path / "runs.txt"
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from mlxcore.data import pretokenize\n"
+        f"open({str(marker)!r}, 'a').write('ran\\n')\n"
+        f"m = pretokenize.pretokenize({{'train': [{str(src)!r}]}}, {str(small_data['tok'])!r}, 'pretrain', "
+        f"{str(tmp_path / 'out')!r}, workers=2, progress_bar=False)\n"
+        "print(m['splits']['train']['num_docs'] + m['splits']['val']['num_docs'])\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["500"] and marker.read_text() == "ran\n"
