@@ -21,7 +21,7 @@ def loss_ppl(checkpoint: str | Path, data_dir: str | Path, split: str = "val", b
     if data["vocab_size"] > config["vocab_size"]:
         raise ValueError(f"{checkpoint} has {config['vocab_size']} tokens, {data_dir} was tokenized with {data['vocab_size']}")
     pad = config.get("pad_token_id") or 0
-    batches = open_batches(data_dir, split, batch_size, seq_len, shuffle=False, pad_id=pad)
+    batches = open_batches(data_dir, split, batch_size, seq_len, shuffle=False, pad_id=pad, shrink=True)
     taken = batches.take(max_batches or batches.batches_per_epoch)
     # chunk the logits when a batch's would pass 256 MB (large vocabularies)
     big = batch_size * seq_len * config["vocab_size"] > (1 << 26)

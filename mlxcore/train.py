@@ -259,7 +259,7 @@ def run(job: TrainJob, callback: TrainingCallback | None = None) -> dict:
                          rank=rank, world=cfg.world_size, **buckets)
     # held-out batches are global batches (the same data whatever the world size); ranks share them out
     val = open_batches(job.data_dir, "val", cfg.batch_size * cfg.world_size, cfg.seq_len, shuffle=False, pad_id=pad,
-                       pad_multiple=cfg.pad_multiple)
+                       pad_multiple=cfg.pad_multiple, shrink=True)
     return fit(model, config, cfg, train, val, job.out_dir, tokenizer_dir=tok_dir, callback=callback,
                adapter_config=adapter_config, group=group)
 

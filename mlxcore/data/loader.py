@@ -51,7 +51,9 @@ class _Batches:
     bucket_keys: np.ndarray | None = None  # per-item sort key when bucketing
     bucket_window: int = 32
 
-    def __init__(self, batch_size: int, seed: int, shuffle: bool, rank: int, world: int):
+    def __init__(self, batch_size: int, seed: int, shuffle: bool, rank: int, world: int, shrink: bool = False):
+        if shrink and 0 < self.num_items < batch_size * world:  # a small held-out split: smaller batches
+            batch_size = max(1, self.num_items // world)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world = rank, world
         self._perm_epoch, self._perm = None, None
@@ -107,12 +109,12 @@ class _Batches:
 
 
 class PackedBatches(_Batches):
-    def __init__(self, data_dir, split, batch_size, seq_len, seed=0, shuffle=True, rank=0, world=1):
+    def __init__(self, data_dir, split, batch_size, seq_len, seed=0, shuffle=True, rank=0, world=1, shrink=False):
         self.data, self.seq_len = _Shards(data_dir, split), seq_len
         counts = [max(0, (len(t) - 1) // seq_len) for t in self.data.tokens]
         self._starts = np.cumsum([0] + counts)
         self.num_items = int(self._starts[-1])
-        super().__init__(batch_size, seed, shuffle, rank, world)
+        super().__init__(batch_size, seed, shuffle, rank, world, shrink)
 
     def _collate(self, items):
         T = self.seq_len
@@ -126,7 +128,7 @@ class PackedBatches(_Batches):
 
 class SFTBatches(_Batches):
     def __init__(self, data_dir, split, batch_size, seq_len, seed=0, shuffle=True, rank=0, world=1, pad_id=0,
-                 bucket="none", bucket_window=32, pad_multiple=32):
+                 bucket="none", bucket_window=32, pad_multiple=32, shrink=False):
         self.data, self.seq_len, self.pad_id = _Shards(data_dir, split), seq_len, pad_id
         self.pad_multiple = pad_multiple
         if self.data.masks[0] is None:
@@ -141,7 +143,7 @@ class SFTBatches(_Batches):
         if bucket != "none":
             self.bucket_window = bucket_window
             self.bucket_keys = np.minimum(lengths, seq_len + 1) if bucket == "length" else self._label_counts()
-        super().__init__(batch_size, seed, shuffle, rank, world)
+        super().__init__(batch_size, seed, shuffle, rank, world, shrink)
 
     def _label_counts(self) -> np.ndarray:
         """Trainable tokens per row, after truncation to seq_len + 1."""
@@ -170,13 +172,15 @@ class SFTBatches(_Batches):
 
 
 def open_batches(data_dir, split, batch_size, seq_len, seed=0, shuffle=True, rank=0, world=1, pad_id=0,
-                 bucket="none", bucket_window=32, pad_multiple=32):
+                 bucket="none", bucket_window=32, pad_multiple=32, shrink=False):
     """PackedBatches or SFTBatches, whichever the dataset's manifest says it is.
 
     Bucketing and padding options apply to SFT data; packed pretraining rows are all seq_len long.
+    `shrink` (evaluation): a split with fewer items than one batch gets smaller batches instead of
+    an error.
     """
     task = read_manifest(data_dir, "tokens")["task"]
     if task == "sft":
         return SFTBatches(data_dir, split, batch_size, seq_len, seed, shuffle, rank, world, pad_id,
-                          bucket, bucket_window, pad_multiple)
-    return PackedBatches(data_dir, split, batch_size, seq_len, seed, shuffle, rank, world)
+                          bucket, bucket_window, pad_multiple, shrink)
+    return PackedBatches(data_dir, split, batch_size, seq_len, seed, shuffle, rank, world, shrink)

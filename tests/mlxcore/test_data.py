@@ -175,9 +175,11 @@ def test_sft_batches_pad_to_a_multiple_of_32_and_mask_the_padding(small_data):
         assert row[n:].sum() == 0 and row[:n].sum() > 0
 
 
-def test_too_little_data_for_one_batch_is_explained(small_data):
+def test_too_little_data_for_one_batch_is_explained_unless_evaluating(small_data):
     with pytest.raises(ValueError, match="cannot fill one batch"):
         loader.open_batches(small_data["pretrain"], "val", 4096, 64)
+    small = loader.open_batches(small_data["sft"], "val", 4096, 64, shrink=True)  # held-out: smaller batches
+    assert small.batch_size == 80 and len(small.take(10)) == 1
 
 
 # ------------------------------------------------------------------ bad input
