@@ -44,19 +44,18 @@ def held_out_prompts(data_dir: str | Path, n: int, split: str = "val") -> list[d
     """
     import numpy as np
 
-    from mlxcore.data.loader import _Shards
+    from mlxcore.data.loader import documents
 
-    shards, out = _Shards(data_dir, split), []
-    if shards.masks[0] is None:
-        raise ValueError(f"{data_dir}: not an SFT dataset (no loss masks)")
-    for tokens, index, mask in zip(shards.tokens, shards.index, shards.masks):
-        for lo, hi in zip(index[:-1], index[1:]):
-            if len(out) == n:
-                return out
-            m = np.asarray(mask[lo:hi])
-            start = int(m.argmax())
-            stop = start + (int(m[start:].argmin()) or len(m) - start)
-            out.append({"prompt": tokens[lo : lo + start].tolist(), "expected": tokens[lo + start : lo + stop].tolist()})
+    out = []
+    for tokens, mask in documents(data_dir, split):
+        if mask is None:
+            raise ValueError(f"{data_dir}: not an SFT dataset (no loss masks)")
+        if len(out) == n:
+            break
+        m = np.asarray(mask)
+        start = int(m.argmax())
+        stop = start + (int(m[start:].argmin()) or len(m) - start)
+        out.append({"prompt": tokens[:start].tolist(), "expected": tokens[start:stop].tolist()})
     return out
 
 

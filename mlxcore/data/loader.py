@@ -45,6 +45,14 @@ class _Shards:
             self.masks.append(np.memmap(mask, dtype=np.uint8, mode="r") if mask.exists() else None)
 
 
+def documents(data_dir: str | Path, split: str):
+    """Yield (tokens, loss mask or None) of every document of a split, in file order."""
+    data = _Shards(data_dir, split)
+    for tokens, index, mask in zip(data.tokens, data.index, data.masks):
+        for lo, hi in zip(index[:-1], index[1:]):
+            yield tokens[lo:hi], None if mask is None else mask[lo:hi]
+
+
 class _Batches:
     """Shared cursor logic: items are integers 0..len-1, visited per-epoch in a permutation."""
 

@@ -391,6 +391,10 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, kind: str, out_dir: str 
         if splits["train"]["num_docs"] == 0:
             raise DataError(f"no {kind} training rows are left (read {stats['rows']}; see dropped / truncated counts: "
                             f"{dict(stats)}); check max_tokens and overlong")
+        if splits["val"]["num_docs"] == 0:
+            how = (f"{stats['rows']} rows x val_fraction {holdout.fraction} held out none; raise val_fraction"
+                   if holdout is not None else "the val files left no rows")
+            raise DataError(f"no {kind} held-out rows: {how}, or give val files")
         config = {"kind": kind, "inputs": {s: [path_digest(p) for p in ps] for s, ps in files.items()},
                   "tokenizer": tok_digest, "format": opts, "max_tokens": max_tokens}
         return write_manifest(tmp, "tokens", config, task=kind, vocab_size=vocab, dtype=dtype.name,

@@ -2,7 +2,6 @@
 hub serves it (parquet under main/), size-guarded, cached, and still used when the hub is gone."""
 
 import io
-import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -3,27 +3,16 @@ with MiniMind's tokenizer, and tinyshakespeare through the pipeline with a BPE t
 
 import json
 
-import numpy as np
 import pytest
 
 from mlxcore.config import FinetuneConfig, PipelineConfig, load_config
 from mlxcore.data import tokenizer as tokenizers
+from mlxcore.data.loader import documents
 from mlxcore.io import read_manifest
 
 from tests.conftest import REPO, hf_model_dir
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-def _docs(data_dir, split):
-    m = read_manifest(data_dir)
-    for shard in m["splits"][split]["shards"]:
-        stem = f"{data_dir}/{split}/{shard['name']}"
-        toks = np.fromfile(f"{stem}.tokens.bin", dtype=m["dtype"])
-        index = np.fromfile(f"{stem}.index.bin", dtype=np.int64)
-        mask = np.fromfile(f"{stem}.mask.bin", dtype=np.uint8) if (m["task"] == "sft") else None
-        for a, b in zip(index[:-1], index[1:]):
-            yield toks[a:b], None if mask is None else mask[a:b]
 
 
 def test_gsm8k_sft_with_the_minimind_tokenizer(test_data, tmp_path):
@@ -52,7 +41,7 @@ def test_gsm8k_sft_with_the_minimind_tokenizer(test_data, tmp_path):
     rows = [json.loads(line) for line in open(gsm8k / "train.jsonl")]
     learned, prompts = [], []
     for split in ("train", "val"):
-        for toks, mask in _docs(data_dir, split):
+        for toks, mask in documents(data_dir, split):
             learned.append(tok.decode(toks[mask == 1]))
             prompts.append(tok.decode(toks[mask == 0]))
     # the loss sees every answer, all of it, and nothing else
@@ -87,6 +76,6 @@ def test_tinyshakespeare_pretraining_with_a_bpe_trained_on_it(test_data, tmp_pat
     paragraphs = [p for p in text.read_text().split("\n\n") if p.strip()]
     assert m["formats"] == {"input.txt": "text"}
     assert m["splits"]["train"]["num_docs"] + m["splits"]["val"]["num_docs"] == len(paragraphs)
-    docs = list(_docs(data, "val"))
+    docs = list(documents(data, "val"))
     assert all(toks[-1] == 0 for toks, _ in docs)  # each paragraph ends with the separator
     assert set(tok.decode(t[:-1]) for t, _ in docs) <= set(p.strip("\n") for p in paragraphs)

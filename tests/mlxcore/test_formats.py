@@ -2,28 +2,17 @@
 
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from mlxcore.data import pretokenize, records, tokenizer as tokenizers
+from mlxcore.data.loader import documents
 from mlxcore.data.records import DataError
-from mlxcore.io import read_manifest
 
 
 def _docs(out, split="train"):
-    """[(tokens, mask | None)] of every document of a split, across shards."""
-    m = read_manifest(out)
-    docs = []
-    for shard in m["splits"][split]["shards"]:
-        stem = out / split / shard["name"]
-        toks = np.fromfile(f"{stem}.tokens.bin", dtype=m["dtype"])
-        index = np.fromfile(f"{stem}.index.bin", dtype=np.int64)
-        mask_path = stem.with_name(stem.name + ".mask.bin")
-        mask = np.fromfile(mask_path, dtype=np.uint8) if mask_path.exists() else None
-        docs += [(toks[a:b], None if mask is None else mask[a:b]) for a, b in zip(index[:-1], index[1:])]
-    return docs
+    return list(documents(out, split))
 
 
 def _write(path, rows):
@@ -209,3 +198,10 @@ def test_worker_processes_do_not_rerun_the_callers_script(tmp_path, small_data):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["500"] and marker.read_text() == "ran\n"
+
+
+def test_a_dataset_too_small_to_hold_out_a_row_says_so(tmp_path, small_data):
+    src = _write(tmp_path / "t.jsonl", [{"text": "only one"}, {"text": "and two"}])
+    with pytest.raises(DataError, match=r"no pretrain held-out rows: 2 rows x val_fraction 0.01 held out none"):
+        pretokenize.pretokenize({"train": [src]}, small_data["tok"], "pretrain", tmp_path / "o", progress_bar=False)
+    assert not (tmp_path / "o").exists()
