@@ -58,7 +58,7 @@ def prepare_data(synthetic_config: SyntheticConfig, run_dir: str) -> dict:
     return _output(out)
 
 
-@DOWNLOAD.task(task_run_name="download-{kind}-{spec}", retries=2, retry_delay_seconds=10)
+@DOWNLOAD.task(task_run_name="download-{kind}-{spec}")  # fetch() retries transient errors itself
 def download(spec: str, kind: str, max_download_mb: float, run_dir: str) -> dict:
     """Fetch a hub dataset file into the HF cache (size-guarded, retried), or pin local files."""
     out = DOWNLOAD.dir(locals())

@@ -70,10 +70,16 @@ def test_the_console_command_exits_non_zero(small_data, tmp_path):
     _no_output(out)
 
 
+@pytest.fixture
+def _server(prefect_server):
+    """The session's Prefect test server (else each pipeline run would start its own)."""
+
+
 def _pipeline(tmp_path, *sets):
     return main(["run", "pipeline", "--config", str(REPO / "configs/smoke.yaml"), "--set", f"out_dir={tmp_path}", *sum((["--set", s] for s in sets), [])])
 
 
+@pytest.mark.usefixtures("_server")
 def test_pipeline_with_a_bad_file_fails_at_pretokenize_and_leaves_no_partial_stage(tmp_path, capsys):
     code = _pipeline(tmp_path, f"data.sft.train=[{BAD / 'wrong_type.jsonl'}]")
     assert code == 1 and f"{BAD / 'wrong_type.jsonl'}:2: field 'output' must be a string" in capsys.readouterr().err
@@ -82,6 +88,7 @@ def test_pipeline_with_a_bad_file_fails_at_pretokenize_and_leaves_no_partial_sta
     assert not list(run.glob(".tmp-*")) and not list(run.glob("pretrain-*"))
 
 
+@pytest.mark.usefixtures("_server")
 def test_pipeline_with_a_traversal_spec_fails_naming_it(tmp_path, capsys):
     code = _pipeline(tmp_path, "data.sft.train=['hf:a/b@main/../../x.jsonl']")
     err = capsys.readouterr().err
@@ -89,6 +96,7 @@ def test_pipeline_with_a_traversal_spec_fails_naming_it(tmp_path, capsys):
     assert not list((tmp_path / "smoke").glob("download-*"))
 
 
+@pytest.mark.usefixtures("_server")
 def test_model_vocab_that_does_not_match_the_tokenizer_fails_naming_the_field(tmp_path, capsys):
     code = _pipeline(tmp_path, "model.vocab_size=999")
     err = capsys.readouterr().err
