@@ -1,0 +1,392 @@
+"""Final-answer extraction and acceptance checks for teacher replies.
+
+`extract_answer(text, kind)` finds the reply's final answer and normalises it:
+
+  where   The reply after its last `</think>` (an unclosed `<think>` means the answer never
+          came: None). Explicit markers first: the last `Answer: ...` line (also "Final answer:",
+          markdown bold, an answer on the line after a bare "Answer:"), else the last `#### ...`
+          line, else the last `\\boxed{...}`. The first of these that normalises wins; when the
+          reply has no marker at all, numeric kinds fall back to the last number in the text.
+  numbers `normalize_number`: "$1,234.00" -> "1234", "-3", "12.50" -> "12.5", "15%" -> "15",
+          "3/4" and "0.75" -> "0.75", "1/3" -> "1/3"; compared exactly (fractions.Fraction).
+          In a marked answer with an "=" the part after the last "=" counts ("x = -3").
+  choices `normalize_choice`: yes / no / cannot tell, with synonyms ("True", "It cannot be
+          determined", "Not enough information", "Not necessarily", ...).
+  names   case-insensitive; `choices` (the prompt's names) picks the one name the answer
+          mentions, so "Answer: Maria is the tallest." gives "maria".
+
+`check(prompt, reply, policy)` turns a reply into a `Verdict`: math / logic / reasoning replies
+pass only when the extracted answer equals the prompt's truth; knowledge replies (no truth) pass
+format checks: length bounds, no refusal, not cut off mid-sentence, no leftover think tags.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlxcore.distill.prompts import ANSWER_TYPES, CATEGORIES, canonical_number
+
+__all__ = [
+    "CategoryPolicy", "VerifyPolicy", "Verdict", "check", "extract_answer", "normalize_choice",
+    "normalize_name", "normalize_number", "strip_think", "looks_like_refusal", "looks_truncated",
+]
+
+
+class CategoryPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    verify: bool = True  # False: keep replies unchecked, marked verified=False
+    min_chars: int = Field(1, ge=0)
+    max_chars: int = Field(16_000, ge=1)
+
+
+class VerifyPolicy(BaseModel):
+    """Acceptance rules, one `CategoryPolicy` per category."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    math: CategoryPolicy = Field(default_factory=CategoryPolicy)
+    logic: CategoryPolicy = Field(default_factory=CategoryPolicy)
+    reasoning: CategoryPolicy = Field(default_factory=CategoryPolicy)
+    knowledge: CategoryPolicy = Field(default_factory=lambda: CategoryPolicy(min_chars=80, max_chars=8_000))
+    reject_think_tags: bool = True  # a reply still holding <think> / </think> is rejected
+
+    def for_category(self, category: str) -> CategoryPolicy:
+        if category not in CATEGORIES:
+            raise ValueError(f"unknown category {category!r}")
+        return getattr(self, category)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool  # keep the row
+    reason: str  # "correct", "wrong answer: got 'x', expected 'y'", "refusal", ...
+    extracted: str | None = None  # the normalised final answer (None for knowledge)
+    verified: bool = False  # ok and actually checked (False for rows kept under verify=False)
+
+
+# ------------------------------------------------------------------------------- think blocks
+
+_THINK_OPEN = re.compile(r"<think>", re.I)
+_THINK_CLOSE = re.compile(r"</think>", re.I)
+_THINK_TAG = re.compile(r"</?think>", re.I)
+
+
+def strip_think(text: str) -> str | None:
+    """The reply after its last `</think>`; None when a `<think>` block is never closed."""
+    closes = list(_THINK_CLOSE.finditer(text))
+    if closes:
+        text = text[closes[-1].end():]
+    if _THINK_OPEN.search(text):
+        return None
+    return text
+
+
+# ------------------------------------------------------------------------------------ numbers
+
+_NUMBER = re.compile(r"""
+    (?<![\w.,/])                                 # not glued to a word, a decimal point or a fraction
+    (?P<sign>[-\u2212\u2013]\s?)?
+    (?:[$€£]\s?)?
+    (?P<sign2>-)?
+    (?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)
+    (?:\s?/\s?(?P<den>\d+)(?![\d.]))?
+    (?![\d,]\d)
+""", re.X)
+_WHOLE_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:/[-+]?\d+)?")
+_THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d*)?")
+_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())}
+
+
+def _to_fraction(s: str) -> Fraction | None:
+    if "/" in s:
+        num, den = s.split("/", 1)
+        if Fraction(den) == 0:
+            return None
+        return Fraction(num) / Fraction(den)
+    return Fraction(s)
+
+
+def normalize_number(s: str) -> str | None:
+    """A whole string read as one number, canonical ("1234", "-3", "12.5", "1/3"); else None.
+
+    Tolerates surrounding space and markdown, a currency sign, thousands commas, a trailing
+    "%" or full stop, a unicode minus and zero decimals ("42.00" -> "42")."""
+    t = s.strip().strip("*_`").strip()
+    t = t.rstrip(".;:!,").strip()
+    t = (t.replace("\u2212", "-").replace("\u2013", "-").replace("\u202f", "").replace("\u2009", "")
+         .replace("\xa0", " "))
+    t = re.sub(r"(?<=\d) (?=\d{3}(?!\d))", "", t)  # "1 234" (thousands), but not "3 4"
+    t = re.sub(r"(?<=[-+$€£]) +| +(?=%)", "", t)
+    t = re.sub(r"^([-+]?)[$€£]", r"\1", t)
+    t = re.sub(r"^[$€£]([-+]?)", r"\1", t)
+    t = t.removesuffix("%")
+    if "," in t:
+        body = t.lstrip("+-")
+        if not _THOUSANDS.fullmatch(body.split("/")[0]):
+            return None
+        t = t.replace(",", "")
+    if t.lower() in _WORDS:
+        return str(_WORDS[t.lower()])
+    if not _WHOLE_NUMBER.fullmatch(t):
+        return None
+    f = _to_fraction(t)
+    return None if f is None else canonical_number(f)
+
+
+def _match_to_canonical(m: re.Match) -> str | None:
+    neg = bool(m.group("sign") or m.group("sign2"))
+    s = m.group("num").replace(",", "")
+    if m.group("den"):
+        s += "/" + m.group("den")
+    f = _to_fraction(s)
+    if f is None:
+        return None
+    return canonical_number(-f if neg else f)
+
+
+def _numbers(text: str) -> list[str]:
+    return [c for c in (_match_to_canonical(m) for m in _NUMBER.finditer(text)) if c is not None]
+
+
+_LATEX = (
+    (re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}"), r"(\1)/(\2)"),
+    (re.compile(r"\\text(?:bf|rm)?\s*\{([^{}]*)\}"), r"\1"),
+    (re.compile(r"\\mathrm\s*\{([^{}]*)\}"), r"\1"),
+    (re.compile(r"\\[$%]"), lambda m: m.group(0)[1]),
+    (re.compile(r"\\[,;!: ]|\\left|\\right|\\displaystyle"), ""),
+)
+
+
+def _clean_latex(s: str) -> str:
+    for pat, rep in _LATEX:
+        s = pat.sub(rep, s)
+    s = re.sub(r"\((-?\d+)\)/\((\d+)\)", r"\1/\2", s)  # \frac{3}{4} -> 3/4
+    return s.replace("\\", "")
+
+
+def _number_from_candidate(cand: str) -> str | None:
+    cand = _clean_latex(cand)
+    if "=" in cand:
+        cand = cand.rsplit("=", 1)[1]
+    whole = normalize_number(cand)
+    if whole is not None:
+        return whole
+    nums = _numbers(cand)
+    if nums:
+        return nums[0]
+    words = re.findall(r"[a-z]+", cand.lower())
+    for w in words:
+        if w in _WORDS:
+            return str(_WORDS[w])
+    return None
+
+
+# ------------------------------------------------------------------------- choices and names
+
+_CANNOT = re.compile(
+    r"\b(?:can ?not|can't|cant|impossible to|unable to|no way to)\s+(?:be\s+)?(?:tell|told|determin\w*|know\w*|say|said|conclude\w*|decide\w*)\b"
+    r"|\bundetermin\w*|\bindetermin\w*|\bundecid\w*|\bnot (?:enough|sufficient) information\b"
+    r"|\binsufficient\b|\bunknown\b|\buncertain\b|\bnot necessarily\b|\bunclear\b|\bmaybe\b"
+    r"|\bit depends\b|\bnot determin\w*|\bcan(?:'t| ?not) be sure\b|\bneither\b|\bunknowable\b")
+_YES = re.compile(r"^(?:yes|true|correct|valid|yep|definitely(?: yes)?|certainly)\b")
+_NO = re.compile(r"^(?:no|false|incorrect|invalid|nope|definitely not)\b")
+
+
+def normalize_choice(s: str) -> str | None:
+    """"yes", "no" or "cannot tell" for an answer such as "Yes.", "**No**", "It cannot be
+    determined"; None when it says none of these."""
+    t = s.lower().replace("\u2019", "'")
+    t = re.sub(r"[*_`\"]", "", t).strip().strip(".!:;,()[] ")
+    t = re.sub(r"^(?:the answer is|answer is|my answer is|so|therefore|thus|hence)[\s:,]+", "", t)
+    if _CANNOT.search(t):
+        return "cannot tell"
+    if _NO.match(t):
+        return "no"
+    if _YES.match(t):
+        return "yes"
+    return None
+
+
+def normalize_name(s: str, choices: Iterable[str] | None = None) -> str | None:
+    """A name, lowercased. With `choices`: the one choice the answer mentions (None if it
+    mentions none or several); without: the answer when it is one word, else the word after
+    "is" ("The tallest is Maria") or the first word ("Maria is the tallest")."""
+    t = re.sub(r"[*_`\"]", "", s).strip().strip(".!:;,()[] ").lower()
+    if not t:
+        return None
+    if choices is not None:
+        found = {c.lower() for c in choices if re.search(rf"\b{re.escape(c.lower())}\b", t)}
+        return found.pop() if len(found) == 1 else None
+    words = re.findall(r"[^\W\d_][\w'-]*", t)
+    if not words:
+        return None
+    if len(words) == 1:
+        return words[0]
+    m = re.match(r"^(?:the\s+)?(?:second\s+)?\w+(?:est)?(?:\s+(?:one|person))?\s+is\s+([^\W\d_][\w'-]*)", t)
+    if m and (words[0] in ("the", "second") or words[0].endswith("est")):
+        return m.group(1)
+    return words[0]
+
+
+# ------------------------------------------------------------------------------- extraction
+
+_ANSWER_LINE = re.compile(
+    r"^[ \t>*_#-]*(?:\*\*)?(?:the\s+)?(?:final\s+)?answer(?:\*\*)?\s*(?:is)?\s*[:：]\s*(?P<rest>.*?)\s*$",
+    re.I | re.M)
+_HASHES = re.compile(r"^\s*####\s*(?P<rest>.+?)\s*$", re.M)
+
+
+def _boxed(text: str) -> list[str]:
+    out = []
+    for m in re.finditer(r"\\boxed\s*\{", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            out.append(text[m.end():i - 1])
+    return out
+
+
+def _explicit_candidates(body: str) -> list[str]:
+    """Marked answers in order of preference: last Answer line, last ####, last \\boxed."""
+    cands = []
+    lines = list(_ANSWER_LINE.finditer(body))
+    if lines:
+        m = lines[-1]
+        rest = m.group("rest").strip().strip("*_").strip()
+        if not rest:
+            after = [ln.strip() for ln in body[m.end():].splitlines() if ln.strip()]
+            rest = after[0] if after else ""
+        if rest:
+            boxed = _boxed(rest)
+            cands.append(boxed[-1] if boxed else rest)
+    hashes = list(_HASHES.finditer(body))
+    if hashes:
+        cands.append(hashes[-1].group("rest"))
+    boxed = _boxed(body)
+    if boxed:
+        cands.append(boxed[-1])
+    return cands
+
+
+def answer_type(kind: str) -> str | None:
+    return ANSWER_TYPES.get(kind, "text")
+
+
+def extract_answer(text: str, kind: str, choices: Iterable[str] | None = None) -> str | None:
+    """The reply's normalised final answer for a prompt kind (see the module doc), or None."""
+    atype = answer_type(kind)
+    if atype is None or not text:
+        return None
+    body = strip_think(text)
+    if body is None:
+        return None
+    cands = _explicit_candidates(body)
+    choices = list(choices) if choices is not None else None
+    for cand in cands:
+        if atype == "number":
+            out = _number_from_candidate(cand)
+        elif atype == "choice":
+            out = normalize_choice(cand)
+        elif atype == "name":
+            out = normalize_name(cand, choices)
+        else:
+            out = cand.strip() or None
+        if out is not None:
+            return out
+    if not cands and atype == "number":
+        nums = _numbers(_clean_latex(body))
+        return nums[-1] if nums else None
+    return None
+
+
+def normalize_truth(truth: str, kind: str) -> str | None:
+    atype = answer_type(kind)
+    if atype == "number":
+        return normalize_number(truth)
+    if atype == "choice":
+        return normalize_choice(truth)
+    if atype == "name":
+        return truth.strip().lower()
+    return truth.strip()
+
+
+# ------------------------------------------------------------------------ knowledge checks
+
+_REFUSAL = re.compile(
+    r"\bI\s*(?:cannot|can\s*not|can't|am unable|'m unable|am not able|'m not able|won't|will not|"
+    r"must decline|do not feel comfortable|don't feel comfortable)\b"
+    r"|\bas an ai\b|\bas a language model\b|\bI'?m sorry\b|\bI am sorry\b|\bI apologi[sz]e\b"
+    r"|\bsorry, (?:but )?I\b|\bI (?:do not|don't) have (?:access|the ability|enough information)\b",
+    re.I)
+_TERMINAL = tuple(".!?)]}\"'”’»*`…:")
+
+
+def looks_like_refusal(text: str, head: int = 200) -> bool:
+    """A refusal or an AI disclaimer in the reply's first `head` characters."""
+    return bool(_REFUSAL.search(text.replace("\u2019", "'")[:head]))
+
+
+def looks_truncated(text: str) -> bool:
+    """The reply stops mid-sentence: an unclosed code fence, or a last line that is prose
+    ending without closing punctuation (list items, table rows and headings may end bare)."""
+    t = text.rstrip()
+    if not t:
+        return True
+    if t.count("```") % 2:
+        return True
+    if t.endswith("```"):
+        return False
+    last = t.splitlines()[-1].strip()
+    if re.match(r"^(?:[-*+•]|\d+[.)]|#{1,6}|\|)\s*", last) and not last.endswith((",", "-", "(")):
+        return bool(re.search(r"\b(?:and|or|the|a|an|of|to|with|for|in|is|are)$", last, re.I))
+    return not last.endswith(_TERMINAL)
+
+
+# ------------------------------------------------------------------------------------- check
+
+def check(prompt: Any, reply_text: str | None, policy: VerifyPolicy | None = None,
+          finish_reason: str | None = None) -> Verdict:
+    """Accept or reject a teacher reply to `prompt` (a `Prompt`: category, kind, truth, meta).
+
+    `finish_reason` "length" (the teacher ran out of tokens) always rejects."""
+    policy = policy or VerifyPolicy()
+    cp = policy.for_category(prompt.category)
+    text = reply_text or ""
+    if not text.strip():
+        return Verdict(False, "empty reply")
+    if finish_reason == "length":
+        return Verdict(False, "truncated (finish_reason=length)")
+    choices = (prompt.meta or {}).get("names") if answer_type(prompt.kind) == "name" else None
+    has_truth = prompt.truth is not None and answer_type(prompt.kind) is not None
+    extracted = extract_answer(text, prompt.kind, choices) if has_truth else None
+    if not cp.verify:
+        return Verdict(True, "unverified", extracted, verified=False)
+    if policy.reject_think_tags and _THINK_TAG.search(text):
+        return Verdict(False, "leftover <think> tag", extracted)
+    n = len(text.strip())
+    if n < cp.min_chars:
+        return Verdict(False, f"too short ({n} < {cp.min_chars} chars)", extracted)
+    if n > cp.max_chars:
+        return Verdict(False, f"too long ({n} > {cp.max_chars} chars)", extracted)
+    if not has_truth:
+        if looks_like_refusal(text):
+            return Verdict(False, "refusal")
+        if looks_truncated(text):
+            return Verdict(False, "truncated mid-sentence")
+        return Verdict(True, "format ok", None, verified=True)
+    if extracted is None:
+        return Verdict(False, "no final answer found")
+    expected = normalize_truth(prompt.truth, prompt.kind)
+    if extracted != expected:
+        return Verdict(False, f"wrong answer: got {extracted!r}, expected {expected!r}", extracted)
+    return Verdict(True, "correct", extracted, verified=True)

@@ -1,0 +1,321 @@
+"""The distillation teacher client against a loopback Ollama stand-in (no real server needed)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from mlxcore.distill.teacher import Reply, Teacher, TeacherConfig, TeacherError, TeacherGaveUp, strip_think
+from tests.ollama_standin import OllamaStandin, closed_url, count_tokens
+
+FAST = dict(backoff_s=0.01, max_backoff_s=0.05, timeout_s=5)
+MESSAGES = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def server():
+    with OllamaStandin() as s:
+        yield s
+
+
+def teacher(server_or_url, **kw) -> Teacher:
+    url = server_or_url if isinstance(server_or_url, str) else server_or_url.url
+    return Teacher(url=url, **{**FAST, **kw})
+
+
+def prompt_words(messages) -> int:
+    return sum(count_tokens(m["content"]) for m in messages)
+
+
+# ------------------------------------------------------------------------------ one request
+
+
+@pytest.mark.parametrize("api", ["ollama", "openai"])
+def test_chat_returns_the_answer_and_token_counts(server, api):
+    server.answer = lambda messages: f"Paris, said the teacher to: {messages[-1]['content']}"
+    with teacher(server, api=api) as t:
+        reply = t.chat(MESSAGES)
+        stats = t.stats
+    assert isinstance(reply, Reply)
+    assert reply.text == "Paris, said the teacher to: What is the capital of France?"
+    assert reply.prompt_tokens == prompt_words(MESSAGES) == 9
+    assert reply.completion_tokens == count_tokens(reply.text) == 11
+    assert reply.attempts == 1 and reply.finish_reason == "stop" and reply.seconds > 0
+    assert stats["requests"] == stats["ok"] == 1 and stats["retries"] == stats["failed"] == 0
+    assert (stats["prompt_tokens"], stats["completion_tokens"]) == (9, 11)
+
+
+def test_ollama_request_body_is_the_native_contract(server):
+    with teacher(server, temperature=0.3, top_p=0.8, max_tokens=64) as t:
+        t.chat(MESSAGES)
+    [req] = server.log
+    assert (req.method, req.path) == ("POST", "/api/chat")
+    assert req.body == {"model": "qwen3:0.6b", "messages": MESSAGES, "stream": False, "think": False,
+                        "options": {"temperature": 0.3, "top_p": 0.8, "num_predict": 64}}
+    assert "authorization" not in req.headers
+
+
+def test_openai_request_body_and_bearer_key(server):
+    # An OpenAI-style base URL ending in /v1 is accepted as well.
+    with teacher(server.url + "/v1/", api="openai", api_key="sk-test", temperature=0.0, top_p=1.0,
+                 max_tokens=32) as t:
+        t.chat(MESSAGES)
+    [req] = server.log
+    assert (req.method, req.path) == ("POST", "/v1/chat/completions")
+    assert req.body == {"model": "qwen3:0.6b", "messages": MESSAGES, "temperature": 0.0, "top_p": 1.0,
+                        "max_tokens": 32, "stream": False}
+    assert req.headers["authorization"] == "Bearer sk-test"
+
+
+@pytest.mark.parametrize("api", ["ollama", "openai"])
+def test_a_leading_think_block_is_stripped(server, api):
+    server.answer = lambda m: "<think>\nThe user wants a capital. Paris.\n</think>\n\nParis."
+    with teacher(server, api=api) as t:
+        assert t.chat(MESSAGES).text == "Paris."
+
+
+def test_strip_think_edge_cases():
+    assert strip_think("  <think>a</think>b <think>c</think>") == "b <think>c</think>"  # only a leading block
+    assert strip_think("Answer: <think>x</think>") == "Answer: <think>x</think>"
+    assert strip_think("<think>cut off by max_tokens") == ""
+    assert strip_think("plain") == "plain"
+
+
+def test_max_tokens_cut_reports_length(server):
+    server.answer = lambda m: "one two three four five six"
+    with teacher(server, max_tokens=3) as t:
+        reply = t.chat(MESSAGES)
+    assert (reply.text, reply.completion_tokens, reply.finish_reason) == ("one two three", 3, "length")
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ValidationError, match="num_predict"):
+        TeacherConfig(num_predict=10)
+    with pytest.raises(ValidationError):
+        TeacherConfig(api="anthropic")
+    with pytest.raises(ValidationError):
+        TeacherConfig(workers=0)
+
+
+# ------------------------------------------------------------------------------ retries
+
+
+@pytest.mark.parametrize("fault, kind", [("500", "5xx"), ("503", "5xx"), ("429", "429"), ("timeout", "timeout"),
+                                         ("malformed", "malformed"), ("incomplete", "malformed"),
+                                         ("drop", "connection")])
+def test_each_transient_fault_is_retried_until_it_succeeds(server, fault, kind):
+    server.timeout_sleep_s = 1.0
+    server.fail_next(2, fault)
+    with teacher(server, retries=2, timeout_s=0.3) as t:
+        reply = t.chat(MESSAGES)
+        stats = t.stats
+    assert reply.text == "echo: What is the capital of France?" and reply.attempts == 3
+    assert [r.fault for r in server.log] == [fault, fault, None]
+    assert stats["failures"][kind] == 2 and stats["failed"] == 2
+    assert stats["retries"] == 2 and stats["requests"] == 3 and stats["ok"] == 1 and stats["errors"] == 0
+
+
+def test_openai_malformed_answer_is_retried(server):
+    server.fail_next(1, "malformed")
+    with teacher(server, api="openai") as t:
+        assert t.chat(MESSAGES).attempts == 2
+
+
+def test_a_restarting_server_is_retried(server):
+    url = server.url
+    server.restart(down_s=0.3)
+    with teacher(server, retries=8, backoff_s=0.05, max_backoff_s=0.2) as t:
+        reply = t.chat(MESSAGES)
+        stats = t.stats
+    assert server.url == url and reply.text.startswith("echo:")
+    assert reply.attempts >= 2 and stats["failures"]["connection"] == reply.attempts - 1
+    assert len(server.log) == 1  # refused connections never reached the server
+
+
+def test_retry_after_is_honoured(server):
+    server.fail_next(1, "429", retry_after=0.3)
+    with teacher(server, backoff_s=0.0, max_backoff_s=1) as t:
+        start = time.monotonic()
+        t.chat(MESSAGES)
+    assert time.monotonic() - start >= 0.3
+
+
+@pytest.mark.parametrize("api", ["ollama", "openai"])
+def test_an_unknown_model_is_not_retried_and_the_error_names_it(server, api):
+    with teacher(server, api=api, model="nope:1b", retries=4) as t:
+        with pytest.raises(TeacherError) as info:
+            t.chat(MESSAGES)
+        stats = t.stats
+    err = info.value
+    assert err.status == 404 and err.kind == "4xx" and err.attempts == 1
+    assert "nope:1b" in str(err) and "404" in str(err) and "ollama pull nope:1b" in str(err)
+    assert len(server.log) == 1
+    assert stats["retries"] == 0 and stats["errors"] == 1 and stats["failures"]["4xx"] == 1
+
+
+def test_connection_refused_after_retries_says_to_start_ollama():
+    url = closed_url()
+    with teacher(url, retries=1) as t:
+        with pytest.raises(TeacherError, match="ollama serve") as info:
+            t.chat(MESSAGES)
+    assert info.value.kind == "connection" and info.value.attempts == 2 and url in str(info.value)
+
+
+# ------------------------------------------------------------------------------ many requests
+
+
+def jobs(n: int, taken: list[int] | None = None):
+    for i in range(n):
+        if taken is not None:
+            taken[0] += 1
+        yield i, [{"role": "user", "content": f"question {i}"}]
+
+
+def test_a_job_that_exhausts_its_retries_yields_its_error_and_the_others_succeed(server):
+    server.fail_next(3, "500")
+    with teacher(server, workers=1, retries=2) as t:  # one worker: job 0 meets all three faults
+        results = dict(t.imap_unordered(jobs(5)))
+        stats = t.stats
+    err = results.pop(0)
+    assert isinstance(err, TeacherError) and err.kind == "5xx" and err.status == 500 and err.attempts == 3
+    assert "500" in str(err) and "llama runner" in str(err)
+    assert {k: r.text for k, r in results.items()} == {i: f"echo: question {i}" for i in range(1, 5)}
+    assert stats["ok"] == 4 and stats["errors"] == 1 and stats["failures"]["5xx"] == 3
+
+
+def test_exceeding_the_failure_budget_gives_up_with_a_report(server):
+    server.fail_next(2, "429")
+    server.fail_next(1000, "500")
+    taken = [0]
+    yielded = []
+    with teacher(server, workers=2, retries=2, failure_budget=5) as t:
+        with pytest.raises(TeacherGaveUp) as info:
+            for key, result in t.imap_unordered(jobs(100, taken)):
+                yielded.append((key, result))
+        report = info.value.report
+        requests_at_give_up = len(server.log)
+        # Sticky: the next call raises at once, without a request.
+        with pytest.raises(TeacherGaveUp):
+            t.chat(MESSAGES)
+        with pytest.raises(TeacherGaveUp):
+            list(t.imap_unordered(jobs(3)))
+        assert t.stats["gave_up"] is True
+    assert report["failures"] == {"429": 2, "5xx": 4} and report["failed"] == 6
+    assert report["failure_budget"] == 5 and report["ok"] == 0
+    assert 6 <= report["attempts"] <= 7  # the other worker's request may be in flight
+    assert "5xx: HTTP 500" in report["last_error"]
+    msg = str(info.value)
+    assert "failure budget of 5" in msg and "429 2" in msg and "5xx 4" in msg
+    time.sleep(0.2)
+    settled = len(server.log)
+    assert requests_at_give_up <= settled <= 6 + 1  # at most the other worker's request was in flight
+    time.sleep(0.2)
+    assert len(server.log) == settled  # nothing issued after giving up
+    assert taken[0] <= 2 * 2 + len(yielded)
+    assert all(isinstance(r, TeacherError) and r.attempts == 3 for _, r in yielded)
+
+
+def test_workers_run_concurrently_and_never_more_than_workers_at_once(server):
+    server.delay_s = 0.2
+    with teacher(server, workers=4) as t:
+        start = time.monotonic()
+        results = dict(t.imap_unordered(jobs(16)))
+        elapsed = time.monotonic() - start
+    assert sorted(results) == list(range(16)) and all(isinstance(r, Reply) for r in results.values())
+    assert elapsed < 0.5 * 16 * 0.2, elapsed  # ideal: 4 rounds of 0.2 s
+    assert server.max_in_flight == 4
+
+
+def test_the_job_iterator_is_read_lazily_and_closing_stops_requests(server):
+    server.delay_s = 0.05
+    taken = [0]
+    seen = 0
+    with teacher(server, workers=2) as t:
+        it = t.imap_unordered(jobs(1000, taken))
+        for _key, result in it:
+            assert isinstance(result, Reply)
+            assert taken[0] - seen <= 2 * 2  # read-ahead bound: 2 x workers
+            seen += 1
+            if seen == 6:
+                break
+        it.close()
+        after_close = len(server.log)
+        time.sleep(0.2)
+        assert len(server.log) <= after_close + 2  # only what was already in flight
+    assert taken[0] <= 6 + 4
+
+
+def test_run_hands_every_result_to_the_callback(server):
+    got = {}
+    with teacher(server, workers=3) as t:
+        stats = t.run(jobs(7), lambda key, result: got.__setitem__(key, result.text))
+    assert got == {i: f"echo: question {i}" for i in range(7)}
+    assert stats["ok"] == 7 and stats["requests"] == 7
+
+
+def test_chat_is_safe_from_many_threads(server):
+    with teacher(server, workers=4) as t:
+        out = [None] * 12
+
+        def call(i):
+            out[i] = t.chat([{"role": "user", "content": f"q{i}"}]).text
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert t.stats["ok"] == 12
+    assert out == [f"echo: q{i}" for i in range(12)]
+
+
+# ------------------------------------------------------------------------------ health
+
+
+@pytest.mark.parametrize("api", ["ollama", "openai"])
+def test_health_ok(server, api):
+    with teacher(server, api=api) as t:
+        info = t.health()
+        assert t.stats["requests"] == 0  # probes are not counted
+    assert info["model"] == "qwen3:0.6b" and info["models"] == ["qwen3:0.6b"]
+    assert [r.path for r in server.log] == (["/api/tags"] if api == "ollama" else ["/v1/models"])
+
+
+def test_health_on_a_closed_port_says_to_start_ollama():
+    url = closed_url()
+    with teacher(url) as t:
+        with pytest.raises(TeacherError) as info:
+            t.health()
+    assert f"is `ollama serve` running at {url}?" in str(info.value) and info.value.kind == "connection"
+
+
+def test_health_names_a_missing_model_and_the_available_ones(server):
+    with teacher(server, model="llama3.2:1b") as t:
+        with pytest.raises(TeacherError) as info:
+            t.health()
+    msg = str(info.value)
+    assert "'llama3.2:1b'" in msg and "qwen3:0.6b" in msg and "ollama pull llama3.2:1b" in msg
+
+
+def test_health_treats_an_untagged_name_as_latest():
+    with OllamaStandin(models=("qwen3:latest", "gemma3:1b")) as s, teacher(s, model="qwen3") as t:
+        assert t.health()["models"] == ["qwen3:latest", "gemma3:1b"]
+
+
+def test_openai_health_without_v1_models_falls_back_to_a_tiny_chat(server):
+    server.serve_v1_models = False
+    with teacher(server, api="openai") as t:
+        t.health()
+    assert [(r.method, r.path) for r in server.log] == [("GET", "/v1/models"), ("POST", "/v1/chat/completions")]
+    assert server.log[1].body["max_tokens"] == 1
+
+
+def test_openai_health_names_a_model_the_server_does_not_serve(server):
+    with teacher(server, api="openai", model="gpt-x") as t:
+        with pytest.raises(TeacherError) as info:
+            t.health()
+    assert "'gpt-x'" in str(info.value) and "qwen3:0.6b" in str(info.value) and info.value.status == 404
