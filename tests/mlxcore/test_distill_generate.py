@@ -1,0 +1,119 @@
+"""generate(): verified rows only, against an Ollama stand-in that answers a known fraction of
+prompts right; faults and a SIGKILL lose and duplicate nothing."""
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mlxcore.distill import prompts as prompt_gen
+from mlxcore.distill.generate import GenerationStalled, generate
+from mlxcore.distill.rows import iter_rows
+from mlxcore.distill.teacher import TeacherConfig
+
+from tests.ollama_standin import OllamaStandin
+
+CFG = prompt_gen.PromptConfig(seed=3)
+BANK = {p.text: p for p in prompt_gen.prompts(CFG, 0, 600)}
+
+
+def _right(p) -> bool:
+    """70% of the prompts with a ground truth get a right answer; which ones is fixed."""
+    return int(hashlib.sha256(p.id.encode()).hexdigest(), 16) % 10 < 7
+
+
+def answer(messages):
+    p = BANK[messages[-1]["content"]]
+    if p.truth is None:
+        return (f"Here is a short, complete answer about the question you asked, written in plain sentences "
+                f"for a general reader, with one concrete example ({p.id}).")
+    if _right(p):
+        return f"Working through it step by step gives the result.\nAnswer: {p.truth}"
+    return "I worked it out.\nAnswer: 987654321" if p.kind != "ordering" else "Answer: Nobody"
+
+
+def _teacher(hub, **kw):
+    """Retries span a teacher restart (0.2 s down): about 1 s of backoff in all."""
+    return TeacherConfig(url=hub.url, workers=4, timeout_s=0.5, retries=6, backoff_s=0.05, max_backoff_s=0.2, **kw)
+
+
+def _rows(path):
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""  # every line complete
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def _assert_clean(path, n):
+    rows = _rows(path)
+    ids = [r["meta"]["id"] for r in rows]
+    assert len(rows) == n and len(set(ids)) == n  # nothing duplicated
+    by_id = {p.id: p for p in BANK.values()}
+    for r in rows:  # only verified rows: right answers, or well-formed knowledge answers
+        p = by_id[r["meta"]["id"]]
+        assert r["conversations"][:-1] == p.messages and r["meta"]["verified"] is True
+        assert p.truth is None or _right(p), r
+    return rows
+
+
+def test_only_right_answers_are_kept_and_acceptance_is_reported(tmp_path):
+    with OllamaStandin(answer=answer) as hub:
+        stats = generate(_teacher(hub), CFG, tmp_path / "rows.jsonl", 60)
+    rows = _assert_clean(tmp_path / "rows.jsonl", 60)
+    assert stats["rows"] == stats["new_rows"] == 60 and stats["done"]
+    math = stats["categories"]["math"]
+    assert math["accepted"] == sum(r["meta"]["category"] == "math" for r in rows)
+    assert 0.45 <= math["acceptance"] <= 0.95  # 70% by construction
+    rejected = sum(c["answered"] - c["accepted"] for c in stats["categories"].values())
+    assert stats["rejections"]["wrong answer"] > 0 and sum(stats["rejections"].values()) == rejected
+    with OllamaStandin(answer=answer) as hub:  # at the target already: no request at all
+        again = generate(_teacher(hub), CFG, tmp_path / "rows.jsonl", 60)
+        assert again["new_rows"] == 0 and not hub.chat_bodies()
+
+
+def test_faults_and_a_teacher_restart_lose_and_duplicate_nothing(tmp_path):
+    with OllamaStandin(answer=answer, timeout_sleep_s=1.0) as hub:
+        for kind, n in (("500", 3), ("timeout", 2), ("malformed", 2), ("drop", 2), ("429", 2)):
+            hub.fail_next(n, kind)
+        seen = []
+        stats = generate(_teacher(hub), CFG, tmp_path / "rows.jsonl", 50,
+                         on_progress=lambda s: seen.append(s["rows"]) or (len(seen) == 1 and hub.restart(0.2)),
+                         progress_every=0.0)
+        assert hub.pending_faults() == 0
+    _assert_clean(tmp_path / "rows.jsonl", 50)
+    assert stats["teacher"]["retries"] >= 11 and stats["teacher_errors"] == 0
+
+
+def test_a_teacher_that_is_always_wrong_stalls_with_a_clear_error(tmp_path):
+    with OllamaStandin(answer=lambda m: "Answer: 987654321") as hub:
+        with pytest.raises(GenerationStalled, match=r"0 of 5 rows after trying 40 prompts"):
+            generate(_teacher(hub), prompt_gen.PromptConfig(weights={"math": 1.0}), tmp_path / "r.jsonl", 5, max_prompts=40)
+
+
+CHILD = """
+import sys
+from mlxcore.distill import prompts
+from mlxcore.distill.generate import generate
+from mlxcore.distill.teacher import TeacherConfig
+generate(TeacherConfig(url=sys.argv[1], workers=4, timeout_s=5), prompts.PromptConfig(seed=3), sys.argv[2], 80)
+"""
+
+
+def test_sigkill_mid_run_then_rerun_ends_at_the_target_with_nothing_lost(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    with OllamaStandin(answer=answer, delay_s=0.05) as hub:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, hub.url, str(out)])
+        deadline = time.time() + 60
+        while (not out.exists() or out.read_bytes().count(b"\n") < 15) and time.time() < deadline:
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL
+        before = [r["meta"]["id"] for r in iter_rows(out)]
+        assert 15 <= len(before) < 80
+        stats = generate(_teacher(hub), CFG, out, 80)
+    rows = _assert_clean(out, 80)
+    assert [r["meta"]["id"] for r in rows[: len(before)]] == before  # what was written survives as it was
+    assert stats["new_rows"] == 80 - len(before)
