@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from mlxcore.distill import prompts as prompt_gen
 from mlxcore.distill.rows import RowStore, make_row, prompt_hash
-from mlxcore.distill.teacher import Teacher, TeacherConfig, TeacherError, strip_think
+from mlxcore.distill.teacher import Teacher, TeacherConfig, TeacherError
 from mlxcore.distill.verify import VerifyPolicy, check
 
 
@@ -88,7 +88,7 @@ def _generate(client: Teacher, prompt_cfg, out_path: Path, target_rows: int, pol
                     cat["errors"] += 1
                     continue
                 cat["answered"] += 1
-                text = strip_think(reply.text)
+                text = reply.text  # the client already removed a leading <think> block
                 verdict = check(p, text, policy, reply.finish_reason)
                 if not verdict.ok:
                     reasons[verdict.reason.split(":")[0].split(" (")[0]] += 1  # "wrong answer", "refusal", ...
