@@ -17,8 +17,8 @@ Two wire APIs, chosen by `TeacherConfig.api`:
                         "usage": {"prompt_tokens": n, "completion_tokens": m}}
             `api_key` is sent as `Authorization: Bearer <key>`.
 
-A reply that still opens with a `<think>...</think>` block has it stripped (an unclosed leading
-block, cut off by `max_tokens`, leaves an empty text with finish_reason "length").
+A reply's `<think>...</think>` reasoning is stripped (`strip_think`: what follows the last
+`</think>`); an unclosed block, cut off by `max_tokens`, leaves an empty text.
 
 Retry policy. One call (`chat`, or one job of `imap_unordered`) makes up to 1 + `retries`
 attempts. Transient failures are retried: HTTP 5xx and 429, timeouts, refused or dropped
@@ -124,17 +124,19 @@ class _Cancelled(Exception):
     """The imap_unordered run this call belongs to was closed; nobody reads the result."""
 
 
-_THINK_BLOCK = re.compile(r"\A\s*<think>.*?</think>\s*", re.S)
-_THINK_OPEN = re.compile(r"\A\s*<think>", re.S)
+_THINK_CLOSE = re.compile(r"</think>", re.I)
+_THINK_OPEN = re.compile(r"<think>", re.I)
 
 
-def strip_think(text: str) -> str:
-    """Drop a leading <think>...</think> block; an unclosed leading block leaves ""."""
-    m = _THINK_BLOCK.match(text)
-    if m:
-        return text[m.end():]
-    if _THINK_OPEN.match(text):
-        return ""
+def strip_think(text: str) -> str | None:
+    """The reply after its last `</think>`; None when a `<think>` block is never closed (the
+    reasoning was cut off, so the answer never came). The one definition the client and the
+    verifier share."""
+    closes = list(_THINK_CLOSE.finditer(text))
+    if closes:
+        text = text[closes[-1].end():].lstrip()
+    if _THINK_OPEN.search(text):
+        return None
     return text
 
 
@@ -358,7 +360,7 @@ class Teacher:
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise _Transient("malformed", f"unexpected answer shape from POST {path} ({type(e).__name__}: {e}): "
                              f"{json.dumps(data)[:200]}", status=status) from None
-        return strip_think(text), prompt, completion, finish if isinstance(finish, str) else None
+        return strip_think(text) or "", prompt, completion, finish if isinstance(finish, str) else None
 
     def _chat(self, messages: list[dict[str, Any]], cancel: threading.Event | None) -> Reply:
         path, body = self._request(messages)

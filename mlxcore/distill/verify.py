@@ -30,6 +30,7 @@ from typing import Any, Iterable
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlxcore.distill.prompts import ANSWER_TYPES, CATEGORIES, canonical_number
+from mlxcore.distill.teacher import strip_think
 
 __all__ = [
     "CategoryPolicy", "VerifyPolicy", "Verdict", "check", "extract_answer", "normalize_choice",
@@ -72,19 +73,7 @@ class Verdict:
 
 # ------------------------------------------------------------------------------- think blocks
 
-_THINK_OPEN = re.compile(r"<think>", re.I)
-_THINK_CLOSE = re.compile(r"</think>", re.I)
 _THINK_TAG = re.compile(r"</?think>", re.I)
-
-
-def strip_think(text: str) -> str | None:
-    """The reply after its last `</think>`; None when a `<think>` block is never closed."""
-    closes = list(_THINK_CLOSE.finditer(text))
-    if closes:
-        text = text[closes[-1].end():]
-    if _THINK_OPEN.search(text):
-        return None
-    return text
 
 
 # ------------------------------------------------------------------------------------ numbers

@@ -79,9 +79,10 @@ def test_a_leading_think_block_is_stripped(server, api):
 
 
 def test_strip_think_edge_cases():
-    assert strip_think("  <think>a</think>b <think>c</think>") == "b <think>c</think>"  # only a leading block
-    assert strip_think("Answer: <think>x</think>") == "Answer: <think>x</think>"
-    assert strip_think("<think>cut off by max_tokens") == ""
+    assert strip_think("  <think>a</think>b <think>c</think> d") == "d"  # what follows the last block
+    assert strip_think("<think>a</think>\nAnswer: 4") == "Answer: 4"
+    assert strip_think("<think>cut off by max_tokens") is None
+    assert strip_think("<think>a</think> then <think>cut off") is None
     assert strip_think("plain") == "plain"
 
 
