@@ -1,6 +1,7 @@
 """`mlxflow`: run flows, check the machine, talk to a checkpoint.
 
-  mlxflow run pipeline [--config configs/X.yaml] [--set sft.lr=1e-4 ...]
+  mlxflow run pipeline|finetune|distill [--config configs/X.yaml] [--set sft.lr=1e-4 ...]
+  mlxflow serve [CONFIG_DIR]      # deployments: pipeline/demo, distill/default, one per config
   mlxflow doctor
   mlxflow generate --checkpoint DIR --prompt TEXT
   mlxflow speed [--preset 200mb] [--batch-size 1,2,4,8] [--fine-tune-type lora --quantize-bits 4] ...
@@ -21,6 +22,7 @@ from pathlib import Path
 FLOWS = {  # name: (module, flow function, config class)
     "pipeline": ("flows.pipeline", "pipeline", "PipelineConfig"),
     "finetune": ("flows.finetune", "finetune", "FinetuneConfig"),
+    "distill": ("flows.distill", "distill", "DistillConfig"),
 }
 
 
@@ -29,7 +31,25 @@ def _err(msg: str, code: int) -> int:
     return code
 
 
+def format_distill(config, result: dict) -> str:
+    rows, model, samples = result["rows"], result["train"], result["samples"]
+    acc = ", ".join(f"{c} {a:.0%}" for c, a in sorted(rows["acceptance"].items()))
+    lines = [f"distill '{config.name}' finished", "",
+             f"rows:     {rows['rows']} verified rows in {rows['path']}/rows.jsonl ({rows['new_rows']} new, "
+             f"{rows['rows_per_s']:.2f} rows/s)", f"accepted: {acc or '-'}",
+             f"student:  {model['step']} steps, held-out loss {model['initial_val_loss']:.3f} -> {model['val_loss']:.3f}"
+             + (f" (resumed from {model['resumed_from']})" if model.get("resumed_from") else ""),
+             "", f"held-out prompts the student's reply passes the teacher's checks on: {samples['student_pass_rate']:.0%}"]
+    for s in samples["samples"]:
+        lines.append(f"  {'ok ' if s['student_passes'] else '-- '}[{s['category']}] {s['student'][:100]!r}")
+    lines += ["", f"checkpoint: {result['checkpoint']}",
+              f"try it:     mlxflow generate --checkpoint {result['checkpoint']} --prompt 'What is 12 * (3 + 4)?'"]
+    return "\n".join(lines)
+
+
 def format_summary(flow: str, config, result: dict) -> str:
+    if flow == "distill":
+        return format_distill(config, result)
     train, evals = result["train"], result["eval"]
     lines = [f"{flow} '{config.name}' finished", "",
              f"{'stage':<9} {'held-out loss: before -> after':<31} {'ppl':>7} {'uniform ln(V)':>14}"]
@@ -66,6 +86,13 @@ def cmd_run(args) -> int:
         return _err(f"flow {args.flow} {state.name.lower()}: {error}", 1)
     print(format_summary(args.flow, config, state.result()))
     return 0
+
+
+def cmd_serve(args) -> int:
+    from flows import serve
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return serve.main([args.config_dir] if args.config_dir else [])
 
 
 def cmd_doctor(args) -> int:
@@ -238,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML file overriding the flow's embedded defaults")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. sft.lr=1e-4")
     run.set_defaults(func=cmd_run)
+    srv = sub.add_parser("serve", help="register the deployments (pipeline/demo, distill/default, one per config) and run them")
+    srv.add_argument("config_dir", nargs="?", help="where the YAML configs are (default: the repo's configs/)")
+    srv.set_defaults(func=cmd_serve)
     doc = sub.add_parser("doctor", help="device, backend, BLAS and a measured sgemm rate")
     doc.set_defaults(func=cmd_doctor)
     gen = sub.add_parser("generate", help="chat with a checkpoint")

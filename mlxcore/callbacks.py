@@ -6,6 +6,7 @@
   eval        step, val_loss, val_ppl
   checkpoint  step, path
   end         the FitResult fields
+  wait        rows, waiting_for, why (a batch source waiting for data, e.g. distillation's rows)
 The orchestrator's implementation (Prefect artifacts) lives outside this package.
 """
 
@@ -77,6 +78,14 @@ class ProgressBar(TrainingCallback):
         self.bar.update(info["step"] - self.bar.n)
         self.postfix.update(loss=f"{info['loss']:.3f}", tok_s=f"{info['tok_per_s']:.0f}")
         self.bar.set_postfix(self.postfix, refresh=True)
+
+    def on_wait(self, info: dict) -> None:
+        if self.bar is None:  # the cold start: before the bar exists
+            print(f"{self.desc}: waiting for rows ({info['rows']}/{info['waiting_for']}, {info['why']})",
+                  file=self.file, flush=True)
+        else:
+            self.postfix["rows"] = f"{info['rows']}/{info['waiting_for']}"
+            self.bar.set_postfix(self.postfix, refresh=True)
 
     def on_eval(self, info: dict) -> None:
         self.postfix["val"] = f"{info['val_loss']:.3f}"

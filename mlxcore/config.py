@@ -12,6 +12,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mlxcore.distill.prompts import PromptConfig
+from mlxcore.distill.teacher import TeacherConfig
+from mlxcore.distill.verify import VerifyPolicy
+
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the file, line and key."""
@@ -315,6 +319,71 @@ class FinetuneConfig(_Run, _Strict):
         return value
 
 
+class StreamConfig(_Strict):
+    """How the student trains on rows while they are still being generated."""
+
+    val_rows: int = Field(32, ge=1, description="The first N rows are held out for evaluation.")
+    cold_start_rows: int = Field(64, ge=1, description="Training starts once this many train rows exist.")
+    epochs: float = Field(2.0, gt=0, description="Passes over the rows: paces training while generation runs "
+                                                 "and plans the step count.")
+    poll_s: float = Field(0.5, gt=0, description="How often to look for new rows while waiting.")
+    stall_timeout_s: float = Field(900, gt=0, description="Give up when no row arrives for this long.")
+
+
+class StudentConfig(_Strict):
+    """The model distillation trains: a fresh one (`model` preset + a tokenizer) or `init_from`."""
+
+    init_from: str | None = Field(None, description="A local model dir (ours, Hugging Face or mlx-lm) to start "
+                                                    "from; its tokenizer is used. Unset: a fresh `model`.")
+    model: ModelConfig = ModelConfig()
+    tokenizer: TokenizerConfig = Field(
+        default_factory=lambda: TokenizerConfig(vocab_size=2048),
+        description="A fresh student's tokenizer: a local dir, or a BPE trained on the prompt stream.")
+
+    @field_validator("init_from")
+    @classmethod
+    def _is_model_dir(cls, value: str | None) -> str | None:
+        if value is not None and not (Path(value) / "config.json").is_file():
+            raise ValueError(f"{value!r} is not a local model dir (no config.json)")
+        return value
+
+
+def _default_distill_train() -> TrainConfig:
+    return TrainConfig(steps=2000, batch_size=8, seq_len=512, lr=5e-4, warmup_steps=20, eval_every=50,
+                       save_every=50, log_every=5)
+
+
+class DistillConfig(_Run, _Strict):
+    """A teacher writes verified SFT rows while the student trains on the growing file.
+
+    `train.steps` is the most steps; the run plans `stream.epochs` passes over `target_rows`.
+    """
+
+    name: str = Field("distill", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    out_dir: str = Field("runs", description="Stage outputs go to <out_dir>/<name>/<stage>-<key>.")
+    teacher: TeacherConfig = TeacherConfig()
+    prompts: PromptConfig = PromptConfig()
+    verify: VerifyPolicy = VerifyPolicy()
+    target_rows: int = Field(2000, gt=0, description="Verified rows to generate.")
+    max_prompts: int | None = Field(None, gt=0, description="Prompts to try at most; default 20 x target_rows.")
+    student: StudentConfig = StudentConfig()
+    train: TrainConfig = Field(default_factory=_default_distill_train)
+    stream: StreamConfig = StreamConfig()
+    sample: SampleConfig = Field(default_factory=lambda: SampleConfig(num_prompts=8, max_tokens=128))
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        if self.train.fine_tune_type != "full" and self.student.init_from is None:
+            raise ValueError(f"train.fine_tune_type {self.train.fine_tune_type} trains adapters on a base model: "
+                             "set student.init_from")
+        if self.target_rows <= self.stream.val_rows:
+            raise ValueError(f"target_rows={self.target_rows} leaves no training rows after stream.val_rows="
+                             f"{self.stream.val_rows}")
+        if self.train.world_size != 1:
+            raise ValueError("distillation trains on one process: train.world_size must be 1")
+        return self
+
+
 # ---------------------------------------------------------------- loading YAML with good errors
 
 
@@ -385,3 +454,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
         return cls.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source, root)) from None
+
+
+def with_overrides(config: BaseModel, overrides: list[str]) -> BaseModel:
+    """`config` with `KEY=VALUE` overrides applied (a flow parameter's `--set`); errors name the key."""
+    if not overrides:
+        return config
+    source = "overrides " + " ".join(overrides)
+    data = apply_overrides(config.model_dump(mode="json"), list(overrides))
+    try:
+        return type(config).model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source, None)) from None

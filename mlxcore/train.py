@@ -162,6 +162,8 @@ def fit(
             info = {"step": step, "loss": train_loss, "lr": optimizers.current_lr(optimizer),
                     "grad_norm": norm.item(), "tokens": tokens, "elapsed_s": elapsed,
                     "tok_per_s": window_tokens / max(now - window_t, 1e-9)}
+            if hasattr(train_batches, "stats"):  # e.g. rows so far when training on a growing file
+                info.update(train_batches.stats())
             if phases:
                 steps_in_window = step - next((h["step"] for h in reversed(history) if h["event"] == "train"), step - cfg.log_every)
                 info.update({f"ms_{k}": v / max(steps_in_window, 1) for k, v in phases.items()})

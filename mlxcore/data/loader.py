@@ -167,16 +167,22 @@ class SFTBatches(_Batches):
         for item in items:
             shard = int(np.searchsorted(self._starts, item, side="right") - 1)
             lo, hi = self.data.index[shard][item - self._starts[shard] : item - self._starts[shard] + 2]
-            hi = min(hi, lo + self.seq_len + 1)
             docs.append((self.data.tokens[shard][lo:hi], self.data.masks[shard][lo:hi]))
-        longest = max(len(t) for t, _ in docs) - 1
-        width = min(self.seq_len, -(-longest // self.pad_multiple) * self.pad_multiple)
-        ids = np.full((len(docs), width + 1), self.pad_id, dtype=np.int32)
-        mask = np.zeros((len(docs), width + 1), dtype=np.float32)
-        for r, (t, m) in enumerate(docs):
-            ids[r, : len(t)] = t
-            mask[r, : len(m)] = m
-        return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+        return collate_sft(docs, self.seq_len, self.pad_multiple, self.pad_id)
+
+
+def collate_sft(docs, seq_len: int, pad_multiple: int, pad_id: int):
+    """(inputs, targets, loss mask) of rows [(tokens, mask), ...]: each cut to seq_len + 1 tokens,
+    right-padded to the longest row rounded up to a multiple of `pad_multiple` (at most seq_len)."""
+    docs = [(t[: seq_len + 1], m[: seq_len + 1]) for t, m in docs]
+    longest = max(len(t) for t, _ in docs) - 1
+    width = min(seq_len, -(-longest // pad_multiple) * pad_multiple)
+    ids = np.full((len(docs), width + 1), pad_id, dtype=np.int32)
+    mask = np.zeros((len(docs), width + 1), dtype=np.float32)
+    for r, (t, m) in enumerate(docs):
+        ids[r, : len(t)] = t
+        mask[r, : len(m)] = m
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
 
 
 def open_batches(data_dir, split, batch_size, seq_len, seed=0, shuffle=True, rank=0, world=1, pad_id=0,

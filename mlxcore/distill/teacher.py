@@ -252,9 +252,11 @@ class Teacher:
         try:
             data = self._probe_get("/v1/models")
         except TeacherError as e:
-            if e.status not in (404, 405, 501):
+            # no model listing here (or a broken one: mlx_lm.server answers 200 with an empty body
+            # when it has no Hugging Face cache to scan): a tiny chat proves the model answers
+            if e.status not in (404, 405, 501) and e.kind != "malformed":
                 raise
-            self._probe_chat([])  # no model listing here: a tiny chat proves the model answers
+            self._probe_chat([])
             return {"api": "openai", "url": self.url, "model": model, "models": []}
         entries = data.get("data") if isinstance(data, dict) else None
         ids = [str(e.get("id")) for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []

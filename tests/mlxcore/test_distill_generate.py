@@ -1,8 +1,6 @@
 """generate(): verified rows only, against an Ollama stand-in that answers a known fraction of
 prompts right; faults and a SIGKILL lose and duplicate nothing."""
 
-import hashlib
-import json
 import signal
 import subprocess
 import sys
@@ -15,25 +13,12 @@ from mlxcore.distill.generate import GenerationStalled, generate
 from mlxcore.distill.rows import iter_rows
 from mlxcore.distill.teacher import TeacherConfig
 
+from tests.known_teacher import KnownTeacher, is_right
 from tests.ollama_standin import OllamaStandin
 
 CFG = prompt_gen.PromptConfig(seed=3)
-BANK = {p.text: p for p in prompt_gen.prompts(CFG, 0, 600)}
-
-
-def _right(p) -> bool:
-    """70% of the prompts with a ground truth get a right answer; which ones is fixed."""
-    return int(hashlib.sha256(p.id.encode()).hexdigest(), 16) % 10 < 7
-
-
-def answer(messages):
-    p = BANK[messages[-1]["content"]]
-    if p.truth is None:
-        return (f"Here is a short, complete answer about the question you asked, written in plain sentences "
-                f"for a general reader, with one concrete example ({p.id}).")
-    if _right(p):
-        return f"Working through it step by step gives the result.\nAnswer: {p.truth}"
-    return "I worked it out.\nAnswer: 987654321" if p.kind != "ordering" else "Answer: Nobody"
+TEACHER = KnownTeacher(CFG)
+BANK, answer, _right = TEACHER.bank, TEACHER.answer, is_right
 
 
 def _teacher(hub, **kw):
@@ -42,21 +27,11 @@ def _teacher(hub, **kw):
 
 
 def _rows(path):
-    lines = path.read_bytes().split(b"\n")
-    assert lines[-1] == b""  # every line complete
-    return [json.loads(line) for line in lines[:-1]]
+    return TEACHER.rows(path)
 
 
 def _assert_clean(path, n):
-    rows = _rows(path)
-    ids = [r["meta"]["id"] for r in rows]
-    assert len(rows) == n and len(set(ids)) == n  # nothing duplicated
-    by_id = {p.id: p for p in BANK.values()}
-    for r in rows:  # only verified rows: right answers, or well-formed knowledge answers
-        p = by_id[r["meta"]["id"]]
-        assert r["conversations"][:-1] == p.messages and r["meta"]["verified"] is True
-        assert p.truth is None or _right(p), r
-    return rows
+    return TEACHER.assert_clean(path, n)
 
 
 def test_only_right_answers_are_kept_and_acceptance_is_reported(tmp_path):

@@ -1,0 +1,32 @@
+"""Distillation: a teacher writes verified SFT rows while the student trains on the growing file."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.futures import wait
+
+from mlxcore.config import DistillConfig, TokenizerConfig, with_overrides
+from tasks.data import tokenizer
+from tasks.distill import check_teacher, compare, generate_rows, prompt_corpus, rows_dir, student_dir, train_student
+
+
+@flow(name="distill")
+def distill(config: DistillConfig = DistillConfig(), overrides: list[str] = []) -> dict:
+    """`overrides`: KEY=VALUE settings on top of `config`, e.g. ["target_rows=500", "teacher.workers=8"]."""
+    config = with_overrides(config, overrides)
+    run, student = str(config.run_dir), config.student
+    health = check_teacher(config.teacher)
+    if student.init_from:
+        tok = tokenizer(TokenizerConfig(path=student.init_from), None, None, {}, {}, run)
+    else:
+        corpus = None if student.tokenizer.path else prompt_corpus(config.prompts, 20_000, run)
+        tok = tokenizer(student.tokenizer, corpus, None, {}, {}, run)
+    rows, out = str(rows_dir(config)), str(student_dir(config, tok["path"]))
+    gen = generate_rows.submit(rows, config.teacher, config.prompts, config.verify, config.target_rows,
+                               config.max_prompts)
+    trained = train_student.submit(rows, tok["path"], student, config.train, config.stream, config.target_rows, out, run)
+    wait([gen, trained])
+    generated, model = gen.result(), trained.result()  # a failed generator stops the student too
+    samples = compare(model["checkpoint"], rows, config.prompts, config.verify, config.stream, config.sample, run)
+    return {"checkpoint": model["checkpoint"], "rows": generated, "train": model, "teacher": health,
+            "samples": samples}

@@ -1,0 +1,200 @@
+"""Distillation stages: teacher health, the prompt corpus, generation and the concurrent student.
+
+Generation and student training run at the same time (the flow submits both) and meet in the
+rows dir: `<run>/distill-rows-<key>/rows.jsonl`, its `state.json` and, once the target is
+reached, its manifest. The rows dir's key covers what decides the rows' content (teacher model,
+API and sampling, prompt stream, checks) but not the target or the worker count, so raising
+`target_rows` continues the same file. The student's dir is keyed by the rows dir, tokenizer,
+student and training config and the target. Neither task uses Prefect's result cache: both
+resume from their own dirs (rows already written, the last checkpoint), and a finished one
+returns at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from mlxcore.callbacks import CallbackList, ProgressBar, TrainingCallback
+from mlxcore.config import DistillConfig, SampleConfig, StreamConfig, StudentConfig, TrainConfig
+from mlxcore.distill import prompts as prompt_gen
+from mlxcore.distill.generate import generate
+from mlxcore.distill.prompts import PromptConfig
+from mlxcore.distill.rows import iter_rows
+from mlxcore.distill.student import ROWS_FILE, StudentJob, mark_generation, planned_steps
+from mlxcore.distill.teacher import Teacher, TeacherConfig
+from mlxcore.distill.verify import VerifyPolicy, check
+from mlxcore.io import atomic_dir, dir_digest, is_complete, read_manifest, sha256_file, sha256_json, write_manifest
+from mlxcore.launch import run_in_subprocess
+from tasks.caching import Stage, code_version
+from tasks.progress import PrefectProgress, StageProgress, artifact_key
+from tasks.train import _crashed
+
+CORPUS = Stage("prompt-corpus")
+CONTENT_KEYS = ("model", "api", "temperature", "top_p", "max_tokens")  # what shapes a teacher's rows
+
+
+def _token() -> str:
+    """Shared by the generator and the student of one flow run (a new one for every run)."""
+    return str(flow_run.id or f"local-{time.time_ns()}")
+
+
+def rows_dir(config: DistillConfig) -> Path:
+    """Where the rows of this teacher / prompt stream / checks live (the target is not part of it)."""
+    code = [sha256_file(Path(prompt_gen.__file__)), sha256_file(Path(prompt_gen.__file__).with_name("verify.py"))]
+    key = sha256_json({"teacher": config.teacher.model_dump(include=set(CONTENT_KEYS)),
+                       "prompts": config.prompts.model_dump(), "verify": config.verify.model_dump(), "code": code})
+    return config.run_dir / f"distill-rows-{key[:12]}"
+
+
+def student_dir(config: DistillConfig, tokenizer_dir: str) -> Path:
+    body = {"rows": rows_dir(config).name, "tokenizer": read_manifest(tokenizer_dir)["digest"],
+            "init_from": dir_digest(config.student.init_from) if config.student.init_from else None,
+            "student": config.student.model_dump(), "train": config.train.model_dump(),
+            "stream": config.stream.model_dump(), "target_rows": config.target_rows, "code": code_version()}
+    return config.run_dir / f"distill-student-{sha256_json(body)[:12]}"
+
+
+@task(name="teacher-health", retries=2, retry_delay_seconds=5)
+def check_teacher(teacher: TeacherConfig) -> dict:
+    """Fail fast, with the fix, when the teacher is not running or lacks the model."""
+    with Teacher(teacher) as t:
+        return t.health()
+
+
+@CORPUS.task()
+def prompt_corpus(prompts: PromptConfig, num_prompts: int, run_dir: str) -> dict:
+    """Prompt texts (and their answers) to train a fresh student's tokenizer on, before any row exists."""
+    out = CORPUS.dir(locals())
+    if not CORPUS.done(out):
+        with atomic_dir(out) as tmp:
+            with open(tmp / "prompts.jsonl", "w") as f:
+                for p in prompt_gen.prompts(prompts, 0, num_prompts):
+                    text = p.text + (f"\nAnswer: {p.truth}" if p.truth is not None else "")
+                    f.write(json.dumps({"text": text}) + "\n")
+            write_manifest(tmp, "prompt-corpus", {"prompts": prompts.model_dump(), "num_prompts": num_prompts})
+    return {"train": [str(out / "prompts.jsonl")], "val": []}
+
+
+class _GenerationReport:
+    """Progress artifact (rows / target) plus the latest stats, for the final tables."""
+
+    def __init__(self, target: int):
+        self.progress, self.target, self.last = StageProgress(f"distill: {target} verified rows"), target, None
+
+    def __call__(self, stats: dict) -> None:
+        self.last = stats
+        self.progress(min(stats["rows"], self.target), self.target)
+
+
+def _publish_generation(stats: dict, run_name: str) -> None:
+    table = [{"category": c, "answered": v.get("answered", 0), "accepted": v.get("accepted", 0),
+              "acceptance": round(v["acceptance"], 3), "teacher_errors": v.get("errors", 0)}
+             for c, v in sorted(stats["categories"].items())]
+    create_table_artifact(table=table, key=artifact_key(run_name, "distill", "acceptance"),
+                          description="Teacher replies kept per category (math and logic checked against the truth)")
+    t = stats["teacher"]
+    create_markdown_artifact(
+        key=artifact_key(run_name, "distill", "generation"),
+        markdown=(f"### generation\n\n| | |\n|---|---|\n| rows | {stats['rows']} / {stats['target_rows']} "
+                  f"({stats['new_rows']} new) |\n| rows/s | {stats['rows_per_s']:.2f} |\n"
+                  f"| elapsed | {stats['elapsed_s']:.0f} s |\n| rejections | {stats['rejections']} |\n"
+                  f"| teacher | {json.dumps(t, default=str)} |\n| torn tail repaired | {stats['repaired_bytes']} bytes |\n"))
+
+
+@task(name="distill-generate")
+def generate_rows(rows_dir: str, teacher: TeacherConfig, prompts: PromptConfig, verify: VerifyPolicy,
+                  target_rows: int, max_prompts: int | None) -> dict:
+    """Ask the teacher until `rows_dir` holds `target_rows` verified rows; resumes after any crash."""
+    out, token = Path(rows_dir), _token()
+    rows_path = out / ROWS_FILE
+    if is_complete(out):
+        if read_manifest(out, "distill-rows")["rows"] >= target_rows:
+            return {"path": str(out), "rows_file": str(rows_path), **read_manifest(out)["stats"]}
+        (out / "manifest.json").unlink()  # a higher target: go on appending to the same file
+    out.mkdir(parents=True, exist_ok=True)
+    mark_generation(out, token, "running")
+    report = _GenerationReport(target_rows)
+    try:
+        stats = generate(teacher, prompts, rows_path, target_rows, policy=verify, max_prompts=max_prompts,
+                         on_progress=report)
+    except BaseException as e:
+        mark_generation(out, token, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+        if report.last is not None:
+            _publish_generation(report.last, out.parent.name)
+        raise
+    _publish_generation(stats, out.parent.name)
+    small = {k: stats[k] for k in ("rows", "new_rows", "rows_per_s", "elapsed_s", "teacher_errors", "rejections")}
+    small["acceptance"] = {c: round(v["acceptance"], 4) for c, v in stats["categories"].items()}
+    write_manifest(out, "distill-rows", {"teacher": teacher.model_dump(include=set(CONTENT_KEYS)),
+                                         "prompts": prompts.model_dump(), "verify": verify.model_dump()},
+                   rows=stats["rows"], stats=small)
+    mark_generation(out, token, "done")
+    return {"path": str(out), "rows_file": str(rows_path), **small}
+
+
+class _WaitProgress(TrainingCallback):
+    """Before training starts the student waits for its cold-start rows: say so in the UI."""
+
+    def __init__(self, run_name: str):
+        self.run_name, self.said = run_name, False
+
+    def on_wait(self, info: dict) -> None:
+        if not self.said and info["why"] == "cold start":
+            self.said = True
+            create_markdown_artifact(key=artifact_key(self.run_name, "distill", "student-wait"),
+                                     markdown=f"student: waiting for {info['waiting_for']} rows before training "
+                                              f"(cold start; {info['rows']} so far)")
+
+
+@task(name="distill-student", retries=1, retry_condition_fn=_crashed)
+def train_student(rows_dir: str, tokenizer_dir: str, student: StudentConfig, train: TrainConfig,
+                  stream: StreamConfig, target_rows: int, out_dir: str, run_dir: str) -> dict:
+    """SFT the student on the rows while they are written: cold start, paced, until its planned steps."""
+    out = Path(out_dir)
+    if is_complete(out / "model"):
+        state = json.loads((out / "model" / "trainer_state.json").read_text())
+        return {"checkpoint": str(out / "model"), "step": state["step"], "val_loss": state.get("final_val_loss"),
+                "initial_val_loss": state.get("initial_val_loss"), "resumed_from": str(out / "model")}
+    steps = planned_steps(target_rows, stream, train)
+    job = StudentJob(rows_dir=rows_dir, token=_token(), tokenizer_dir=tokenizer_dir, out_dir=str(out),
+                     train=train.model_copy(update={"steps": steps, "warmup_steps": min(train.warmup_steps, steps)}),
+                     stream=stream, model=None if student.init_from else student.model, init_from=student.init_from)
+    run_name = Path(run_dir).name
+    callback = CallbackList(ProgressBar("student"), PrefectProgress("student", run_name), _WaitProgress(run_name))
+    return run_in_subprocess(job, callback, module="mlxcore.distill.student")
+
+
+def held_out_prompts(rows_dir: str, stream: StreamConfig, n: int) -> list[dict]:
+    """The first `n` held-out rows (never trained on): prompt messages and the teacher's reply."""
+    out = []
+    for row in iter_rows(Path(rows_dir) / ROWS_FILE):
+        if len(out) == min(n, stream.val_rows):
+            break
+        out.append({"messages": row["conversations"][:-1], "teacher": row["conversations"][-1]["content"],
+                    "id": row["meta"]["id"], "category": row["meta"]["category"]})
+    return out
+
+
+@task(name="distill-compare")
+def compare(checkpoint: str, rows_dir: str, prompts: PromptConfig, verify: VerifyPolicy, stream: StreamConfig,
+            sample: SampleConfig, run_dir: str) -> dict:
+    """The student's replies to held-out prompts beside the teacher's, through the same checks."""
+    from mlxcore.generate import load_chat, reply
+
+    model, tok = load_chat(checkpoint)
+    table = []
+    for h in held_out_prompts(rows_dir, stream, sample.num_prompts):
+        text = reply(model, tok, h["messages"], sample.max_tokens, sample.temperature, sample.top_p)
+        p = prompt_gen.prompt(prompts, int(h["id"].rsplit("-", 1)[1]))
+        table.append({"category": h["category"], "prompt": h["messages"][-1]["content"][:200],
+                      "teacher": h["teacher"][:300], "student": text[:300], "student_passes": check(p, text, verify).ok})
+    if table:
+        create_table_artifact(table=table, key=artifact_key(Path(run_dir).name, "distill", "samples"),
+                              description="Held-out prompts: the teacher's kept reply and the student's")
+    return {"samples": table, "student_pass_rate": sum(r["student_passes"] for r in table) / max(len(table), 1)}
