@@ -53,20 +53,26 @@ class PrefectProgress(TrainingCallback):
             update_progress_artifact(self.artifact_id, 100.0 * step / self.total)
             self.last = now
 
+    @staticmethod
+    def _rows(info: dict) -> dict:
+        """Rows available so far, when training on a growing file (distillation)."""
+        return {"rows": info["rows"]} if "rows" in info else {}
+
     def on_train(self, info: dict) -> None:
         self.rows.append({"step": info["step"], "loss": round(info["loss"], 4), "val_loss": None,
                           "lr": f"{info['lr']:.2e}", "grad_norm": round(info["grad_norm"], 3),
-                          "tok_per_s": round(info["tok_per_s"])})
+                          "tok_per_s": round(info["tok_per_s"])} | self._rows(info))
         self._progress(info["step"], force=info["step"] >= self.total)
 
     def on_eval(self, info: dict) -> None:
         self.rows.append({"step": info["step"], "loss": None, "val_loss": round(info["val_loss"], 4),
-                          "lr": None, "grad_norm": None, "tok_per_s": None})
+                          "lr": None, "grad_norm": None, "tok_per_s": None} | self._rows(info))
 
     def on_end(self, info: dict) -> None:
         self._progress(info["step"], force=True)
         key = artifact_key(self.run_name, self.stage, "metrics")
-        create_table_artifact(table=self.rows, key=key, description=f"{self.stage} metrics by step")
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        create_table_artifact(table=[{k: row.get(k) for k in columns} for row in self.rows], key=key, description=f"{self.stage} metrics by step")
         create_markdown_artifact(
             key=artifact_key(self.run_name, self.stage, "summary"),
             markdown=(

@@ -173,12 +173,12 @@ def test_serve_then_prefect_deployment_run_completes(tmp_path):
             cfg = distill_config(tmp_path, hub.url, target=60)
             deadline = time.time() + 120
             while True:  # the serve process registers the deployments first
-                ls = subprocess.run(["prefect", "deployment", "ls"], env=env, capture_output=True, text=True)
+                ls = subprocess.run([sys.executable, "-m", "prefect", "deployment", "ls"], env=env, capture_output=True, text=True)
                 if "distill/default" in ls.stdout or time.time() > deadline:
                     break
                 time.sleep(1)
             done = subprocess.run(
-                ["prefect", "deployment", "run", "distill/default", "--params", json.dumps({"config": cfg}),
+                [sys.executable, "-m", "prefect", "deployment", "run", "distill/default", "--params", json.dumps({"config": cfg}),
                  "-p", 'overrides=["target_rows=50"]', "--watch", "--watch-timeout", "300"],
                 env=env, capture_output=True, text=True, timeout=360)
         finally:
