@@ -27,7 +27,7 @@ from mlxcore.distill.generate import generate
 from mlxcore.distill.prompts import PromptConfig
 from mlxcore.distill.rows import iter_rows
 from mlxcore.distill.student import ROWS_FILE, StudentJob, mark_generation, planned_steps
-from mlxcore.distill.teacher import Teacher, TeacherConfig
+from mlxcore.distill.teacher import Teacher, TeacherConfig, TeacherError
 from mlxcore.distill.verify import VerifyPolicy, check
 from mlxcore.io import atomic_dir, dir_digest, is_complete, read_manifest, sha256_file, sha256_json, write_manifest
 from mlxcore.launch import run_in_subprocess
@@ -60,7 +60,18 @@ def student_dir(config: DistillConfig, tokenizer_dir: str) -> Path:
     return config.run_dir / f"distill-student-{sha256_json(body)[:12]}"
 
 
-@task(name="teacher-health", retries=2, retry_delay_seconds=5)
+def _unreachable(task, task_run, state) -> bool:
+    """Retry a teacher that did not answer (it may be starting); a missing model fails at once."""
+    try:
+        state.result()
+    except TeacherError as e:
+        return e.kind in ("connection", "timeout", "5xx")
+    except Exception:
+        return False
+    return False
+
+
+@task(name="teacher-health", retries=2, retry_delay_seconds=3, retry_condition_fn=_unreachable)
 def check_teacher(teacher: TeacherConfig) -> dict:
     """Fail fast, with the fix, when the teacher is not running or lacks the model."""
     with Teacher(teacher) as t:
@@ -122,7 +133,7 @@ def generate_rows(rows_dir: str, teacher: TeacherConfig, prompts: PromptConfig, 
     report = _GenerationReport(target_rows)
     try:
         stats = generate(teacher, prompts, rows_path, target_rows, policy=verify, max_prompts=max_prompts,
-                         on_progress=report)
+                         on_progress=report, progress_every=1.0, progress_bar=True)
     except BaseException as e:
         mark_generation(out, token, "failed", error=f"{type(e).__name__}: {e}"[:2000])
         if report.last is not None:

@@ -62,6 +62,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from tests.ollama_standin import LoopbackListener
+
 HOST = "127.0.0.1"
 KINDS = ("500", "429", "timeout", "malformed", "drop", "incomplete")
 CHAT_PATHS = ("/api/chat", "/v1/chat/completions")
@@ -101,7 +103,7 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-class FaultProxy:
+class FaultProxy(LoopbackListener):
     """A fault-injecting reverse proxy for `upstream_url` (http://host:port[/prefix]). Thread-safe."""
 
     def __init__(self, upstream_url: str, *, seed: int = 0, port: int = 0, hold_s: float = 30.0,
@@ -268,22 +270,10 @@ class FaultProxy:
         self.close()
 
     def _listen(self, port: int) -> None:
-        server = _Server((HOST, port), self._handler)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01},
-                                  name="fault-proxy", daemon=True)
-        with self._lock:
-            self._server, self._thread = server, thread
-            self._port = server.server_address[1]
-        thread.start()
+        self._start_listener(_Server((HOST, port), self._handler), "fault-proxy")
 
     def _go_down(self) -> None:
-        with self._lock:
-            server, thread = self._server, self._thread
-            self._server = self._thread = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
+        self._close_listener()
         with self._lock:
             conns = list(self._conns.items())
         for sock, cut in conns:

@@ -74,6 +74,30 @@ class _Server(ThreadingHTTPServer):
     # allow_reuse_address (from HTTPServer) lets restart() bind the same port again at once
 
 
+class LoopbackListener:
+    """Runs one ThreadingHTTPServer at a time in a thread; `self._lock` guards the fields."""
+
+    _server: ThreadingHTTPServer | None
+    _thread: threading.Thread | None
+    _port: int
+
+    def _start_listener(self, server: ThreadingHTTPServer, name: str) -> None:
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, name=name, daemon=True)
+        with self._lock:
+            self._server, self._thread = server, thread
+            self._port = server.server_address[1]
+        thread.start()
+
+    def _close_listener(self) -> None:
+        with self._lock:
+            server, thread = self._server, self._thread
+            self._server = self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+
+
 @dataclass
 class Request:
     method: str
@@ -92,7 +116,7 @@ class _Fault:
 
 
 @dataclass
-class OllamaStandin:
+class OllamaStandin(LoopbackListener):
     models: tuple[str, ...] = ("qwen3:0.6b",)
     answer: Callable[[list[dict[str, Any]]], str] = echo_answer
     delay_s: float = 0.0              # sleep per chat request (concurrency tests)
@@ -193,21 +217,7 @@ class OllamaStandin:
 
         server = _Server((HOST, port), Handler)
         server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01},
-                                  name="ollama-standin", daemon=True)
-        with self._lock:
-            self._server, self._thread = server, thread
-            self._port = server.server_address[1]
-        thread.start()
-
-    def _close_listener(self) -> None:
-        with self._lock:
-            server, thread = self._server, self._thread
-            self._server = self._thread = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
+        self._start_listener(server, "ollama-standin")
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)

@@ -33,20 +33,28 @@ class GenerationStalled(RuntimeError):
 
 def generate(teacher: TeacherConfig | Teacher, prompt_cfg: prompt_gen.PromptConfig, out_path: str | Path,
              target_rows: int, *, policy: VerifyPolicy | None = None, max_prompts: int | None = None,
-             on_progress: Callable[[dict], None] | None = None, progress_every: float = 2.0) -> dict[str, Any]:
+             on_progress: Callable[[dict], None] | None = None, progress_every: float = 2.0,
+             progress_bar: bool = False) -> dict[str, Any]:
     """Append verified teacher rows to `out_path` until it holds `target_rows`; the run's stats.
 
     `max_prompts` bounds the prompt indices tried (default 20 x target_rows) so a teacher that
-    never passes the checks ends in GenerationStalled instead of looping forever.
+    never passes the checks ends in GenerationStalled instead of looping forever. `progress_bar`
+    draws a terminal bar of rows (tqdm, on stderr).
     """
     policy = policy or VerifyPolicy()
     with contextlib.ExitStack() as owned:
         client = teacher if isinstance(teacher, Teacher) else owned.enter_context(Teacher(teacher))
-        return _generate(client, prompt_cfg, Path(out_path), target_rows, policy, max_prompts, on_progress, progress_every)
+        bar = None
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = owned.enter_context(tqdm(total=target_rows, desc="distill rows", unit="row", dynamic_ncols=True))
+        return _generate(client, prompt_cfg, Path(out_path), target_rows, policy, max_prompts, on_progress,
+                         progress_every, bar)
 
 
 def _generate(client: Teacher, prompt_cfg, out_path: Path, target_rows: int, policy: VerifyPolicy,
-              max_prompts: int | None, on_progress, progress_every: float) -> dict[str, Any]:
+              max_prompts: int | None, on_progress, progress_every: float, bar=None) -> dict[str, Any]:
     label = f"{client.config.api}:{client.config.model}"
     max_prompts = max_prompts or 20 * target_rows
     per_cat: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -64,6 +72,11 @@ def _generate(client: Teacher, prompt_cfg, out_path: Path, target_rows: int, pol
                    "rejections": dict(reasons), "teacher": client.stats, "done": final}
             if on_progress is not None:
                 on_progress(out)
+            if bar is not None:
+                bar.update(min(stats["rows"], target_rows) - bar.n)
+                answered = sum(v["answered"] for v in per_cat.values())
+                bar.set_postfix(kept=f"{sum(v['accepted'] for v in per_cat.values()) / max(answered, 1):.0%}",
+                                rows_s=f"{out['rows_per_s']:.2f}", refresh=False)
             return out
 
         if store.count >= target_rows:

@@ -191,3 +191,17 @@ def test_serve_then_prefect_deployment_run_completes(tmp_path):
         assert len(hub.chat_bodies()) >= 50
     [rows_dir] = [p for p in (tmp_path / "t").iterdir() if p.name.startswith("distill-rows-")]
     TEACHER.assert_clean(rows_dir / "rows.jsonl", 50)  # the override took effect over the config's 60
+
+
+def test_no_teacher_fails_fast_with_the_fix_and_writes_nothing(tmp_path, capsys):
+    from flows.cli import main
+    from tests.ollama_standin import closed_url
+
+    url = closed_url()
+    code = main(["run", "distill", "--set", f"out_dir={tmp_path}", "--set", f"teacher.url={url}"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"cannot reach the teacher at {url}" in err and "is `ollama serve` running" in err
+    assert not any(p.name.startswith(("distill-rows", "distill-student")) for p in (tmp_path / "distill").glob("*"))
+    with OllamaStandin(models=("llama3:8b",)) as hub:  # up, but without the model: no retry, the fix
+        code = main(["run", "distill", "--set", f"out_dir={tmp_path}", "--set", f"teacher.url={hub.url}"])
+    assert code == 1 and "ollama pull qwen3:0.6b" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxcore.config import ConfigError, FinetuneConfig, ModelConfig, PipelineConfig, load_config
+from mlxcore.config import ConfigError, DistillConfig, FinetuneConfig, ModelConfig, PipelineConfig, load_config, with_overrides
 
 from tests.conftest import REPO
 
@@ -76,8 +76,25 @@ def test_every_config_in_the_repo_loads(path: Path, tmp_path):
         assert isinstance(load_config(path, [f"base_model={tmp_path}"], cls=FinetuneConfig), FinetuneConfig)
         with pytest.raises(ConfigError, match=r"finetune-lora.yaml:\d+: base_model: .*not a local model dir"):
             load_config(path, cls=FinetuneConfig)
+    elif path.name.startswith("distill-"):
+        assert isinstance(load_config(path, cls=DistillConfig), DistillConfig)
     else:
         assert isinstance(load_config(path), PipelineConfig)
+
+
+def test_distill_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "d.yaml"
+    bad.write_text("teacher:\n  api: grpc\ntarget_rows: 10\nstream:\n  val_rows: 32\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad, cls=DistillConfig)
+    assert f"{bad}:2: teacher.api" in str(e.value)
+    with pytest.raises(ConfigError, match="target_rows=10 leaves no training rows"):
+        load_config(None, ["target_rows=10"], cls=DistillConfig)
+    with pytest.raises(ConfigError, match="set student.init_from"):
+        load_config(None, ["train.fine_tune_type=lora"], cls=DistillConfig)
+    with pytest.raises(ConfigError, match="overrides.*teacher.workers"):
+        with_overrides(DistillConfig(), ["teacher.workers=0"])
+    assert with_overrides(DistillConfig(), ["target_rows=500"]).target_rows == 500
 
 
 def test_demo_yaml_spells_out_the_embedded_defaults():

@@ -49,6 +49,13 @@ def test_only_right_answers_are_kept_and_acceptance_is_reported(tmp_path):
         assert again["new_rows"] == 0 and not hub.chat_bodies()
 
 
+def test_progress_bar_counts_rows_to_the_target(tmp_path, capsys):
+    with OllamaStandin(answer=answer) as hub:
+        generate(_teacher(hub), CFG, tmp_path / "rows.jsonl", 30, progress_bar=True, progress_every=0.0)
+    err = capsys.readouterr().err
+    assert "distill rows" in err and "30/30" in err and "kept=" in err
+
+
 def test_faults_and_a_teacher_restart_lose_and_duplicate_nothing(tmp_path):
     with OllamaStandin(answer=answer, timeout_sleep_s=1.0) as hub:
         for kind, n in (("500", 3), ("timeout", 2), ("malformed", 2), ("drop", 2), ("429", 2)):
