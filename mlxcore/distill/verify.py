@@ -141,8 +141,12 @@ def _match_to_canonical(m: re.Match) -> str | None:
     return canonical_number(-f if neg else f)
 
 
-def _numbers(text: str) -> list[str]:
+def numbers(text: str) -> list[str]:
+    """Every number in `text`, canonical, in order ("$1,200" -> "1200", "-3", "3/4" -> "0.75")."""
     return [c for c in (_match_to_canonical(m) for m in _NUMBER.finditer(text)) if c is not None]
+
+
+_numbers = numbers
 
 
 _LATEX = (

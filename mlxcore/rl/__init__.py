@@ -1,0 +1,1 @@
+"""GSM8K reinforcement learning: rewards, GRPO objective, rollout and update (no Prefect here)."""

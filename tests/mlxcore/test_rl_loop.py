@@ -1,0 +1,93 @@
+"""Rollout into a resumable buffer and the GRPO update, on a micro model."""
+
+import json
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlxcore.distill.rows import iter_rows
+from mlxcore.rl.loop import RLPrompt, UpdateConfig, read_buffer, rollout, sequence_logprobs, update
+
+from tests.conftest import hf_model_dir
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory, small_data):
+    from mlxcore.generate import load_chat
+
+    path = hf_model_dir(tmp_path_factory.mktemp("policy") / "m", small_data["tok"], model_type="qwen2")
+    return load_chat(path)
+
+
+PROMPTS = [RLPrompt(id=f"q{i}", messages=[{"role": "user", "content": f"Compute: {i} + {i}"}], truth=str(2 * i))
+           for i in range(3)]
+
+
+def test_rollout_writes_k_samples_per_prompt_with_their_logprobs_and_resumes(policy, tmp_path):
+    model, tok = policy
+    buf = tmp_path / "buffer.jsonl"
+    stats = rollout(model, tok, PROMPTS[:2], buf, k=4, max_tokens=6, temperature=1.0, seed=1, checkpoint="c0")
+    rows = read_buffer(buf)
+    assert stats["samples"] == 8 and sorted((r["prompt_id"], r["sample"]) for r in rows) == \
+        [(f"q{i}", s) for i in range(2) for s in range(4)]
+    for r in rows:
+        assert 1 <= len(r["response_ids"]) <= 6 and len(r["old_logprobs"]) == len(r["response_ids"])
+        assert r["checkpoint"] == "c0" and r["seed"] == 1 and r["reward"] in (0.0, 1.0)
+        assert tok.decode(r["response_ids"]).startswith(r["response"].strip()[:3]) or not r["response"].strip()
+    # the stored log-probs are the model's own for those tokens
+    again = sequence_logprobs(model, [rows[0]["prompt_ids"]], [rows[0]["response_ids"]])[0]
+    np.testing.assert_allclose(again, rows[0]["old_logprobs"], atol=1e-4)
+    # a re-run with a third prompt adds only that prompt's samples
+    before = buf.read_bytes()
+    stats = rollout(model, tok, PROMPTS, buf, k=4, max_tokens=6, seed=1, checkpoint="c0")
+    assert stats["samples"] == 12 and buf.read_bytes().startswith(before)
+    ids = [r["meta"]["id"] for r in iter_rows(buf)]
+    assert len(ids) == len(set(ids)) == 12
+
+
+def test_update_first_step_has_ratio_one_and_moves_the_policy(policy, tmp_path):
+    model, tok = policy
+    buf = tmp_path / "buffer.jsonl"
+    rollout(model, tok, PROMPTS, buf, k=4, max_tokens=6, temperature=1.0, seed=2)
+    rows = [r for r in iter_rows(buf)]
+    for r in rows:  # rewards that vary within every group
+        r["meta"]["reward"] = float(r["meta"]["sample"] % 2)
+    buf.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    m = update(model, optim.SGD(learning_rate=0.0), buf, UpdateConfig(batch_size=12), pad=0)
+    assert m["zero_variance_groups"] == 0 and m["samples_used"] == 12 and m["steps"] == 1
+    # ratio 1 on the first step: the loss is minus the token-weighted mean advantage (+-1 per group here)
+    lens = [len(r["meta"]["response_ids"]) for r in rows]
+    adv = [1.0 if r["meta"]["sample"] % 2 else -1.0 for r in rows]
+    want = -sum(a * n for a, n in zip(adv, lens)) / sum(lens)
+    assert m["clip_fraction"] == 0.0 and m["loss"] == pytest.approx(want, abs=1e-3)
+    m = update(model, optim.SGD(learning_rate=0.5), buf, UpdateConfig(batch_size=4, epochs=2), pad=0)
+    after = dict(tree_flatten(model.parameters()))
+    assert m["steps"] == 6 and m["grad_norm"] > 0
+    assert any(not np.allclose(before[k], np.array(after[k])) for k in before)
+
+
+def test_all_equal_rewards_skip_the_update(policy, tmp_path):
+    model, tok = policy
+    buf = tmp_path / "buffer.jsonl"
+    rollout(model, tok, PROMPTS[:2], buf, k=2, max_tokens=4, seed=3)
+    m = update(model, optim.SGD(learning_rate=1.0), buf, UpdateConfig(), pad=0)
+    if m["mean_reward"] in (0.0, 1.0):  # a random model: every reward 0
+        assert m["zero_variance_groups"] == 2 and m["steps"] == 0 and m["samples_used"] == 0
+    with pytest.raises(ValueError, match="ref_model"):
+        rows = list(iter_rows(buf))
+        rows[0]["meta"]["reward"] = 1.0
+        buf.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        update(model, optim.SGD(learning_rate=1.0), buf, UpdateConfig(beta=0.1), pad=0)
+
+
+def test_mx_seed_makes_rollout_reproducible(policy, tmp_path):
+    model, tok = policy
+    a = rollout(model, tok, PROMPTS[:1], tmp_path / "a.jsonl", k=3, max_tokens=5, seed=9)
+    b = rollout(model, tok, PROMPTS[:1], tmp_path / "b.jsonl", k=3, max_tokens=5, seed=9)
+    ra, rb = read_buffer(tmp_path / "a.jsonl"), read_buffer(tmp_path / "b.jsonl")
+    assert [r["response_ids"] for r in ra] == [r["response_ids"] for r in rb] and a["samples"] == b["samples"] == 3
+    mx.random.seed(0)
