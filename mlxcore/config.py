@@ -384,6 +384,63 @@ class DistillConfig(_Run, _Strict):
         return self
 
 
+class RolloutConfig(_Strict):
+    """How each RL iteration samples: `prompts` GSM8K train questions, `k` answers each."""
+
+    prompts: int = Field(64, gt=0, description="Questions per iteration (the next ones of a seeded shuffle).")
+    k: int = Field(8, ge=2, description="Samples per question (the GRPO group).")
+    max_tokens: int = Field(256, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    prompts_per_batch: int = Field(8, gt=0, description="Questions whose k samples generate in one batch.")
+    format_weight: float = Field(0.0, ge=0, description="Reward for ending with '#### <number>', beside correctness.")
+
+
+class RLUpdateConfig(_Strict):
+    """The GRPO update of one iteration (see mlxcore/rl/grpo.py for what is kept from GRPO)."""
+
+    lr: float = Field(1e-5, gt=0)
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="Clip range of the token importance ratio.")
+    beta: float = Field(0.0, ge=0, description="KL penalty to the starting policy; 0: no reference is loaded.")
+    scale_rewards: bool = Field(True, description="Divide advantages by the group's std (False: centre only).")
+    batch_size: int = Field(16, gt=0, description="Samples per optimizer step.")
+    epochs: int = Field(1, ge=0, description="Passes over the iteration's buffer; 0: no update (rollout and eval only).")
+    grad_clip: float = Field(1.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    fine_tune_type: Literal["full", "lora", "dora"] = "full"
+    lora: LoRAConfig = LoRAConfig()
+
+
+class RLConfig(_Run, _Strict):
+    """GSM8K GRPO: every flow run is one iteration (rollout -> update -> eval) continuing the last."""
+
+    name: str = Field("rl-gsm8k", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    out_dir: str = Field("runs", description="State and iterations go to <out_dir>/<name>/.")
+    policy: str = Field(description="The starting model: a local model dir (ours, Hugging Face or mlx-lm).")
+    train: list[str] = Field(["gsm8k:train"], min_length=1, description="Specs of the questions to train on.")
+    test: list[str] = Field(["gsm8k:test"], min_length=1, description="Specs of the held-out questions.")
+    max_download_mb: float = Field(2048, gt=0)
+    system_prompt: str | None = Field(
+        "Solve the problem step by step, then give the final answer on its own line as '#### <number>'.",
+        description="System message of every prompt; null: none.")
+    warmup: TrainConfig | None = Field(None, description="SFT on the train split (answers end in '#### n') "
+                                                         "before the first iteration; null: none.")
+    rollout: RolloutConfig = RolloutConfig()
+    update: RLUpdateConfig = RLUpdateConfig()
+    iterations: int = Field(100, gt=0, description="Stop after this many iterations (later runs do nothing).")
+    eval_prompts: int = Field(200, ge=0, description="Held-out questions scored greedily after every iteration.")
+    eval_max_tokens: int = Field(256, gt=0)
+    seed: int = 0
+    schedule_minutes: float | None = Field(None, gt=0, description="Deployments only: start an iteration this often "
+                                                                     "(never two at once).")
+
+    def check_policy(self) -> None:
+        """The policy must exist when a run starts (a deployment may name it before it does)."""
+        if not (Path(self.policy) / "config.json").is_file():
+            raise ConfigError(f"policy: {self.policy!r} is not a local model dir (no config.json); "
+                              "set policy=/path/to/model")
+
+
 # ---------------------------------------------------------------- loading YAML with good errors
 
 

@@ -167,6 +167,8 @@ def update(model, optimizer, buffer_path: str | Path, cfg: UpdateConfig, *, pad:
             steps += 1
             for key, v in (("loss", loss), ("kl", m["kl"]), ("clip_fraction", m["clip_fraction"]), ("grad_norm", norm)):
                 sums[key] += v.item()
+    if not steps:  # epochs = 0: evaluation only
+        return metrics
     return metrics | {"steps": steps} | {key: v / steps for key, v in sums.items()}
 
 
