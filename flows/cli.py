@@ -1,6 +1,6 @@
 """`mlxflow`: run flows, check the machine, talk to a checkpoint.
 
-  mlxflow run pipeline|finetune|distill [--config configs/X.yaml] [--set sft.lr=1e-4 ...]
+  mlxflow run pipeline|finetune|distill|rl-gsm8k [--config configs/X.yaml] [--set sft.lr=1e-4 ...]
   mlxflow serve [CONFIG_DIR]      # deployments: pipeline/demo, distill/default, one per config
   mlxflow doctor
   mlxflow generate --checkpoint DIR --prompt TEXT
@@ -23,6 +23,7 @@ FLOWS = {  # name: (module, flow function, config class)
     "pipeline": ("flows.pipeline", "pipeline", "PipelineConfig"),
     "finetune": ("flows.finetune", "finetune", "FinetuneConfig"),
     "distill": ("flows.distill", "distill", "DistillConfig"),
+    "rl-gsm8k": ("flows.rl_gsm8k", "rl_gsm8k", "RLConfig"),
 }
 
 
@@ -47,9 +48,25 @@ def format_distill(config, result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_rl(config, result: dict) -> str:
+    if result.get("done"):
+        return f"rl-gsm8k '{config.name}': all {config.iterations} iterations are done (checkpoint {result['checkpoint']})"
+    lines = [f"rl-gsm8k '{config.name}': iteration {result['iteration']} of {config.iterations} finished", "",
+             f"{'iter':>4} {'reward':>7} {'rollout acc':>11} {'held-out acc':>12} {'kl':>7} {'clip':>6} {'tokens':>6}"]
+    for h in result["history"]:
+        held = h.get("eval_accuracy")
+        lines.append(f"{h['iteration']:>4} {h['mean_reward']:>7.3f} {h['accuracy']:>11.3f} "
+                     f"{'-' if held is None else f'{held:.3f}':>12} {h.get('kl') or 0:>7.4f} "
+                     f"{h.get('clip_fraction') or 0:>6.3f} {h['response_tokens']:>6.1f}")
+    lines += ["", f"checkpoint: {result['checkpoint']}", "next:       run the same command again (or schedule it: mlxflow serve)"]
+    return "\n".join(lines)
+
+
 def format_summary(flow: str, config, result: dict) -> str:
     if flow == "distill":
         return format_distill(config, result)
+    if flow == "rl-gsm8k":
+        return format_rl(config, result)
     train, evals = result["train"], result["eval"]
     lines = [f"{flow} '{config.name}' finished", "",
              f"{'stage':<9} {'held-out loss: before -> after':<31} {'ppl':>7} {'uniform ln(V)':>14}"]

@@ -4,6 +4,8 @@
   pipeline/<stem>     one per configs/<stem>.yaml that is a pipeline config
   distill/default     the embedded defaults: Ollama's qwen3:0.6b on 127.0.0.1:11434
   distill/<name>      one per configs/distill-<name>.yaml
+  rl-gsm8k/<name>     one per configs/rl-<name>.yaml: one GRPO iteration per run, on its
+                      `schedule_minutes` interval, never two at once (later ones wait)
 
 Every deployment takes `overrides` too (KEY=VALUE settings on top of its config):
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from mlxcore.config import ConfigError, DistillConfig, PipelineConfig, load_config
+from mlxcore.config import ConfigError, DistillConfig, PipelineConfig, RLConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -30,17 +32,34 @@ def deployments(config_dir: str | Path = CONFIGS) -> list:
     """Every deployment, configs in `config_dir` validated first (a bad one names its file and line)."""
     from flows.distill import distill
     from flows.pipeline import pipeline
+    from flows.rl_gsm8k import rl_gsm8k
 
     out = [pipeline.to_deployment(name="demo", description="The whole pipeline on its embedded defaults."),
            distill.to_deployment(name="default", description="Distill from Ollama's qwen3:0.6b on 127.0.0.1:11434.")]
     for path in sorted(Path(config_dir).glob("*.yaml")):
-        if path.stem.startswith("distill-"):
+        if path.stem.startswith("rl-"):
+            out.append(_rl_deployment(rl_gsm8k, path))
+        elif path.stem.startswith("distill-"):
             out.append(distill.to_deployment(name=path.stem.removeprefix("distill-"), parameters=_params(path, DistillConfig),
                                              description=f"configs/{path.name}"))
         elif "base_model" not in (yaml.safe_load(path.read_text()) or {}) and path.stem != "demo":  # finetune configs need a model
             out.append(pipeline.to_deployment(name=path.stem, parameters=_params(path, PipelineConfig),
                                               description=f"configs/{path.name}"))
     return out
+
+
+def _rl_deployment(flow, path: Path):
+    """One GRPO iteration per run; a run that comes due while another runs waits for it (ENQUEUE)."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    config = load_config(path, cls=RLConfig)
+    minutes = config.schedule_minutes
+    return flow.to_deployment(
+        name=path.stem.removeprefix("rl-"), parameters={"config": config.model_dump(mode="json")},
+        interval=timedelta(minutes=minutes) if minutes else None, description=f"configs/{path.name}",
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE))
 
 
 def serve(config_dir: str | Path = CONFIGS, limit: int | None = None) -> None:

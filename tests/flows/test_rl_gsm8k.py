@@ -98,3 +98,133 @@ def test_the_same_iterations_without_the_update_do_not_raise_it(arithmetic, tmp_
     start, end = held_out_reward(arithmetic, first, tmp_path), held_out_reward(arithmetic, history[-1]["checkpoint"], tmp_path)
     print(f"held-out mean reward without updates: {start:.3f} -> {end:.3f}")
     assert all(h["steps"] == 0 for h in history) and end - start < 0.05
+
+
+def _small(arithmetic, out, **over) -> RLConfig:
+    base = {"warmup": None, "rollout": {"prompts": 8, "k": 4, "max_tokens": 8, "prompts_per_batch": 2},
+            "update": {"lr": 1e-4, "epochs": 1, "batch_size": 16}, "eval_prompts": 8, "eval_max_tokens": 8}
+    return rl_config(arithmetic, out, **{**base, **over})
+
+
+@pytest.fixture
+def prefect_server_with_services(tmp_path):
+    """`prefect server start` as a user runs it (scheduler included; the test harness has none)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from bench.distill_throughput import free_port as _free_port
+
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_UI_ENABLED": "false",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def test_scheduled_iterations_never_overlap_and_continue_each_other(arithmetic, tmp_path, prefect_server_with_services):
+    """`mlxflow serve` + a schedule every 6 s: iterations come due while one runs; they wait."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.conftest import REPO
+
+    url = prefect_server_with_services
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    cfg = _small(arithmetic, tmp_path, name="sched", schedule_minutes=0.1, iterations=2)
+    (configs / "rl-sched.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "PREFECT_API_URL": url, "PYTHONPATH": str(REPO)}
+    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(configs)], cwd=REPO, env=env,
+                             stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    runs, done, waited = [], [], set()
+    try:
+        deadline = time.time() + 400
+        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            while time.time() < deadline:
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["sched"])))
+                waited |= {r.id for r in runs if r.state and r.state.name == "AwaitingConcurrencySlot"}
+                running = [r for r in runs if r.state and r.state.is_running()]
+                assert len(running) <= 1, [(r.name, r.state.name) for r in runs]  # never two at once
+                done = [r for r in runs if r.state and r.state.is_completed() and r.start_time]
+                if len(done) >= 3:
+                    break
+                time.sleep(0.5)
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+    assert len(done) >= 3, ([(r.name, r.state.name) for r in runs], (tmp_path / "serve.log").read_text()[-3000:])
+    spans = sorted((r.start_time, r.end_time) for r in done)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), spans  # never concurrent
+    assert waited  # a run came due while another ran, and waited for its slot
+    state = json.loads((tmp_path / "sched" / "state.json").read_text())
+    assert state["iteration"] == 2 and [h["iteration"] for h in state["history"]] == [1, 2]  # the 3rd: done
+    second = json.loads((tmp_path / "sched" / "iter-0002" / "update" / "manifest.json").read_text())
+    assert second["config"]["policy"] == state["history"][0]["checkpoint"]  # the 2nd started from the 1st
+
+
+def test_sigkill_mid_rollout_then_rerun_resumes_without_duplicates(arithmetic, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import REPO
+
+    cfg = _small(arithmetic, tmp_path, name="kill", rollout={"prompts": 32, "k": 4, "max_tokens": 8, "prompts_per_batch": 1})
+    (tmp_path / "rl.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "flows.cli", "run", "rl-gsm8k", "--config", str(tmp_path / "rl.yaml")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    buffer = tmp_path / "kill" / "iter-0001" / "buffer.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if buffer.exists() and buffer.read_bytes().count(b"\n") >= 12:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = buffer.read_bytes()
+    before = before[: before.rfind(b"\n") + 1]
+    assert 12 <= before.count(b"\n") < 32 * 4, "the rollout finished before it could be killed"
+    assert not (tmp_path / "kill" / "state.json").exists()
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "iteration 1 of" in again.stdout
+    after = buffer.read_bytes()
+    ids = [json.loads(line)["meta"]["id"] for line in after.splitlines()]
+    assert after.startswith(before) and len(ids) == len(set(ids)) == 32 * 4  # resumed, nothing twice
+    assert json.loads((tmp_path / "kill" / "state.json").read_text())["iteration"] == 1

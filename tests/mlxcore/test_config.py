@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxcore.config import ConfigError, DistillConfig, FinetuneConfig, ModelConfig, PipelineConfig, load_config, with_overrides
+from mlxcore.config import ConfigError, DistillConfig, RLConfig, FinetuneConfig, ModelConfig, PipelineConfig, load_config, with_overrides
 
 from tests.conftest import REPO
 
@@ -78,6 +78,10 @@ def test_every_config_in_the_repo_loads(path: Path, tmp_path):
             load_config(path, cls=FinetuneConfig)
     elif path.name.startswith("distill-"):
         assert isinstance(load_config(path, cls=DistillConfig), DistillConfig)
+    elif path.name.startswith("rl-"):
+        config = load_config(path, cls=RLConfig)
+        with pytest.raises(ConfigError, match="policy: .*not a local model dir"):
+            config.check_policy()
     else:
         assert isinstance(load_config(path), PipelineConfig)
 
