@@ -65,6 +65,19 @@ def kill_after_first_checkpoint(job, tmp_path: Path) -> int:
     return checkpoint.list_checkpoints(out / "checkpoints")[-1][0]
 
 
+def stop_group(proc, sig=None, timeout: float = 30) -> None:
+    """Stop a process started with start_new_session=True and its children (SIGINT, then SIGKILL)."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, sig or signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def hf_model_dir(path: Path, tokenizer_dir: Path, model_type: str = "qwen3", vocab_size: int = 512) -> Path:
     """A tiny model in the layout Hugging Face / mlx-lm write (config.json, model.safetensors, tokenizer)."""
     from mlxcore import checkpoint

@@ -165,7 +165,8 @@ def _clean_latex(s: str) -> str:
     return s.replace("\\", "")
 
 
-def _number_from_candidate(cand: str) -> str | None:
+def number_from_candidate(cand: str) -> str | None:
+    """The number a marked answer states ("x = -3" -> "-3", "$1,200." -> "1200", "ten" -> "10")."""
     cand = _clean_latex(cand)
     if "=" in cand:
         cand = cand.rsplit("=", 1)[1]
@@ -287,7 +288,7 @@ def extract_answer(text: str, kind: str, choices: Iterable[str] | None = None) -
     choices = list(choices) if choices is not None else None
     for cand in cands:
         if atype == "number":
-            out = _number_from_candidate(cand)
+            out = number_from_candidate(cand)
         elif atype == "choice":
             out = normalize_choice(cand)
         elif atype == "name":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from mlxcore.distill.verify import normalize_number, numbers
+from mlxcore.distill.verify import number_from_candidate, numbers
 
 _HASHES = re.compile(r"^[ \t]*####[ \t]*(?P<rest>[^\n]*)$", re.M)
 _FORMAT = re.compile(r"####[ \t]*[-+$]?[\d,]*\.?\d+[ \t]*\.?\s*\Z")
@@ -26,13 +26,9 @@ def extract_answer(text: str) -> str | None:
         return None
     marked = _HASHES.findall(text)
     if marked:
-        rest = marked[-1].strip()
-        whole = normalize_number(rest)
-        if whole is not None:
-            return whole
-        found = numbers(rest)
-        if found:
-            return found[0]
+        found = number_from_candidate(marked[-1].strip())
+        if found is not None:
+            return found
     found = numbers(text)
     return found[-1] if found else None
 

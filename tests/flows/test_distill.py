@@ -7,7 +7,6 @@ here (OpenAI API). The student trains while the rows are written.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from mlxcore.config import DistillConfig
 from mlxcore.distill import prompts as prompt_gen
 from mlxcore.distill.verify import check
 
-from tests.conftest import REPO, micro_model
+from tests.conftest import REPO, micro_model, stop_group
 from tests.known_teacher import KnownTeacher, is_right
 from tests.ollama_standin import OllamaStandin
 
@@ -182,11 +181,7 @@ def test_serve_then_prefect_deployment_run_completes(tmp_path):
                  "-p", 'overrides=["target_rows=50"]', "--watch", "--watch-timeout", "300"],
                 env=env, capture_output=True, text=True, timeout=360)
         finally:
-            os.killpg(serve.pid, signal.SIGINT)
-            try:
-                serve.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(serve.pid, signal.SIGKILL)
+            stop_group(serve)
         assert done.returncode == 0 and "Completed" in done.stdout, done.stdout + done.stderr
         assert len(hub.chat_bodies()) >= 50
     [rows_dir] = [p for p in (tmp_path / "t").iterdir() if p.name.startswith("distill-rows-")]

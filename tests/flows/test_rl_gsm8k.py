@@ -6,12 +6,26 @@ some of the sums, so RL has both right and wrong samples to learn from.
 """
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, DeploymentFilter, DeploymentFilterName
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from bench.distill_throughput import free_port
 
 from mlxcore.config import ModelConfig, RLConfig, TokenizerConfig
 from mlxcore.rl.iteration import load_questions, run_rollout
+
+from tests.conftest import REPO, stop_group
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -89,6 +103,14 @@ def test_five_grpo_iterations_raise_held_out_reward_by_20_points(arithmetic, tmp
     assert all(h["steps"] > 0 and h["zero_variance_groups"] < 128 for h in history)
     # a 6th run does nothing: the configured 5 iterations are done
     assert _iterate(config, 1)[0]["done"] is True
+    with get_client(sync_client=True) as client:  # the reward history as a table and a chart in the UI
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[
+            "arith-reward-history", "arith-reward-chart"])))
+    latest = {a.key: a for a in sorted(arts, key=lambda a: a.created)}
+    table = latest["arith-reward-history"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert [row["iteration"] for row in table] == [1, 2, 3, 4, 5]
+    assert "reward history" in latest["arith-reward-chart"].data and "█" in latest["arith-reward-chart"].data
 
 
 def test_the_same_iterations_without_the_update_do_not_raise_it(arithmetic, tmp_path):
@@ -109,16 +131,7 @@ def _small(arithmetic, out, **over) -> RLConfig:
 @pytest.fixture
 def prefect_server_with_services(tmp_path):
     """`prefect server start` as a user runs it (scheduler included; the test harness has none)."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
-    from bench.distill_throughput import free_port as _free_port
-
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_UI_ENABLED": "false",
            "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
@@ -135,24 +148,13 @@ def prefect_server_with_services(tmp_path):
         except httpx.HTTPError:
             time.sleep(0.5)
     yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    stop_group(proc, signal.SIGTERM)
 
 
 def test_scheduled_iterations_never_overlap_and_continue_each_other(arithmetic, tmp_path, prefect_server_with_services):
     """`mlxflow serve` + a schedule every 6 s: iterations come due while one runs; they wait."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
-    import yaml
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tests.conftest import REPO
 
     url = prefect_server_with_services
     configs = tmp_path / "configs"
@@ -176,11 +178,7 @@ def test_scheduled_iterations_never_overlap_and_continue_each_other(arithmetic, 
                     break
                 time.sleep(0.5)
     finally:
-        os.killpg(serve.pid, signal.SIGINT)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
+        stop_group(serve)
     assert len(done) >= 3, ([(r.name, r.state.name) for r in runs], (tmp_path / "serve.log").read_text()[-3000:])
     spans = sorted((r.start_time, r.end_time) for r in done)
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), spans  # never concurrent
@@ -192,16 +190,8 @@ def test_scheduled_iterations_never_overlap_and_continue_each_other(arithmetic, 
 
 
 def test_sigkill_mid_rollout_then_rerun_resumes_without_duplicates(arithmetic, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
-    import yaml
-    from prefect.settings import PREFECT_API_URL
 
-    from tests.conftest import REPO
 
     cfg = _small(arithmetic, tmp_path, name="kill", rollout={"prompts": 32, "k": 4, "max_tokens": 8, "prompts_per_batch": 1})
     (tmp_path / "rl.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))

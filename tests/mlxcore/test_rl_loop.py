@@ -15,11 +15,15 @@ from tests.conftest import hf_model_dir
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory, small_data):
+def policy_dir(tmp_path_factory, small_data):
+    return hf_model_dir(tmp_path_factory.mktemp("policy") / "m", small_data["tok"], model_type="qwen2")
+
+
+@pytest.fixture(scope="module")
+def policy(policy_dir):
     from mlxcore.generate import load_chat
 
-    path = hf_model_dir(tmp_path_factory.mktemp("policy") / "m", small_data["tok"], model_type="qwen2")
-    return load_chat(path)
+    return load_chat(policy_dir)
 
 
 PROMPTS = [RLPrompt(id=f"q{i}", messages=[{"role": "user", "content": f"Compute: {i} + {i}"}], truth=str(2 * i))
@@ -91,3 +95,29 @@ def test_mx_seed_makes_rollout_reproducible(policy, tmp_path):
     ra, rb = read_buffer(tmp_path / "a.jsonl"), read_buffer(tmp_path / "b.jsonl")
     assert [r["response_ids"] for r in ra] == [r["response_ids"] for r in rb] and a["samples"] == b["samples"] == 3
     mx.random.seed(0)
+
+
+@pytest.mark.parametrize("fine_tune_type", ["lora", "full"])
+def test_run_update_writes_a_plain_policy_dir_lora_fused_and_kl_to_the_reference(policy_dir, tmp_path, fine_tune_type):
+    from mlxcore.config import RLUpdateConfig
+    from mlxcore.generate import load_chat
+    from mlxcore.io import read_manifest
+    from mlxcore.rl.iteration import run_update
+
+    src = policy_dir
+    model, tok = load_chat(src)
+    buf = tmp_path / "buffer.jsonl"
+    rollout(model, tok, PROMPTS, buf, k=4, max_tokens=6, seed=5)
+    rows = list(iter_rows(buf))
+    for r in rows:
+        r["meta"]["reward"] = float(r["meta"]["sample"] % 2)
+    buf.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RLUpdateConfig(lr=1e-2, beta=0.5, epochs=2, batch_size=6, fine_tune_type=fine_tune_type)
+    m = run_update(src, buf, tmp_path / "out", cfg, seed=0, reference_dir=src)
+    assert m["steps"] == 4 and m["kl"] > 0  # moved away from the reference, and the KL says so
+    new, _ = load_chat(tmp_path / "out" / "model")  # a plain model dir: adapters fused
+    assert not (tmp_path / "out" / "model" / "adapters.safetensors").exists()
+    before, after = dict(tree_flatten(model.parameters())), dict(tree_flatten(new.parameters()))
+    assert set(before) == set(after) and any(not np.allclose(np.array(before[k]), np.array(after[k])) for k in before)
+    assert read_manifest(tmp_path / "out", "rl-update")["metrics"]["steps"] == 4
+    assert (tmp_path / "out" / "optimizer.safetensors").exists() == (fine_tune_type == "full")
