@@ -6,7 +6,8 @@ same prompts, K samples each, in one run.
 
 Ours: `mlxcore.rl.loop.rollout` (mlx-lm's `batch_generate` over every question's K copies,
 then the forward pass that scores the sampled tokens for the update, and the fsynced buffer
-rows), all counted. Reference: `mlx_lm.generate` called once per sample with the same sampler.
+rows), all counted. Reference: `mlx_lm.generate`'s loop (`stream_generate`, which reports the token count) once per
+sample with the same sampler.
 Tokens/s = generated tokens / wall time; both sides sample at temperature 1 with max_tokens, so
 a random model's replies run to about max_tokens on both. Rounds alternate (timings here vary by
 about +-15%); the final line is the median of the per-round ratios.
@@ -66,7 +67,7 @@ def questions(n: int):
 
 def one_at_a_time(model, tok, prompts, k: int, max_tokens: int, seed: int) -> dict:
     import mlx.core as mx
-    from mlx_lm import generate
+    from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
     sampler = make_sampler(temp=1.0, top_p=1.0)
@@ -74,9 +75,11 @@ def one_at_a_time(model, tok, prompts, k: int, max_tokens: int, seed: int) -> di
     tokens, start = 0, time.perf_counter()
     for p in prompts:
         ids = tok.apply_chat_template(p.messages, add_generation_prompt=True)
-        for _ in range(k):
-            text = generate(model, tok, ids, max_tokens=max_tokens, sampler=sampler, verbose=False)
-            tokens += len(tok.encode(text, add_special_tokens=False)) if text else 0
+        for _ in range(k):  # what mlx_lm.generate does, keeping its count of generated tokens
+            last = None
+            for last in stream_generate(model, tok, ids, max_tokens=max_tokens, sampler=sampler):
+                pass
+            tokens += last.generation_tokens if last is not None else 0
     seconds = time.perf_counter() - start
     return {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
 

@@ -40,10 +40,18 @@ def rl_state(run_dir: str) -> dict:
 def rl_rollout(policy: str, train: list[str], iteration: int, cfg: RolloutConfig, system_prompt: str | None,
                seed: int, run_dir: str) -> dict:
     """K samples of this iteration's questions with the current policy (resumes a partial buffer)."""
+    from tqdm.auto import tqdm
+
     prompts = iteration_prompts(load_questions(_files(train), system_prompt), iteration, cfg.prompts, seed)
     buffer = iter_dir(run_dir, iteration) / "buffer.jsonl"
-    stats = run_rollout(policy, prompts, buffer, cfg, seed=seed * 100_003 + iteration, checkpoint=policy,
-                        on_progress=StageProgress(f"rollout {iteration}: {cfg.prompts} questions x {cfg.k}"))
+    artifact = StageProgress(f"rollout {iteration}: {cfg.prompts} questions x {cfg.k}")
+    with tqdm(total=cfg.prompts * cfg.k, desc=f"rollout {iteration}", unit="sample", dynamic_ncols=True) as bar:
+        def progress(done: int, total: int) -> None:  # a terminal bar and a Prefect progress artifact
+            artifact(done, total)
+            bar.update(done - bar.n)
+
+        stats = run_rollout(policy, prompts, buffer, cfg, seed=seed * 100_003 + iteration, checkpoint=policy,
+                            on_progress=progress)
     return {"buffer": str(buffer), **stats}
 
 
