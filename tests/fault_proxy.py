@@ -104,7 +104,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class FaultProxy(LoopbackListener):
-    """A fault-injecting reverse proxy for `upstream_url` (http://host:port[/prefix]). Thread-safe."""
+    """A fault-injecting reverse proxy for `upstream_url` (http://127.0.0.1:PORT[/prefix], loopback only). Thread-safe."""
 
     def __init__(self, upstream_url: str, *, seed: int = 0, port: int = 0, hold_s: float = 30.0,
                  upstream_timeout_s: float = 120.0) -> None:
