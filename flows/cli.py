@@ -1,7 +1,8 @@
 """`mlxflow`: run flows, check the machine, talk to a checkpoint.
 
-  mlxflow run pipeline|finetune|distill|rl-gsm8k [--config configs/X.yaml] [--set sft.lr=1e-4 ...]
-  mlxflow serve [CONFIG_DIR]      # deployments: pipeline/demo, distill/default, one per config
+  mlxflow run pipeline|finetune|distill|rl-gsm8k|bench|eval [--config configs/X.yaml] [--set sft.lr=1e-4 ...]
+  mlxflow serve [CONFIG_DIR]      # deployments: pipeline/demo, distill/default, bench/demo, eval/demo, one per config
+  mlxflow deploy --pool NAME [CONFIG_DIR]   # the same deployments on a work pool (prefect worker start --pool NAME)
   mlxflow doctor
   mlxflow generate --checkpoint DIR --prompt TEXT
   mlxflow speed [--preset 200mb] [--batch-size 1,2,4,8] [--fine-tune-type lora --quantize-bits 4] ...
@@ -24,6 +25,8 @@ FLOWS = {  # name: (module, flow function, config class)
     "finetune": ("flows.finetune", "finetune", "FinetuneConfig"),
     "distill": ("flows.distill", "distill", "DistillConfig"),
     "rl-gsm8k": ("flows.rl_gsm8k", "rl_gsm8k", "RLConfig"),
+    "bench": ("flows.bench", "bench", "BenchRunConfig"),
+    "eval": ("flows.bench", "eval_flow", "EvalConfig"),
 }
 
 
@@ -62,11 +65,35 @@ def format_rl(config, result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_bench(result: dict | None) -> str:
+    """Accuracy per suite, targets side by side (the full report: report.md in result['path'])."""
+    if not result:
+        return ""
+    targets = list(result["overall"])
+    width = max(9, *(len(t) + 1 for t in targets))
+    head = f"{'bench':<10}" + "".join(f"{t:>{width}}" for t in targets)
+    rows = [f"{suite:<10}" + "".join(f"{acc.get(t, 0):>{width}.3f}" for t in targets)
+            for suite, acc in result["accuracy"].items()]
+    overall = [f"{'overall':<10}" + "".join(f"{result['overall'][t]['accuracy']:>{width}.3f}" for t in targets),
+               f"{'invalid':<10}" + "".join(f"{result['overall'][t]['invalid_rate']:>{width}.3f}" for t in targets),
+               f"{'tok/s':<10}" + "".join(f"{result['overall'][t]['tok_per_s'] or 0:>{width}.0f}" for t in targets)]
+    return "\n".join([head, *rows, *overall, f"report:    {result['path']}/report.md"])
+
+
+def format_eval(config, result: dict) -> str:
+    return (f"eval '{config.name}': {config.checkpoint} on {result['tokens']:,} held-out {result['task']} tokens\n"
+            f"loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  (uniform ln(V) {result['uniform_loss']:.3f})")
+
+
 def format_summary(flow: str, config, result: dict) -> str:
     if flow == "distill":
-        return format_distill(config, result)
+        return "\n\n".join(filter(None, [format_distill(config, result), format_bench(result.get("bench"))]))
     if flow == "rl-gsm8k":
         return format_rl(config, result)
+    if flow == "bench":
+        return format_bench(result)
+    if flow == "eval":
+        return format_eval(config, result)
     train, evals = result["train"], result["eval"]
     lines = [f"{flow} '{config.name}' finished", "",
              f"{'stage':<9} {'held-out loss: before -> after':<31} {'ppl':>7} {'uniform ln(V)':>14}"]
@@ -80,8 +107,12 @@ def format_summary(flow: str, config, result: dict) -> str:
     for s in samples["samples"]:
         mark = "ok " if s["correct"] else "-- "
         lines.append(f"  {mark}{s['prompt']!r} -> {s['reply']!r}" + ("" if s["correct"] else f" (expected {s['expected']!r})"))
-    lines += ["", f"checkpoint: {result['checkpoint']}",
-              f"try it:     mlxflow generate --checkpoint {result['checkpoint']} --prompt 'Sort: 5 3 9 1'"]
+    if result.get("bench"):
+        lines += ["", format_bench(result["bench"])]
+    model = result.get("model") or result["checkpoint"]
+    lines += ["", f"checkpoint: {result['checkpoint']}" + (f" (linked as {model})" if model != result["checkpoint"] else ""),
+              f"try it:     mlxflow generate --checkpoint {model} "
+              "--prompt 'Sort these numbers in ascending order: 5 3 9 1 7 2 8 4'"]
     return "\n".join(lines)
 
 
@@ -110,6 +141,22 @@ def cmd_serve(args) -> int:
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     return serve.main([args.config_dir] if args.config_dir else [])
+
+
+def cmd_deploy(args) -> int:
+    from mlxcore.config import ConfigError
+
+    from flows import serve
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        ids = serve.deploy(args.pool, args.config_dir or serve.CONFIGS)
+    except ConfigError as e:
+        return _err(str(e), 2)
+    except ValueError as e:  # no such work pool
+        return _err(f"{e} (prefect work-pool create {args.pool} --type process)", 1)
+    print(f"{len(ids)} deployments on work pool {args.pool!r}; run them with: prefect worker start --pool {args.pool}")
+    return 0
 
 
 def cmd_doctor(args) -> int:
@@ -282,9 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML file overriding the flow's embedded defaults")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. sft.lr=1e-4")
     run.set_defaults(func=cmd_run)
-    srv = sub.add_parser("serve", help="register the deployments (pipeline/demo, distill/default, one per config) and run them")
+    srv = sub.add_parser("serve", help="register the deployments (pipeline, distill, rl-gsm8k, bench, eval: "
+                         "the defaults and one per config) and run them")
     srv.add_argument("config_dir", nargs="?", help="where the YAML configs are (default: the repo's configs/)")
     srv.set_defaults(func=cmd_serve)
+    dep = sub.add_parser("deploy", help="register the same deployments on a work pool (its workers run them)")
+    dep.add_argument("--pool", required=True, help="the work pool (prefect work-pool create NAME --type process)")
+    dep.add_argument("config_dir", nargs="?", help="where the YAML configs are (default: the repo's configs/)")
+    dep.set_defaults(func=cmd_deploy)
     doc = sub.add_parser("doctor", help="device, backend, BLAS and a measured sgemm rate")
     doc.set_defaults(func=cmd_doctor)
     gen = sub.add_parser("generate", help="chat with a checkpoint")

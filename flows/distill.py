@@ -5,9 +5,11 @@ from __future__ import annotations
 from prefect import flow
 from prefect.futures import wait
 
-from mlxcore.config import DistillConfig, TokenizerConfig, with_overrides
+from mlxcore.config import BenchTarget, DistillConfig, TokenizerConfig, with_overrides
+from tasks.bench import run_bench
 from tasks.data import tokenizer
 from tasks.distill import check_teacher, compare, generate_rows, prompt_corpus, rows_dir, student_dir, train_student
+from tasks.train import publish
 
 
 @flow(name="distill")
@@ -28,5 +30,13 @@ def distill(config: DistillConfig = DistillConfig(), overrides: list[str] = []) 
     wait([gen, trained])
     generated, model = gen.result(), trained.result()  # a failed generator stops the student too
     samples = compare(model["checkpoint"], rows, config.prompts, config.verify, config.stream, config.sample, run)
+    publish(model["checkpoint"], run)
+    bench = None
+    if config.bench is not None:  # the student beside its teacher (and the config's targets)
+        t = config.teacher
+        own = [BenchTarget(kind="checkpoint", path=model["checkpoint"], name="student"),
+               BenchTarget(kind=t.api, url=t.url, model=t.model, api_key=t.api_key, workers=t.workers,
+                           timeout_s=t.timeout_s, name="teacher")]
+        bench = run_bench(own, config.bench, run, title=f"bench {config.name}: student vs teacher")
     return {"checkpoint": model["checkpoint"], "rows": generated, "train": model, "teacher": health,
-            "samples": samples}
+            "samples": samples, "bench": bench}

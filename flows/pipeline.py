@@ -1,13 +1,14 @@
-"""The whole DAG: data -> tokenizer -> pretokenize -> pretrain -> sft -> eval -> sample."""
+"""The whole DAG: data -> tokenizer -> pretokenize -> pretrain -> sft -> eval -> sample -> bench."""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from mlxcore.config import PipelineConfig
+from mlxcore.config import BenchTarget, PipelineConfig
+from tasks.bench import run_bench
 from tasks.data import prepare_data, pretokenize, sources, tokenizer
 from tasks.evaluate import evaluate, sample
-from tasks.train import pretrain, sft
+from tasks.train import pretrain, publish, sft
 
 
 @flow(name="pipeline")
@@ -26,4 +27,10 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         "sft": evaluate(chat["checkpoint"], chats["path"], config.sft.batch_size, config.sft.seq_len, run),
     }
     samples = sample(chat["checkpoint"], chats["path"], config.sample, run)
-    return {"checkpoint": chat["checkpoint"], "train": {"pretrain": base, "sft": chat}, "eval": evals, "samples": samples}
+    model = publish(chat["checkpoint"], run)
+    bench = None
+    if config.bench is not None:  # our model vs the targets (default: the uniform-random baseline)
+        ours = BenchTarget(kind="checkpoint", path=chat["checkpoint"], name=config.name)
+        bench = run_bench([ours], config.bench, run, title=f"bench {config.name}")
+    return {"checkpoint": chat["checkpoint"], "model": model, "train": {"pretrain": base, "sft": chat},
+            "eval": evals, "samples": samples, "bench": bench}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from mlxcore.config import RLConfig, TokenizerConfig, with_overrides
+from mlxcore.config import BenchTarget, RLConfig, TokenizerConfig, with_overrides
+from tasks.bench import run_bench
 from tasks.data import download, pretokenize, tokenizer
 from tasks.rl import rl_commit, rl_eval, rl_rollout, rl_state, rl_update
-from tasks.train import sft
+from tasks.train import publish, sft
 
 
 @flow(name="rl-gsm8k")
@@ -33,4 +34,9 @@ def rl_gsm8k(config: RLConfig, overrides: list[str] = []) -> dict:
     held_out = rl_eval(updated["checkpoint"], test, config.eval_prompts, config.eval_max_tokens,
                        config.system_prompt, it, run)
     metrics = {**updated, "rollout_tok_per_s": rolled.get("tok_per_s"), "eval_accuracy": held_out["accuracy"]}
-    return rl_commit(run, it, updated["checkpoint"], metrics)
+    if config.bench is not None:  # the new policy on the bench suites, beside the config's targets
+        ours = BenchTarget(kind="checkpoint", path=updated["checkpoint"], name=f"iter-{it}")
+        metrics["bench"] = run_bench([ours], config.bench, run, title=f"bench {config.name} iteration {it}")["overall"]
+    committed = rl_commit(run, it, updated["checkpoint"], metrics)
+    publish(updated["checkpoint"], run)
+    return committed

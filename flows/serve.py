@@ -6,10 +6,18 @@
   distill/<name>      one per configs/distill-<name>.yaml
   rl-gsm8k/<name>     one per configs/rl-<name>.yaml: one GRPO iteration per run, on its
                       `schedule_minutes` interval, never two at once (later ones wait)
+  bench/demo          the demo pipeline's model (runs/demo/model) vs the uniform-random baseline
+  bench/<name>        one per configs/bench-<name>.yaml (checkpoints, Ollama, OpenAI endpoints)
+  eval/demo           held-out loss / perplexity of runs/demo/model on the demo's SFT val split
+  eval/<name>         one per configs/eval-<name>.yaml
 
 Every deployment takes `overrides` too (KEY=VALUE settings on top of its config):
 
   prefect deployment run distill/default -p 'overrides=["target_rows=500"]'
+
+On more machines, the same deployments go to a work pool instead (`mlxflow deploy --pool NAME`):
+their entrypoints are module paths (`flows.pipeline.pipeline`), so any worker with mlxflow
+installed runs them (`prefect worker start --pool NAME`), no image or code storage needed.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from mlxcore.config import ConfigError, DistillConfig, PipelineConfig, RLConfig, load_config
+from mlxcore.config import BenchRunConfig, ConfigError, DistillConfig, EvalConfig, PipelineConfig, RLConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -28,27 +36,38 @@ def _params(path: Path, cls) -> dict:
     return {"config": load_config(path, cls=cls).model_dump(mode="json")}
 
 
-def deployments(config_dir: str | Path = CONFIGS) -> list:
-    """Every deployment, configs in `config_dir` validated first (a bad one names its file and line)."""
+def deployments(config_dir: str | Path = CONFIGS, **common) -> list:
+    """Every deployment, configs in `config_dir` validated first (a bad one names its file and line).
+
+    `common`: more `Flow.to_deployment` arguments for all of them (work pool, entrypoint type).
+    """
+    from flows.bench import bench, eval_flow
     from flows.distill import distill
     from flows.pipeline import pipeline
     from flows.rl_gsm8k import rl_gsm8k
 
-    out = [pipeline.to_deployment(name="demo", description="The whole pipeline on its embedded defaults."),
-           distill.to_deployment(name="default", description="Distill from Ollama's qwen3:0.6b on 127.0.0.1:11434.")]
+    out = [pipeline.to_deployment(name="demo", description="The whole pipeline on its embedded defaults.", **common),
+           distill.to_deployment(name="default", description="Distill from Ollama's qwen3:0.6b on 127.0.0.1:11434.",
+                                 **common),
+           bench.to_deployment(name="demo", description="runs/demo/model vs the uniform-random baseline.", **common),
+           eval_flow.to_deployment(name="demo", description="runs/demo/model on the demo's held-out SFT split.",
+                                   **common)]
+    by_prefix = {"distill-": (distill, DistillConfig), "bench-": (bench, BenchRunConfig), "eval-": (eval_flow, EvalConfig)}
     for path in sorted(Path(config_dir).glob("*.yaml")):
+        prefix = next((p for p in by_prefix if path.stem.startswith(p)), None)
         if path.stem.startswith("rl-"):
-            out.append(_rl_deployment(rl_gsm8k, path))
-        elif path.stem.startswith("distill-"):
-            out.append(distill.to_deployment(name=path.stem.removeprefix("distill-"), parameters=_params(path, DistillConfig),
-                                             description=f"configs/{path.name}"))
+            out.append(_rl_deployment(rl_gsm8k, path, **common))
+        elif prefix:
+            flow, cls = by_prefix[prefix]
+            out.append(flow.to_deployment(name=path.stem.removeprefix(prefix), parameters=_params(path, cls),
+                                          description=f"configs/{path.name}", **common))
         elif "base_model" not in (yaml.safe_load(path.read_text()) or {}) and path.stem != "demo":  # finetune configs need a model
             out.append(pipeline.to_deployment(name=path.stem, parameters=_params(path, PipelineConfig),
-                                              description=f"configs/{path.name}"))
+                                              description=f"configs/{path.name}", **common))
     return out
 
 
-def _rl_deployment(flow, path: Path):
+def _rl_deployment(flow, path: Path, **common):
     """One GRPO iteration per run; a run that comes due while another runs waits for it (ENQUEUE)."""
     from datetime import timedelta
 
@@ -59,7 +78,7 @@ def _rl_deployment(flow, path: Path):
     return flow.to_deployment(
         name=path.stem.removeprefix("rl-"), parameters={"config": config.model_dump(mode="json")},
         interval=timedelta(minutes=minutes) if minutes else None, description=f"configs/{path.name}",
-        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE))
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE), **common)
 
 
 def serve(config_dir: str | Path = CONFIGS, limit: int | None = None) -> None:
@@ -67,6 +86,16 @@ def serve(config_dir: str | Path = CONFIGS, limit: int | None = None) -> None:
     from prefect import serve as prefect_serve
 
     prefect_serve(*deployments(config_dir), limit=limit)
+
+
+def deploy(pool: str, config_dir: str | Path = CONFIGS) -> list:
+    """Register the same deployments on work pool `pool`; its workers run them (returns their ids)."""
+    from prefect import deploy as prefect_deploy
+    from prefect.deployments.runner import EntrypointType
+
+    return prefect_deploy(*deployments(config_dir, entrypoint_type=EntrypointType.MODULE_PATH),
+                          work_pool_name=pool, build=False, push=False, print_next_steps_message=False,
+                          ignore_warnings=True)
 
 
 def main(argv: list[str] | None = None) -> int:

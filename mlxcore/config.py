@@ -284,17 +284,110 @@ class _Run:
         return getattr(self, kind).seq_len + 1 if kind == "sft" else None
 
 
+BENCH_SUITES = ("math_mcq", "qa", "logic", "knowledge", "sort", "json", "copy")
+SuiteName = Literal["math_mcq", "qa", "logic", "knowledge", "sort", "json", "copy"]
+
+
+class BenchTarget(_Strict):
+    """One column of a bench report: our checkpoint, an Ollama model, an OpenAI-compatible
+    endpoint, or `random` (a uniformly random answer from each question's answer space)."""
+
+    kind: Literal["checkpoint", "ollama", "openai", "random"]
+    name: str | None = Field(None, description="Its label in the report; default: the dir name, the model, 'random'.")
+    path: str | None = Field(None, description="checkpoint: a local model dir.")
+    url: str | None = Field(None, description="ollama (default http://127.0.0.1:11434) / openai: the server's base URL.")
+    model: str | None = Field(None, description="ollama / openai: the model name the server knows.")
+    api_key: str | None = Field(None, description="openai: Bearer token; unset: $OPENAI_API_KEY if set.")
+    workers: int = Field(4, ge=1, description="ollama / openai: concurrent requests.")
+    timeout_s: float = Field(120, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "BenchTarget":
+        if self.kind == "checkpoint" and not self.path:
+            raise ValueError("a checkpoint target needs path=/path/to/model")
+        if self.kind in ("ollama", "openai") and not self.model:
+            raise ValueError(f"an {self.kind} target needs model=<name>")
+        if self.kind == "openai" and not self.url:
+            raise ValueError("an openai target needs url=http://HOST:PORT (the server's base URL)")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.kind == "checkpoint":
+            path = Path(self.path)
+            return path.parent.name if path.name == "model" else path.name
+        return self.model if self.kind in ("ollama", "openai") else "random"
+
+
+class BenchConfig(_Strict):
+    """Synthetic bench suites scored per kind (see mlxcore/bench); every target answers the same questions."""
+
+    suites: list[SuiteName] = Field(list(BENCH_SUITES), min_length=1)
+    examples: int = Field(40, gt=0, description="Questions per suite.")
+    seed: int = Field(0, description="Which questions: each is a pure function of (suite, seed, index).")
+    max_tokens: int = Field(64, gt=0, description="Reply length limit (greedy decoding everywhere).")
+    batch_size: int = Field(32, gt=0, description="checkpoint targets: questions generated per batch.")
+    targets: list[BenchTarget] = Field([BenchTarget(kind="random")],
+                                       description="Besides the flow's own model (pipeline, distill, rl-gsm8k).")
+
+    @model_validator(mode="after")
+    def _unique(self) -> "BenchConfig":
+        labels = [t.label for t in self.targets]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"targets need distinct names, got {labels}: set name= on each")
+        return self
+
+
+def _demo_targets() -> list[BenchTarget]:
+    return [BenchTarget(kind="checkpoint", path="runs/demo/model", name="demo"), BenchTarget(kind="random")]
+
+
+class BenchRunConfig(_Run, BenchConfig):
+    """The `bench` flow alone: its targets side by side (default: the demo pipeline's model vs random)."""
+
+    name: str = Field("bench", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    out_dir: str = Field("runs", description="Answers and reports go to <out_dir>/<name>/.")
+    targets: list[BenchTarget] = Field(default_factory=_demo_targets, min_length=1)
+
+
+class EvalConfig(_Run, _Strict):
+    """The `eval` flow: held-out loss and perplexity of a checkpoint on files tokenized with its tokenizer."""
+
+    name: str = Field("eval", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    out_dir: str = Field("runs", description="Tokenized data and metrics go to <out_dir>/<name>/.")
+    checkpoint: str = Field("runs/demo/model", description="A local model dir (its tokenizer is used).")
+    data: list[str] = Field(["runs/demo/data-*/sft/val.jsonl"], min_length=1,
+                            description="Held-out files or download specs (as in data.sft.val).")
+    kind: Literal["sft", "pretrain"] = Field("sft", description="sft: loss on assistant tokens; pretrain: every token.")
+    format: Literal["auto", "text", "conversations", "instruction", "alpaca", "gsm8k"] = "auto"
+    system_prompt: str | None = None
+    batch_size: int = Field(16, gt=0)
+    seq_len: int = Field(256, gt=0)
+    max_batches: int | None = Field(None, gt=0, description="Evaluate only the first N batches.")
+    max_download_mb: float = Field(2048, gt=0)
+
+    def check_checkpoint(self) -> None:
+        if not (Path(self.checkpoint) / "config.json").is_file():
+            raise ConfigError(f"checkpoint: {self.checkpoint!r} is not a local model dir (no config.json); "
+                              "set checkpoint=/path/to/model (or run `mlxflow run pipeline` for runs/demo/model)")
+
+
 class PipelineConfig(_Run, _Strict):
     """The whole DAG: data -> tokenizer -> pretokenize -> pretrain -> sft -> eval -> sample."""
 
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     out_dir: str = Field("runs", description="Stage outputs go to <out_dir>/<name>/<stage>-<key>.")
     data: DataConfig = DataConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig()
+    # The demo's BPE merges only pairs seen 500+ times: the task words, not the letters of random
+    # strings, so a string to copy is the same tokens in the prompt and in the answer.
+    tokenizer: TokenizerConfig = TokenizerConfig(min_frequency=500)
     model: ModelConfig = ModelConfig()
     pretrain: TrainConfig = TrainConfig()
     sft: TrainConfig = Field(default_factory=_default_sft)
     sample: SampleConfig = SampleConfig()
+    bench: BenchConfig | None = Field(BenchConfig(), description="The last stage: bench suites vs `targets`; null: skip.")
 
 
 def _default_finetune() -> TrainConfig:
@@ -370,6 +463,8 @@ class DistillConfig(_Run, _Strict):
     train: TrainConfig = Field(default_factory=_default_distill_train)
     stream: StreamConfig = StreamConfig()
     sample: SampleConfig = Field(default_factory=lambda: SampleConfig(num_prompts=8, max_tokens=128))
+    bench: BenchConfig | None = Field(BenchConfig(), description="The last stage: the student vs the teacher and "
+                                                               "`targets` on the bench suites; null: skip.")
 
     @model_validator(mode="after")
     def _check(self) -> "DistillConfig":
@@ -431,6 +526,8 @@ class RLConfig(_Run, _Strict):
     eval_prompts: int = Field(200, ge=0, description="Held-out questions scored greedily after every iteration.")
     eval_max_tokens: int = Field(256, gt=0)
     seed: int = 0
+    bench: BenchConfig | None = Field(None, description="After each iteration: the new policy vs `targets` on the "
+                                                        "bench suites; null: skip.")
     schedule_minutes: float | None = Field(None, gt=0, description="Deployments only: start an iteration this often "
                                                                      "(never two at once).")
 

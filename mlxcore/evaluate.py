@@ -13,7 +13,7 @@ from mlxcore.step import mean_loss
 
 
 def loss_ppl(checkpoint: str | Path, data_dir: str | Path, split: str = "val", batch_size: int = 16,
-             seq_len: int = 256, max_batches: int | None = None) -> dict:
+             seq_len: int = 256, max_batches: int | None = None, on_progress=None) -> dict:
     """Token-weighted mean loss over the split (first `max_batches` batches, in file order)."""
     model, config = load(checkpoint)
     data = read_manifest(data_dir, "tokens")
@@ -25,7 +25,8 @@ def loss_ppl(checkpoint: str | Path, data_dir: str | Path, split: str = "val", b
     taken = batches.take(max_batches or batches.batches_per_epoch)
     # chunk the logits when a batch's would pass 256 MB (large vocabularies)
     big = batch_size * seq_len * config["vocab_size"] > (1 << 26)
-    loss = mean_loss(model, taken, Loss(chunk=max(64, (1 << 24) // config["vocab_size"]) if big else 0))
+    loss = mean_loss(model, taken, Loss(chunk=max(64, (1 << 24) // config["vocab_size"]) if big else 0),
+                     on_progress=on_progress)
     tokens = int(sum(m.sum() for _, _, m in taken))
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": tokens, "batches": len(taken),
             "uniform_loss": math.log(config["vocab_size"]), "task": data["task"], "split": split}

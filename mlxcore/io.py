@@ -95,6 +95,33 @@ def write_json(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl(path: str | Path, rows) -> None:
+    """All of `rows` or nothing: written beside `path`, fsynced, then renamed over it."""
+    import orjson
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for row in rows:
+            f.write(orjson.dumps(row) + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def link(target: str | Path, name: str | Path) -> Path:
+    """Point the symlink `name` at `target` (relative to name's dir), replacing an older link atomically."""
+    name = Path(name)
+    rel = os.path.relpath(Path(target).resolve(), name.parent.resolve())
+    tmp = name.with_name(f".{name.name}.link-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(rel, tmp)
+    os.replace(tmp, name)
+    return name
+
+
 def write_manifest(directory: str | Path, kind: str, config: Any = None, **extra: Any) -> dict:
     """Hash every file under `directory` (except the manifest) and write manifest.json."""
     directory = Path(directory)

@@ -14,21 +14,25 @@ from mlxcore.kernels.patch import use_fast_kernels
 from mlxcore.losses import Loss
 
 
-def mean_loss(model: nn.Module, batches, loss: Loss | None = None, group=None) -> float:
+def mean_loss(model: nn.Module, batches, loss: Loss | None = None, group=None, on_progress=None) -> float:
     """Token-weighted mean loss over `batches` (host `(inputs, targets, mask)` tuples).
 
     With a data-parallel group, rank r takes batches r, r + world, ... and the sums are
-    all-reduced, so the result does not depend on the number of ranks.
+    all-reduced, so the result does not depend on the number of ranks. `on_progress(done, total)`
+    is called after every batch.
     """
     loss = loss or Loss()
     rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
     was_training = model.training
     model.eval()  # adapters' dropout off
     total, count = mx.array(0.0), mx.array(0.0)
-    for batch in batches[rank::world]:
+    mine = batches[rank::world]
+    for i, batch in enumerate(mine):
         l_, n_ = loss(model, *map(mx.array, loss.prepare(batch)))
         total, count = total + l_, count + n_
         mx.eval(total, count)  # one batch's logits alive at a time
+        if on_progress is not None:
+            on_progress(i + 1, len(mine))
     if world > 1:
         total, count = mx.distributed.all_sum(total, group=group), mx.distributed.all_sum(count, group=group)
     model.train(was_training)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from mlxcore.callbacks import TrainingCallback
+from mlxcore.plots import loss_curve, markdown_image
 
 
 def artifact_key(*parts: str) -> str:
@@ -32,12 +35,26 @@ class StageProgress:
             self.last = now
 
 
+@contextmanager
+def progress_bar(total: int, description: str, unit: str) -> Iterator[Callable[[int, int], None]]:
+    """`on_progress(done, total)` that moves a terminal bar and a Prefect progress artifact together."""
+    from tqdm.auto import tqdm
+
+    artifact = StageProgress(description)
+    with tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True) as bar:
+        def update(done: int, total: int) -> None:
+            artifact(done, total)
+            bar.update(done - bar.n)
+
+        yield update
+
+
 class PrefectProgress(TrainingCallback):
     """Progress artifact updated at most every `interval` seconds; metrics table at the end."""
 
     def __init__(self, stage: str, run_name: str, interval: float = 2.0):
         self.stage, self.run_name, self.interval = stage, run_name, interval
-        self.artifact_id, self.total, self.last, self.rows = None, 1, 0.0, []
+        self.artifact_id, self.total, self.last, self.rows, self.curve_rows = None, 1, 0.0, [], -1
 
     def on_begin(self, info: dict) -> None:
         self.total = max(info["total_steps"], 1)
@@ -67,9 +84,24 @@ class PrefectProgress(TrainingCallback):
     def on_eval(self, info: dict) -> None:
         self.rows.append({"step": info["step"], "loss": None, "val_loss": round(info["val_loss"], 4),
                           "lr": None, "grad_norm": None, "tok_per_s": None} | self._rows(info))
+        if info["step"] > 0:
+            self._loss_curve()  # a new version at every evaluation: the curve grows while training runs
+
+    def _loss_curve(self) -> None:
+        """The loss curve as a PNG inside a markdown artifact (the Prefect UI renders data-URI images)."""
+        train = [(r["step"], r["loss"]) for r in self.rows if r["loss"] is not None]
+        val = [(r["step"], r["val_loss"]) for r in self.rows if r["val_loss"] is not None]
+        if (not train and not val) or self.curve_rows == len(self.rows):
+            return  # nothing to draw, or nothing new since the last version
+        self.curve_rows = len(self.rows)
+        png = loss_curve(train, val, f"{self.run_name} {self.stage}")
+        create_markdown_artifact(key=artifact_key(self.run_name, self.stage, "loss-curve"),
+                                 markdown=f"### {self.stage} loss\n\n{markdown_image(png, f'{self.stage} loss curve')}\n",
+                                 description=f"{self.stage}: train and held-out loss by step")
 
     def on_end(self, info: dict) -> None:
         self._progress(info["step"], force=True)
+        self._loss_curve()
         key = artifact_key(self.run_name, self.stage, "metrics")
         columns = list(dict.fromkeys(k for row in self.rows for k in row))
         create_table_artifact(table=[{k: row.get(k) for k in columns} for row in self.rows], key=key, description=f"{self.stage} metrics by step")

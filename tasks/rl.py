@@ -19,7 +19,8 @@ from mlxcore.config import RLUpdateConfig, RolloutConfig
 from mlxcore.data.download import data_files
 from mlxcore.io import is_complete, read_manifest, write_json
 from mlxcore.rl.iteration import RLState, greedy_accuracy, iteration_prompts, load_questions, run_rollout, run_update
-from tasks.progress import StageProgress, artifact_key
+from mlxcore.plots import line_chart, markdown_image
+from tasks.progress import artifact_key, progress_bar
 
 
 def _files(dirs: list[str]) -> list[Path]:
@@ -40,18 +41,11 @@ def rl_state(run_dir: str) -> dict:
 def rl_rollout(policy: str, train: list[str], iteration: int, cfg: RolloutConfig, system_prompt: str | None,
                seed: int, run_dir: str) -> dict:
     """K samples of this iteration's questions with the current policy (resumes a partial buffer)."""
-    from tqdm.auto import tqdm
-
     prompts = iteration_prompts(load_questions(_files(train), system_prompt), iteration, cfg.prompts, seed)
     buffer = iter_dir(run_dir, iteration) / "buffer.jsonl"
-    artifact = StageProgress(f"rollout {iteration}: {cfg.prompts} questions x {cfg.k}")
-    with tqdm(total=cfg.prompts * cfg.k, desc=f"rollout {iteration}", unit="sample", dynamic_ncols=True) as bar:
-        def progress(done: int, total: int) -> None:  # a terminal bar and a Prefect progress artifact
-            artifact(done, total)
-            bar.update(done - bar.n)
-
+    with progress_bar(cfg.prompts * cfg.k, f"rollout {iteration}: {cfg.prompts} questions x {cfg.k}", "sample") as bar:
         stats = run_rollout(policy, prompts, buffer, cfg, seed=seed * 100_003 + iteration, checkpoint=policy,
-                            on_progress=progress)
+                            on_progress=bar)
     return {"buffer": str(buffer), **stats}
 
 
@@ -93,10 +87,12 @@ def rl_commit(run_dir: str, iteration: int, checkpoint: str, metrics: dict) -> d
 
 
 def _chart(history: list[dict]) -> str:
-    """Mean rollout reward and held-out accuracy by iteration as bars (renders in any markdown view)."""
-    lines = ["### reward history", "", "| iteration | mean reward | held-out accuracy |", "|---:|---|---|"]
-    for h in history:
-        r, a = h.get("mean_reward") or 0.0, h.get("eval_accuracy")
-        bar_a = f"{'█' * round(20 * a)} {a:.1%}" if a is not None else "-"
-        lines.append(f"| {h['iteration']} | {'█' * round(20 * min(r, 1.0))} {r:.3f} | {bar_a} |")
-    return "\n".join(lines)
+    """Mean rollout reward and held-out greedy accuracy by iteration, as a PNG the UI renders."""
+    series = {"rollout mean reward": [(h["iteration"], h["mean_reward"]) for h in history if h.get("mean_reward") is not None],
+              "held-out accuracy": [(h["iteration"], h["eval_accuracy"]) for h in history
+                                    if h.get("eval_accuracy") is not None]}
+    png = line_chart(series, title="GRPO iterations", xlabel="iteration", ylabel="reward / accuracy")
+    last = history[-1]
+    return (f"### reward history\n\n{markdown_image(png, 'reward history')}\n\n"
+            f"iteration {last['iteration']}: mean reward {last.get('mean_reward') or 0:.3f}, "
+            f"held-out accuracy {last.get('eval_accuracy') or 0:.1%}\n")

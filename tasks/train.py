@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mlxcore.callbacks import CallbackList, ProgressBar
 from mlxcore.config import ModelConfig, TrainConfig
+from mlxcore.io import link
 from mlxcore.launch import TrainingCrashed, run_in_subprocess
 from mlxcore.train import TrainJob
 from tasks.caching import Stage
@@ -45,3 +46,8 @@ def sft(data_dir: str, tokenizer_dir: str, init_from: str, train: TrainConfig, r
     out = SFT.dir(locals())
     job = TrainJob(data_dir=data_dir, tokenizer_dir=tokenizer_dir, out_dir=str(out), init_from=init_from, train=train)
     return _train("sft", job, run_dir)
+
+
+def publish(checkpoint: str, run_dir: str) -> str:
+    """`<run>/model`: a link to the run's latest model (`mlx_lm.generate --model runs/demo/model`)."""
+    return str(link(checkpoint, Path(run_dir) / "model"))

@@ -78,6 +78,34 @@ def stop_group(proc, sig=None, timeout: float = 30) -> None:
         proc.wait()
 
 
+def run_deployment(deployment: str, args: list[str], config_dir: Path | None = None, timeout: float = 300):
+    """What a user types in two shells: `mlxflow serve [CONFIG_DIR]`, then `prefect deployment run
+    DEPLOYMENT ARGS --watch` against the session's Prefect server. Returns the second's CompletedProcess."""
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
+    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *([str(config_dir)] if config_dir else [])],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # the serve process registers the deployments first
+            ls = subprocess.run([sys.executable, "-m", "prefect", "deployment", "ls"], env=env, capture_output=True,
+                                text=True)
+            if deployment in ls.stdout:
+                break
+            time.sleep(1)
+        return subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", deployment, *args, "--watch",
+                               "--watch-timeout", str(int(timeout))],
+                              env=env, capture_output=True, text=True, timeout=timeout + 60)
+    finally:
+        stop_group(serve)
+
+
 def hf_model_dir(path: Path, tokenizer_dir: Path, model_type: str = "qwen3", vocab_size: int = 512) -> Path:
     """A tiny model in the layout Hugging Face / mlx-lm write (config.json, model.safetensors, tokenizer)."""
     from mlxcore import checkpoint

@@ -296,7 +296,7 @@ def resolve_inputs(inputs: Any, kind: str) -> dict[str, list[Path]]:
             else:
                 paths.append(p)
         out[split] = paths
-    if not out["train"]:
+    if not out["train"] and not out["val"]:  # val alone: data to evaluate on (the eval flow)
         raise DataError(f"no {kind} training files given")
     for p in out["train"] + out["val"]:
         if not p.is_file():
@@ -388,7 +388,7 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, kind: str, out_dir: str 
                 done_bytes = base + path.stat().st_size
         _report(bar, on_progress, total, total)
         splits = {s: w.finish() for s, w in writers.items()}
-        if splits["train"]["num_docs"] == 0:
+        if splits["train"]["num_docs"] == 0 and files["train"]:
             raise DataError(f"no {kind} training rows are left (read {stats['rows']}; see dropped / truncated counts: "
                             f"{dict(stats)}); check max_tokens and overlong")
         if splits["val"]["num_docs"] == 0:

@@ -1,5 +1,9 @@
 """Deterministic synthetic tasks: copy, sort, integer arithmetic, small JSON.
 
+`copy` and `sort` are drawn in the bench suites' own formats (`mlxcore.bench.suites.sample`),
+so the demo model is trained on what its bench report then measures (other questions: the
+bench's are seeded apart).
+
 Each example is a pure function of (seed, split, index), so any slice of a dataset can be
 regenerated exactly, by any process, in any order. The same examples appear as plain text for
 pretraining ("<prompt>\n<answer>") and as user/assistant conversations for SFT, so a model
@@ -10,10 +14,10 @@ from __future__ import annotations
 
 import json
 import random
-import string
 from pathlib import Path
 from typing import Callable
 
+from mlxcore.bench import suites as bench_suites
 from mlxcore.config import SyntheticConfig
 from mlxcore.io import atomic_dir, write_manifest
 
@@ -21,14 +25,11 @@ _WORDS = ["ada", "bo", "cyd", "dee", "eli", "fay", "gus", "hal", "ivy", "jo", "k
 _CITIES = ["oslo", "lima", "rome", "kyiv", "doha", "bern", "riga", "baku", "nuuk", "apia"]
 
 
-def _copy(r: random.Random) -> tuple[str, str]:
-    s = "".join(r.choices(string.ascii_lowercase, k=r.randint(3, 10)))
-    return f"Copy: {s}", s
-
-
-def _sort(r: random.Random) -> tuple[str, str]:
-    xs = [r.randint(0, 99) for _ in range(r.randint(4, 7))]
-    return "Sort: " + " ".join(map(str, xs)), " ".join(map(str, sorted(xs)))
+def _bench_task(suite: str) -> Callable[[random.Random], tuple[str, str]]:
+    def draw(r: random.Random) -> tuple[str, str]:
+        ex = bench_suites.sample(suite, r)
+        return ex.prompt, ex.answer
+    return draw
 
 
 def _arithmetic(r: random.Random) -> tuple[str, str]:
@@ -46,8 +47,8 @@ def _json(r: random.Random) -> tuple[str, str]:
 
 
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "copy": _copy,
-    "sort": _sort,
+    "copy": _bench_task("copy"),
+    "sort": _bench_task("sort"),
     "arithmetic": _arithmetic,
     "json": _json,
 }

@@ -7,8 +7,6 @@ here (OpenAI API). The student trains while the rows are written.
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -19,7 +17,7 @@ from mlxcore.config import DistillConfig
 from mlxcore.distill import prompts as prompt_gen
 from mlxcore.distill.verify import check
 
-from tests.conftest import REPO, micro_model, stop_group
+from tests.conftest import micro_model, run_deployment
 from tests.known_teacher import KnownTeacher, is_right
 from tests.ollama_standin import OllamaStandin
 
@@ -39,9 +37,10 @@ def distill_config(root, teacher_url: str, target: int = 120, **over) -> dict:
                   "eval_batches": 1, "save_every": 5, "log_every": 2},
         "stream": {"val_rows": 8, "cold_start_rows": 16, "epochs": 3, "poll_s": 0.05},
         "sample": {"num_prompts": 4, "max_tokens": 24},
+        "bench": None,
     }
     for key, value in over.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+        cfg[key] = {**(cfg.get(key) or {}), **value} if isinstance(value, dict) else value
     return cfg
 
 
@@ -144,8 +143,13 @@ def test_distill_from_a_real_mlx_lm_server_into_a_lora_student(tmp_path, mlx_lm_
                          student={"init_from": str(model)},
                          train={"fine_tune_type": "lora", "steps": 10, "batch_size": 4, "seq_len": 96,
                                 "lr": 1e-3, "warmup_steps": 1, "eval_every": 5, "save_every": 5, "log_every": 1,
-                                "eval_batches": 1})
+                                "eval_batches": 1},
+                         bench={"suites": ["math_mcq", "copy"], "examples": 4, "max_tokens": 8})
     _, out = _run(cfg)
+    # the last stage: the student beside its teacher (the real server) and the random baseline
+    assert list(out["bench"]["overall"]) == ["student", "teacher", "random"]
+    assert all(s["n"] == 8 for s in out["bench"]["overall"].values())
+    assert out["bench"]["overall"]["teacher"]["tok_per_s"] > 0 and out["bench"]["accuracy"]["math_mcq"]["random"] >= 0
     rows = [json.loads(line) for line in open(os.path.join(out["rows"]["path"], "rows.jsonl"))]
     assert len(rows) == 40 and len({r["meta"]["id"] for r in rows}) == 40
     cfg_p = prompt_gen.PromptConfig(weights={"math": 0.5, "knowledge": 0.5}, seed=5)
@@ -162,26 +166,10 @@ def test_distill_from_a_real_mlx_lm_server_into_a_lora_student(tmp_path, mlx_lm_
 
 def test_serve_then_prefect_deployment_run_completes(tmp_path):
     """The README's sequence: `mlxflow serve`, then `prefect deployment run distill/default`."""
-    from prefect.settings import PREFECT_API_URL
-
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
     with OllamaStandin(answer=TEACHER.answer, delay_s=0.01) as hub:
-        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], cwd=REPO, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            cfg = distill_config(tmp_path, hub.url, target=60)
-            deadline = time.time() + 120
-            while True:  # the serve process registers the deployments first
-                ls = subprocess.run([sys.executable, "-m", "prefect", "deployment", "ls"], env=env, capture_output=True, text=True)
-                if "distill/default" in ls.stdout or time.time() > deadline:
-                    break
-                time.sleep(1)
-            done = subprocess.run(
-                [sys.executable, "-m", "prefect", "deployment", "run", "distill/default", "--params", json.dumps({"config": cfg}),
-                 "-p", 'overrides=["target_rows=50"]', "--watch", "--watch-timeout", "300"],
-                env=env, capture_output=True, text=True, timeout=360)
-        finally:
-            stop_group(serve)
+        cfg = distill_config(tmp_path, hub.url, target=60)
+        done = run_deployment("distill/default", ["--params", json.dumps({"config": cfg}),
+                                                  "-p", 'overrides=["target_rows=50"]'])
         assert done.returncode == 0 and "Completed" in done.stdout, done.stdout + done.stderr
         assert len(hub.chat_bodies()) >= 50
     [rows_dir] = [p for p in (tmp_path / "t").iterdir() if p.name.startswith("distill-rows-")]

@@ -41,7 +41,8 @@ def _config(tmp_path, *sets):
     return load_config(REPO / "configs/smoke.yaml", [
         f"out_dir={tmp_path / 'runs'}", "data.sft.train=[gsm8k:train]", "data.sft.val_max_rows=16", "sft.seq_len=64",
         "pretrain.steps=5", "pretrain.eval_every=0", "pretrain.save_every=0", "sft.steps=4", "sft.eval_every=0",
-        "sft.save_every=0", "sft.warmup_steps=1", "sample.num_prompts=1", "sample.max_tokens=4", *sets], cls=PipelineConfig)
+        "sft.save_every=0", "sft.warmup_steps=1", "sample.num_prompts=1", "sample.max_tokens=4", "bench=null", *sets],
+        cls=PipelineConfig)
 
 
 def test_pipeline_downloads_gsm8k_from_the_hub_then_runs_offline_from_its_cache(hub, tmp_path, monkeypatch):

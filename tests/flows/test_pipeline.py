@@ -1,6 +1,8 @@
 """The pipeline flow end to end under a real Prefect server: outputs, caching, artifacts, errors."""
 
+import base64
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
-from mlxcore.config import load_config
+from mlxcore.config import BENCH_SUITES, load_config
 from mlxcore.io import read_manifest
 
 from tests.conftest import REPO
@@ -54,7 +56,8 @@ def first_run(tmp_path_factory):
 def test_pipeline_trains_and_reports(first_run):
     root, config, flow_run_id, result = first_run
     states = _task_states(flow_run_id)
-    assert set(states) == {"data", "tokenizer", "pretokenize", "pretrain", "sft", "eval", "sample"}
+    assert set(states) == {"data", "tokenizer", "pretokenize", "pretrain", "sft", "eval", "sample", "bench",
+                           "bench-report"}
     assert all(s == "Completed" for v in states.values() for s in v), states
     for stage in ("pretrain", "sft"):
         ev = result["eval"][stage]
@@ -77,7 +80,19 @@ def test_data_and_training_tasks_publish_progress_and_metrics_artifacts(first_ru
     assert "1300 rows read, 0 truncated" in tables["smoke-pretokenize-sft"].description
     metrics = json.loads(tables["smoke-pretrain-metrics"].data)
     assert [r["step"] for r in metrics if r["loss"] is not None][-1] == 30
-    assert {"smoke-sft-metrics", "smoke-samples"} <= set(tables)
+    assert {"smoke-sft-metrics", "smoke-samples", "smoke-eval-sft", "smoke-eval-pretrain"} <= set(tables)
+    # the loss curves: a PNG inside markdown, the way the Prefect UI shows images without a host
+    curves = {a.key: a.data for a in arts if a.type == "markdown" and a.key and a.key.endswith("-loss-curve")}
+    assert set(curves) == {"smoke-pretrain-loss-curve", "smoke-sft-loss-curve"}
+    png = base64.b64decode(curves["smoke-sft-loss-curve"].split("data:image/png;base64,")[1].split(")")[0])
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    # the bench report: our model and the random baseline side by side, per suite
+    bench = {r["target"]: r for r in json.loads(tables["smoke-bench"].data)}
+    assert set(bench) == {"smoke", "random"} and bench["smoke"]["n"] == 7 * 40
+    suites = json.loads(tables["smoke-bench-suites"].data)
+    assert [r["suite"] for r in suites] == list(BENCH_SUITES) and {"smoke accuracy", "random accuracy"} <= set(suites[0])
+    assert result["bench"]["overall"]["random"]["accuracy"] == pytest.approx(bench["random"]["accuracy"], abs=1e-3)
+    assert os.path.realpath(result["model"]) == os.path.realpath(result["checkpoint"])
 
 
 def test_second_run_is_all_cached_and_an_sft_change_reruns_only_downstream(first_run):

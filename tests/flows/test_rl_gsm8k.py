@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -110,7 +111,7 @@ def test_five_grpo_iterations_raise_held_out_reward_by_20_points(arithmetic, tmp
     table = latest["arith-reward-history"].data
     table = json.loads(table) if isinstance(table, str) else table
     assert [row["iteration"] for row in table] == [1, 2, 3, 4, 5]
-    assert "reward history" in latest["arith-reward-chart"].data and "█" in latest["arith-reward-chart"].data
+    assert "reward history" in latest["arith-reward-chart"].data and "data:image/png;base64," in latest["arith-reward-chart"].data
 
 
 def test_the_same_iterations_without_the_update_do_not_raise_it(arithmetic, tmp_path):
@@ -193,7 +194,8 @@ def test_sigkill_mid_rollout_then_rerun_resumes_without_duplicates(arithmetic, t
 
 
 
-    cfg = _small(arithmetic, tmp_path, name="kill", rollout={"prompts": 32, "k": 4, "max_tokens": 8, "prompts_per_batch": 1})
+    cfg = _small(arithmetic, tmp_path, name="kill", rollout={"prompts": 32, "k": 4, "max_tokens": 8, "prompts_per_batch": 1},
+                 bench={"suites": ["copy", "sort"], "examples": 4, "max_tokens": 8})
     (tmp_path / "rl.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "flows.cli", "run", "rl-gsm8k", "--config", str(tmp_path / "rl.yaml")]
@@ -217,4 +219,9 @@ def test_sigkill_mid_rollout_then_rerun_resumes_without_duplicates(arithmetic, t
     after = buffer.read_bytes()
     ids = [json.loads(line)["meta"]["id"] for line in after.splitlines()]
     assert after.startswith(before) and len(ids) == len(set(ids)) == 32 * 4  # resumed, nothing twice
-    assert json.loads((tmp_path / "kill" / "state.json").read_text())["iteration"] == 1
+    state = json.loads((tmp_path / "kill" / "state.json").read_text())
+    assert state["iteration"] == 1
+    # the iteration ends with the new policy on the bench, beside the random baseline; runs/<name>/model is it
+    assert set(state["history"][0]["bench"]) == {"iter-1", "random"}
+    assert state["history"][0]["bench"]["iter-1"]["n"] == 8
+    assert (tmp_path / "kill" / "model").resolve() == Path(state["checkpoint"]).resolve()

@@ -102,11 +102,11 @@ def test_training_templates_are_exact():
     for ex in make(["sort"], 50):
         m = re.fullmatch(r"Sort these numbers in ascending order: ((?:\d+ ){7}\d+)", ex.prompt)
         nums = [int(t) for t in m.group(1).split()]
-        assert all(0 <= v <= 99 for v in nums)
+        assert all(0 <= v <= 9 for v in nums)
         assert ex.answer == " ".join(map(str, sorted(nums)))
     for ex in make(["copy"], 50):
         s = ex.answer
-        assert ex.prompt == f"Copy this string exactly: {s}"
+        assert ex.prompt == f"Copy this string exactly:\n{s}"
         assert re.fullmatch(r"[a-z]{4,10}", s) and (len(s) <= 7) == (ex.category == "short")
 
 
