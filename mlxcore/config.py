@@ -97,7 +97,9 @@ class ModelConfig(_Strict):
 class SyntheticConfig(_Strict):
     """Deterministic synthetic tasks: every example is a function of (seed, split, index)."""
 
-    tasks: list[Literal["copy", "sort", "arithmetic", "json"]] = ["copy", "sort", "arithmetic", "json"]
+    tasks: list[Literal["copy", "sort", "arithmetic", "json"]] = Field(
+        ["copy", "copy", "sort", "arithmetic", "json"],
+        description="Each example draws one entry: a task listed twice comes twice as often.")
     pretrain_docs: int = Field(24000, gt=0, description="Plain-text documents for pretraining.")
     sft_examples: int = Field(8000, gt=0, description="User/assistant conversations for SFT.")
     val_examples: int = Field(400, gt=0, description="Held-out documents and conversations each.")
@@ -369,7 +371,7 @@ class EvalConfig(_Run, _Strict):
     max_download_mb: float = Field(2048, gt=0)
 
     def check_checkpoint(self) -> None:
-        if not (Path(self.checkpoint) / "config.json").is_file():
+        if not any((Path(self.checkpoint) / name).is_file() for name in ("config.json", "adapter_config.json")):
             raise ConfigError(f"checkpoint: {self.checkpoint!r} is not a local model dir (no config.json); "
                               "set checkpoint=/path/to/model (or run `mlxflow run pipeline` for runs/demo/model)")
 
@@ -384,7 +386,7 @@ class PipelineConfig(_Run, _Strict):
     # strings, so a string to copy is the same tokens in the prompt and in the answer.
     tokenizer: TokenizerConfig = TokenizerConfig(min_frequency=500)
     model: ModelConfig = ModelConfig()
-    pretrain: TrainConfig = TrainConfig()
+    pretrain: TrainConfig = TrainConfig(steps=500)  # the tiny model learns to copy at ~300 steps
     sft: TrainConfig = Field(default_factory=_default_sft)
     sample: SampleConfig = SampleConfig()
     bench: BenchConfig | None = Field(BenchConfig(), description="The last stage: bench suites vs `targets`; null: skip.")

@@ -68,6 +68,13 @@ def from_config(config: dict, seed: int = 0) -> nn.Module:
     return model
 
 
+def is_model_dir(path: str | Path) -> bool:
+    """What `load` opens: a dir with a config.json, or an adapter dir."""
+    from mlxcore import adapters
+
+    return (Path(path) / "config.json").is_file() or adapters.is_adapter_dir(Path(path))
+
+
 def load(path: str | Path) -> tuple[nn.Module, dict]:
     """(model, config) for a checkpoint, a local HF / mlx-lm model dir, or an adapter dir."""
     from mlxcore import adapters

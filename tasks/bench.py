@@ -18,13 +18,14 @@ from mlxcore.bench.run import answer
 from mlxcore.bench.suites import make
 from mlxcore.config import BenchConfig, BenchTarget, ConfigError
 from mlxcore.io import atomic_dir, path_digest, write_json, write_jsonl, write_manifest
+from mlxcore.model import is_model_dir
 from tasks.caching import Stage
 from tasks.progress import artifact_key, progress_bar
 
 
 def _identity(target: BenchTarget) -> dict:
     if target.kind == "checkpoint":
-        if not (Path(target.path) / "config.json").is_file():
+        if not is_model_dir(target.path):
             raise ConfigError(f"bench target {target.label!r}: {target.path!r} is not a local model dir (no "
                               "config.json); `mlxflow run pipeline` writes runs/demo/model")
         return {"kind": "checkpoint", "digest": path_digest(target.path)}

@@ -24,7 +24,7 @@ def evaluate(checkpoint: str, data_dir: str, batch_size: int, seq_len: int, run_
     """Held-out loss and perplexity of `checkpoint` on the val split of `data_dir`."""
     out = EVAL.dir(locals())
     if not EVAL.done(out):
-        with progress_bar(1, f"eval {Path(data_dir).name}", "batch") as bar:
+        with progress_bar(1, f"eval {Path(checkpoint).parent.name} on {Path(data_dir).name}", "batch") as bar:
             metrics = loss_ppl(checkpoint, data_dir, "val", batch_size, seq_len, max_batches, on_progress=bar)
         with atomic_dir(out) as tmp:
             write_json(tmp / "metrics.json", metrics)

@@ -133,6 +133,19 @@ def prefect_server():
 
 
 @pytest.fixture(scope="session")
+def mlx_lm_server(tmp_path_factory, small_data):
+    """A real mlx_lm.server on loopback (OpenAI API) serving a tiny model built here, whose greedy
+    reply to anything is 3 fixed words and the end of its turn: (base URL, model dir)."""
+    from bench.distill_throughput import Server, build_model
+
+    work = tmp_path_factory.mktemp("served")
+    build_model(work / "model", small_data["tok"], hidden=64, layers=2, reply_tokens=3)
+    with Server(work / "model", work) as server:
+        server.wait_ready()
+        yield server.url, work / "model"
+
+
+@pytest.fixture(scope="session")
 def test_data() -> Path:
     path = os.environ.get("MLXFLOW_TEST_DATA")
     if not path or not Path(path).is_dir():

@@ -15,21 +15,8 @@ from tests.conftest import hf_model_dir, run_deployment
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-@pytest.fixture(scope="module")
-def served_model(tmp_path_factory, small_data):
-    """A real mlx_lm.server on loopback (OpenAI API) serving a tiny model whose greedy reply to
-    anything is 3 fixed words; the same model dir is benched as a checkpoint too."""
-    from bench.distill_throughput import Server, build_model
-
-    work = tmp_path_factory.mktemp("served")
-    build_model(work / "model", small_data["tok"], hidden=64, layers=2, reply_tokens=3)
-    with Server(work / "model", work) as server:
-        server.wait_ready()
-        yield server.url, work / "model"
-
-
-def test_serve_then_deployment_run_bench_puts_checkpoint_endpoint_and_random_side_by_side(tmp_path, served_model):
-    url, model = served_model
+def test_serve_then_deployment_run_bench_puts_checkpoint_endpoint_and_random_side_by_side(tmp_path, mlx_lm_server):
+    url, model = mlx_lm_server  # the same model dir is benched as a checkpoint too
     configs = tmp_path / "configs"
     configs.mkdir()
     (configs / "bench-pair.yaml").write_text(yaml.safe_dump({
@@ -131,3 +118,14 @@ def test_deploy_to_a_work_pool_and_a_worker_runs_the_bench(tmp_path, small_data)
     assert done.returncode == 0 and "Completed" in done.stdout, done.stdout + done.stderr + worker_log
     [report] = (tmp_path / "runs" / "pooled").glob("bench-report-*/report.json")
     assert json.loads(report.read_text())["targets"] == ["ours", "random"]
+
+
+def test_bench_of_a_missing_checkpoint_fails_naming_it_and_writes_nothing(tmp_path, capsys):
+    from flows.cli import main
+
+    code = main(["run", "bench", "--set", f"out_dir={tmp_path}", "--set",
+                 f"targets=[{{kind: checkpoint, path: {tmp_path / 'gone'}, name: gone}}, {{kind: random}}]"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "bench target 'gone'" in err and "not a local model dir" in err
+    assert not list((tmp_path / "bench").glob("bench-report-*"))

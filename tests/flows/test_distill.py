@@ -120,19 +120,6 @@ def test_distill_keeps_only_right_answers_while_the_student_trains(tmp_path):
     assert open(rows_file, "rb").read().startswith(before) and len(rows_after) == 150
 
 
-@pytest.fixture(scope="module")
-def mlx_lm_server(tmp_path_factory, small_data):
-    """A real mlx_lm.server on loopback (OpenAI API) serving a tiny model built here, whose greedy
-    reply to anything is 3 fixed words and the end of its turn."""
-    from bench.distill_throughput import Server, build_model
-
-    work = tmp_path_factory.mktemp("teacher")
-    build_model(work / "model", small_data["tok"], hidden=64, layers=2, reply_tokens=3)
-    with Server(work / "model", work) as server:
-        server.wait_ready()
-        yield server.url, work / "model"
-
-
 def test_distill_from_a_real_mlx_lm_server_into_a_lora_student(tmp_path, mlx_lm_server):
     url, model = mlx_lm_server
     cfg = distill_config(tmp_path, url, target=40,

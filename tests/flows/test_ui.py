@@ -31,6 +31,7 @@ def test_the_demo_run_page_shows_progress_metrics_loss_curve_and_a_bench_beating
         cmd = [sys.executable, "-m", "flows.cli", "run", "pipeline", "--set", f"out_dir={tmp_path / 'runs'}"]
         run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        print(run.stdout[-3000:])  # the summary, bench table included (pytest -s shows it)
         [flow_run] = httpx.post(f"{base}/api/flow_runs/filter", json={}, timeout=30).json()
         assert flow_run["state_type"] == "COMPLETED"
         with browser_page() as page:
