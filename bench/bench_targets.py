@@ -54,7 +54,8 @@ def one_at_a_time(model, tok, examples, max_tokens: int) -> dict:
         last = None
         for last in stream_generate(model, tok, ids, max_tokens=max_tokens, sampler=greedy):
             pass
-        tokens += last.generation_tokens if last is not None else 0
+        if last is not None:  # the count includes the end-of-turn token; batch_generate's does not
+            tokens += last.generation_tokens - (last.finish_reason == "stop")
     seconds = time.perf_counter() - start
     return {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds, "ms_per_example": 1000 * seconds / len(examples)}
 

@@ -72,8 +72,12 @@ def test_pipeline_trains_and_reports(first_run):
 def test_data_and_training_tasks_publish_progress_and_metrics_artifacts(first_run):
     _, _, flow_run_id, result = first_run
     arts = _artifacts(flow_run_id)
-    progress = sorted(a.description.split(":")[0] for a in arts if a.type == "progress" and float(a.data) == 100.0)
-    assert progress == ["pretokenize pretrain", "pretokenize sft", "pretrain", "sft"]
+    progress = sorted(a.description.split(":")[0].split(" on ")[0] for a in arts
+                      if a.type == "progress" and float(a.data) == 100.0)
+    sft_name = os.path.basename(os.path.dirname(result["checkpoint"]))
+    pretrain_name = os.path.basename(os.path.dirname(result["train"]["pretrain"]["checkpoint"]))
+    assert progress == sorted(["pretokenize pretrain", "pretokenize sft", "pretrain", "sft", f"eval {pretrain_name}",
+                               f"eval {sft_name}", "bench smoke", "bench random"])
     tables = {a.key: a for a in arts if a.type == "table"}
     splits = {r["split"]: r for r in json.loads(tables["smoke-pretokenize-sft"].data)}
     assert splits["train"]["documents"] == 1200 and splits["val"]["documents"] == 100
