@@ -22,7 +22,7 @@ def _rows(path):
 def test_synthetic_examples_are_correct():
     for i in range(400):
         ex = synthetic.example(0, "t", i, list(synthetic.TASKS))
-        body = ex["prompt"].split(": ", 1)[1]
+        body = ex["prompt"].split(":", 1)[1].strip()  # copy: the string on its own line
         if ex["task"] == "copy":
             assert ex["answer"] == body
         elif ex["task"] == "sort":
@@ -156,7 +156,11 @@ def test_each_epoch_visits_every_window_once_in_a_new_order(small_data):
         seen.append(x)
     epoch0, epoch1 = np.concatenate(seen[:n]), np.concatenate(seen[n:])
     key = lambda rows: sorted(map(bytes, rows))  # noqa: E731
-    assert key(epoch0) == key(epoch1) and len(set(map(bytes, epoch0))) == len(epoch0)
+    # every window at most once per epoch; a remainder smaller than a batch is left out of each epoch
+    # (a different one each time), the rest is the same set of windows in a new order
+    left_out = b.num_items - len(epoch0)
+    assert 0 <= left_out < 4 and len(set(map(bytes, epoch0))) == len(epoch0) == len(set(map(bytes, epoch1)))
+    assert len(set(map(bytes, epoch0)) & set(map(bytes, epoch1))) >= len(epoch0) - left_out
     assert not np.array_equal(epoch0, epoch1)
 
 
