@@ -66,7 +66,7 @@ def rl_config(arithmetic, out, **over) -> RLConfig:
            "update": {"lr": 5e-5, "epochs": 4, "batch_size": 32},
            "iterations": 5, "eval_prompts": 64, "eval_max_tokens": 16}
     for key, value in over.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        cfg[key] = {**(cfg.get(key) or {}), **value} if isinstance(value, dict) else value
     return RLConfig.model_validate(cfg)
 
 
