@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from mlxcore.config import ConfigError, DistillConfig, RLConfig, FinetuneConfig, ModelConfig, PipelineConfig, load_config, with_overrides
+from mlxcore.config import (BenchRunConfig, ConfigError, DistillConfig, EvalConfig, FinetuneConfig, ModelConfig,
+                            PipelineConfig, RLConfig, load_config, with_overrides)
 
 from tests.conftest import REPO
 
@@ -82,6 +83,10 @@ def test_every_config_in_the_repo_loads(path: Path, tmp_path):
         config = load_config(path, cls=RLConfig)
         with pytest.raises(ConfigError, match="policy: .*not a local model dir"):
             config.check_policy()
+    elif path.name.startswith("bench-"):
+        assert len(load_config(path, cls=BenchRunConfig).targets) >= 2
+    elif path.name.startswith("eval-"):
+        assert isinstance(load_config(path, cls=EvalConfig), EvalConfig)
     else:
         assert isinstance(load_config(path), PipelineConfig)
 
