@@ -10,6 +10,7 @@
   mlxflow fuse --adapter DIR --out DIR
   mlxflow download SPEC [--kind sft] --out DIR
   mlxflow pretokenize SPEC... --kind sft --tokenizer DIR --out DIR [--format alpaca] [--max-tokens 513]
+  mlxflow clean [RUN_DIR ...] [--dry-run]   # temp files left by killed writers (every stage also removes its own)
 """
 
 from __future__ import annotations
@@ -308,6 +309,19 @@ def cmd_pretokenize(args) -> int:
     return 0
 
 
+def cmd_clean(args) -> int:
+    from mlxcore.io import clean_stale_tmp, temp_files
+
+    for root in args.run_dirs:
+        for path, state in temp_files(root, recursive=True):
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+            print(f"{state:8s} {size / 2**20:9.1f} MiB  {path}")
+        if not args.dry_run:
+            removed = clean_stale_tmp(root, recursive=True)
+            print(f"{root}: removed {len(removed)} stale temp file(s)")
+    return 0
+
+
 def _csv_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -406,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--workers", type=int, default=0, help="processes; 0: every core (one for small inputs)")
     pt.add_argument("--max-download-mb", type=float, default=2048)
     pt.set_defaults(func=cmd_pretokenize)
+    cl = sub.add_parser("clean", help="list temp files left by killed writers and remove the stale ones")
+    cl.add_argument("run_dirs", nargs="*", default=["runs"], metavar="RUN_DIR", help="default: runs")
+    cl.add_argument("--dry-run", action="store_true", help="only list (stale / writing / unknown: another host)")
+    cl.set_defaults(func=cmd_clean)
     return parser
 
 

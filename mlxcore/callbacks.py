@@ -96,3 +96,5 @@ class ProgressBar(TrainingCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    on_error = on_end  # the bar ends before the error's line, which then stands last

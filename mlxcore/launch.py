@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 
 from mlxcore import distributed
-from mlxcore.callbacks import TrainingCallback, replay
+from mlxcore.callbacks import JsonLinesCallback, ProgressBar, TrainingCallback, replay
+from mlxcore.io import WriteError
+
+EVENTS_FD = "MLXFLOW_EVENTS_FD"
 
 
 class TrainingFailed(RuntimeError):
@@ -73,7 +76,7 @@ def run_in_subprocess(job, callback: TrainingCallback | None = None, module: str
     for rank, extra in enumerate(rank_envs):
         env = {**os.environ, **extra, "PYTHONUNBUFFERED": "1"}
         if rank == 0:
-            env["MLXFLOW_EVENTS_FD"] = str(write_fd)
+            env[EVENTS_FD] = str(write_fd)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", module, str(job_path)],
             env=env,
@@ -95,13 +98,15 @@ def run_in_subprocess(job, callback: TrainingCallback | None = None, module: str
     watcher = threading.Thread(target=_watch, args=(procs, codes), daemon=True)
     for t in [*pumps, watcher]:
         t.start()
-    result = None
+    result = error = None
     try:
         with os.fdopen(read_fd) as events:  # ends when rank 0 exits (or is stopped by the watcher)
             for line in events:
                 msg = replay(line, callback)
                 if msg and msg["event"] == "end":
                     result = {k: v for k, v in msg.items() if k != "event"}
+                elif msg and msg["event"] == "error":
+                    error = msg.get("message") or msg.get("kind")
         watcher.join()
     except BaseException:
         for p in procs:
@@ -115,6 +120,43 @@ def run_in_subprocess(job, callback: TrainingCallback | None = None, module: str
     if codes[0] < 0 or any(sig != signal.SIGTERM for sig in signals):  # SIGTERM alone: stopped by _watch
         sig = next((s_ for s_ in signals if s_ != signal.SIGTERM), signal.SIGTERM)
         raise TrainingCrashed(f"training process killed by signal {sig}; re-running resumes from {out}/checkpoints")
-    if any(codes) or result is None:
-        raise TrainingFailed(f"training failed (exit {', '.join(map(str, codes))}):\n{''.join(tail).rstrip()}")
+    exits = ", ".join(map(str, codes))
+    if error:  # the trainer said what went wrong, in one line (its stderr went to ours above)
+        raise TrainingFailed(error)
+    if any(codes):
+        raise TrainingFailed(f"training failed (exit {exits}): {''.join(tail).rstrip() or 'the trainer printed nothing'}")
+    if result is None:
+        raise TrainingFailed(f"training exited (exit {exits}) without reporting a result; {out} is incomplete, "
+                             "run it again to resume")
     return result
+
+
+def child_main(prog: str, job_cls, run, argv: list[str] | None = None,
+               expected: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)) -> int:
+    """`python -m <prog> JOB.json`: run `run(job, callback)`; every way out is reported.
+
+    Success sends `end` (from `run`). An expected failure (bad data or config, a write that
+    failed: disk full, permissions) sends `error` with a one-line message, prints it and exits 1;
+    anything else sends `error` too, then raises (exit 1 with its traceback).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(f"usage: python -m {prog} JOB.json", file=sys.stderr)
+        return 2
+    job = job_cls.model_validate_json(Path(argv[0]).read_text())
+    fd = os.environ.get(EVENTS_FD)
+    if fd:
+        callback = JsonLinesCallback(int(fd))
+    else:  # started by hand or by mlx.launch: rank 0 draws the progress bar
+        callback = ProgressBar(Path(job.out_dir).name) if distributed.env_rank() == 0 else TrainingCallback()
+    try:
+        run(job, callback)
+    except (WriteError, *expected) as e:
+        callback.on_event("error", {"message": str(e), "kind": type(e).__name__})
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt):
+            callback.on_event("error", {"message": f"{type(e).__name__}: {e}".rstrip(": "), "kind": type(e).__name__})
+        raise
+    return 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,9 +29,10 @@ from pydantic import BaseModel, ConfigDict
 
 from mlxcore import adapters, distributed, losses, optimizers, remat
 from mlxcore import checkpoint as ckpt
-from mlxcore.callbacks import JsonLinesCallback, ProgressBar, TrainingCallback
+from mlxcore.callbacks import TrainingCallback
 from mlxcore.config import ModelConfig, TrainConfig
 from mlxcore.data.loader import open_batches
+from mlxcore.launch import child_main
 from mlxcore.io import clean_stale_tmp, dir_digest, is_complete, read_manifest, sha256_file
 from mlxcore.model import from_config, hf_config, num_params
 from mlxcore.model import load as load_model
@@ -88,12 +88,11 @@ def fit(
     main_rank = rank == 0
     cb = (callback or TrainingCallback()) if main_rank else TrainingCallback()
     trainable = adapters.num_trainable(model)
-    if is_complete(final_dir):  # finished earlier: nothing to redo
-        state = json.loads((final_dir / ckpt.TRAINER_STATE).read_text())
-        return _result(final_dir, state, num_params(model), trainable, resumed_from=str(final_dir))
     if main_rank:
-        clean_stale_tmp(ckpt_root)
-        clean_stale_tmp(out)
+        clean_stale_tmp(out, recursive=True)
+    if (done := finished(out)) is not None:  # finished earlier: nothing to redo, but say so
+        cb.on_event("end", done)
+        return done
 
     optimizer = optimizers.build(cfg)
     optimizer.init(model.trainable_parameters())
@@ -186,14 +185,28 @@ def fit(
         state = _trainer_state(step, cursor, tokens, elapsed, initial_val, history, cfg)
         return _result(final_dir, state | {"final_val_loss": val, "final_train_loss": train_loss},
                        num_params(model), trainable, resumed_from=str(resumed) if resumed else None)
-    ckpt.finalize(last, final_dir, {"final_val_loss": val, "final_train_loss": train_loss})
+    ckpt.finalize(last, final_dir, {"final_val_loss": val, "final_train_loss": train_loss,
+                                    "params": num_params(model), "trainable_params": trainable})
     state = json.loads((final_dir / ckpt.TRAINER_STATE).read_text())
     result = _result(final_dir, state, num_params(model), trainable, resumed_from=str(resumed) if resumed else None)
     cb.on_event("end", result)
     return result
 
 
-def _result(final_dir: Path, state: dict, params: int, trainable: int, resumed_from: str | None) -> dict:
+def finished(out_dir: str | Path) -> dict | None:
+    """The result of a training stage whose final `model/` is complete (read from disk), else None.
+
+    A stage's completion is its output dir, not the orchestrator's memory: a finished dir
+    returns its result to any caller (another Prefect home, a worker, a run killed just after
+    the model was finalized)."""
+    final_dir = Path(out_dir) / "model"
+    if not is_complete(final_dir):
+        return None
+    state = json.loads((final_dir / ckpt.TRAINER_STATE).read_text())
+    return _result(final_dir, state, state.get("params"), state.get("trainable_params"), resumed_from=str(final_dir))
+
+
+def _result(final_dir: Path, state: dict, params: int | None, trainable: int | None, resumed_from: str | None) -> dict:
     return {
         "checkpoint": str(final_dir),
         "step": state["step"],
@@ -267,22 +280,7 @@ def run(job: TrainJob, callback: TrainingCallback | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m mlxcore.train JOB.json", file=sys.stderr)
-        return 2
-    job = TrainJob.model_validate_json(Path(argv[0]).read_text())
-    fd = os.environ.get("MLXFLOW_EVENTS_FD")
-    if fd:
-        callback = JsonLinesCallback(int(fd))
-    else:  # started by hand or by mlx.launch: rank 0 draws the progress bar
-        callback = ProgressBar(Path(job.out_dir).name) if distributed.env_rank() == 0 else None
-    try:
-        run(job, callback)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"mlxcore.train: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return child_main("mlxcore.train", TrainJob, run, argv)
 
 
 if __name__ == "__main__":

@@ -6,23 +6,30 @@ their paths: same path with new data is a new key), its config values, and the r
 writes to (the same inputs written to two run dirs are two results, each with its files).
 The stage writes to `<run_dir>/<stage>-<key[:12]>`, so a key always names one output dir. If
 that dir was deleted while Prefect still holds a cached result for the key, the key function
-forces a re-run instead of handing out a path to nothing.
+forces a re-run instead of handing out a path to nothing. The converse holds too: each stage's
+body returns a complete output dir's result from disk (its manifest) without redoing the work,
+so a fresh Prefect result store (another PREFECT_HOME, server or worker) costs nothing. Before
+its body a stage sweeps the run dir of temp files left by writers that were killed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
+import inspect
+import logging
 import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
+from prefect.exceptions import MissingContextError
 from pydantic import BaseModel
 
-from mlxcore.io import is_complete, path_digest, sha256_json
+from mlxcore.io import clean_stale_tmp, is_complete, path_digest, sha256_json
 
 PACKAGES = ("mlxcore", "tasks")
 
@@ -101,5 +108,27 @@ class Stage:
                 return f"{key}-rebuild-{uuid.uuid4().hex}"  # cached result points at a deleted dir
             return key
 
-        return task(name=self.name, cache_policy=CachePolicy.from_cache_key_fn(key_fn),
-                    persist_result=True, result_serializer="json", **kwargs)
+        def decorate(fn):
+            @functools.wraps(fn)
+            def swept(*args, **kw):
+                sweep(inspect.signature(fn).bind(*args, **kw).arguments["run_dir"])
+                return fn(*args, **kw)
+
+            return task(name=self.name, cache_policy=CachePolicy.from_cache_key_fn(key_fn),
+                        persist_result=True, result_serializer="json", **kwargs)(swept)
+
+        return decorate
+
+
+def sweep(run_dir: str | Path) -> list[Path]:
+    """Remove what writers killed mid-write left in a run dir (`.tmp-*` of dead processes only:
+    a live writer's temp, e.g. a concurrent stage's, stays). Every stage calls it first."""
+    removed = clean_stale_tmp(run_dir, recursive=True)
+    if removed:
+        try:
+            logger = get_run_logger()
+        except MissingContextError:  # called outside a flow run
+            logger = logging.getLogger("mlxflow")
+        logger.info("removed %d stale temp file(s) left by killed writers: %s", len(removed),
+                              ", ".join(str(p.relative_to(run_dir)) for p in removed[:5]))
+    return removed

@@ -20,6 +20,7 @@ from mlxcore.data.download import data_files
 from mlxcore.io import is_complete, read_manifest, write_json
 from mlxcore.rl.iteration import RLState, greedy_accuracy, iteration_prompts, load_questions, run_rollout, run_update
 from mlxcore.plots import line_chart, markdown_image
+from tasks.caching import sweep
 from tasks.progress import artifact_key, progress_bar
 
 
@@ -33,6 +34,7 @@ def iter_dir(run_dir: str, iteration: int) -> Path:
 
 @task(name="rl-state")
 def rl_state(run_dir: str) -> dict:
+    sweep(run_dir)  # temp files of an iteration that was killed
     s = RLState(run_dir)
     return {"iteration": s.iteration, "checkpoint": s.checkpoint, "history": s.history}
 

@@ -8,7 +8,7 @@ from mlxcore.callbacks import CallbackList, ProgressBar
 from mlxcore.config import ModelConfig, TrainConfig
 from mlxcore.io import link
 from mlxcore.launch import TrainingCrashed, run_in_subprocess
-from mlxcore.train import TrainJob
+from mlxcore.train import TrainJob, finished
 from tasks.caching import Stage
 from tasks.progress import PrefectProgress
 
@@ -28,6 +28,8 @@ def _crashed(task, task_run, state) -> bool:
 
 
 def _train(stage: str, job: TrainJob, run_dir: str) -> dict:
+    if (done := finished(job.out_dir)) is not None:  # complete on disk, whatever Prefect remembers
+        return done
     callback = CallbackList(ProgressBar(stage), PrefectProgress(stage, Path(run_dir).name))
     return run_in_subprocess(job, callback)
 

@@ -164,3 +164,24 @@ def small_data(tmp_path_factory) -> dict[str, Path]:
     pretokenize.pretokenize(root / "raw", root / "tok", "pretrain", root / "pretrain")
     pretokenize.pretokenize(root / "raw", root / "tok", "sft", root / "sft")
     return {k: root / k for k in ("raw", "tok", "pretrain", "sft")}
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(tmp_path_factory, prefect_server) -> dict:
+    """One uninterrupted run of configs/smoke.yaml (in this process, on the session's Prefect server),
+    shared by the pipeline and kill/re-run tests: its root, config, flow run id, result and the
+    sha256 of its final pretrain / sft weights, taken right after the run."""
+    import hashlib
+
+    from flows.pipeline import pipeline
+    from mlxcore.config import load_config
+
+    root = tmp_path_factory.mktemp("pipeline")
+    config = load_config(REPO / "configs/smoke.yaml", [f"out_dir={root}"])
+    state = pipeline(config, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    weights = {stage: hashlib.sha256((Path(result["train"][stage]["checkpoint"]) / "model.safetensors").read_bytes()).hexdigest()
+               for stage in ("pretrain", "sft")}
+    return {"root": root, "config": config, "flow_run_id": state.state_details.flow_run_id, "result": result,
+            "weights": weights}

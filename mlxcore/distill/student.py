@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -44,11 +43,12 @@ import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from mlxcore.callbacks import JsonLinesCallback, ProgressBar, TrainingCallback
+from mlxcore.callbacks import TrainingCallback
 from mlxcore.config import ModelConfig, StreamConfig, TrainConfig
 from mlxcore.data.loader import collate_sft
 from mlxcore.data.pretokenize import chat_segments
 from mlxcore.io import is_complete, read_manifest, write_json
+from mlxcore.launch import child_main
 from mlxcore.distill.rows import read_new
 
 ROWS_FILE, STATE_FILE = "rows.jsonl", "state.json"
@@ -263,19 +263,8 @@ def run(job: StudentJob, callback: TrainingCallback | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m mlxcore.distill.student JOB.json", file=sys.stderr)
-        return 2
-    job = StudentJob.model_validate_json(Path(argv[0]).read_text())
-    fd = os.environ.get("MLXFLOW_EVENTS_FD")
-    callback = JsonLinesCallback(int(fd)) if fd else ProgressBar(Path(job.out_dir).name)
-    try:
-        run(job, callback)
-    except (ValueError, FileNotFoundError, KeyError, GenerationFailed) as e:
-        print(f"mlxcore.distill.student: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return child_main("mlxcore.distill.student", StudentJob, run, argv,
+                      expected=(ValueError, FileNotFoundError, KeyError, GenerationFailed))
 
 
 if __name__ == "__main__":

@@ -46,11 +46,8 @@ def _artifacts(flow_run_id):
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    config = _config(root)
-    flow_run_id, result = _run(config)
-    return root, config, flow_run_id, result
+def first_run(smoke_pipeline):
+    return smoke_pipeline["root"], smoke_pipeline["config"], smoke_pipeline["flow_run_id"], smoke_pipeline["result"]
 
 
 def test_pipeline_trains_and_reports(first_run):
