@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from mlxcore.config import BenchTarget, PipelineConfig
+from mlxcore.data.tokenizer import planned_size
 from tasks.bench import run_bench
 from tasks.data import prepare_data, pretokenize, sources, tokenizer
 from tasks.evaluate import evaluate, sample
@@ -14,10 +15,13 @@ from tasks.train import pretrain, publish, sft
 @flow(name="pipeline")
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     run, data = str(config.run_dir), config.data
+    size, exact = planned_size(config.tokenizer)
+    config.model.check_vocab(size, exact, config.tokenizer.path or "the BPE to train")  # before any stage dir
     raw = prepare_data(data.synthetic, run) if data.uses_synthetic else None
     text_in, text_fmt = sources(data, "pretrain", run, raw)
     chat_in, chat_fmt = sources(data, "sft", run, raw)
     tok = tokenizer(config.tokenizer, text_in, chat_in, text_fmt, chat_fmt, run)
+    config.model.check_vocab(tok["vocab_size"], tokenizer=tok["path"])
     text = pretokenize(text_in, tok["path"], "pretrain", text_fmt, config.pretokenize_limit("pretrain"), data.workers, run)
     chats = pretokenize(chat_in, tok["path"], "sft", chat_fmt, config.pretokenize_limit("sft"), data.workers, run)
     base = pretrain(text["path"], tok["path"], config.model, config.pretrain, run)

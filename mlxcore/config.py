@@ -11,10 +11,12 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from mlxcore.distill.prompts import PromptConfig
 from mlxcore.distill.teacher import TeacherConfig
 from mlxcore.distill.verify import VerifyPolicy
+from mlxcore.secrets import check_env_name, check_key_source, refuse_literal_key
 
 
 class ConfigError(ValueError):
@@ -22,7 +24,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # hide_input_in_errors: a refused value (a pasted API key, say) is never echoed in an error
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -80,6 +83,12 @@ class ModelConfig(_Strict):
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         return self
+
+    def check_vocab(self, tokens: int, exact: bool = True, tokenizer: str = "the tokenizer") -> None:
+        """A set `vocab_size` must equal the tokenizer's size (or, before a BPE is trained, not exceed it)."""
+        if self.vocab_size is not None and (self.vocab_size != tokens if exact else self.vocab_size > tokens):
+            raise ConfigError(f"model.vocab_size={self.vocab_size} does not match {tokenizer} "
+                              f"({'' if exact else 'at most '}{tokens} tokens); unset it to use the tokenizer's size")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -299,12 +308,29 @@ class BenchTarget(_Strict):
     path: str | None = Field(None, description="checkpoint: a local model dir.")
     url: str | None = Field(None, description="ollama (default http://127.0.0.1:11434) / openai: the server's base URL.")
     model: str | None = Field(None, description="ollama / openai: the model name the server knows.")
-    api_key: str | None = Field(None, description="openai: Bearer token; unset: $OPENAI_API_KEY if set.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the Bearer key (read when the "
+                                    "target answers); neither set: openai uses $OPENAI_API_KEY if set.")
+    api_key_secret: str | None = Field(None, description="Prefect Secret block holding the Bearer key.")
+    # Only there to refuse a literal key with the fix (see mlxcore/secrets.py); never set, never dumped.
+    api_key: SkipJsonSchema[None] = Field(None, exclude=True, repr=False)
     workers: int = Field(4, ge=1, description="ollama / openai: concurrent requests.")
     timeout_s: float = Field(120, gt=0)
 
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # errors never echo a key
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _no_literal_key(cls, value: Any) -> None:
+        return refuse_literal_key(value)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        return check_env_name(value)
+
     @model_validator(mode="after")
     def _check(self) -> "BenchTarget":
+        check_key_source(self.api_key_env, self.api_key_secret)
         if self.kind == "checkpoint" and not self.path:
             raise ValueError("a checkpoint target needs path=/path/to/model")
         if self.kind in ("ollama", "openai") and not self.model:
@@ -560,15 +586,26 @@ def _node_line(node: yaml.Node | None, loc: tuple) -> int | None:
     return line
 
 
-def _format_errors(err: ValidationError, source: str, root: yaml.Node | None) -> str:
+def _format_errors(err: ValidationError, source: str, root: yaml.Node | None, overrides: list[str] = (),
+                   label: str = "--set") -> str:
+    """One line per error: where it came from (the `--set` that set the key, else the file's line), the key, why."""
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         key = ".".join(str(p) for p in loc) or "(top level)"
-        line = _node_line(root, loc)
-        where = f"{source}:{line}" if line else source
+        setter = next((item for item in reversed(overrides)
+                       if _startswith(key, item.partition("=")[0]) or _startswith(item.partition("=")[0], key)), None)
+        if setter is not None:
+            where = f"{label} {setter}"
+        else:
+            line = _node_line(root, loc)
+            where = f"{source}:{line}" if line else source
         lines.append(f"{where}: {key}: {e['msg']}")
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _startswith(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -593,9 +630,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) is skipped
         except OSError as e:
             raise ConfigError(f"{source}: cannot read config: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raw = Path(path).read_bytes()
+            line = raw.count(b"\n", 0, e.start) + 1
+            col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+            raise ConfigError(f"{source}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {col})") from None
         try:
             root = yaml.compose(text)
             data = yaml.safe_load(text) or {}
@@ -609,16 +651,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source, root)) from None
+        raise ConfigError(_format_errors(e, source, root, list(overrides))) from None
 
 
 def with_overrides(config: BaseModel, overrides: list[str]) -> BaseModel:
     """`config` with `KEY=VALUE` overrides applied (a flow parameter's `--set`); errors name the key."""
     if not overrides:
         return config
-    source = "overrides " + " ".join(overrides)
     data = apply_overrides(config.model_dump(mode="json"), list(overrides))
     try:
         return type(config).model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source, None)) from None
+        raise ConfigError(_format_errors(e, "<config>", None, list(overrides), "overrides:")) from None

@@ -114,6 +114,14 @@ def _corpus(corpus, max_bytes: int) -> Iterable[str]:
                     return
 
 
+def planned_size(cfg: TokenizerConfig) -> tuple[int, bool]:
+    """(vocabulary size, exact?) known before the tokenizer stage runs: a local tokenizer's exact
+    size; for a BPE still to train, its upper bound (merges stop early on a small corpus)."""
+    if cfg.path:
+        return len(load(cfg.path)), True
+    return cfg.vocab_size, False
+
+
 def load_or_train(cfg: TokenizerConfig, corpus, out_dir: str | Path) -> dict:
     """Copy a local tokenizer (cfg.path) or train a BPE on the corpus's train files.
 

@@ -18,6 +18,7 @@ CASES = {  # file: (expected message after "<path>", kind)
     "missing_field.jsonl": (":2: missing field 'answer' (gsm8k format)", "sft"),
     "wrong_type.jsonl": (":2: field 'output' must be a string, got int", "sft"),
     "non_utf8.jsonl": (":2: not UTF-8 text (byte 0xe9 at column 47)", "sft"),
+    "utf16.jsonl": (":1: not UTF-8 text (byte 0xff at column 1)", "sft"),
     "wrong_vocab_ids.jsonl": (":2: token id 99999 is out of range for the tokenizer's 512 tokens", "sft"),
     "array_with_string.json": (":2: expected a JSON object, got str", "sft"),
 }
@@ -98,7 +99,24 @@ def test_pipeline_with_a_traversal_spec_fails_naming_it(tmp_path, capsys):
 
 @pytest.mark.usefixtures("_server")
 def test_model_vocab_that_does_not_match_the_tokenizer_fails_naming_the_field(tmp_path, capsys):
-    code = _pipeline(tmp_path, "model.vocab_size=999")
+    code = _pipeline(tmp_path, "model.vocab_size=999")  # the smoke BPE has at most 512 tokens
     err = capsys.readouterr().err
-    assert code == 1 and "model.vocab_size=999 does not match the tokenizer's 512 tokens" in err, err
-    assert not list((tmp_path / "smoke").glob("pretrain-*/model"))
+    assert code == 1 and "model.vocab_size=999 does not match the BPE to train (at most 512 tokens)" in err, err
+    assert not (tmp_path / "smoke").exists() or not list((tmp_path / "smoke").iterdir())  # no stage dir at all
+
+
+@pytest.mark.usefixtures("_server")
+def test_a_vocab_size_the_tokenizer_cannot_have_fails_before_any_stage_dir(tmp_path, capsys, test_data):
+    tok = test_data / "minimind_tokenizer"  # 6400 tokens
+    code = _pipeline(tmp_path, "model.vocab_size=512", f"tokenizer.path={tok}")
+    err = capsys.readouterr().err
+    assert code == 1 and f"model.vocab_size=512 does not match {tok} (6400 tokens)" in err, err
+    assert not (tmp_path / "smoke").exists() or not list((tmp_path / "smoke").iterdir())
+
+
+@pytest.mark.usefixtures("_server")
+def test_a_vocab_size_the_trained_bpe_missed_fails_before_pretokenize(tmp_path, capsys):
+    code = _pipeline(tmp_path, "model.vocab_size=300")  # the BPE learns more than 300 tokens
+    err = capsys.readouterr().err
+    assert code == 1 and "model.vocab_size=300 does not match" in err and "tokens); unset it" in err, err
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "smoke").iterdir()) == ["data", "tokenizer"]

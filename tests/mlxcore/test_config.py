@@ -50,6 +50,33 @@ def test_errors_name_file_line_and_key(tmp_path):
     assert f"{path}:6: model:" in msg and "num_kv_heads=3" in msg
 
 
+def test_a_bad_set_is_reported_against_the_set_not_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: x\nsft:\n  lr: 0.0002\n  steps: 10\npretrain:\n  lr: -1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["sft.stepz=5", "model.num_layers=0", "sft.lr=oops"])
+    lines = str(err.value).splitlines()[1:]
+    assert "  --set sft.stepz=5: sft.stepz: Extra inputs are not permitted" in lines
+    assert "  --set model.num_layers=0: model.num_layers: Input should be greater than 0" in lines
+    assert any(line.startswith("  --set sft.lr=oops: sft.lr: Input should be a valid number") for line in lines)
+    assert f"  {path}:6: pretrain.lr: Input should be greater than 0" in lines  # the file's own error keeps its line
+    assert not any(f"{path}:3" in line or f"{path}:2" in line for line in lines)  # sft's lines set nothing wrong
+    with pytest.raises(ConfigError, match="--set sft=3: sft: Input should be a valid dictionary"):
+        load_config(None, ["sft=3"])
+
+
+def test_a_vocab_size_the_tokenizer_cannot_have_fails_before_any_stage_dir(tmp_path):
+    from mlxcore.data.tokenizer import planned_size
+
+    cfg = ModelConfig(preset="tiny", vocab_size=5000)
+    with pytest.raises(ConfigError, match="model.vocab_size=5000 does not match the BPE to train \\(at most 1024"):
+        cfg.check_vocab(*planned_size(PipelineConfig().tokenizer), "the BPE to train")
+    ModelConfig(preset="tiny", vocab_size=900).check_vocab(1024, exact=False)  # a BPE may stop short of 1024
+    with pytest.raises(ConfigError, match="does not match runs/x/tokenizer \\(420 tokens"):
+        ModelConfig(preset="tiny", vocab_size=900).check_vocab(420, tokenizer="runs/x/tokenizer")
+    ModelConfig(preset="tiny").check_vocab(420)  # unset: the tokenizer's size
+
+
 @pytest.mark.parametrize("text, expect", [
     ("name: x\na: b: c\n", ":2: not valid YAML: mapping values are not allowed here"),
     ("- 1\n- 2\n", ":1: expected a mapping"),
@@ -59,6 +86,13 @@ def test_malformed_files(tmp_path, text, expect):
     path = tmp_path / "c.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=expect.replace("[", r"\[")):
+        load_config(path)
+
+
+def test_a_config_that_is_not_utf8_names_file_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: x\nsample:\n  num_prompts: 3 # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"{path}:3: not UTF-8 text \\(byte 0xe9 at column 23\\)"):
         load_config(path)
 
 
@@ -101,7 +135,7 @@ def test_distill_config_errors_name_the_key(tmp_path):
         load_config(None, ["target_rows=10"], cls=DistillConfig)
     with pytest.raises(ConfigError, match="set student.init_from"):
         load_config(None, ["train.fine_tune_type=lora"], cls=DistillConfig)
-    with pytest.raises(ConfigError, match="overrides.*teacher.workers"):
+    with pytest.raises(ConfigError, match="overrides: teacher.workers=0: teacher.workers"):
         with_overrides(DistillConfig(), ["teacher.workers=0"])
     assert with_overrides(DistillConfig(), ["target_rows=500"]).target_rows == 500
 
