@@ -31,8 +31,9 @@ from mlxcore.distill.teacher import Teacher, TeacherConfig, TeacherError
 from mlxcore.distill.verify import VerifyPolicy, check
 from mlxcore.io import atomic_dir, dir_digest, is_complete, read_manifest, sha256_file, sha256_json, write_manifest
 from mlxcore.launch import run_in_subprocess
-from tasks.caching import Stage, code_version
+from tasks.caching import Stage, code_version, sweep
 from tasks.progress import PrefectProgress, StageProgress, artifact_key
+from tasks.secrets import prefect_secret
 from tasks.train import _crashed
 
 CORPUS = Stage("prompt-corpus")
@@ -74,7 +75,7 @@ def _unreachable(task, task_run, state) -> bool:
 @task(name="teacher-health", retries=2, retry_delay_seconds=3, retry_condition_fn=_unreachable)
 def check_teacher(teacher: TeacherConfig) -> dict:
     """Fail fast, with the fix, when the teacher is not running or lacks the model."""
-    with Teacher(teacher) as t:
+    with Teacher(teacher, resolve_secret=prefect_secret) as t:
         return t.health()
 
 
@@ -105,15 +106,23 @@ class _GenerationReport:
 
 def _publish_generation(stats: dict, run_name: str) -> None:
     table = [{"category": c, "answered": v.get("answered", 0), "accepted": v.get("accepted", 0),
-              "acceptance": round(v["acceptance"], 3), "teacher_errors": v.get("errors", 0)}
+              "no_answer": v.get("no_answer", 0), "acceptance": round(v["acceptance"], 3),
+              "teacher_errors": v.get("errors", 0)}
              for c, v in sorted(stats["categories"].items())]
     create_table_artifact(table=table, key=artifact_key(run_name, "distill", "acceptance"),
-                          description="Teacher replies kept per category (math and logic checked against the truth)")
+                          description="Teacher replies kept per category (math and logic checked against the truth; "
+                                      "no_answer: replies that state no final answer, e.g. a restated question)")
     t = stats["teacher"]
+    faults = (f"{t.get('retries', 0)} failed attempts retried ({t.get('recovered', 0)} calls recovered), "
+              f"{t.get('unrecovered', 0)} calls unrecovered; budget: give up past {t.get('failure_budget')} "
+              f"unrecovered of the last {t.get('failure_window')} calls (now {t.get('window_unrecovered', 0)} "
+              f"of {t.get('window_calls', 0)})")
     create_markdown_artifact(
         key=artifact_key(run_name, "distill", "generation"),
         markdown=(f"### generation\n\n| | |\n|---|---|\n| rows | {stats['rows']} / {stats['target_rows']} "
                   f"({stats['new_rows']} new) |\n| rows/s | {stats['rows_per_s']:.2f} |\n"
+                  f"| no answer | {stats['rejections'].get('no_answer', 0)} replies stated no final answer |\n"
+                  f"| teacher faults | {faults} |\n"
                   f"| elapsed | {stats['elapsed_s']:.0f} s |\n| rejections | {stats['rejections']} |\n"
                   f"| teacher | {json.dumps(t, default=str)} |\n| torn tail repaired | {stats['repaired_bytes']} bytes |\n"))
 
@@ -132,8 +141,9 @@ def generate_rows(rows_dir: str, teacher: TeacherConfig, prompts: PromptConfig, 
     mark_generation(out, token, "running")
     report = _GenerationReport(target_rows)
     try:
-        stats = generate(teacher, prompts, rows_path, target_rows, policy=verify, max_prompts=max_prompts,
-                         on_progress=report, progress_every=1.0, progress_bar=True)
+        with Teacher(teacher, resolve_secret=prefect_secret) as client:  # its key is read here, in this process
+            stats = generate(client, prompts, rows_path, target_rows, policy=verify, max_prompts=max_prompts,
+                             on_progress=report, progress_every=1.0, progress_bar=True)
     except BaseException as e:
         mark_generation(out, token, "failed", error=f"{type(e).__name__}: {e}"[:2000])
         if report.last is not None:
@@ -168,6 +178,7 @@ def train_student(rows_dir: str, tokenizer_dir: str, student: StudentConfig, tra
                   stream: StreamConfig, target_rows: int, out_dir: str, run_dir: str) -> dict:
     """SFT the student on the rows while they are written: cold start, paced, until its planned steps."""
     out = Path(out_dir)
+    sweep(run_dir)  # temp files of a student or generator that was killed
     if is_complete(out / "model"):
         state = json.loads((out / "model" / "trainer_state.json").read_text())
         return {"checkpoint": str(out / "model"), "step": state["step"], "val_loss": state.get("final_val_loss"),

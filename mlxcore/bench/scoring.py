@@ -1,7 +1,10 @@
 """Rule-based scoring of a model's reply to a benchmark `Example`.
 
 A closed `<think>...</think>` block is dropped first (`strip_think`); a reply whose reasoning was
-never closed has no answer and is invalid. Then, by `Example.kind`:
+never closed has no answer and is invalid. A verbatim echo of the prompt is dropped as well: what
+restates the question is not an answer, so a reply that only restates it is invalid (for "ints",
+the prompt's own numbers, one of which may be the gold answer's, are never read as the answer).
+Then, by `Example.kind`:
 
   choice  the letter ("B", "(B)", "B)", "B.", "Answer: B", "The answer is B", "B) 82") or the
           text of one option as the whole reply; as a last resort the single capital letter A-D
@@ -61,6 +64,10 @@ def score(ex: Example, reply: str) -> Score:
     text = strip_think(reply)
     if text is None:
         return INVALID
+    if ex.prompt.strip() and ex.prompt.strip() in text:
+        text = text.replace(ex.prompt.strip(), "\n")
+        if not re.search(r"[^\W_]", text):
+            return INVALID  # the reply only restates the question
     if ex.kind == "choice":
         return _score_choice(ex, text)
     if ex.kind == "ints":

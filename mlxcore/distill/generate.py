@@ -8,9 +8,15 @@ last line and the rows already written are skipped, so nothing is lost or duplic
 run continues to the target. Rejected prompts are not remembered; a re-run asks them again
 (a sampled teacher may get them right the second time).
 
+Stats: per category `answered` (replies checked), `accepted`, `no_answer` (replies that state no
+final answer, e.g. a restated question: `verify.NO_ANSWER`), `errors` (calls lost to teacher
+errors); `rejections` counts every rejection reason ("wrong answer", "no_answer", "refusal",
+...); `teacher` is the client's stats (retried attempts, calls recovered by retrying, unrecovered
+calls and the failure budget they are held against).
+
 A reply that never came (the teacher's retries ran out) is counted and skipped; when the
-teacher's failure budget is spent, `TeacherGaveUp` propagates, with every accepted row already
-on disk.
+teacher's failure budget is spent (too many recent calls unrecovered, see `teacher.py`),
+`TeacherGaveUp` propagates, with every accepted row already on disk.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any, Callable
 from mlxcore.distill import prompts as prompt_gen
 from mlxcore.distill.rows import RowStore, make_row, prompt_hash
 from mlxcore.distill.teacher import Teacher, TeacherConfig, TeacherError
-from mlxcore.distill.verify import VerifyPolicy, check
+from mlxcore.distill.verify import NO_ANSWER, VerifyPolicy, check
 
 
 class GenerationStalled(RuntimeError):
@@ -68,7 +74,8 @@ def _generate(client: Teacher, prompt_cfg, out_path: Path, target_rows: int, pol
         def report(final: bool = False) -> dict:
             elapsed = time.monotonic() - started
             out = {**stats, "elapsed_s": elapsed, "rows_per_s": stats["new_rows"] / max(elapsed, 1e-9),
-                   "categories": {c: dict(v, acceptance=v["accepted"] / max(v["answered"], 1)) for c, v in per_cat.items()},
+                   "categories": {c: {"answered": 0, "accepted": 0, "no_answer": 0, "errors": 0, **v,
+                                      "acceptance": v["accepted"] / max(v["answered"], 1)} for c, v in per_cat.items()},
                    "rejections": dict(reasons), "teacher": client.stats, "done": final}
             if on_progress is not None:
                 on_progress(out)
@@ -104,7 +111,9 @@ def _generate(client: Teacher, prompt_cfg, out_path: Path, target_rows: int, pol
                 text = reply.text  # the client already removed a leading <think> block
                 verdict = check(p, text, policy, reply.finish_reason)
                 if not verdict.ok:
-                    reasons[verdict.reason.split(":")[0].split(" (")[0]] += 1  # "wrong answer", "refusal", ...
+                    reasons[verdict.reason.split(":")[0].split(" (")[0]] += 1  # "wrong answer", "no_answer", ...
+                    if verdict.reason == NO_ANSWER:
+                        cat["no_answer"] += 1
                     continue
                 row = make_row(messages=p.messages, reply=text.strip(), id=p.id, category=p.category, teacher=label,
                                verified=verdict.verified, kind=p.kind)

@@ -15,7 +15,11 @@ Two wire APIs, chosen by `TeacherConfig.api`:
                                                "max_tokens", "stream": false}
                     -> {"choices": [{"message": {"content": ...}, "finish_reason": ...}],
                         "usage": {"prompt_tokens": n, "completion_tokens": m}}
-            `api_key` is sent as `Authorization: Bearer <key>`.
+            The key is sent as `Authorization: Bearer <key>`. A config only names it:
+            `api_key_env` (an environment variable) or `api_key_secret` (a Prefect Secret block,
+            read through the `resolve_secret` callable the caller passes); with neither, the
+            openai API uses $OPENAI_API_KEY when it is set. A literal `api_key` is refused
+            (configs are Prefect flow-run parameters); see mlxcore/secrets.py.
 
 A reply's `<think>...</think>` reasoning is stripped (`strip_think`: what follows the last
 `</think>`); an unclosed block, cut off by `max_tokens`, leaves an empty text.
@@ -32,13 +36,23 @@ answers (400 bad request, 401, 404 model not found, ...) are not retried: the ca
 attempts all failed raises `TeacherError` (in `imap_unordered` it is yielded for that job: the
 caller decides what a lost example costs).
 
-Failure budget. Every failed attempt, retried or not, counts against `failure_budget`, for the
-Teacher's whole life. When the count exceeds the budget the teacher gives up: no further
-requests are issued (calls in progress stop before their next attempt) and `TeacherGaveUp` (a
-`TeacherError`) is raised, with a report: attempts made, failures by kind (timeout, 5xx, 429,
-connection, malformed, 4xx) and the last error. The give-up is sticky: later calls raise it at
-once; make a new Teacher to try again. A dead teacher therefore costs at most about
-failure_budget attempts, not retries x jobs.
+Failure budget. The budget counts UNRECOVERED calls: a call (one `chat`, one job) that ended in
+a TeacherError because its retries ran out or its error is not retryable. A failed attempt that a
+retry recovered costs nothing, so a long run against a flaky but working teacher (20% of attempts
+failing, every one recovered) never stops, however long it runs. The count is over a sliding
+window of the most recent `failure_window` completed calls (default 200): when more than
+`failure_budget` of them (default 50) were unrecovered, the teacher gives up. A window rather
+than a lifetime total, because rare lost calls (0.2**5 of calls at a 20% fault rate with 4
+retries) must not add up to a give-up in a run of a million calls; a budget rather than a rate
+alone, because a teacher that is down loses every call and must stop after budget + 1 of them,
+not after a window's worth. So a dead teacher (always 5xx, refusing connections, answering 404)
+costs about (failure_budget + 1) x (1 + retries) attempts; lower `failure_budget` or `retries`
+where an attempt is expensive (a hung server costs `timeout_s` per attempt).
+Giving up: no further requests are issued (calls in progress stop before their next attempt)
+and `TeacherGaveUp` (a `TeacherError`) is raised, with a report: unrecovered calls in the
+window and in all, the budget and window, calls recovered by retrying, attempts made, failed
+attempts by kind (timeout, 5xx, 429, connection, malformed, 4xx) and the last error. The
+give-up is sticky: later calls raise it at once; make a new Teacher to try again.
 
 Concurrency. `imap_unordered(jobs)` runs `workers` requests at a time on a thread pool sharing one
 httpx.Client, reads the job iterator lazily (at most 2 x workers jobs taken but not yet yielded)
@@ -50,6 +64,7 @@ This module is part of mlxcore: it must not import prefect.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import json
 import random
@@ -63,13 +78,16 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
+
+from mlxcore.secrets import SecretResolver, check_env_name, check_key_source, refuse_literal_key, resolve_api_key
 
 FAILURE_KINDS = ("timeout", "5xx", "429", "connection", "malformed", "4xx")
 
 
 class TeacherConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # errors never echo a key
 
     url: str = "http://127.0.0.1:11434"
     model: str = "qwen3:0.6b"
@@ -82,8 +100,32 @@ class TeacherConfig(BaseModel):
     retries: int = Field(4, ge=0)             # extra attempts after the first
     backoff_s: float = Field(0.5, ge=0)
     max_backoff_s: float = Field(20, ge=0)
-    failure_budget: int = Field(50, ge=0)     # failed attempts, in total, before giving up
-    api_key: str | None = None                # OpenAI: Authorization: Bearer
+    # Give up when more than failure_budget of the last failure_window calls were UNRECOVERED
+    # (retries exhausted, or not retryable); failed attempts that a retry recovered never count.
+    failure_budget: int = Field(50, ge=0, description=(
+        "Unrecovered teacher calls (retries exhausted, or a non-retryable error) tolerated among the last "
+        "`failure_window` calls; one more and the teacher gives up (TeacherGaveUp). Failed attempts that a "
+        "retry recovered never count."))
+    failure_window: int = Field(200, ge=1, description="How many of the most recent calls the failure budget looks at.")
+    api_key_env: str | None = None            # environment variable holding the Bearer key
+    api_key_secret: str | None = None         # Prefect Secret block holding it (tasks resolve it)
+    # Only there to refuse a literal key with the fix (and the file:line); never set, never dumped.
+    api_key: SkipJsonSchema[None] = Field(None, exclude=True, repr=False)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _no_literal_key(cls, value: Any) -> None:
+        return refuse_literal_key(value)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        return check_env_name(value)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "TeacherConfig":
+        check_key_source(self.api_key_env, self.api_key_secret)
+        return self
 
 
 @dataclass(frozen=True)
@@ -106,7 +148,8 @@ class TeacherError(RuntimeError):
 
 
 class TeacherGaveUp(TeacherError):
-    """More attempts failed than the failure budget allows; `report` says what happened."""
+    """More recent calls ended unrecovered than the failure budget allows; `report` says what
+    happened (see the module doc, "Failure budget")."""
 
     def __init__(self, message: str, report: dict[str, Any]) -> None:
         super().__init__(message, kind="gave_up", attempts=report["attempts"])
@@ -175,21 +218,30 @@ def _int(value: Any) -> int:
 
 
 class Teacher:
-    """One teacher server. Thread-safe; use as a context manager or call close()."""
+    """One teacher server. Thread-safe; use as a context manager or call close().
 
-    def __init__(self, config: TeacherConfig | None = None, **overrides: Any) -> None:
+    The API key is read here, once, in this process: `config.api_key_env` from the environment,
+    `config.api_key_secret` through `resolve_secret` (a Prefect Secret block's name -> its value;
+    mlxcore cannot import prefect). Raises mlxcore.secrets.SecretError when it cannot be found.
+    """
+
+    def __init__(self, config: TeacherConfig | None = None, *, resolve_secret: SecretResolver | None = None,
+                 **overrides: Any) -> None:
         if config is None:
             config = TeacherConfig(**overrides)
         elif overrides:
             config = TeacherConfig(**{**config.model_dump(), **overrides})
         self.config = config
+        key = resolve_api_key(config.api_key_env, config.api_key_secret, resolver=resolve_secret,
+                              default_env="OPENAI_API_KEY" if config.api == "openai" else None,
+                              who=f"teacher {config.model!r}")
         url = config.url.rstrip("/")
         if config.api == "openai" and url.endswith("/v1"):
             url = url[:-3]  # accept an OpenAI-style base URL; paths below carry /v1
         self.url = url
         headers = {"Accept": "application/json"}
-        if config.api_key:
-            headers["Authorization"] = f"Bearer {config.api_key}"
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         self._client = httpx.Client(
             base_url=url, headers=headers, timeout=httpx.Timeout(config.timeout_s),
             limits=httpx.Limits(max_connections=2 * config.workers + 2, max_keepalive_connections=config.workers),
@@ -203,8 +255,11 @@ class Teacher:
         self._closed = False
         self._gave_up: TeacherGaveUp | None = None
         self._last_error = ""
+        self._window: collections.deque[bool] = collections.deque(maxlen=config.failure_window)  # True: unrecovered
         self._stats: dict[str, Any] = {
-            "requests": 0, "ok": 0, "retries": 0, "errors": 0, "failed": 0,
+            "requests": 0, "ok": 0, "retries": 0, "recovered": 0, "errors": 0, "unrecovered": 0,
+            "window_unrecovered": 0, "window_calls": 0, "failure_budget": config.failure_budget,
+            "failure_window": config.failure_window, "failed": 0,
             "failures": dict.fromkeys(FAILURE_KINDS, 0),
             "prompt_tokens": 0, "completion_tokens": 0, "gave_up": False,
         }
@@ -224,9 +279,12 @@ class Teacher:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """A snapshot: requests (attempts sent), ok, retries, errors (calls that ended in a
-        TeacherError), failed (failed attempts), failures by kind, prompt/completion tokens,
-        gave_up."""
+        """A snapshot: requests (attempts sent), ok (calls answered), retries (attempts that were
+        retried), recovered (calls answered after at least one failed attempt), errors and
+        unrecovered (the same: calls that ended in a TeacherError), window_unrecovered of
+        window_calls (the most recent calls, what failure_budget is held against),
+        failure_budget, failure_window, failed (failed attempts, recovered or not), failures (failed
+        attempts by kind), prompt/completion tokens, gave_up."""
         with self._lock:
             return {**self._stats, "failures": dict(self._stats["failures"])}
 
@@ -382,8 +440,8 @@ class Teacher:
                 self._record_failure(e.kind, e.message)
                 self._check_gave_up()
                 if attempts > c.retries:
-                    with self._lock:
-                        self._stats["errors"] += 1
+                    self._record_call(unrecovered=True)
+                    self._check_gave_up()
                     raise TeacherError(f"teacher request failed after {attempts} attempts: {e.message}",
                                        kind=e.kind, status=e.status, attempts=attempts) from None
                 with self._lock:
@@ -393,14 +451,16 @@ class Teacher:
             except TeacherError as e:
                 self._record_failure(e.kind or "4xx", str(e))
                 self._check_gave_up()
-                with self._lock:
-                    self._stats["errors"] += 1
+                self._record_call(unrecovered=True)
+                self._check_gave_up()
                 e.attempts = attempts
                 raise
             with self._lock:
                 self._stats["ok"] += 1
+                self._stats["recovered"] += attempts > 1
                 self._stats["prompt_tokens"] += prompt
                 self._stats["completion_tokens"] += completion
+            self._record_call(unrecovered=False)
             return Reply(text, prompt, completion, time.monotonic() - start, attempts, finish)
 
     def _backoff(self, retry: int, retry_after: float | None) -> float:
@@ -431,22 +491,41 @@ class Teacher:
             raise _Cancelled()
 
     def _record_failure(self, kind: str, message: str) -> None:
+        """One failed attempt (retried or not): counted by kind, never against the budget."""
         with self._lock:
             self._stats["failures"][kind] = self._stats["failures"].get(kind, 0) + 1
             self._stats["failed"] += 1
             self._last_error = f"{kind}: {message}"
-            if self._stats["failed"] <= self.config.failure_budget or self._gave_up is not None:
+
+    def _record_call(self, unrecovered: bool) -> None:
+        """One finished call; an unrecovered one may exhaust the failure budget (module doc)."""
+        c = self.config
+        with self._lock:
+            st = self._stats
+            if len(self._window) == self._window.maxlen and self._window[0]:
+                st["window_unrecovered"] -= 1
+            self._window.append(unrecovered)
+            st["window_unrecovered"] += unrecovered
+            st["window_calls"] = len(self._window)
+            if unrecovered:
+                st["errors"] += 1
+                st["unrecovered"] += 1
+            if not unrecovered or st["window_unrecovered"] <= c.failure_budget or self._gave_up is not None:
                 return
-            self._stats["gave_up"] = True
-            failures = {k: v for k, v in self._stats["failures"].items() if v}
-            report = {"attempts": self._stats["requests"], "ok": self._stats["ok"],
-                      "failed": self._stats["failed"], "failure_budget": self.config.failure_budget,
+            st["gave_up"] = True
+            failures = {k: v for k, v in st["failures"].items() if v}
+            report = {"unrecovered": st["unrecovered"], "window_unrecovered": st["window_unrecovered"],
+                      "window_calls": st["window_calls"], "failure_budget": c.failure_budget,
+                      "failure_window": c.failure_window, "ok": st["ok"], "recovered": st["recovered"],
+                      "attempts": st["requests"], "retries": st["retries"], "failed": st["failed"],
                       "failures": failures, "last_error": self._last_error}
             counts = ", ".join(f"{k} {v}" for k, v in failures.items())
             self._gave_up = TeacherGaveUp(
-                f"teacher at {self.url} gave up: {report['failed']} failed requests exceeded the failure budget of "
-                f"{report['failure_budget']} ({counts}; {report['attempts']} attempts, {report['ok']} ok); "
-                f"last error: {self._last_error}", report)
+                f"teacher at {self.url} gave up: {report['window_unrecovered']} of the last {report['window_calls']} "
+                f"calls failed unrecovered (retries exhausted or not retryable), over the failure budget of "
+                f"{c.failure_budget} per {c.failure_window} calls; {report['ok']} calls answered "
+                f"({report['recovered']} of them after retrying), {report['attempts']} attempts, failed attempts by "
+                f"kind: {counts}; last error: {self._last_error}", report)
         self._halt.set()
 
     # ------------------------------------------------------------------ many calls
@@ -455,7 +534,7 @@ class Teacher:
                        ) -> Iterator[tuple[Hashable, Reply | TeacherError]]:
         """Run `(key, messages)` jobs, `workers` at a time; yield `(key, Reply | TeacherError)` as
         they complete. Reads `jobs` lazily (at most 2 x workers taken and not yet yielded).
-        Raises TeacherGaveUp once the failure budget is exceeded (results already completed in
+        Raises TeacherGaveUp once the failure budget is spent (results already completed in
         the same round are yielded first). Closing the iterator early stops issuing requests.
         """
         self._check_gave_up()

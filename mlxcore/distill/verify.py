@@ -1,23 +1,53 @@
 """Final-answer extraction and acceptance checks for teacher replies.
 
-`extract_answer(text, kind)` finds the reply's final answer and normalises it:
+`extract_answer(text, kind, choices, prompt)` finds the reply's final answer and normalises it,
+or returns None when the reply states no final answer (`check` then rejects it as `no_answer`).
 
   where   The reply after its last `</think>` (an unclosed `<think>` means the answer never
-          came: None). Explicit markers first: the last `Answer: ...` line (also "Final answer:",
-          markdown bold, an answer on the line after a bare "Answer:"), else the last `#### ...`
-          line, else the last `\\boxed{...}`. The first of these that normalises wins; when the
-          reply has no marker at all, numeric kinds fall back to the last number in the text.
+          came: None).
+  1 marks Explicit markers first: the last `Answer: ...` line (also "Final answer:",
+          markdown bold "**Answer: 42**" / "**Answer:** 42", an answer on the line after a bare
+          "Answer:"), else the last `#### ...` line, else the last `\\boxed{...}`. The first of
+          these that normalises wins; when the reply has markers but none normalises
+          ("Answer: it cannot be computed") there is no answer.
+  2 ends  Numeric kinds only, for a reply without markers: its final statement must state the
+          answer. The final statement is the reply's last sentence (markdown list markers and
+          emphasis dropped; trailing sign-offs such as "Hope this helps!" skipped). None when it
+          is unfinished (ends with "...", "…", a comma, colon, operator or a word such as "then",
+          "and", "the"). Else it states an answer, unless it is a question ("?", "whether", "it
+          depends") or, given the prompt, copied from it ("Find k if 5k - 66 = -31."), when it
+            - holds a bold value: "**42**", "**42 apples**", "**x = 42**" (the last one counts);
+            - is a lone value: "42", "$336.", "18 km";
+            - begins "(So / Therefore ...) the (final) answer / result is|equals|= N";
+            - has VERB N, the last such clause counting: VERB one of is / are / was / were /
+              equals / "=" / comes to / totals / "'s" ("The total is $1,234.00.", "17 + 25 = 42",
+              "x = -3", "That's 42."); after a conclusion word (so, therefore, thus, hence,
+              finally, in total, in all, altogether, overall, in the end, which gives / makes /
+              means) also gives / makes / leaves / gets / has / pays / costs / needs / becomes /
+              reaches / remains / drops to / rises to / ends at ..., or N right after the word
+              ("so 8 apples in total");
+          where N is one number followed by at most four unit words ("42 apples", "12.5 km/h",
+          "24.8%") up to the clause's end; not the head of a list ("are 14, 56, 56", "28 and
+          56"), not a comparison ("6 more than", "3 times as"); "3 x 4 = 12" counts its last "=".
+          Failing that, the last sentence anywhere that begins "(So ...) the answer / the result
+          is N" counts ("The answer is 42. Each step was checked twice.").
+          So a reply that restates the question ("To find 17 + 25 we add 17 and 25.", "It depends;
+          compute lcm(28, 56) first, then ...") has no answer, whatever numbers it holds: there is
+          no "last number in the text" fallback. Choice and name kinds take markers only.
   numbers `normalize_number`: "$1,234.00" -> "1234", "-3", "12.50" -> "12.5", "15%" -> "15",
-          "3/4" and "0.75" -> "0.75", "1/3" -> "1/3"; compared exactly (fractions.Fraction).
-          In a marked answer with an "=" the part after the last "=" counts ("x = -3").
+          "3/4" and "0.75" -> "0.75", "1/3" -> "1/3", "\u22123" -> "-3"; compared exactly
+          (fractions.Fraction). In a marked answer with an "=" the part after the last "=" counts
+          ("x = -3").
   choices `normalize_choice`: yes / no / cannot tell, with synonyms ("True", "It cannot be
           determined", "Not enough information", "Not necessarily", ...).
   names   case-insensitive; `choices` (the prompt's names) picks the one name the answer
           mentions, so "Answer: Maria is the tallest." gives "maria".
 
 `check(prompt, reply, policy)` turns a reply into a `Verdict`: math / logic / reasoning replies
-pass only when the extracted answer equals the prompt's truth; knowledge replies (no truth) pass
-format checks: length bounds, no refusal, not cut off mid-sentence, no leftover think tags.
+pass only when the extracted answer equals the prompt's truth ("correct"); a reply with no final
+answer is rejected with reason "no_answer" (`NO_ANSWER`), one with a different answer with
+"wrong answer: got ..., expected ...". Knowledge replies (no truth) pass format checks: length
+bounds, no refusal, not cut off mid-sentence, no leftover think tags.
 """
 
 from __future__ import annotations
@@ -33,7 +63,8 @@ from mlxcore.distill.prompts import ANSWER_TYPES, CATEGORIES, canonical_number
 from mlxcore.distill.teacher import strip_think
 
 __all__ = [
-    "CategoryPolicy", "VerifyPolicy", "Verdict", "check", "extract_answer", "normalize_choice",
+    "NO_ANSWER", "CategoryPolicy", "VerifyPolicy", "Verdict", "check", "extract_answer", "final_number",
+    "normalize_choice",
     "normalize_name", "normalize_number", "strip_think", "looks_like_refusal", "looks_truncated",
 ]
 
@@ -63,10 +94,13 @@ class VerifyPolicy(BaseModel):
         return getattr(self, category)
 
 
+NO_ANSWER = "no_answer"  # Verdict.reason of a reply that states no final answer (see the module doc)
+
+
 @dataclass(frozen=True)
 class Verdict:
     ok: bool  # keep the row
-    reason: str  # "correct", "wrong answer: got 'x', expected 'y'", "refusal", ...
+    reason: str  # "correct", "no_answer", "wrong answer: got 'x', expected 'y'", "refusal", ...
     extracted: str | None = None  # the normalised final answer (None for knowledge)
     verified: bool = False  # ok and actually checked (False for rows kept under verify=False)
 
@@ -272,12 +306,152 @@ def _explicit_candidates(body: str) -> list[str]:
     return cands
 
 
+# A reply's final statement (numeric kinds without markers; see the module doc).
+
+_SIGNOFF = re.compile(r"\b(?:hope (?:this|that|it) helps|let me know|feel free|happy to help|good luck|"
+                      r"cheers|thanks|thank you|any (?:other|more|further) questions)\b", re.I)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+_MD_LINE = re.compile(r"^[ \t]*(?:>+|#{1,6}(?=\s)|[-*+•](?=\s)|\d+[.)](?=\s))?[ \t]*")
+_UNFINISHED = re.compile(
+    r"(?:\.\.\.|…|[,;:=+*/×÷(\[-]|\b(?:then|and|or|so|plus|minus|times|by|to|of|the|a|an|is|are|we|next|"
+    r"first|which|that|because|since|with|from|into|gives?|equals?|makes?|get|gets)\b)\s*$", re.I)
+_QUESTION = re.compile(r"\?|\bwhether\b|\bit depends\b", re.I)
+_CUE = re.compile(r"\b(?:so|therefore|thus|hence|finally|in total|in all|altogether|all together|overall|"
+                  r"in the end|in conclusion|which (?:gives|makes|means)|that (?:gives|makes|means)|"
+                  r"this (?:gives|makes|means))\b", re.I)
+_STRONG_VERB = r"\bis\b|\bare\b|\bwas\b|\bwere\b|\bequals?\b|=|\bcomes? to\b|\btotals?\b|(?<=\w)['’]s\b"
+_VERB = re.compile(_STRONG_VERB, re.I)
+_CUE_VERB = re.compile(
+    _STRONG_VERB + r"|\b(?:gives?|gave|makes?|made|leaves?|left(?: with)?|gets?|got|has|have|had|pays?|paid|"
+    r"costs?|needs?|becomes?|reach(?:es)?|remains?|be|total of|(?:drops?|falls?|rises?|goes|increases?|"
+    r"decreases?|grows?) (?:up |down )?to|ends? (?:up )?(?:at|with))\b", re.I)
+_ANSWER_PHRASE = re.compile(
+    r"^(?:(?:so|therefore|thus|hence|finally|overall|in conclusion|in the end|and)\b[\s,]*)*"
+    r"(?:the\s+|my\s+|our\s+)?(?:final\s+)?(?:answer|result)\s+"
+    r"(?:is|equals|=|would be|will be|should be|comes to)\b\s*:?", re.I)
+_CLAUSE_END = re.compile(r"[,;]\s|[.!?](?:\s|$)|\s(?:which|because|since|as|and|but|so|for|if|when)\b", re.I)
+_LIST_GOES_ON = re.compile(r"\s*(?:(?:and|or)\s+)?[-\u2212$€£]?\s?\.?\d", re.I)
+_UNIT_TAIL = re.compile(r"(?:[^\W\d_][\w/°%’'.-]*\s*){0,4}|%\s*(?:[^\W\d_][\w/°’'.-]*\s*){0,3}")
+_COMPARISON = re.compile(r"\b(?:more|less|fewer|than|times|older|younger|bigger|smaller|greater|higher|"
+                         r"lower|longer|shorter|per cent of|percent of|of)\b", re.I)
+_BOLD = re.compile(r"\*\*(.+?)\*\*|__(.+?)__")
+
+
+def _plain(s: str) -> str:
+    """A line without markdown emphasis, inline code or TeX delimiters."""
+    s = _clean_latex(s)
+    s = re.sub(r"\*\*|__|`", "", s)
+    s = re.sub(r"(?<![\w*])\*(?!\s)|(?<=\S)\*(?![\w*])", "", s)
+    return re.sub(r"\$(?!\s?\.?\d)", "", s).strip()
+
+
+def _value(seg: str) -> str | None:
+    """The number `seg` states when it is just a value: "42", "$1,234.00 left", "3 x 4 = 12",
+    "24.8%", "18 km/h" (a number and at most four unit words); else None."""
+    m = _CLAUSE_END.search(seg)
+    if m:
+        if _LIST_GOES_ON.match(seg, m.end()):
+            return None  # "are 14, 56, 56", "28 and 56": a list of numbers, not one value
+        seg = seg[:m.start()]
+    if "=" in seg:
+        seg = seg.rsplit("=", 1)[1]
+    seg = seg.strip().rstrip(".!")
+    num = _NUMBER.match(seg)
+    if not num:
+        return None
+    tail = seg[num.end():].strip()
+    if not _UNIT_TAIL.fullmatch(tail) or _COMPARISON.search(tail):
+        return None
+    return _match_to_canonical(num)
+
+
+def _statements(body: str) -> list[tuple[str, str]]:
+    """(raw, plain) sentences of the reply, in order (lines without a letter or digit, such as
+    a markdown rule, are left out)."""
+    out = []
+    for line in body.splitlines():
+        raw = _MD_LINE.sub("", line).strip()
+        if re.search(r"[^\W_]", raw):
+            out += [(r, _plain(r)) for r in _SENTENCE_END.split(raw) if r.strip()]
+    return out
+
+
+def _lone(plain: str) -> str | None:
+    """The number when the statement is nothing but a value ("42", "$336.", "18 km")."""
+    t = plain.strip().rstrip(".!")
+    num = _NUMBER.match(t)
+    if not num or not _UNIT_TAIL.fullmatch(t[num.end():].strip()) or _COMPARISON.search(t[num.end():]):
+        return None
+    return _match_to_canonical(num)
+
+
+def _squash(s: str) -> str:
+    return " ".join(re.sub(r"[*_`$\\]", "", s).lower().split()).strip(" .!:")
+
+
+def _copied(statement: str, prompt: str | None) -> bool:
+    """A final statement of three or more words taken word for word from the prompt."""
+    return bool(prompt) and len(statement.split()) >= 3 and _squash(statement) in _squash(prompt)
+
+
+def _stated_number(raw: str, plain: str) -> str | None:
+    """The answer a final statement states (module doc, step 2), or None."""
+    for m in reversed(list(_BOLD.finditer(raw))):
+        v = _value(_plain(m.group(1) or m.group(2)))
+        if v is not None:
+            return v
+    v = _lone(plain)
+    if v is not None:
+        return v
+    m = _ANSWER_PHRASE.match(plain)
+    if m:
+        return _value(plain[m.end():])
+    cue = _CUE.search(plain)
+    verbs = list((_CUE_VERB if cue else _VERB).finditer(plain, cue.end() if cue else 0))
+    for verb in reversed(verbs):
+        v = _value(plain[verb.end():])
+        if v is not None:
+            return v
+    if cue:
+        return _value(plain[cue.end():].lstrip(" ,:"))
+    return None
+
+
+def final_number(text: str, prompt: str | None = None) -> str | None:
+    """The number a reply states as its final answer, canonical, or None (the module doc's rule
+    for numeric kinds: markers, else the final statement). Shared by distill checks and RL rewards."""
+    return extract_answer(text, "arithmetic", prompt=prompt)
+
+
+def _implicit_number(body: str, prompt: str | None) -> str | None:
+    statements = _statements(body)
+    if not statements or _UNFINISHED.search(statements[-1][1]):
+        return None  # nothing, or the reply stops mid-computation
+    while len(statements) > 1 and _SIGNOFF.search(statements[-1][1]) and not re.search(r"\d", statements[-1][1]):
+        statements.pop()  # "Hope this helps!"
+    raw, plain = statements[-1]
+    if not _QUESTION.search(plain) and not _copied(plain, prompt):
+        v = _stated_number(raw, plain)
+        if v is not None:
+            return v
+    for raw, plain in reversed(statements):  # "The answer is 42." before a closing remark
+        m = _ANSWER_PHRASE.match(plain)
+        if m and not _QUESTION.search(plain) and not _copied(plain, prompt):
+            v = _value(plain[m.end():])
+            if v is not None:
+                return v
+    return None
+
+
 def answer_type(kind: str) -> str | None:
     return ANSWER_TYPES.get(kind, "text")
 
 
-def extract_answer(text: str, kind: str, choices: Iterable[str] | None = None) -> str | None:
-    """The reply's normalised final answer for a prompt kind (see the module doc), or None."""
+def extract_answer(text: str, kind: str, choices: Iterable[str] | None = None,
+                   prompt: str | None = None) -> str | None:
+    """The reply's normalised final answer for a prompt kind (see the module doc), or None when
+    it states none. `prompt` (the question's text) lets a final statement copied from the
+    question count as a restatement, not an answer."""
     atype = answer_type(kind)
     if atype is None or not text:
         return None
@@ -298,8 +472,7 @@ def extract_answer(text: str, kind: str, choices: Iterable[str] | None = None) -
         if out is not None:
             return out
     if not cands and atype == "number":
-        nums = _numbers(_clean_latex(body))
-        return nums[-1] if nums else None
+        return _implicit_number(body, prompt)
     return None
 
 
@@ -362,7 +535,8 @@ def check(prompt: Any, reply_text: str | None, policy: VerifyPolicy | None = Non
         return Verdict(False, "truncated (finish_reason=length)")
     choices = (prompt.meta or {}).get("names") if answer_type(prompt.kind) == "name" else None
     has_truth = prompt.truth is not None and answer_type(prompt.kind) is not None
-    extracted = extract_answer(text, prompt.kind, choices) if has_truth else None
+    question = getattr(prompt, "text", None)
+    extracted = extract_answer(text, prompt.kind, choices, question) if has_truth else None
     if not cp.verify:
         return Verdict(True, "unverified", extracted, verified=False)
     if policy.reject_think_tags and _THINK_TAG.search(text):
@@ -379,7 +553,7 @@ def check(prompt: Any, reply_text: str | None, policy: VerifyPolicy | None = Non
             return Verdict(False, "truncated mid-sentence")
         return Verdict(True, "format ok", None, verified=True)
     if extracted is None:
-        return Verdict(False, "no final answer found")
+        return Verdict(False, NO_ANSWER)
     expected = normalize_truth(prompt.truth, prompt.kind)
     if extracted != expected:
         return Verdict(False, f"wrong answer: got {extracted!r}, expected {expected!r}", extracted)

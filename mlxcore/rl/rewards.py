@@ -1,8 +1,12 @@
 """GSM8K answers and rewards, as small pure functions.
 
-`extract_answer(text)`: the number after the last `#### ` line, else the last number anywhere
-in the text, normalised: thousands commas, a currency sign, a trailing full stop or `%` and zero
-decimals go ("$1,234.00" -> "1234", "-3", "12.5", "3/4" -> "0.75"). None when there is no number.
+`extract_answer(text)`: the number after the last `#### ` line, else the final answer the
+response states by the distill checker's rule (`mlxcore.distill.verify.final_number`: an
+`Answer:` line or `\\boxed{}`, else a concluding final statement such as "So she has 12 left." or
+"3 x 4 = 12"), normalised: thousands commas, a currency sign, a trailing full stop or `%` and zero
+decimals go ("$1,234.00" -> "1234", "-3", "12.5", "3/4" -> "0.75"). None when the response states
+no final answer: there is no "last number anywhere" fallback, so a response that restates the
+question (its numbers, even the right one) earns no correctness reward.
 `gsm8k_truth(answer)`: the same applied to a GSM8K `answer` field (its `#### n` line).
 `correctness_reward`: 1.0 when the two are equal, else 0.0.
 `format_reward`: 1.0 when the response ends with a `#### <number>` line (optionally followed by
@@ -14,14 +18,14 @@ from __future__ import annotations
 
 import re
 
-from mlxcore.distill.verify import number_from_candidate, numbers
+from mlxcore.distill.verify import final_number, number_from_candidate
 
 _HASHES = re.compile(r"^[ \t]*####[ \t]*(?P<rest>[^\n]*)$", re.M)
 _FORMAT = re.compile(r"####[ \t]*[-+$]?[\d,]*\.?\d+[ \t]*\.?\s*\Z")
 
 
 def extract_answer(text: str) -> str | None:
-    """The response's final answer, normalised; None when it has no number."""
+    """The response's final answer, normalised; None when it states none."""
     if not text:
         return None
     marked = _HASHES.findall(text)
@@ -29,8 +33,7 @@ def extract_answer(text: str) -> str | None:
         found = number_from_candidate(marked[-1].strip())
         if found is not None:
             return found
-    found = numbers(text)
-    return found[-1] if found else None
+    return final_number(text)
 
 
 def gsm8k_truth(answer: str) -> str:

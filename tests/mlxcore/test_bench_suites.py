@@ -173,6 +173,17 @@ def test_ints_scoring():
     assert not score(SORT, "no numbers").valid
 
 
+def test_a_reply_that_only_restates_the_prompt_is_invalid():
+    already_sorted = next(ex for i in range(20000) if (ex := example("sort", 0, i)).prompt.endswith(ex.answer))
+    for ex in (SORT, already_sorted, CHOICE, JSON, EXACT):
+        for reply in (ex.prompt, f"  {ex.prompt}\n", f"<think>hmm</think>{ex.prompt}", f"**{ex.prompt}**"):
+            assert score(ex, reply) == Score(False, False, None), (ex.id, reply)
+    # the prompt's own numbers are never the answer, even when they are already in order
+    assert score(already_sorted, f"{already_sorted.prompt}\nSorted: {already_sorted.answer}").correct
+    assert score(already_sorted, already_sorted.answer).correct
+    assert score(SORT, f"You asked: {SORT.prompt}\nLet me think.") == Score(False, False, None)
+
+
 JSON = Example(id="t-0-1", suite="json", category="json", kind="json", prompt="",
                answer=json.dumps({"sum": 12, "diff": -2, "prod": 35}))
 

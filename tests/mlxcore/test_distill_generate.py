@@ -13,7 +13,8 @@ from mlxcore.distill.generate import GenerationStalled, generate
 from mlxcore.distill.rows import iter_rows
 from mlxcore.distill.teacher import TeacherConfig
 
-from tests.known_teacher import KnownTeacher, is_right
+from tests.fault_proxy import FaultProxy
+from tests.known_teacher import KnownTeacher, is_right, restates
 from tests.ollama_standin import OllamaStandin
 
 CFG = prompt_gen.PromptConfig(seed=3)
@@ -67,6 +68,39 @@ def test_faults_and_a_teacher_restart_lose_and_duplicate_nothing(tmp_path):
         assert hub.pending_faults() == 0
     _assert_clean(tmp_path / "rows.jsonl", 50)
     assert stats["teacher"]["retries"] >= 11 and stats["teacher_errors"] == 0
+
+
+def test_a_restating_teacher_behind_a_faulty_network_keeps_only_stated_right_answers(tmp_path):
+    """A teacher that answers a quarter of the questions with nothing (it restates them, the right
+    answer's number among its numbers) and the rest, right or wrong, in every accepted style, behind
+    a proxy failing a fifth of the requests, with the default retries and failure budget. The run
+    is long enough (500+ attempts) that a budget of failed attempts would have stopped it."""
+    sloppy = KnownTeacher(CFG, n=800, restate=0.25, styled=True)
+    with OllamaStandin(answer=sloppy.answer) as hub, FaultProxy(hub.url, seed=5) as proxy:
+        proxy.random_faults(0.2, ("500", "429", "drop", "malformed", "incomplete"))
+        config = TeacherConfig(url=proxy.url, workers=4, timeout_s=5, backoff_s=0.01, max_backoff_s=0.05)
+        stats = generate(config, CFG, tmp_path / "rows.jsonl", 250)
+        asked = {sloppy.bank[r.body["messages"][-1]["content"]].id for r in hub.requests("/api/chat")}
+    rows = sloppy.assert_clean(tmp_path / "rows.jsonl", 250)  # 0 restated rows, 0 wrong ones, 250 in all
+    t = stats["teacher"]
+    assert t["failure_budget"] == TeacherConfig().failure_budget == 50
+    # far more failed attempts than the budget (the old rule, counting them, gave up at 51); a few
+    # more faults may have hit requests still in flight when the target was reached
+    assert 50 < t["failed"] <= sum(proxy.injected.values())
+    assert not t["gave_up"] and stats["teacher_errors"] <= t["unrecovered"] < 5 and t["recovered"] > 50
+
+    rejections = stats["rejections"]
+    assert set(rejections) == {"wrong answer", "no_answer"}  # nothing else: no style is misread
+    assert rejections["no_answer"] == sum(c["no_answer"] for c in stats["categories"].values())
+    assert sum(c["answered"] for c in stats["categories"].values()) == 250 + sum(rejections.values())
+    # Every checked restatement was rejected as no_answer and every checked right answer kept; only
+    # replies in flight when the target was reached (2 x workers) or calls lost were never checked.
+    slack = 2 * 4 + t["unrecovered"]
+    restated = {i for i in asked if restates(sloppy.by_id[i], 0.25)}
+    assert len(restated) > 60 and len(restated) - slack <= rejections["no_answer"] <= len(restated)
+    keepable = {i for i in asked if sloppy.kept(sloppy.by_id[i])}
+    kept = {r["meta"]["id"] for r in rows}
+    assert kept <= keepable and len(keepable - kept) <= slack
 
 
 def test_a_teacher_that_is_always_wrong_stalls_with_a_clear_error(tmp_path):

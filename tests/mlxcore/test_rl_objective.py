@@ -15,9 +15,18 @@ from mlxcore.rl.rewards import correctness_reward, extract_answer, format_reward
     ("so 5 + 3 = 8\n#### 8", "8"),
     ("#### 1,000", "1000"),
     ("The total is $1,234.00.", "1234"),
-    ("It drops by 7 degrees, to -3", "-3"),
+    ("It drops by 7 degrees, so it ends at -3.", "-3"),
     ("#### -12", "-12"),
-    ("she pays 12.50 dollars", "12.5"),
+    ("So she pays 12.50 dollars.", "12.5"),
+    ("She pays 5 + 7.50 = 12.50 dollars.", "12.5"),
+    ("Answer: 12", "12"),
+    ("42", "42"),
+    # no stated final answer: a bare last number is not one (restated question, unfinished work)
+    ("It drops by 7 degrees, to -3", None),
+    ("she pays 12.50 dollars", None),
+    ("Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.", None),
+    ("First 48 / 2 = 24, then we add 48 and", None),
+    ("<think>48 + 24 = 72", None),
     ("#### 18.0", "18"),
     ("#### $20", "20"),
     ("First 4, then 6.\n#### 10\n", "10"),
@@ -34,6 +43,11 @@ def test_rewards():
     assert correctness_reward("#### 1201", "1200") == 0.0
     assert format_reward("work...\n#### 42") == 1.0 and format_reward("The answer is 42.") == 0.0
     assert reward("#### 42", "42", format_weight=0.5) == 1.5 and reward("42", "42", format_weight=0.5) == 1.0
+    # a response that restates the question, with the right number in it, earns nothing
+    question = "Weng earns $12 an hour. She did 50 minutes of babysitting. How much did she earn? She earned 10"
+    assert correctness_reward(question, "10") == 0.0
+    assert correctness_reward("To find her pay we take 12 and 50 and get 10 ...", "10") == 0.0
+    assert correctness_reward("12 / 60 = 0.2 per minute, so she earned 0.2 x 50 = 10 dollars.", "10") == 1.0
 
 
 def test_every_real_gsm8k_answer_extracts_to_its_final_number(test_data):
