@@ -35,8 +35,8 @@ def distill(config: DistillConfig = DistillConfig(), overrides: list[str] = []) 
     if config.bench is not None:  # the student beside its teacher (and the config's targets)
         t = config.teacher
         own = [BenchTarget(kind="checkpoint", path=model["checkpoint"], name="student"),
-               BenchTarget(kind=t.api, url=t.url, model=t.model, api_key=t.api_key, workers=t.workers,
-                           timeout_s=t.timeout_s, name="teacher")]
+               BenchTarget(kind=t.api, url=t.url, model=t.model, api_key_env=t.api_key_env,
+                           api_key_secret=t.api_key_secret, workers=t.workers, timeout_s=t.timeout_s, name="teacher")]
         bench = run_bench(own, config.bench, run, title=f"bench {config.name}: student vs teacher")
     return {"checkpoint": model["checkpoint"], "rows": generated, "train": model, "teacher": health,
             "samples": samples, "bench": bench}

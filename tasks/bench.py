@@ -21,6 +21,7 @@ from mlxcore.io import atomic_dir, path_digest, write_json, write_jsonl, write_m
 from mlxcore.model import is_model_dir
 from tasks.caching import Stage
 from tasks.progress import artifact_key, progress_bar
+from tasks.secrets import prefect_secret
 
 
 def _identity(target: BenchTarget) -> dict:
@@ -49,7 +50,8 @@ def bench_answers(label: str, target: BenchTarget, config: BenchConfig, run_dir:
         examples = make(config.suites, config.examples, config.seed)
         with progress_bar(len(examples), f"bench {label}: {len(config.suites)} suites x {config.examples}",
                           "question") as bar:
-            rows = answer(target, examples, config.max_tokens, config.batch_size, config.seed, on_progress=bar)
+            rows = answer(target, examples, config.max_tokens, config.batch_size, config.seed, on_progress=bar,
+                          resolve_secret=prefect_secret)
         with atomic_dir(out) as tmp:
             write_jsonl(tmp / "answers.jsonl", rows)
             write_manifest(tmp, "bench-answers", {"label": label, **reports.summarize(rows)})

@@ -10,7 +10,6 @@ and `tokens` give that group's ms/example and tok/s on the same footing for ever
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from typing import Callable, Sequence
@@ -18,18 +17,21 @@ from typing import Callable, Sequence
 from mlxcore.bench.scoring import score
 from mlxcore.bench.suites import Example, baseline
 from mlxcore.config import BenchTarget
+from mlxcore.secrets import SecretResolver
 
 Progress = Callable[[int, int], None]
 
 
 def answer(target: BenchTarget, examples: Sequence[Example], max_tokens: int = 64, batch_size: int = 32,
-           seed: int = 0, on_progress: Progress | None = None) -> list[dict]:
-    """`target`'s scored answers to `examples`, in their order."""
+           seed: int = 0, on_progress: Progress | None = None,
+           resolve_secret: SecretResolver | None = None) -> list[dict]:
+    """`target`'s scored answers to `examples`, in their order. `resolve_secret` reads the
+    Prefect Secret block an endpoint's `api_key_secret` names (see mlxcore/secrets.py)."""
     if target.kind == "checkpoint":
         return _checkpoint(target.path, examples, max_tokens, batch_size, on_progress)
     if target.kind == "random":
         return _random(examples, seed, on_progress)
-    return _endpoint(target, examples, max_tokens, on_progress)
+    return _endpoint(target, examples, max_tokens, on_progress, resolve_secret)
 
 
 def _row(ex: Example, reply: str | None, tokens: int, ms: float, **extra) -> dict:
@@ -72,16 +74,16 @@ def _random(examples: Sequence[Example], seed: int, on_progress: Progress | None
 
 
 def _endpoint(target: BenchTarget, examples: Sequence[Example], max_tokens: int,
-              on_progress: Progress | None) -> list[dict]:
+              on_progress: Progress | None, resolve_secret: SecretResolver | None) -> list[dict]:
     """Ollama or an OpenAI-compatible server, through the distillation teacher's client (retries included)."""
     from mlxcore.distill.teacher import Teacher, TeacherConfig, TeacherError
 
-    key = target.api_key or (os.environ.get("OPENAI_API_KEY") if target.kind == "openai" else None)
     config = TeacherConfig(url=target.url or TeacherConfig().url, model=target.model, api=target.kind,
                            temperature=0.0, top_p=1.0, max_tokens=max_tokens, workers=target.workers,
-                           timeout_s=target.timeout_s, api_key=key)
+                           timeout_s=target.timeout_s, api_key_env=target.api_key_env,
+                           api_key_secret=target.api_key_secret)
     found: dict[int, tuple[str | None, int, float, str | None]] = {}
-    with Teacher(config) as client:
+    with Teacher(config, resolve_secret=resolve_secret) as client:  # the key is read here, in this process
         client.health()  # unreachable server or unknown model: one clear error before any question
         started = time.perf_counter()
         jobs = ((i, [{"role": "user", "content": ex.prompt}]) for i, ex in enumerate(examples))

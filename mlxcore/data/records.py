@@ -5,6 +5,8 @@ Files are read as a stream of chunks (`read_chunks`), so nothing here holds a wh
   *.parquet                   row batches via pyarrow (the "line" is the 1-based row number)
   *.json                      a JSON array of objects (read whole: arrays do not stream)
   *.txt                       plain text; documents are separated by blank lines (pretraining)
+All are UTF-8; a UTF-8 byte-order mark at the very start of a file is skipped (Windows tools
+write one), anywhere else it is data. Other encodings fail naming the file and line.
 
 Each row becomes an example of one of these formats, declared (`SourceConfig.format`) or
 detected from a file's first row:
@@ -44,6 +46,18 @@ class DataError(ValueError):
     """Bad input data; the message starts with `file:line:` (or the file alone)."""
 
 
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark: Windows tools start files with it
+
+
+def skip_bom(f) -> int:
+    """Move a binary file at its start past a UTF-8 BOM; the bytes skipped (0 or 3). A BOM only
+    means something as the file's first bytes: later ones are data (and fail as such)."""
+    if f.read(len(BOM)) == BOM:
+        return len(BOM)
+    f.seek(0)
+    return 0
+
+
 # ---------------------------------------------------------------- reading files as chunks
 
 
@@ -58,6 +72,7 @@ def file_kind(path: Path) -> str:
         return "txt"
     if name.endswith(".json"):
         with open(path, "rb") as f:
+            skip_bom(f)
             head = f.read(4096).lstrip()
         if head.startswith(b"["):
             return "json-array"
@@ -100,8 +115,9 @@ def read_chunks(path: str | Path, rows: int = CHUNK_ROWS, max_bytes: int | None 
 
 
 def _line_blocks(path: Path, max_bytes: int):
-    first, pos, rest = 1, 0, b""
+    first, rest = 1, b""
     with open(path, "rb") as f:
+        pos = skip_bom(f)
         while block := f.read(max_bytes):
             pos += len(block)
             block = rest + block
@@ -121,8 +137,9 @@ def _line_blocks(path: Path, max_bytes: int):
 
 def _text_chunks(path: Path, rows: int, max_bytes: int):
     """Plain text: documents are runs of non-blank lines."""
-    items, size, pos, doc, doc_line = [], 0, 0, [], 0
+    items, size, doc, doc_line = [], 0, [], 0
     with open(path, "rb") as f:
+        pos = skip_bom(f)
         for lineno, line in enumerate(f, 1):
             pos += len(line)
             if line.strip():
@@ -161,8 +178,9 @@ def _parquet_chunks(path: Path, rows: int):
 
 def _array_chunks(path: Path, rows: int):
     """A JSON array file (Alpaca's layout): read whole, since JSON arrays do not stream."""
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(raw[len(BOM):] if raw.startswith(BOM) else raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         where = f"{path}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else str(path)
         raise DataError(f"{where}: invalid JSON array file: {e}") from None

@@ -35,7 +35,8 @@ def make_teacher(proxy: FaultProxy, **kw) -> Teacher:
     return Teacher(TeacherConfig(**{**base, **kw}))
 
 
-def wait_until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
+def wait_until(cond: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Poll until `cond()` holds; the timeout only keeps a broken test from hanging."""
     deadline = time.monotonic() + timeout_s
     while not cond():
         assert time.monotonic() < deadline, "condition never held"
@@ -138,14 +139,14 @@ def test_each_fault_reaches_httpx_as_its_failure_and_the_next_request_works(stan
     standin.reset()
     expected, upstream_calls = HTTPX_CASES[kind]
     proxy.fail_next(1, kind)
-    start = time.monotonic()
     if isinstance(expected, type):
         with pytest.raises(expected):
             client.post("/api/chat", json=chat_body(), timeout=CLIENT_TIMEOUT_S)
     else:
         expected(client.post("/api/chat", json=chat_body()))
-    if kind == "timeout":  # the client's own timeout fired, long before the proxy let go
-        assert CLIENT_TIMEOUT_S * 0.9 <= time.monotonic() - start < HOLD_S
+    # "timeout": the client's own timeout fired (ReadTimeout) while the proxy still held the
+    # connection: had the proxy let go first, httpx would have raised RemoteProtocolError
+    assert proxy.injected == {kind: 1}
     assert len(standin.requests("/api/chat")) == upstream_calls
 
     r = client.post("/api/chat", json=chat_body("after"))
@@ -273,19 +274,20 @@ def test_restart_cuts_a_held_connection(standin):
         outcome: list = []
 
         def call() -> None:
-            start = time.monotonic()
             try:
                 httpx.post(p.url + "/api/chat", json=chat_body(), timeout=10)
             except httpx.HTTPError as e:
-                outcome.append((e, time.monotonic() - start))
+                outcome.append(e)
 
         th = threading.Thread(target=call)
         th.start()
         wait_until(lambda: p.injected["timeout"] == 1)
         p.restart(down_s=0.05)
-        th.join(timeout=5)
-        [(error, took)] = outcome
-        assert isinstance(error, httpx.RemoteProtocolError) and took < 2
+        th.join()  # at most the client's 10 s timeout
+        [error] = outcome
+        # cut by the restart: a hold (30 s) that ran its course would have met the client's own
+        # 10 s timeout first (ReadTimeout); no clock needed to tell them apart
+        assert isinstance(error, httpx.RemoteProtocolError) and p.restarts == 1
 
 
 def test_the_teacher_rides_out_a_restart(proxy):
@@ -293,9 +295,9 @@ def test_the_teacher_rides_out_a_restart(proxy):
         assert t.chat(messages("before")).attempts == 1
         back = proxy.restart_async(down_s=0.3)
         reply = t.chat(messages("during"))
-        back.join(timeout=5)
+        back.join()
         stats = t.stats
-    assert reply.text == "echo: during" and reply.attempts > 1 and reply.seconds >= 0.2
+    assert reply.text == "echo: during" and reply.attempts > 1 and proxy.restarts == 1
     assert stats["failures"]["connection"] == reply.attempts - 1 == stats["failed"]
     assert sum(proxy.injected.values()) == 0
 
@@ -316,11 +318,11 @@ def test_close_does_not_wait_for_held_connections(standin):
     for th in threads:
         th.start()
     wait_until(lambda: p.injected["timeout"] == 3)
-    start = time.monotonic()
     p.close()
-    assert time.monotonic() - start < 1
     for th in threads:
-        th.join(timeout=2)
+        th.join()  # at most the clients' 10 s timeout
+    # close() cut the held connections: had it waited for the 30 s holds, every client would have
+    # met its own 10 s timeout first (ReadTimeout), so the error kind shows it, without a clock
     assert len(errors) == 3 and all(isinstance(e, httpx.RemoteProtocolError) for e in errors)
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/api/tags", timeout=TIMEOUT_S)

@@ -205,3 +205,63 @@ def test_a_dataset_too_small_to_hold_out_a_row_says_so(tmp_path, small_data):
     with pytest.raises(DataError, match=r"no pretrain held-out rows: 2 rows x val_fraction 0.01 held out none"):
         pretokenize.pretokenize({"train": [src]}, small_data["tok"], "pretrain", tmp_path / "o", progress_bar=False)
     assert not (tmp_path / "o").exists()
+
+
+BOM = b"\xef\xbb\xbf"
+BOM_FILES = {  # name: (bytes without a BOM, kind)
+    "rows.jsonl": (b"".join(json.dumps(r).encode() + b"\r\n" for r in (CASES["alpaca"][0], CASES["alpaca_no_input"][0])), "sft"),
+    "rows.json": (json.dumps([CASES["instruction"][0], CASES["completion"][0]], indent=1).encode(), "sft"),
+    "docs.txt": ("Première ligne\nline two\n\nSecond para\n".encode(), "pretrain"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BOM_FILES))
+def test_a_utf8_byte_order_mark_at_the_start_is_skipped(name, tmp_path, small_data):
+    data, kind = BOM_FILES[name]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "bom").mkdir()
+    plain, bom = tmp_path / "plain" / name, tmp_path / "bom" / name
+    plain.write_bytes(data)
+    bom.write_bytes(BOM + data)
+    assert records.file_kind(bom) == records.file_kind(plain)
+    rows = [example for _, example in records.iter_examples(plain, kind)]
+    assert len(rows) == 2 and [example for _, example in records.iter_examples(bom, kind)] == rows
+    # line numbers are unchanged by the BOM
+    assert [w.rsplit(":", 1)[1] for w, _ in records.iter_examples(bom, kind)] == \
+        [w.rsplit(":", 1)[1] for w, _ in records.iter_examples(plain, kind)]
+    # and through pretokenize (worker processes and all): the same tokens
+    for src in (plain, bom):
+        pretokenize.pretokenize({"train": [src], "val": [src]}, small_data["tok"], kind, src.parent / "out",
+                                progress_bar=False)
+    for a, b in zip(_docs(plain.parent / "out"), _docs(bom.parent / "out"), strict=True):
+        assert (a[0] == b[0]).all() and (a[1] is None) == (b[1] is None) and (a[1] is None or (a[1] == b[1]).all())
+
+
+def test_a_bom_after_the_start_and_other_encodings_still_fail_naming_file_and_line(tmp_path):
+    row = json.dumps(CASES["gsm8k"][0], ensure_ascii=False).replace("2+3", "2+3 é")
+    cases = {  # file bytes: expected message after the path
+        "later_bom.jsonl": ((row + "\n").encode() + BOM + (row + "\n").encode(), ":2: invalid JSON: Unexpected UTF-8 BOM"),
+        "utf16.jsonl": ((row + "\n").encode("utf-16"), ":1: not UTF-8 text (byte 0xff at column 1)"),
+        "utf16le.jsonl": ((row + "\n").encode("utf-16-le"), ":1: not UTF-8 text (byte 0xe9"),
+        "latin1_with_bom.jsonl": (BOM + (row + "\n" + row + "\n").encode("latin-1"), ":1: not UTF-8 text (byte 0xe9"),
+        "latin1.txt": ("ok\n\ncaf\xe9\n".encode("latin-1"), ":3: not UTF-8 text (byte 0xe9 at column 4)"),
+        "utf16.json": (json.dumps([CASES["gsm8k"][0]]).encode("utf-16"), ":1: not UTF-8 text (byte 0xff at column 1)"),
+    }
+    for name, (data, expect) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(DataError) as e:
+            list(records.iter_examples(path, "pretrain" if name.endswith(".txt") else "sft"))
+        assert str(e.value).startswith(f"{path}{expect}"), (name, str(e.value))
+
+
+def test_a_config_file_with_a_bom_loads_and_its_errors_keep_their_lines(tmp_path):
+    from mlxcore.config import ConfigError, DistillConfig, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_bytes(BOM + b"name: bommed\ntarget_rows: 700\n")
+    config = load_config(path, cls=DistillConfig)
+    assert (config.name, config.target_rows) == ("bommed", 700)
+    path.write_bytes(BOM + b"name: bommed\ntarget_rows: -1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:2: target_rows"):
+        load_config(path, cls=DistillConfig)
