@@ -15,6 +15,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import to_jsonable_python
 
 from mlxcore.distill.schema import PromptConfig, TeacherConfig, VerifyPolicy
+from mlxcore.layout import is_model_dir
 from mlxcore.secrets import check_env_name, check_key_source, refuse_literal_key
 
 
@@ -407,7 +408,7 @@ class EvalConfig(_Run, _Strict):
     max_download_mb: float = Field(2048, gt=0)
 
     def check_checkpoint(self) -> None:
-        if not any((Path(self.checkpoint) / name).is_file() for name in ("config.json", "adapter_config.json")):
+        if not is_model_dir(self.checkpoint):
             raise ConfigError(f"checkpoint: {self.checkpoint!r} is not a local model dir (no config.json); "
                               "set checkpoint=/path/to/model (or run `mlxflow run pipeline` for runs/demo/model)")
 
@@ -445,7 +446,7 @@ class FinetuneConfig(_Run, _Strict):
     @field_validator("base_model")
     @classmethod
     def _is_model_dir(cls, value: str) -> str:
-        if not (Path(value) / "config.json").is_file():
+        if not is_model_dir(value, adapters=False):
             raise ValueError(f"{value!r} is not a local model dir (no config.json); set base_model=/path/to/model")
         return value
 
@@ -474,7 +475,7 @@ class StudentConfig(_Strict):
     @field_validator("init_from")
     @classmethod
     def _is_model_dir(cls, value: str | None) -> str | None:
-        if value is not None and not (Path(value) / "config.json").is_file():
+        if value is not None and not is_model_dir(value, adapters=False):
             raise ValueError(f"{value!r} is not a local model dir (no config.json)")
         return value
 
@@ -580,7 +581,7 @@ class RLConfig(_Run, _Strict):
 
     def check_policy(self) -> None:
         """The policy must exist when a run starts (a deployment may name it before it does)."""
-        if not (Path(self.policy) / "config.json").is_file():
+        if not is_model_dir(self.policy, adapters=False):
             raise ConfigError(f"policy: {self.policy!r} is not a local model dir (no config.json); "
                               "set policy=/path/to/model")
 

@@ -75,7 +75,7 @@ JOBS = {
 def run_in_subprocess(job, callback: TrainingCallback | None = None) -> dict:
     """Run `python -m mlxcore.launch <out_dir>/job.json`, one process per data-parallel rank.
 
-    Returns the job's result (its `end` event, sent by rank 0).
+    Returns the job's result (its `result` event, sent by rank 0 once the job's run returned).
     """
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,7 @@ def run_in_subprocess(job, callback: TrainingCallback | None = None) -> dict:
         with os.fdopen(read_fd) as events:  # ends when rank 0 exits (or is stopped by the watcher)
             for line in events:
                 msg = replay(line, callback)
-                if msg and msg["event"] == "end":
+                if msg and msg["event"] == "result":  # the job's return value, sent once it is all done
                     result = {k: v for k, v in msg.items() if k != "event"}
                 elif msg and msg["event"] == "error":
                     error = msg.get("message") or msg.get("kind")
@@ -148,7 +148,7 @@ def run_in_subprocess(job, callback: TrainingCallback | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """`python -m mlxcore.launch JOB.json`: run the job; every way out is reported.
 
-    Success sends `end` (from the job's run). An expected failure (bad data or config, a write
+    Success sends `result` (the run's return value; `fit()` has sent `end` before it). An expected failure (bad data or config, a write
     that failed: disk full, permissions) sends `error` with a one-line message, prints it and
     exits 1; anything else sends `error` too, then raises (exit 1 with its traceback).
     """
@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     else:  # started by hand or by mlx.launch: rank 0 draws the progress bar
         callback = ProgressBar(Path(job.out_dir).name) if distributed.env_rank() == 0 else TrainingCallback()
     try:
-        getattr(module, run_name)(job, callback)
+        result = getattr(module, run_name)(job, callback)
+        callback.on_event("result", result if isinstance(result, dict) else {})
     except (WriteError, ValueError, FileNotFoundError, KeyError, *getattr(module, "EXPECTED_ERRORS", ())) as e:
         callback.on_event("error", {"message": str(e), "kind": type(e).__name__})
         print(f"mlxcore.launch: error: {e}", file=sys.stderr)

@@ -85,6 +85,14 @@ def _imports(name: str, path: Path, root: Path) -> set[str]:
     return set(_parsed_imports(name, path, root, st.st_mtime_ns, st.st_size))
 
 
+def module_imports(name: str, root: Path = ROOT) -> set[str]:
+    """Modules of PACKAGES that module `name` imports anywhere in its file (with their parents)."""
+    path = _module_file(name, root)
+    if path is None:
+        raise ModuleNotFoundError(f"{name}: no such module under {root}")
+    return _imports(name, path, root)
+
+
 @lru_cache(maxsize=None)
 def _parsed_imports(name: str, path: Path, root: Path, mtime_ns: int, size: int) -> frozenset[str]:
     tree = ast.parse(path.read_bytes(), filename=str(path))

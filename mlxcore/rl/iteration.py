@@ -157,9 +157,7 @@ class UpdateJob(BaseModel):
 def run_job(job: UpdateJob, callback=None) -> dict:
     metrics = run_update(job.policy_dir, job.buffer, job.update_dir, job.update, seed=job.seed,
                          reference_dir=job.reference_dir, optimizer_from=job.optimizer_from, callback=callback)
-    if callback is not None:
-        callback.on_event("end", {"checkpoint": str(Path(job.update_dir) / "model"), **metrics})
-    return metrics
+    return {"checkpoint": str(Path(job.update_dir) / "model"), **metrics}
 
 
 def greedy_accuracy(model_dir: str | Path, prompts: list[RLPrompt], max_tokens: int, batch_size: int = 32) -> dict:
