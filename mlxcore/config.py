@@ -11,12 +11,11 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import to_jsonable_python
 
 from mlxcore.distill.schema import PromptConfig, TeacherConfig, VerifyPolicy
 from mlxcore.layout import is_model_dir
-from mlxcore.secrets import check_env_name, check_key_source, refuse_literal_key
+from mlxcore.secrets import KeyedEndpoint
 
 
 class ConfigError(ValueError):
@@ -310,7 +309,7 @@ BENCH_SUITES = ("math_mcq", "qa", "logic", "knowledge", "sort", "json", "copy")
 SuiteName = Literal["math_mcq", "qa", "logic", "knowledge", "sort", "json", "copy"]
 
 
-class BenchTarget(_Strict):
+class BenchTarget(KeyedEndpoint, _Strict):
     """One column of a bench report: our checkpoint, an Ollama model, an OpenAI-compatible
     endpoint, or `random` (a uniformly random answer from each question's answer space)."""
 
@@ -319,29 +318,11 @@ class BenchTarget(_Strict):
     path: str | None = Field(None, description="checkpoint: a local model dir.")
     url: str | None = Field(None, description="ollama (default http://127.0.0.1:11434) / openai: the server's base URL.")
     model: str | None = Field(None, description="ollama / openai: the model name the server knows.")
-    api_key_env: str | None = Field(None, description="Environment variable holding the Bearer key (read when the "
-                                    "target answers); neither set: openai uses $OPENAI_API_KEY if set.")
-    api_key_secret: str | None = Field(None, description="Prefect Secret block holding the Bearer key.")
-    # Only there to refuse a literal key with the fix (see mlxcore/secrets.py); never set, never dumped.
-    api_key: SkipJsonSchema[None] = Field(None, exclude=True, repr=False)
     workers: int = Field(4, ge=1, description="ollama / openai: concurrent requests.")
     timeout_s: float = Field(120, gt=0)
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # errors never echo a key
-
-    @field_validator("api_key", mode="before")
-    @classmethod
-    def _no_literal_key(cls, value: Any) -> None:
-        return refuse_literal_key(value)
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        return check_env_name(value)
-
     @model_validator(mode="after")
     def _check(self) -> "BenchTarget":
-        check_key_source(self.api_key_env, self.api_key_secret)
         if self.kind == "checkpoint" and not self.path:
             raise ValueError("a checkpoint target needs path=/path/to/model")
         if self.kind in ("ollama", "openai") and not self.model:

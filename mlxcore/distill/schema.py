@@ -9,12 +9,11 @@ stage imports: `tasks/caching.py`). `prompts.py`, `teacher.py` and `verify.py` r
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic.json_schema import SkipJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mlxcore.secrets import check_env_name, check_key_source, refuse_literal_key
+from mlxcore.secrets import KeyedEndpoint
 
 CATEGORIES: tuple[str, ...] = ("math", "logic", "reasoning", "knowledge")
 KINDS: dict[str, tuple[str, ...]] = {
@@ -83,8 +82,7 @@ class VerifyPolicy(BaseModel):
 
 
 
-class TeacherConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # errors never echo a key
+class TeacherConfig(KeyedEndpoint):
 
     url: str = "http://127.0.0.1:11434"
     model: str = "qwen3:0.6b"
@@ -104,22 +102,3 @@ class TeacherConfig(BaseModel):
         "`failure_window` calls; one more and the teacher gives up (TeacherGaveUp). Failed attempts that a "
         "retry recovered never count."))
     failure_window: int = Field(200, ge=1, description="How many of the most recent calls the failure budget looks at.")
-    api_key_env: str | None = None            # environment variable holding the Bearer key
-    api_key_secret: str | None = None         # Prefect Secret block holding it (tasks resolve it)
-    # Only there to refuse a literal key with the fix (and the file:line); never set, never dumped.
-    api_key: SkipJsonSchema[None] = Field(None, exclude=True, repr=False)
-
-    @field_validator("api_key", mode="before")
-    @classmethod
-    def _no_literal_key(cls, value: Any) -> None:
-        return refuse_literal_key(value)
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        return check_env_name(value)
-
-    @model_validator(mode="after")
-    def _one_key_source(self) -> "TeacherConfig":
-        check_key_source(self.api_key_env, self.api_key_secret)
-        return self
