@@ -258,7 +258,8 @@ def cmd_stats(args) -> int:
 
 
 def cmd_fuse(args) -> int:
-    from mlxcore.adapters import fuse, is_adapter_dir
+    from mlxcore.adapters import is_adapter_dir
+    from mlxcore.checkpoint import fuse
 
     if not is_adapter_dir(args.adapter):
         return _err(f"{args.adapter}: not an adapter dir (no adapter_config.json)", 2)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from prefect import flow
 
-from mlxcore.config import FinetuneConfig, TokenizerConfig
+from mlxcore.config import FinetuneConfig, TokenizerConfig, with_overrides
 from tasks.data import prepare_data, pretokenize, sources, tokenizer
 from tasks.evaluate import evaluate, sample
 from tasks.train import sft
 
 
 @flow(name="finetune")
-def finetune(config: FinetuneConfig) -> dict:
+def finetune(config: FinetuneConfig, overrides: list[str] = []) -> dict:
+    """`overrides`: KEY=VALUE settings on top of `config`, e.g. ["sft.lr=1e-4", "sft.lora.rank=16"]."""
+    config = with_overrides(config, overrides)
     run, data = str(config.run_dir), config.data
     raw = prepare_data(data.synthetic, run) if data.sft is None else None
     chat_in, chat_fmt = sources(data, "sft", run, raw)

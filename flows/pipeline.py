@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from mlxcore.config import BenchTarget, PipelineConfig
+from mlxcore.config import BenchTarget, PipelineConfig, with_overrides
 from mlxcore.data.tokenizer import planned_size
 from tasks.bench import run_bench
 from tasks.data import prepare_data, pretokenize, sources, tokenizer
@@ -13,7 +13,9 @@ from tasks.train import pretrain, publish, sft
 
 
 @flow(name="pipeline")
-def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
+def pipeline(config: PipelineConfig = PipelineConfig(), overrides: list[str] = []) -> dict:
+    """`overrides`: KEY=VALUE settings on top of `config`, e.g. ["sft.lr=1e-4", "model.preset=200mb"]."""
+    config = with_overrides(config, overrides)
     run, data = str(config.run_dir), config.data
     size, exact = planned_size(config.tokenizer)
     config.model.check_vocab(size, exact, config.tokenizer.path or "the BPE to train")  # before any stage dir

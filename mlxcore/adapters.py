@@ -7,8 +7,8 @@ adapter checkpoint is an mlx-lm adapter dir:
   adapter_config.json    mlx-lm's keys (fine_tune_type, num_layers, lora_parameters) plus
                          ours: base_model (path), base_digest, quantize ({bits, group_size})
 
-`mlx_lm.load(base, adapter_path=dir)` opens it; `mlxcore.model.load(dir)` rebuilds exactly the
-trained model (base, then the same quantization, then the adapters); `fuse()` merges the
+`mlx_lm.load(base, adapter_path=dir)` opens it; `mlxcore.checkpoint.load(dir)` rebuilds exactly the
+trained model (base, then the same quantization, then the adapters); `checkpoint.fuse()` merges the
 adapters into a plain checkpoint any tool can read.
 
 QLoRA quantizes the base on load (`nn.quantize`, affine, `bits` and `group_size` from the
@@ -31,13 +31,9 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import dequantize_model
 
 from mlxcore.config import LoRAConfig, QuantizeConfig, TrainConfig
+from mlxcore.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir  # noqa: F401  (re-exported)
+from mlxcore.model import load as load_model
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapters.safetensors"
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def resolve_keys(model: nn.Module, keys: list[str]) -> list[str]:
@@ -187,8 +183,6 @@ def apply(model: nn.Module, adapter_config: dict) -> nn.Module:
 
 def load(adapter_dir: str | Path) -> tuple[nn.Module, dict]:
     """(base + adapters, the base's config) for an adapter dir, exactly as it was trained."""
-    from mlxcore.model import load as load_model
-
     adapter_dir = Path(adapter_dir)
     acfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     base = acfg.get("base_model")
@@ -212,15 +206,3 @@ def fuse_model(model: nn.Module) -> nn.Module:
     model = dequantize_model(model)
     model.unfreeze()
     return model
-
-
-def fuse(adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write base + adapters of `adapter_dir` as one plain checkpoint (HF layout) to `out_dir`."""
-    from mlxcore.checkpoint import save_model_dir
-
-    model, config = load(adapter_dir)
-    model = fuse_model(model)
-    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    acfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
-    return save_model_dir(out_dir, model, config, tokenizer_dir=adapter_dir,
-                          manifest_config={"fused_from": str(adapter_dir), **acfg})

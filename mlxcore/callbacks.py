@@ -2,11 +2,14 @@
 
 `fit()` calls `callback.on_event(event, info)` with these events (info is a flat JSON-able dict):
   begin       total_steps, start_step, params, resumed_from
-  train       step, loss, lr, grad_norm, tokens, tok_per_s, elapsed_s
+  train       step, loss, lr, grad_norm, tokens, tok_per_s, elapsed_s (+ what the loss reports,
+              token means: GRPO's kl and clip_fraction)
   eval        step, val_loss, val_ppl
   checkpoint  step, path
   end         the FitResult fields
   wait        rows, waiting_for, why (a batch source waiting for data, e.g. distillation's rows)
+A job run by `mlxcore.launch` adds `result` (the job's return value, once all of it is done) or
+`error` (message, kind).
 The orchestrator's implementation (Prefect artifacts) lives outside this package.
 """
 

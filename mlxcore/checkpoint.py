@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlxcore import adapters
 from mlxcore.data.tokenizer import copy_files
 from mlxcore.io import atomic_dir, write_json, write_manifest
+from mlxcore.model import load as load_model
 from mlxcore.model import save_weights
 
 TRAINER_STATE = "trainer_state.json"
@@ -133,3 +134,19 @@ def restore(path: str | Path, model: nn.Module, optimizer: optim.Optimizer | Non
         optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_STATE)).items()))
     mx.eval(model.parameters(), optimizer.state if optimizer is not None else [])
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def load(path: str | Path) -> tuple[nn.Module, dict]:
+    """(model, config) for any model dir we write or read: a checkpoint, a local Hugging Face /
+    mlx-lm model dir, or an adapter dir (its base model + the adapters, as trained)."""
+    return adapters.load(path) if adapters.is_adapter_dir(path) else load_model(path)
+
+
+def fuse(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write base + adapters of `adapter_dir` as one plain checkpoint (HF layout) to `out_dir`."""
+    model, config = adapters.load(adapter_dir)
+    model = adapters.fuse_model(model)
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    acfg = json.loads((Path(adapter_dir) / adapters.ADAPTER_CONFIG).read_text())
+    return save_model_dir(out_dir, model, config, tokenizer_dir=adapter_dir,
+                          manifest_config={"fused_from": str(adapter_dir), **acfg})

@@ -11,12 +11,11 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import to_jsonable_python
 
-from mlxcore.distill.prompts import PromptConfig
-from mlxcore.distill.teacher import TeacherConfig
-from mlxcore.distill.verify import VerifyPolicy
-from mlxcore.secrets import check_env_name, check_key_source, refuse_literal_key
+from mlxcore.distill.schema import PromptConfig, TeacherConfig, VerifyPolicy
+from mlxcore.layout import is_model_dir
+from mlxcore.secrets import KeyedEndpoint
 
 
 class ConfigError(ValueError):
@@ -44,6 +43,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 _ARCH_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+_PRESET_KEYS = {k for preset in MODEL_PRESETS.values() for k in preset}
 
 
 class ModelConfig(_Strict):
@@ -63,18 +63,28 @@ class ModelConfig(_Strict):
     tie_embeddings: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
+    def _apply_preset(cls, data: Any, handler) -> "ModelConfig":
+        """The preset fills the shapes nobody set; a field set to another value beats it.
+
+        A shape equal to what the preset (or the class default) gives does not count as set,
+        so a full dump (a Prefect parameter, a saved config) loaded again and given another
+        preset takes the new preset's shapes. `model_fields_set` is what was really chosen:
+        the config resolver carries only that forward."""
         if not isinstance(data, dict):
-            return data
+            return handler(data)
         preset = data.get("preset", "tiny")
+        given = MODEL_PRESETS.get(preset, {})
+        explicit = {k: v for k, v in data.items()
+                    if not (k in _PRESET_KEYS and (v is None or v == given.get(k, cls.model_fields[k].default)))}
         if preset == "custom":
-            missing = [k for k in _ARCH_KEYS if k not in data]
+            missing = [k for k in _ARCH_KEYS if k not in explicit]
             if missing:
                 raise ValueError(f"preset 'custom' needs {', '.join(missing)}")
-            return data
-        return {**MODEL_PRESETS.get(preset, {}), **data}
+        model = handler({**given, **explicit})
+        object.__setattr__(model, "__pydantic_fields_set__", set(explicit) & set(cls.model_fields))
+        return model
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -299,7 +309,7 @@ BENCH_SUITES = ("math_mcq", "qa", "logic", "knowledge", "sort", "json", "copy")
 SuiteName = Literal["math_mcq", "qa", "logic", "knowledge", "sort", "json", "copy"]
 
 
-class BenchTarget(_Strict):
+class BenchTarget(KeyedEndpoint, _Strict):
     """One column of a bench report: our checkpoint, an Ollama model, an OpenAI-compatible
     endpoint, or `random` (a uniformly random answer from each question's answer space)."""
 
@@ -308,29 +318,11 @@ class BenchTarget(_Strict):
     path: str | None = Field(None, description="checkpoint: a local model dir.")
     url: str | None = Field(None, description="ollama (default http://127.0.0.1:11434) / openai: the server's base URL.")
     model: str | None = Field(None, description="ollama / openai: the model name the server knows.")
-    api_key_env: str | None = Field(None, description="Environment variable holding the Bearer key (read when the "
-                                    "target answers); neither set: openai uses $OPENAI_API_KEY if set.")
-    api_key_secret: str | None = Field(None, description="Prefect Secret block holding the Bearer key.")
-    # Only there to refuse a literal key with the fix (see mlxcore/secrets.py); never set, never dumped.
-    api_key: SkipJsonSchema[None] = Field(None, exclude=True, repr=False)
     workers: int = Field(4, ge=1, description="ollama / openai: concurrent requests.")
     timeout_s: float = Field(120, gt=0)
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # errors never echo a key
-
-    @field_validator("api_key", mode="before")
-    @classmethod
-    def _no_literal_key(cls, value: Any) -> None:
-        return refuse_literal_key(value)
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        return check_env_name(value)
-
     @model_validator(mode="after")
     def _check(self) -> "BenchTarget":
-        check_key_source(self.api_key_env, self.api_key_secret)
         if self.kind == "checkpoint" and not self.path:
             raise ValueError("a checkpoint target needs path=/path/to/model")
         if self.kind in ("ollama", "openai") and not self.model:
@@ -397,7 +389,7 @@ class EvalConfig(_Run, _Strict):
     max_download_mb: float = Field(2048, gt=0)
 
     def check_checkpoint(self) -> None:
-        if not any((Path(self.checkpoint) / name).is_file() for name in ("config.json", "adapter_config.json")):
+        if not is_model_dir(self.checkpoint):
             raise ConfigError(f"checkpoint: {self.checkpoint!r} is not a local model dir (no config.json); "
                               "set checkpoint=/path/to/model (or run `mlxflow run pipeline` for runs/demo/model)")
 
@@ -435,7 +427,7 @@ class FinetuneConfig(_Run, _Strict):
     @field_validator("base_model")
     @classmethod
     def _is_model_dir(cls, value: str) -> str:
-        if not (Path(value) / "config.json").is_file():
+        if not is_model_dir(value, adapters=False):
             raise ValueError(f"{value!r} is not a local model dir (no config.json); set base_model=/path/to/model")
         return value
 
@@ -464,7 +456,7 @@ class StudentConfig(_Strict):
     @field_validator("init_from")
     @classmethod
     def _is_model_dir(cls, value: str | None) -> str | None:
-        if value is not None and not (Path(value) / "config.json").is_file():
+        if value is not None and not is_model_dir(value, adapters=False):
             raise ValueError(f"{value!r} is not a local model dir (no config.json)")
         return value
 
@@ -530,8 +522,17 @@ class RLUpdateConfig(_Strict):
     epochs: int = Field(1, ge=0, description="Passes over the iteration's buffer; 0: no update (rollout and eval only).")
     grad_clip: float = Field(1.0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup of the iteration's update (the training loop's schedule).")
+    min_lr_ratio: float = Field(1.0, ge=0, le=1, description="Cosine floor as a fraction of lr; 1: a constant lr.")
     fine_tune_type: Literal["full", "lora", "dora"] = "full"
     lora: LoRAConfig = LoRAConfig()
+
+    def train_config(self, steps: int, seed: int) -> TrainConfig:
+        """The training loop's settings for an update of `steps` steps (AdamW, betas 0.9 / 0.999)."""
+        return TrainConfig(steps=max(steps, 1), batch_size=self.batch_size, lr=self.lr, warmup_steps=min(self.warmup_steps, max(steps, 1)),
+                           min_lr_ratio=self.min_lr_ratio, weight_decay=self.weight_decay, beta2=0.999,
+                           grad_clip=self.grad_clip, eval_every=0, save_every=max(steps // 4, 1), keep_last=1,
+                           log_every=1, seed=seed, compile=False, fine_tune_type=self.fine_tune_type, lora=self.lora)
 
 
 class RLConfig(_Run, _Strict):
@@ -561,7 +562,7 @@ class RLConfig(_Run, _Strict):
 
     def check_policy(self) -> None:
         """The policy must exist when a run starts (a deployment may name it before it does)."""
-        if not (Path(self.policy) / "config.json").is_file():
+        if not is_model_dir(self.policy, adapters=False):
             raise ConfigError(f"policy: {self.policy!r} is not a local model dir (no config.json); "
                               "set policy=/path/to/model")
 
@@ -608,6 +609,52 @@ def _startswith(key: str, prefix: str) -> bool:
     return key == prefix or key.startswith(prefix + ".")
 
 
+def spec(value: Any) -> Any:
+    """What was chosen in a config, as plain data: validating it gives the config back.
+
+    A nested config is always carried (its own choices may differ from its class's defaults, e.g.
+    `pretrain: TrainConfig(steps=500)`); a plain field only where it was set. So a key nobody set
+    keeps its default after any change elsewhere, and a model's preset fills only the shapes
+    nobody chose (see `ModelConfig`)."""
+    if isinstance(value, BaseModel):
+        out = {}
+        for name, field in type(value).model_fields.items():
+            item = getattr(value, name)
+            if field.exclude:
+                continue
+            if name in value.model_fields_set or _has_config(item):
+                out[name] = spec(item)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [spec(v) for v in value]
+    if isinstance(value, dict):
+        return {k: spec(v) for k, v in value.items()}
+    return to_jsonable_python(value)
+
+
+def _has_config(value: Any) -> bool:
+    return isinstance(value, BaseModel) or (isinstance(value, (list, tuple)) and any(isinstance(v, BaseModel) for v in value))
+
+
+def defaults(cls: type[BaseModel]) -> dict:
+    """`spec` of a config class's defaults (its required fields left out)."""
+    out = {}
+    for name, field in cls.model_fields.items():
+        if not field.is_required() and not field.exclude:
+            value = field.get_default(call_default_factory=True)
+            if _has_config(value):  # a plain default is what validation gives anyway
+                out[name] = spec(value)
+    return out
+
+
+def merge(base: dict, layer: dict) -> dict:
+    """`layer` over `base`: sections merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in layer.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict."""
     for item in overrides:
@@ -647,7 +694,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
             raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{source}:1: expected a mapping of settings, got {type(data).__name__}")
-    data = apply_overrides(data, list(overrides))
+    data = apply_overrides(merge(defaults(cls), data), list(overrides))
     try:
         return cls.model_validate(data)
     except ValidationError as e:
@@ -658,7 +705,7 @@ def with_overrides(config: BaseModel, overrides: list[str]) -> BaseModel:
     """`config` with `KEY=VALUE` overrides applied (a flow parameter's `--set`); errors name the key."""
     if not overrides:
         return config
-    data = apply_overrides(config.model_dump(mode="json"), list(overrides))
+    data = apply_overrides(spec(config), list(overrides))
     try:
         return type(config).model_validate(data)
     except ValidationError as e:

@@ -8,7 +8,7 @@ from pathlib import Path
 from mlxcore.data.loader import open_batches
 from mlxcore.io import read_manifest
 from mlxcore.losses import Loss
-from mlxcore.model import load
+from mlxcore.checkpoint import load
 from mlxcore.step import mean_loss
 
 

@@ -1,4 +1,9 @@
-"""Run a training job in a child process and stream its events back.
+"""Run a training job in a child process and stream its events back: the one entry point of
+every kind of training (`python -m mlxcore.launch JOB.json`).
+
+A job is a pydantic model with a `kind` (`JOBS` says which module runs it: pretrain / SFT
+`TrainJob`, the distill student's `StudentJob`, the RL update's `UpdateJob`), written as
+`<out_dir>/job.json`; every kind trains through `train.fit()`.
 
 Training runs in its own process so that a timeout or cancellation really stops it (a thread
 cannot be interrupted), its memory goes back to the OS when it ends, and a crash of the
@@ -58,17 +63,26 @@ def _watch(procs: list[subprocess.Popen], codes: list[int | None]) -> None:
         time.sleep(0.05)
 
 
-def run_in_subprocess(job, callback: TrainingCallback | None = None, module: str = "mlxcore.train") -> dict:
-    """Run `python -m <module> <out_dir>/job.json`, one process per data-parallel rank.
+# kind -> (module, job class, run function); imported by name in the child only, so launch
+# imports none of them (they import nothing of launch either).
+JOBS = {
+    "train": ("mlxcore.train", "TrainJob", "run"),
+    "distill-student": ("mlxcore.distill.student", "StudentJob", "run"),
+    "rl-update": ("mlxcore.rl.iteration", "UpdateJob", "run_job"),
+}
 
-    Returns the job's result (its `end` event, sent by rank 0).
+
+def run_in_subprocess(job, callback: TrainingCallback | None = None) -> dict:
+    """Run `python -m mlxcore.launch <out_dir>/job.json`, one process per data-parallel rank.
+
+    Returns the job's result (its `result` event, sent by rank 0 once the job's run returned).
     """
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     job_path = out / "job.json"
     job_path.write_text(job.model_dump_json(indent=2))
     callback = callback or TrainingCallback()
-    world = job.train.world_size
+    world = getattr(job, "train", None).world_size if getattr(job, "train", None) is not None else 1
     rank_envs = distributed.local_ring(world, out) if world > 1 else [{}]
     read_fd, write_fd = os.pipe()
     tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -78,7 +92,7 @@ def run_in_subprocess(job, callback: TrainingCallback | None = None, module: str
         if rank == 0:
             env[EVENTS_FD] = str(write_fd)
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", module, str(job_path)],
+            [sys.executable, "-m", "mlxcore.launch", str(job_path)],
             env=env,
             pass_fds=(write_fd,) if rank == 0 else (),
             stderr=subprocess.PIPE,
@@ -103,7 +117,7 @@ def run_in_subprocess(job, callback: TrainingCallback | None = None, module: str
         with os.fdopen(read_fd) as events:  # ends when rank 0 exits (or is stopped by the watcher)
             for line in events:
                 msg = replay(line, callback)
-                if msg and msg["event"] == "end":
+                if msg and msg["event"] == "result":  # the job's return value, sent once it is all done
                     result = {k: v for k, v in msg.items() if k != "event"}
                 elif msg and msg["event"] == "error":
                     error = msg.get("message") or msg.get("kind")
@@ -131,32 +145,46 @@ def run_in_subprocess(job, callback: TrainingCallback | None = None, module: str
     return result
 
 
-def child_main(prog: str, job_cls, run, argv: list[str] | None = None,
-               expected: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)) -> int:
-    """`python -m <prog> JOB.json`: run `run(job, callback)`; every way out is reported.
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mlxcore.launch JOB.json`: run the job; every way out is reported.
 
-    Success sends `end` (from `run`). An expected failure (bad data or config, a write that
-    failed: disk full, permissions) sends `error` with a one-line message, prints it and exits 1;
-    anything else sends `error` too, then raises (exit 1 with its traceback).
+    Success sends `result` (the run's return value; `fit()` has sent `end` before it). An expected failure (bad data or config, a write
+    that failed: disk full, permissions) sends `error` with a one-line message, prints it and
+    exits 1; anything else sends `error` too, then raises (exit 1 with its traceback).
     """
+    import importlib
+    import json
+
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print(f"usage: python -m {prog} JOB.json", file=sys.stderr)
+        print("usage: python -m mlxcore.launch JOB.json", file=sys.stderr)
         return 2
-    job = job_cls.model_validate_json(Path(argv[0]).read_text())
+    text = Path(argv[0]).read_text()
+    kind = json.loads(text).get("kind", "train")
+    if kind not in JOBS:
+        print(f"mlxcore.launch: error: {argv[0]}: unknown job kind {kind!r} (known: {', '.join(JOBS)})", file=sys.stderr)
+        return 2
+    module_name, job_cls, run_name = JOBS[kind]
+    module = importlib.import_module(module_name)
+    job = getattr(module, job_cls).model_validate_json(text)
     fd = os.environ.get(EVENTS_FD)
     if fd:
         callback = JsonLinesCallback(int(fd))
     else:  # started by hand or by mlx.launch: rank 0 draws the progress bar
         callback = ProgressBar(Path(job.out_dir).name) if distributed.env_rank() == 0 else TrainingCallback()
     try:
-        run(job, callback)
-    except (WriteError, *expected) as e:
+        result = getattr(module, run_name)(job, callback)
+        callback.on_event("result", result if isinstance(result, dict) else {})
+    except (WriteError, ValueError, FileNotFoundError, KeyError, *getattr(module, "EXPECTED_ERRORS", ())) as e:
         callback.on_event("error", {"message": str(e), "kind": type(e).__name__})
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"mlxcore.launch: error: {e}", file=sys.stderr)
         return 1
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):
             callback.on_event("error", {"message": f"{type(e).__name__}: {e}".rstrip(": "), "kind": type(e).__name__})
         raise
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -126,6 +126,10 @@ class Loss:
     sparse: bool = False
     pad_multiple: int = 32
 
+    def tokens(self, batch) -> int:
+        """Positions a host batch feeds the model (padding included): what tok/s counts."""
+        return batch[0].size
+
     def prepare(self, batch: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
         inputs, targets, mask = batch
         if not self.sparse:

@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import _get_classes, load_model
 
 from mlxcore.config import ModelConfig
+from mlxcore.layout import is_adapter_dir, is_model_dir
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -68,21 +69,12 @@ def from_config(config: dict, seed: int = 0) -> nn.Module:
     return model
 
 
-def is_model_dir(path: str | Path) -> bool:
-    """What `load` opens: a dir with a config.json, or an adapter dir."""
-    from mlxcore import adapters
-
-    return (Path(path) / "config.json").is_file() or adapters.is_adapter_dir(Path(path))
-
-
 def load(path: str | Path) -> tuple[nn.Module, dict]:
-    """(model, config) for a checkpoint, a local HF / mlx-lm model dir, or an adapter dir."""
-    from mlxcore import adapters
-
+    """(model, config) for a checkpoint or a local HF / mlx-lm model dir (an adapter dir: `checkpoint.load`)."""
     path = Path(path)
-    if adapters.is_adapter_dir(path):
-        return adapters.load(path)
-    if not (path / "config.json").is_file():
+    if is_adapter_dir(path):
+        raise ValueError(f"{path} is an adapter dir: load it with mlxcore.checkpoint.load (base + adapters)")
+    if not is_model_dir(path, adapters=False):
         raise FileNotFoundError(f"{path}: not a checkpoint or model dir (no config.json)")
     try:
         return load_model(path, trust_remote_code=False)  # strict: every weight must match

@@ -18,6 +18,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 SecretResolver = Callable[[str], str]
 
@@ -79,3 +83,30 @@ def resolve_api_key(api_key_env: str | None, api_key_secret: str | None, *, defa
     if default_env:
         return os.environ.get(default_env) or None
     return None
+
+
+class KeyedEndpoint(BaseModel):
+    """The key fields of every config that talks to a keyed server (a teacher, a bench target)."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # errors never echo a key
+
+    api_key_env: str | None = Field(None, description="Environment variable holding the Bearer key, read when the "
+                                    "client is made; neither this nor api_key_secret: openai uses $OPENAI_API_KEY.")
+    api_key_secret: str | None = Field(None, description="Prefect Secret block holding the Bearer key.")
+    # Only there to refuse a literal key with the fix (and the file:line); never set, never dumped.
+    api_key: SkipJsonSchema[None] = Field(None, exclude=True, repr=False)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _no_literal_key(cls, value: Any) -> None:
+        return refuse_literal_key(value)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        return check_env_name(value)
+
+    @model_validator(mode="after")
+    def _one_key_source(self):
+        check_key_source(self.api_key_env, self.api_key_secret)
+        return self

@@ -36,7 +36,7 @@ from mlxcore import adapters, optimizers, remat, stats
 from mlxcore.config import LoRAConfig, ModelConfig, QuantizeConfig, TrainConfig
 from mlxcore.losses import Loss
 from mlxcore.model import from_config, hf_config, num_params
-from mlxcore.model import load as load_model
+from mlxcore.checkpoint import load as load_model
 from mlxcore.step import make_step
 
 MIB = 1 << 20

@@ -28,7 +28,7 @@ def mean_loss(model: nn.Module, batches, loss: Loss | None = None, group=None, o
     total, count = mx.array(0.0), mx.array(0.0)
     mine = batches[rank::world]
     for i, batch in enumerate(mine):
-        l_, n_ = loss(model, *map(mx.array, loss.prepare(batch)))
+        l_, n_ = loss(model, *map(mx.array, loss.prepare(batch)))[:2]
         total, count = total + l_, count + n_
         mx.eval(total, count)  # one batch's logits alive at a time
         if on_progress is not None:
@@ -57,6 +57,7 @@ class Stepper:
         self.world = self.group.size() if self.group else 1
         self.state = [model.state, optimizer.state, mx.random.state]
         self.timings: dict[str, float] = {}
+        self.aux: dict[str, mx.array] = {}
         use_fast_kernels(model)  # fused CPU attention / SwiGLU for mlx-lm's layers (no-op elsewhere)
         if mx.default_device() == mx.cpu:
             # MLX's CPU buffer cache defaults to 32 MB: every vocab-sized array would come fresh
@@ -66,15 +67,16 @@ class Stepper:
         max_norm = grad_clip if grad_clip > 0 else float("inf")
 
         def grads_fn(*arrays):
-            (loss_sum, n), grads = loss_and_grad(model, *arrays)
-            return loss_sum, n, grads
+            out, grads = loss_and_grad(model, *arrays)
+            loss_sum, n, aux = (*out, {})[:3]  # a loss may add sums to report (GRPO: kl, clipped tokens)
+            return loss_sum, n, aux, grads
 
-        def reduce_fn(loss_sum, n, grads):  # sum over ranks (average_gradients packs small arrays)
+        def reduce_fn(loss_sum, n, aux, grads):  # sum over ranks (average_gradients packs small arrays)
             if self.group is None:
-                return loss_sum, n, grads
+                return loss_sum, n, aux, grads
             all_sum = lambda x: mx.distributed.all_sum(x, group=self.group)  # noqa: E731
             grads = nn.average_gradients(grads, group=self.group)  # mean over ranks: x world below
-            return all_sum(loss_sum), all_sum(n), grads
+            return all_sum(loss_sum), all_sum(n), tree_map(all_sum, aux), grads
 
         def clip_fn(grads, n):
             scale = self.world / mx.maximum(n, 1)  # keep each gradient in its parameter's dtype
@@ -84,11 +86,11 @@ class Stepper:
         def update_fn(grads):
             optimizer.update(model, grads)
 
-        def apply_fn(loss_sum, n, grads):
-            loss_sum, n, grads = reduce_fn(loss_sum, n, grads)
+        def apply_fn(loss_sum, n, aux, grads):
+            loss_sum, n, aux, grads = reduce_fn(loss_sum, n, aux, grads)
             grads, norm = clip_fn(grads, n)
             update_fn(grads)
-            return loss_sum, n, norm
+            return loss_sum, n, norm, aux
 
         def full_step(*arrays):
             return apply_fn(*grads_fn(*arrays))
@@ -106,28 +108,34 @@ class Stepper:
         return out
 
     def __call__(self, micro_batches):
+        """(loss sum, token count, grad norm) of one optimizer step; the loss's own sums (if any)
+        are left in `self.aux` (evaluate it with `state`)."""
         arrays = [tuple(map(mx.array, self.loss.prepare(b))) for b in micro_batches]
         f = self.fns
         if self.profile:
             self.timings = {}
-            loss_sum, n, acc = mx.array(0.0), mx.array(0.0), None
-            for a in arrays:
-                l_, n_, g_ = self._timed("fwd_bwd", f["grads"], *a)
-                loss_sum, n = loss_sum + l_, n + n_
-                acc = g_ if acc is None else tree_map(mx.add, acc, g_)
+            loss_sum, n, aux, acc = self._accumulate(arrays, lambda a: self._timed("fwd_bwd", f["grads"], *a))
             if self.group is not None:
-                loss_sum, n, acc = self._timed("allreduce", f["reduce"], loss_sum, n, acc)
+                loss_sum, n, aux, acc = self._timed("allreduce", f["reduce"], loss_sum, n, aux, acc)
             grads, norm = self._timed("clip", f["clip"], acc, n)
             self._timed("optimizer", f["update"], grads)
-            return loss_sum, n, norm
-        if len(arrays) == 1:
-            return f["full"](*arrays[0])
-        loss_sum, n, acc = mx.array(0.0), mx.array(0.0), None
+        elif len(arrays) == 1:
+            loss_sum, n, norm, aux = f["full"](*arrays[0])
+        else:
+            loss_sum, n, norm, aux = f["apply"](*self._accumulate(arrays, lambda a: f["grads"](*a)))
+        self.aux = aux
+        return loss_sum, n, norm
+
+    @staticmethod
+    def _accumulate(arrays, grads_of):
+        """Sum the loss, token count, reported sums and gradients over micro-batches."""
+        loss_sum, n, aux, acc = mx.array(0.0), mx.array(0.0), None, None
         for a in arrays:
-            l_, n_, g_ = f["grads"](*a)
+            l_, n_, x_, g_ = grads_of(a)
             loss_sum, n = loss_sum + l_, n + n_
+            aux = x_ if aux is None else tree_map(mx.add, aux, x_)
             acc = g_ if acc is None else tree_map(mx.add, acc, g_)
-        return f["apply"](loss_sum, n, acc)
+        return loss_sum, n, aux, acc
 
 
 def make_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float = 0.0, compile: bool = True,

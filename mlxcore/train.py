@@ -1,4 +1,4 @@
-"""Training: one readable `fit()`, the `run()` that sets it up, and a subprocess entry point.
+"""Training: one readable `fit()` (the only training loop) and the `run()` that sets up pretrain / SFT.
 
 `fit()` trains a model's trainable parameters (all of them, or adapters: `adapters.py`) with the
 configured optimizer (`optimizers.py`: warmup then cosine decay to a floor), gradient
@@ -11,20 +11,21 @@ falls. Every `save_every` steps it writes a checkpoint atomically and keeps the 
 `keep_last`; started again on the same `out_dir` it resumes from the latest one: weights,
 optimizer moments and step, data cursor and RNG, so the resumed run is the uninterrupted run.
 
-    python -m mlxcore.train JOB.json     # runs `run(TrainJob)`; events go to $MLXFLOW_EVENTS_FD
+    python -m mlxcore.launch JOB.json    # runs `run(TrainJob)`; events go to $MLXFLOW_EVENTS_FD
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 from pydantic import BaseModel, ConfigDict
 
 from mlxcore import adapters, distributed, losses, optimizers, remat
@@ -32,7 +33,7 @@ from mlxcore import checkpoint as ckpt
 from mlxcore.callbacks import TrainingCallback
 from mlxcore.config import ModelConfig, TrainConfig
 from mlxcore.data.loader import open_batches
-from mlxcore.launch import child_main
+from mlxcore.losses import Loss
 from mlxcore.io import clean_stale_tmp, dir_digest, is_complete, read_manifest, sha256_file
 from mlxcore.model import from_config, hf_config, num_params
 from mlxcore.model import load as load_model
@@ -43,6 +44,7 @@ class TrainJob(BaseModel):
     """Everything one training stage needs; written as JSON for the training subprocess."""
 
     model_config = ConfigDict(extra="forbid")
+    kind: Literal["train"] = "train"  # mlxcore.launch runs it with `run`
     data_dir: str
     tokenizer_dir: str
     out_dir: str
@@ -72,6 +74,8 @@ def fit(
     val_batches,
     out_dir: str | Path,
     *,
+    optimizer: optim.Optimizer | None = None,
+    loss: Loss | None = None,
     tokenizer_dir: str | Path | None = None,
     callback: TrainingCallback | None = None,
     adapter_config: dict | None = None,
@@ -79,6 +83,11 @@ def fit(
 ) -> dict:
     """Train `model` (its trainable parameters) for `cfg.steps` optimizer steps; resume if possible.
 
+    The objective is `loss` (default: the token cross-entropy `cfg` asks for; GRPO, DPO... are
+    other `Loss`es: `prepare(batch)` on the host, then `(loss_sum, n[, sums to report])`), the
+    update is `optimizer` (default: `optimizers.build(cfg)`, warmup + cosine; a given one may
+    carry state, which is kept), and the batches come from `train_batches.next(cursor)`. Every
+    objective gets the same schedule, clipping, accumulation, checkpoints and exact resume.
     With a data-parallel `group` every rank runs this with its own slice of each batch; only
     rank 0 reports and writes checkpoints.
     """
@@ -94,8 +103,8 @@ def fit(
         cb.on_event("end", done)
         return done
 
-    optimizer = optimizers.build(cfg)
-    optimizer.init(model.trainable_parameters())
+    optimizer = optimizer if optimizer is not None else optimizers.build(cfg)
+    optimizer.init(model.trainable_parameters())  # keeps any state it was given (moments carried over)
     step, cursor, tokens, elapsed, history, initial_val = 0, {"epoch": 0, "index": 0}, 0, 0.0, [], None
     resumed = ckpt.latest(ckpt_root)
     if resumed is not None:
@@ -107,7 +116,7 @@ def fit(
     else:
         mx.random.seed(cfg.seed)
     remat.checkpoint_layers(model, cfg.grad_checkpoint)
-    loss = losses.from_config(cfg)
+    loss = loss if loss is not None else losses.from_config(cfg)
     eval_set = val_batches.take(cfg.eval_batches) if val_batches is not None else []
     cb.on_event("begin", {"total_steps": cfg.steps, "start_step": step, "params": num_params(model),
                           "trainable_params": trainable, "world_size": world,
@@ -138,6 +147,7 @@ def fit(
 
     window_t, window_tokens, train_loss = time.perf_counter(), 0, float("nan")
     phases: dict[str, float] = {}
+    reported: dict[str, float] = {}  # the loss's own sums over the log window, and their token count
     while step < cfg.steps:
         t0 = time.perf_counter()
         micro = []
@@ -146,8 +156,11 @@ def fit(
             micro.append(batch)
         t_data = time.perf_counter() - t0
         loss_sum, n, norm = step_fn(micro)
-        mx.eval(state, loss_sum, n, norm)
-        step_tokens = sum(x.size for x, _, _ in micro) * world  # padded positions, all ranks
+        mx.eval(state, loss_sum, n, norm, step_fn.aux)
+        if step_fn.aux:
+            for k, v in {**step_fn.aux, "_n": n}.items():
+                reported[k] = reported.get(k, 0.0) + v.item()
+        step_tokens = sum(map(loss.tokens, micro)) * world  # padded positions, all ranks
         step += 1
         tokens += step_tokens
         window_tokens += step_tokens
@@ -163,6 +176,10 @@ def fit(
                     "tok_per_s": window_tokens / max(now - window_t, 1e-9)}
             if hasattr(train_batches, "stats"):  # e.g. rows so far when training on a growing file
                 info.update(train_batches.stats())
+            if reported:  # token means of what the loss reports (GRPO: kl, clip_fraction)
+                count = max(reported.pop("_n"), 1.0)
+                info.update({k: v / count for k, v in reported.items()})
+                reported = {}
             if phases:
                 steps_in_window = step - next((h["step"] for h in reversed(history) if h["event"] == "train"), step - cfg.log_every)
                 info.update({f"ms_{k}": v / max(steps_in_window, 1) for k, v in phases.items()})
@@ -277,11 +294,3 @@ def run(job: TrainJob, callback: TrainingCallback | None = None) -> dict:
                        pad_multiple=cfg.pad_multiple, shrink=True)
     return fit(model, config, cfg, train, val, job.out_dir, tokenizer_dir=tok_dir, callback=callback,
                adapter_config=adapter_config, group=group)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return child_main("mlxcore.train", TrainJob, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -46,7 +46,11 @@ def _token() -> str:
 
 
 def rows_dir(config: DistillConfig) -> Path:
-    """Where the rows of this teacher / prompt stream / checks live (the target is not part of it)."""
+    """Where the rows of this teacher / prompt stream / checks live (the target is not part of it).
+
+    Deliberately narrower than a stage's code version (tasks.caching): rows cost teacher calls,
+    so only the prompt generator and the checks key them, not the modules they import.
+    """
     code = [sha256_file(Path(prompt_gen.__file__)), sha256_file(Path(prompt_gen.__file__).with_name("verify.py"))]
     key = sha256_json({"teacher": config.teacher.model_dump(include=set(CONTENT_KEYS)),
                        "prompts": config.prompts.model_dump(), "verify": config.verify.model_dump(), "code": code})
@@ -57,7 +61,8 @@ def student_dir(config: DistillConfig, tokenizer_dir: str) -> Path:
     body = {"rows": rows_dir(config).name, "tokenizer": read_manifest(tokenizer_dir)["digest"],
             "init_from": dir_digest(config.student.init_from) if config.student.init_from else None,
             "student": config.student.model_dump(), "train": config.train.model_dump(),
-            "stream": config.stream.model_dump(), "target_rows": config.target_rows, "code": code_version()}
+            "stream": config.stream.model_dump(), "target_rows": config.target_rows,
+            "code": code_version(__name__)}  # what this module runs, as a Stage of it is keyed
     return config.run_dir / f"distill-student-{sha256_json(body)[:12]}"
 
 
@@ -189,7 +194,7 @@ def train_student(rows_dir: str, tokenizer_dir: str, student: StudentConfig, tra
                      stream=stream, model=None if student.init_from else student.model, init_from=student.init_from)
     run_name = Path(run_dir).name
     callback = CallbackList(ProgressBar("student"), PrefectProgress("student", run_name), _WaitProgress(run_name))
-    return run_in_subprocess(job, callback, module="mlxcore.distill.student")
+    return run_in_subprocess(job, callback)
 
 
 def held_out_prompts(rows_dir: str, stream: StreamConfig, n: int) -> list[dict]:

@@ -110,7 +110,12 @@ class PrefectProgress(TrainingCallback):
             markdown=(
                 f"### {self.stage}\n\n| | |\n|---|---|\n"
                 f"| checkpoint | `{info['checkpoint']}` |\n| steps | {info['step']} |\n"
-                f"| held-out loss | {info['initial_val_loss']:.4f} (step 0) → {info['val_loss']:.4f} |\n"
-                f"| train loss | {info['train_loss']:.4f} |\n| throughput | {info['tok_per_s']:.0f} tok/s |\n"
+                f"| held-out loss | {_num(info['initial_val_loss'])} (step 0) → {_num(info['val_loss'])} |\n"
+                f"| train loss | {_num(info['train_loss'])} |\n| throughput | {info['tok_per_s']:.0f} tok/s |\n"
             ),
         )
+
+
+def _num(value) -> str:
+    """A loss for the summary table; "—" where there is none (no held-out set, e.g. the RL update)."""
+    return "—" if value is None else f"{value:.4f}"

@@ -18,10 +18,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from mlxcore.config import RLUpdateConfig, RolloutConfig
 from mlxcore.data.download import data_files
 from mlxcore.io import is_complete, read_manifest, write_json
-from mlxcore.rl.iteration import RLState, greedy_accuracy, iteration_prompts, load_questions, run_rollout, run_update
+from mlxcore.callbacks import CallbackList, ProgressBar
+from mlxcore.launch import run_in_subprocess
+from mlxcore.rl.iteration import RLState, UpdateJob, greedy_accuracy, iteration_prompts, load_questions, run_rollout
 from mlxcore.plots import line_chart, markdown_image
 from tasks.caching import sweep
-from tasks.progress import artifact_key, progress_bar
+from tasks.progress import PrefectProgress, artifact_key, progress_bar
+from tasks.train import _crashed
 
 
 def _files(dirs: list[str]) -> list[Path]:
@@ -51,14 +54,16 @@ def rl_rollout(policy: str, train: list[str], iteration: int, cfg: RolloutConfig
     return {"buffer": str(buffer), **stats}
 
 
-@task(name="rl-update")
+@task(name="rl-update", retries=1, retry_condition_fn=_crashed)  # a killed update resumes
 def rl_update(policy: str, buffer: str, iteration: int, cfg: RLUpdateConfig, seed: int, reference: str,
               run_dir: str) -> dict:
     """GRPO over the iteration's buffer; the new policy is `iter-<i>/update/model`."""
     out = iter_dir(run_dir, iteration) / "update"
     if not is_complete(out):  # AdamW's moments carry over from the previous iteration's update
-        run_update(policy, buffer, out, cfg, seed=seed + iteration, reference_dir=reference,
-                   optimizer_from=iter_dir(run_dir, iteration - 1) / "update")
+        job = UpdateJob(policy_dir=policy, buffer=buffer, update_dir=str(out), update=cfg, seed=seed + iteration,
+                        reference_dir=reference, optimizer_from=str(iter_dir(run_dir, iteration - 1) / "update"))
+        stage = f"rl-update {iteration}"
+        run_in_subprocess(job, CallbackList(ProgressBar(stage), PrefectProgress(stage, Path(run_dir).name)))
     return {"checkpoint": str(out / "model"), **read_manifest(out, "rl-update")["metrics"]}
 
 

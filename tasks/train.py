@@ -1,4 +1,4 @@
-"""Training stages: each launches `mlxcore.train` in a subprocess and relays its progress."""
+"""Training stages: each runs a training job in a child process (`mlxcore.launch`) and relays its progress."""
 
 from __future__ import annotations
 

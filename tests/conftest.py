@@ -43,7 +43,7 @@ def quick_train(**overrides) -> TrainConfig:
 
 
 def kill_after_first_checkpoint(job, tmp_path: Path) -> int:
-    """Start `python -m mlxcore.train` on `job`, SIGKILL it once a checkpoint exists; its step."""
+    """Start `python -m mlxcore.launch` on `job`, SIGKILL it once a checkpoint exists; its step."""
     import signal
     import subprocess
     import sys
@@ -54,7 +54,7 @@ def kill_after_first_checkpoint(job, tmp_path: Path) -> int:
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (tmp_path / "job.json").write_text(job.model_dump_json())
-    proc = subprocess.Popen([sys.executable, "-m", "mlxcore.train", str(tmp_path / "job.json")],
+    proc = subprocess.Popen([sys.executable, "-m", "mlxcore.launch", str(tmp_path / "job.json")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not checkpoint.list_checkpoints(out / "checkpoints") and time.time() < deadline:
@@ -106,11 +106,8 @@ def run_deployment(deployment: str, args: list[str], config_dir: Path | None = N
         stop_group(serve)
 
 
-def hf_model_dir(path: Path, tokenizer_dir: Path, model_type: str = "qwen3", vocab_size: int = 512) -> Path:
-    """A tiny model in the layout Hugging Face / mlx-lm write (config.json, model.safetensors, tokenizer)."""
-    from mlxcore import checkpoint
-    from mlxcore.model import from_config
-
+def tiny_hf_config(model_type: str = "qwen3", vocab_size: int = 512) -> dict:
+    """The config.json of a tiny 2-layer qwen2 / qwen3 model (float32)."""
     common = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                   num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=vocab_size, max_position_embeddings=1024,
                   rope_theta=1e6, torch_dtype="float32")
@@ -118,7 +115,15 @@ def hf_model_dir(path: Path, tokenizer_dir: Path, model_type: str = "qwen3", voc
         "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True),
         "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=16, tie_word_embeddings=False),
     }
-    config = {**common, **configs[model_type]}
+    return {**common, **configs[model_type]}
+
+
+def hf_model_dir(path: Path, tokenizer_dir: Path, model_type: str = "qwen3", vocab_size: int = 512) -> Path:
+    """A tiny model in the layout Hugging Face / mlx-lm write (config.json, model.safetensors, tokenizer)."""
+    from mlxcore import checkpoint
+    from mlxcore.model import from_config
+
+    config = tiny_hf_config(model_type, vocab_size)
     checkpoint.save_model_dir(path, from_config(config), config, tokenizer_dir=tokenizer_dir)
     (path / "manifest.json").unlink()  # as downloaded: no manifest of ours
     return path

@@ -42,12 +42,12 @@ import numpy as np
 
 from mlxcore.data import records
 from mlxcore.data import tokenizer as tokenizers
+from mlxcore.data.inputs import SPLITS, resolve_inputs  # noqa: F401  (resolve_inputs: re-exported)
 from mlxcore.data.records import DataError
 from mlxcore.io import atomic_dir, dir_digest, is_complete, path_digest, read_manifest, write_manifest
 
 SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB of uint16 per shard
 INLINE_BYTES = 2 << 20  # below this much input, tokenize in this process (no worker start-up)
-SPLITS = ("train", "val")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -272,36 +272,6 @@ class _ShardWriter:
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def resolve_inputs(inputs: Any, kind: str) -> dict[str, list[Path]]:
-    """{split: [data files]} from a synthetic raw dir, or from {split: [files | download dirs]}."""
-    if isinstance(inputs, (str, Path)):
-        raw = Path(inputs)
-        read_manifest(raw, "raw-dataset")
-        files = {split: [raw / kind / f"{split}.jsonl"] for split in SPLITS}
-        for split, paths in files.items():
-            if not paths[0].is_file():
-                raise DataError(f"{paths[0]}: missing (the raw dataset has no {kind} {split} split)")
-        return files
-    out = {}
-    for split in SPLITS:
-        paths = []
-        for p in inputs.get(split) or []:
-            p = Path(p)
-            if p.is_dir():
-                from mlxcore.data.download import data_files
-
-                paths += data_files(p)
-            else:
-                paths.append(p)
-        out[split] = paths
-    if not out["train"] and not out["val"]:  # val alone: data to evaluate on (the eval flow)
-        raise DataError(f"no {kind} training files given")
-    for p in out["train"] + out["val"]:
-        if not p.is_file():
-            raise DataError(f"{p}: no such data file")
-    return out
 
 
 def _weyl(rows: np.ndarray) -> np.ndarray:

@@ -95,7 +95,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir
 
 def _corpus(corpus, max_bytes: int) -> Iterable[str]:
     """Training text: the train files of every (kind, inputs, format) source, up to `max_bytes`."""
-    from mlxcore.data.pretokenize import resolve_inputs
+    from mlxcore.data.inputs import resolve_inputs
 
     if isinstance(corpus, (str, Path)):  # a synthetic raw-dataset dir: both kinds
         corpus = [{"kind": kind, "inputs": corpus} for kind in ("pretrain", "sft")]

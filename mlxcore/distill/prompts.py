@@ -37,47 +37,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-CATEGORIES: tuple[str, ...] = ("math", "logic", "reasoning", "knowledge")
-KINDS: dict[str, tuple[str, ...]] = {
-    "math": ("arithmetic", "gcd_lcm", "linear", "percent"),
-    "logic": ("syllogism", "ordering"),
-    "reasoning": ("shopping", "inventory", "travel", "ages"),
-    "knowledge": ("open",),
-}
-#: How a kind's answer is compared: "number" (exact, via Fraction), "choice" (yes / no /
-#: cannot tell), "name" (case-insensitive), None (no ground truth).
-ANSWER_TYPES: dict[str, str | None] = {
-    **{k: "number" for k in KINDS["math"] + KINDS["reasoning"]},
-    "syllogism": "choice",
-    "ordering": "name",
-    "open": None,
-}
-DEFAULT_WEIGHTS: dict[str, float] = {"math": 0.4, "logic": 0.2, "reasoning": 0.2, "knowledge": 0.2}
-
-
-class PromptConfig(BaseModel):
-    """Which categories to draw, how often, and the seed of the whole stream."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
-    seed: int = 0
-
-    @field_validator("weights")
-    @classmethod
-    def _check_weights(cls, w: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(w) - set(CATEGORIES))
-        if unknown:
-            raise ValueError(f"unknown categories {unknown}; known: {list(CATEGORIES)}")
-        bad = {k: v for k, v in w.items() if not (v >= 0 and math.isfinite(v))}
-        if bad:
-            raise ValueError(f"weights must be finite and >= 0, got {bad}")
-        if sum(w.values()) <= 0:
-            raise ValueError("at least one category needs a positive weight")
-        return w
-
+from mlxcore.distill.schema import ANSWER_TYPES, CATEGORIES, DEFAULT_WEIGHTS, KINDS, PromptConfig  # noqa: F401  (re-exported)
 
 @dataclass(frozen=True)
 class Prompt:

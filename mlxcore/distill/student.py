@@ -34,10 +34,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import numpy as np
@@ -48,7 +47,6 @@ from mlxcore.config import ModelConfig, StreamConfig, TrainConfig
 from mlxcore.data.loader import collate_sft
 from mlxcore.data.pretokenize import chat_segments
 from mlxcore.io import is_complete, read_manifest, write_json
-from mlxcore.launch import child_main
 from mlxcore.distill.rows import read_new
 
 ROWS_FILE, STATE_FILE = "rows.jsonl", "state.json"
@@ -231,6 +229,7 @@ class StudentJob(BaseModel):
     """What the student's training process needs; written as JSON for it."""
 
     model_config = ConfigDict(extra="forbid")
+    kind: Literal["distill-student"] = "distill-student"  # mlxcore.launch runs it with `run`
     rows_dir: str
     token: str  # the run token the generator stamps its state with
     tokenizer_dir: str
@@ -262,10 +261,4 @@ def run(job: StudentJob, callback: TrainingCallback | None = None) -> dict:
                callback=cb, adapter_config=adapter_config)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return child_main("mlxcore.distill.student", StudentJob, run, argv,
-                      expected=(ValueError, FileNotFoundError, KeyError, GenerationFailed))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+EXPECTED_ERRORS = (GenerationFailed,)  # mlxcore.launch reports these in one line, like bad data

@@ -74,58 +74,15 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic.json_schema import SkipJsonSchema
 
-from mlxcore.secrets import SecretResolver, check_env_name, check_key_source, refuse_literal_key, resolve_api_key
+from mlxcore.distill.schema import TeacherConfig  # noqa: F401  (re-exported)
+from mlxcore.secrets import SecretResolver, resolve_api_key
 
 FAILURE_KINDS = ("timeout", "5xx", "429", "connection", "malformed", "4xx")
-
-
-class TeacherConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # errors never echo a key
-
-    url: str = "http://127.0.0.1:11434"
-    model: str = "qwen3:0.6b"
-    api: Literal["ollama", "openai"] = "ollama"
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.9, gt=0, le=1)
-    max_tokens: int = Field(512, ge=1)        # Ollama: options.num_predict
-    workers: int = Field(4, ge=1)             # concurrent requests in imap_unordered
-    timeout_s: float = Field(120, gt=0)       # per attempt (connect, read, write, pool)
-    retries: int = Field(4, ge=0)             # extra attempts after the first
-    backoff_s: float = Field(0.5, ge=0)
-    max_backoff_s: float = Field(20, ge=0)
-    # Give up when more than failure_budget of the last failure_window calls were UNRECOVERED
-    # (retries exhausted, or not retryable); failed attempts that a retry recovered never count.
-    failure_budget: int = Field(50, ge=0, description=(
-        "Unrecovered teacher calls (retries exhausted, or a non-retryable error) tolerated among the last "
-        "`failure_window` calls; one more and the teacher gives up (TeacherGaveUp). Failed attempts that a "
-        "retry recovered never count."))
-    failure_window: int = Field(200, ge=1, description="How many of the most recent calls the failure budget looks at.")
-    api_key_env: str | None = None            # environment variable holding the Bearer key
-    api_key_secret: str | None = None         # Prefect Secret block holding it (tasks resolve it)
-    # Only there to refuse a literal key with the fix (and the file:line); never set, never dumped.
-    api_key: SkipJsonSchema[None] = Field(None, exclude=True, repr=False)
-
-    @field_validator("api_key", mode="before")
-    @classmethod
-    def _no_literal_key(cls, value: Any) -> None:
-        return refuse_literal_key(value)
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        return check_env_name(value)
-
-    @model_validator(mode="after")
-    def _one_key_source(self) -> "TeacherConfig":
-        check_key_source(self.api_key_env, self.api_key_secret)
-        return self
 
 
 @dataclass(frozen=True)

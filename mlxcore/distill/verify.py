@@ -57,9 +57,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from mlxcore.distill.prompts import ANSWER_TYPES, CATEGORIES, canonical_number
+from mlxcore.distill.prompts import ANSWER_TYPES, canonical_number
+from mlxcore.distill.schema import CategoryPolicy, VerifyPolicy  # noqa: F401  (re-exported)
 from mlxcore.distill.teacher import strip_think
 
 __all__ = [
@@ -67,31 +66,6 @@ __all__ = [
     "normalize_choice",
     "normalize_name", "normalize_number", "strip_think", "looks_like_refusal", "looks_truncated",
 ]
-
-
-class CategoryPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    verify: bool = True  # False: keep replies unchecked, marked verified=False
-    min_chars: int = Field(1, ge=0)
-    max_chars: int = Field(16_000, ge=1)
-
-
-class VerifyPolicy(BaseModel):
-    """Acceptance rules, one `CategoryPolicy` per category."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    math: CategoryPolicy = Field(default_factory=CategoryPolicy)
-    logic: CategoryPolicy = Field(default_factory=CategoryPolicy)
-    reasoning: CategoryPolicy = Field(default_factory=CategoryPolicy)
-    knowledge: CategoryPolicy = Field(default_factory=lambda: CategoryPolicy(min_chars=80, max_chars=8_000))
-    reject_think_tags: bool = True  # a reply still holding <think> / </think> is rejected
-
-    def for_category(self, category: str) -> CategoryPolicy:
-        if category not in CATEGORIES:
-            raise ValueError(f"unknown category {category!r}")
-        return getattr(self, category)
 
 
 NO_ANSWER = "no_answer"  # Verdict.reason of a reply that states no final answer (see the module doc)

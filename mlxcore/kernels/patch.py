@@ -7,17 +7,37 @@ names in the module that defines `model`'s class to wrappers that take the fast 
 when it applies (CPU default device, no KV cache, causal or no mask, no attention sinks) and
 call mlx-lm's original otherwise, so generation with a cache, GPUs and Metal are unchanged.
 The arithmetic is the same function; tests hold the results to float32 rounding.
+
+This rebinds mlx-lm internals, so an upstream rename would only make training slower. Hence:
+`use_fast_kernels` warns (`KernelPatchWarning`) when a module in `EXPECTED` lacks a name it
+should bind, or when an original's parameters are not the ones the wrapper passes on (that
+name is then left alone), and tests/kernels/test_patch.py checks, for llama / qwen2 / qwen3,
+the names, the signatures, that every layer reaches the fused kernels and that the outputs
+match. pyproject.toml caps mlx-lm below the next minor version for the same reason.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
+import warnings
 
 import mlx.nn as nn
 
 from mlxcore import kernels
 
+ATTENTION, SWIGLU = "scaled_dot_product_attention", "swiglu"
+# The parameters each wrapper takes and passes on: those of mlx_lm.models.base /.activations.
+PARAMETERS = {ATTENTION: ("queries", "keys", "values", "cache", "scale", "mask", "sinks"),
+              SWIGLU: ("gate", "x")}
+# mlx-lm model modules whose layers call both names (the families trained here; checked by tests).
+EXPECTED = {f"mlx_lm.models.{arch}": (ATTENTION, SWIGLU) for arch in ("llama", "qwen2", "qwen3")}
+
 _PATCHED: dict[str, tuple] = {}
+
+
+class KernelPatchWarning(UserWarning):
+    """mlx-lm's internals are not what `use_fast_kernels` expects: training runs without them."""
 
 
 def _wrap_attention(original):
@@ -37,17 +57,57 @@ def _wrap_swiglu(original):
     return swiglu
 
 
+def _parameters(fn) -> tuple[str, ...] | None:
+    try:
+        return tuple(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # not introspectable: trust the name
+        return None
+
+
+def _original(module, attr: str):
+    """`module.attr` if the wrapper can stand in for it, else None (with a warning if unexpected)."""
+    fn = getattr(module, attr, None)
+    if fn is None:
+        if attr in EXPECTED.get(module.__name__, ()):
+            warnings.warn(f"{module.__name__} no longer binds {attr!r} (mlx-lm {_mlx_lm_version()}): "
+                          f"its layers run without the fused CPU kernel, so training is slower. "
+                          "mlxcore/kernels/patch.py needs updating for this mlx-lm.",
+                          KernelPatchWarning, stacklevel=3)
+        return None
+    params = _parameters(fn)
+    if params is not None and params != PARAMETERS[attr]:
+        warnings.warn(f"{module.__name__}.{attr} takes {params}, the fused-kernel wrapper expects "
+                      f"{PARAMETERS[attr]} (mlx-lm {_mlx_lm_version()}): left unpatched, so training "
+                      "is slower. mlxcore/kernels/patch.py needs updating for this mlx-lm.",
+                      KernelPatchWarning, stacklevel=3)
+        return None
+    return fn
+
+
+def _mlx_lm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlx-lm")
+    except PackageNotFoundError:
+        return "?"
+
+
 def use_fast_kernels(model: nn.Module) -> bool:
-    """Patch the model's mlx-lm module (once per process); True if anything was patched."""
+    """Patch the model's mlx-lm module (once per process); True if anything was patched.
+
+    Warns (`KernelPatchWarning`) when a module of `EXPECTED` lacks a name, or a name's
+    signature is not mlx-lm's as the wrappers know it.
+    """
     name = type(model).__module__
     module = sys.modules.get(name)
     if module is None or name in _PATCHED or not name.startswith("mlx_lm.models."):
         return name in _PATCHED
-    originals = (getattr(module, "scaled_dot_product_attention", None), getattr(module, "swiglu", None))
+    originals = (_original(module, ATTENTION), _original(module, SWIGLU))
     if originals[0] is not None:
-        module.scaled_dot_product_attention = _wrap_attention(originals[0])
+        setattr(module, ATTENTION, _wrap_attention(originals[0]))
     if originals[1] is not None:
-        module.swiglu = _wrap_swiglu(originals[1])
+        setattr(module, SWIGLU, _wrap_swiglu(originals[1]))
     _PATCHED[name] = originals
     return any(o is not None for o in originals)
 
@@ -57,7 +117,7 @@ def restore_all() -> None:
     for name, (attention, swiglu) in _PATCHED.items():
         module = sys.modules[name]
         if attention is not None:
-            module.scaled_dot_product_attention = attention
+            setattr(module, ATTENTION, attention)
         if swiglu is not None:
-            module.swiglu = swiglu
+            setattr(module, SWIGLU, swiglu)
     _PATCHED.clear()

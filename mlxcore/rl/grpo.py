@@ -77,3 +77,43 @@ def grpo_loss(logp: mx.array, old_logp: mx.array, advantages: mx.array, mask: mx
     loss = (per_token * mask).sum() / n
     return loss, {"kl": (kl * mask).sum() / n, "clip_fraction": (clipped_on * mask).sum() / n,
                   "ratio": (ratio * mask).sum() / n}
+
+
+class GRPOLoss:
+    """`grpo_loss` as a loss `train.fit()` takes: batches are lists of (sample, advantage).
+
+    A sample is a buffer row's meta (`prompt_ids`, `response_ids`, `old_logprobs`, and
+    `ref_logprobs` when `beta > 0`: the reference's log-probs, computed once before training, so
+    no reference model is in memory while the policy trains). `prepare` pads them on the host;
+    the call returns (sum of per-token objectives over response tokens, their count, {"kl",
+    "clip_fraction"} sums): `fit` divides by the step's token count, so the loss is the token-level
+    mean of the module doc, whatever the accumulation.
+    """
+
+    def __init__(self, clip_eps: float = 0.2, beta: float = 0.0, pad: int = 0):
+        self.clip_eps, self.beta, self.pad = clip_eps, beta, pad
+
+    def tokens(self, batch: list[tuple[dict, float]]) -> int:
+        return len(batch) * (max(len(r["prompt_ids"]) + len(r["response_ids"]) for r, _ in batch) - 1)
+
+    def prepare(self, batch: list[tuple[dict, float]]) -> tuple[np.ndarray, ...]:
+        seqs = [r["prompt_ids"] + r["response_ids"] for r, _ in batch]
+        width = max(len(s) for s in seqs) - 1
+        x = np.full((len(batch), width), self.pad, dtype=np.int32)
+        y = np.full((len(batch), width), self.pad, dtype=np.int32)
+        old, ref, mask = (np.zeros((len(batch), width), dtype=np.float32) for _ in range(3))
+        for i, ((r, _), s) in enumerate(zip(batch, seqs)):
+            x[i, : len(s) - 1], y[i, : len(s) - 1] = s[:-1], s[1:]
+            start, n = len(r["prompt_ids"]) - 1, len(r["response_ids"])
+            old[i, start: start + n] = r["old_logprobs"]
+            mask[i, start: start + n] = 1.0
+            if self.beta > 0:
+                ref[i, start: start + n] = r["ref_logprobs"]
+        adv = np.array([a for _, a in batch], dtype=np.float32)
+        return x, y, old, adv, mask, ref
+
+    def __call__(self, model, x, y, old, adv, mask, ref):
+        loss, m = grpo_loss(token_logprobs(model, x, y), old, adv, mask, self.clip_eps, self.beta,
+                            ref if self.beta > 0 else None)
+        n = mask.sum()
+        return loss * n, n, {"kl": m["kl"] * n, "clip_fraction": m["clip_fraction"] * n}

@@ -13,14 +13,17 @@ lives in `<run>/state.json`, written atomically once an iteration is complete (`
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
+from mlxcore.config import RLUpdateConfig
 from mlxcore.data import records
 from mlxcore.io import atomic_dir, write_json, write_manifest
-from mlxcore.rl.loop import RLPrompt, UpdateConfig, rollout, update
+from mlxcore.rl.loop import RLPrompt, rollout
 from mlxcore.rl.rewards import extract_answer, gsm8k_truth
 
 STATE = "state.json"
@@ -69,51 +72,92 @@ def run_rollout(policy_dir: str | Path, prompts: list[RLPrompt], buffer: str | P
 
 
 def run_update(policy_dir: str | Path, buffer: str | Path, out_dir: str | Path, cfg, *, seed: int,
-               reference_dir: str | Path | None = None, optimizer_from: str | Path | None = None) -> dict:
-    """GRPO over `buffer` starting from `policy_dir`; the new policy is a plain model dir at
-    `out_dir/model` (LoRA/DoRA adapters train for the iteration and are fused into it).
+               reference_dir: str | Path | None = None, optimizer_from: str | Path | None = None,
+               callback=None) -> dict:
+    """GRPO over `buffer` starting from `policy_dir`, through the one training loop (`train.fit`
+    with `GRPOLoss` and the buffer's samples as batches: schedule, clipping, checkpoints and exact
+    resume in `<out_dir>-train/`); the new policy is a plain model dir at `out_dir/model`
+    (LoRA/DoRA adapters train for the iteration and are fused into it).
 
     Full fine-tuning carries AdamW's moments from iteration to iteration: `optimizer_from` is the
     previous update's dir (its `optimizer.safetensors`), and this one writes its own. A fresh
     AdamW every iteration would restart with bias-corrected, sign-like first steps each time."""
     import mlx.core as mx
-    import mlx.optimizers as optim
+    from mlx.utils import tree_unflatten
 
-    from mlxcore import adapters
-    from mlxcore.checkpoint import save_model_dir
-    from mlxcore.config import TrainConfig
+    from mlxcore import adapters, optimizers
+    from mlxcore import checkpoint as ckpt
     from mlxcore.model import load
+    from mlxcore.rl.grpo import GRPOLoss
+    from mlxcore.rl.loop import SampleBatches, add_reference_logprobs, grpo_items
+    from mlxcore.train import fit
 
-    mx.random.seed(seed)
+    out_dir = Path(out_dir)
+    items, metrics = grpo_items(buffer, cfg.scale_rewards)
     model, config = load(policy_dir)
-    adapters.prepare(model, TrainConfig(fine_tune_type=cfg.fine_tune_type, lora=cfg.lora, warmup_steps=0))
-    ref = load(reference_dir)[0] if cfg.beta > 0 else None
-    optimizer = optim.AdamW(learning_rate=cfg.lr, weight_decay=cfg.weight_decay)
-    carried = Path(optimizer_from) / OPTIMIZER_STATE if optimizer_from is not None else None
-    if cfg.fine_tune_type == "full" and carried is not None and carried.exists():
-        from mlx.utils import tree_unflatten
-
-        optimizer.init(model.trainable_parameters())
-        saved = {k: v for k, v in mx.load(str(carried)).items() if k != "learning_rate"}
-        optimizer.state = tree_unflatten(list(saved.items())) | {"learning_rate": optimizer.learning_rate}
     pad = config.get("pad_token_id") or 0
-    metrics = update(model, optimizer, buffer, UpdateConfig(cfg.clip_eps, cfg.beta, cfg.scale_rewards, cfg.batch_size,
-                                                            cfg.epochs, cfg.grad_clip), pad=pad, ref_model=ref, seed=seed)
-    if cfg.fine_tune_type != "full":
-        model = adapters.fuse_model(model)
+    carried = Path(optimizer_from) / OPTIMIZER_STATE if optimizer_from is not None else None
+    carried = carried if carried is not None and carried.exists() else None
+    steps = cfg.epochs * -(-len(items) // cfg.batch_size)
+    train_dir = out_dir.with_name(out_dir.name + "-train")
+    moments = None
+    if steps:
+        if cfg.beta > 0:
+            if reference_dir is None:
+                raise ValueError("beta > 0 needs reference_dir (the frozen reference policy)")
+            add_reference_logprobs(items, load(reference_dir)[0], pad)  # then the reference is freed
+        tcfg = cfg.train_config(steps, seed)
+        mx.random.seed(seed)  # adapter initialisation
+        adapter_config = adapters.prepare(model, tcfg)
+        optimizer = optimizers.build(tcfg)
+        if cfg.fine_tune_type == "full" and carried is not None:  # the moments, not the step or lr
+            saved = {k: v for k, v in mx.load(str(carried)).items() if k not in ("step", "learning_rate")}
+            optimizer.init(model.trainable_parameters())
+            optimizer.state = tree_unflatten(list(saved.items())) | {k: optimizer.state[k] for k in ("step", "learning_rate")}
+        result = fit(model, config, tcfg, SampleBatches(items, cfg.batch_size, seed), None, train_dir,
+                     optimizer=optimizer, loss=GRPOLoss(cfg.clip_eps, cfg.beta, pad), tokenizer_dir=policy_dir,
+                     callback=callback, adapter_config=adapter_config)
+        final = Path(result["checkpoint"])
+        ckpt.restore(final, model)  # the trained weights, also when fit() found the update done earlier
+        history = [h for h in json.loads((final / ckpt.TRAINER_STATE).read_text())["history"] if h["event"] == "train"]
+        metrics |= {"steps": result["step"]} | {k: float(np.mean([h[k] for h in history]))
+                                               for k in ("loss", "kl", "clip_fraction", "grad_norm")}
+        if cfg.fine_tune_type == "full":
+            moments = final / OPTIMIZER_STATE
+        model = adapters.fuse_model(model) if cfg.fine_tune_type != "full" else model
     with atomic_dir(out_dir, replace=True) as tmp:
-        save_model_dir(tmp / "model", model, config, tokenizer_dir=policy_dir)
+        ckpt.save_model_dir(tmp / "model", model, config, tokenizer_dir=policy_dir)
         write_json(tmp / "metrics.json", metrics)
-        if cfg.fine_tune_type == "full" and metrics["steps"]:
-            from mlx.utils import tree_flatten
-
-            mx.save_safetensors(str(tmp / OPTIMIZER_STATE), dict(tree_flatten(optimizer.state)))
-        elif carried is not None and carried.exists():  # nothing trained: hand the moments on unchanged
-            import shutil
-
-            shutil.copy2(carried, tmp / OPTIMIZER_STATE)
+        source = moments or carried  # nothing trained: hand the moments on unchanged
+        if source is not None:
+            shutil.copy2(source, tmp / OPTIMIZER_STATE)
         write_manifest(tmp, "rl-update", {"policy": str(policy_dir), "update": cfg.model_dump()}, metrics=metrics)
+    shutil.rmtree(train_dir, ignore_errors=True)  # its checkpoints only served a resume
     return metrics
+
+
+class UpdateJob(BaseModel):
+    """One iteration's GRPO update, as `mlxcore.launch` runs it in its own process (`run_job`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["rl-update"] = "rl-update"
+    policy_dir: str
+    buffer: str
+    update_dir: str  # the new policy: <update_dir>/model
+    update: RLUpdateConfig
+    seed: int
+    reference_dir: str | None = None
+    optimizer_from: str | None = None
+
+    @property
+    def out_dir(self) -> str:  # job.json and the loop's checkpoints (removed once the update is written)
+        return self.update_dir + "-train"
+
+
+def run_job(job: UpdateJob, callback=None) -> dict:
+    metrics = run_update(job.policy_dir, job.buffer, job.update_dir, job.update, seed=job.seed,
+                         reference_dir=job.reference_dir, optimizer_from=job.optimizer_from, callback=callback)
+    return {"checkpoint": str(Path(job.update_dir) / "model"), **metrics}
 
 
 def greedy_accuracy(model_dir: str | Path, prompts: list[RLPrompt], max_tokens: int, batch_size: int = 32) -> dict:

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from mlxcore.distill.rows import RowStore, iter_rows, make_row
-from mlxcore.rl.grpo import group_advantages, grpo_loss, token_logprobs
+from mlxcore.rl.grpo import group_advantages, token_logprobs
 from mlxcore.rl.rewards import correctness_reward, reward as score
 
 
@@ -111,86 +110,49 @@ def buffer_stats(buffer_path: str | Path) -> dict:
             "response_tokens": sum(len(r["response_ids"]) for r in rows) / n}
 
 
-@dataclass
-class UpdateConfig:
-    clip_eps: float = 0.2
-    beta: float = 0.0
-    scale_rewards: bool = True
-    batch_size: int = 16
-    epochs: int = 1
-    grad_clip: float = 1.0
-
-
-def update(model, optimizer, buffer_path: str | Path, cfg: UpdateConfig, *, pad: int = 0, ref_model=None,
-           seed: int = 0) -> dict:
-    """GRPO steps over the buffer: advantages per prompt group, clipped ratio, optional KL."""
+def grpo_items(buffer_path: str | Path, scale_rewards: bool = True) -> tuple[list[tuple[dict, float]], dict]:
+    """(samples with their advantage, buffer metrics): full groups only, zero-variance groups left out."""
     rows = read_buffer(buffer_path)
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["prompt_id"], []).append(r)
     k = max(len(g) for g in groups.values())
     full = [sorted(g, key=lambda r: r["sample"]) for g in groups.values() if len(g) == k]
-    adv, zero = group_advantages(np.array([[r["reward"] for r in g] for g in full]), cfg.scale_rewards)
+    adv, zero = group_advantages(np.array([[r["reward"] for r in g] for g in full]), scale_rewards)
     items = [(r, float(a)) for g, ag, z in zip(full, adv, zero) if not z for r, a in zip(g, ag)]
     metrics = {"groups": len(full), "zero_variance_groups": int(zero.sum()), "samples_used": len(items),
                "mean_reward": float(np.mean([r["reward"] for r in rows])),
                "accuracy": float(np.mean([r["correct"] for r in rows])),
                "response_tokens": float(np.mean([len(r["response_ids"]) for r in rows])),
                "steps": 0, "loss": None, "kl": None, "clip_fraction": None, "grad_norm": None}
-    if not items:
-        return metrics
-    if cfg.beta > 0 and ref_model is None:
-        raise ValueError("beta > 0 needs ref_model (the frozen reference policy)")
-
-    def loss_fn(model, x, y, old, a, mask, ref):
-        return grpo_loss(token_logprobs(model, x, y), old, a, mask, cfg.clip_eps, cfg.beta, ref)
-
-    grad_fn = nn.value_and_grad(model, loss_fn)
-    rng = np.random.default_rng(seed)
-    sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
-    steps = 0
-    for _ in range(cfg.epochs):
-        order = rng.permutation(len(items))
-        for lo in range(0, len(order), cfg.batch_size):
-            batch = [items[i] for i in order[lo: lo + cfg.batch_size]]
-            x, y, old, a, mask = _batch(batch, pad)
-            ref = token_logprobs(ref_model, x, y) if cfg.beta > 0 else None
-            (loss, m), grads = grad_fn(model, x, y, old, a, mask, ref)
-            if cfg.grad_clip > 0:
-                from mlx.optimizers import clip_grad_norm
-
-                grads, norm = clip_grad_norm(grads, cfg.grad_clip)
-            else:
-                norm = mx.sqrt(sum((g * g).sum() for _, g in _leaves(grads)))
-            optimizer.update(model, grads)
-            mx.eval(model.parameters(), optimizer.state, loss, norm, m["kl"], m["clip_fraction"])
-            steps += 1
-            for key, v in (("loss", loss), ("kl", m["kl"]), ("clip_fraction", m["clip_fraction"]), ("grad_norm", norm)):
-                sums[key] += v.item()
-    if not steps:  # epochs = 0: evaluation only
-        return metrics
-    return metrics | {"steps": steps} | {key: v / steps for key, v in sums.items()}
+    return items, metrics
 
 
-def _leaves(tree):
-    from mlx.utils import tree_flatten
+def add_reference_logprobs(items: list[tuple[dict, float]], ref_model, pad: int = 0) -> None:
+    """Each sample's log-probs under the frozen reference (for the KL term), computed once."""
+    refs = sequence_logprobs(ref_model, [r["prompt_ids"] for r, _ in items], [r["response_ids"] for r, _ in items], pad)
+    for (r, _), lp in zip(items, refs):
+        r["ref_logprobs"] = lp
 
-    return tree_flatten(tree)
 
+class SampleBatches:
+    """`fit()`'s batch source over GRPO samples: `epochs` seeded shuffles, `batch_size` at a time
+    (an epoch's last batch may be smaller). The cursor {"epoch", "index"} (batches into the epoch)
+    is all a resumed run needs: epoch e's order is the (e+1)-th permutation of `seed`'s stream."""
 
-def _batch(batch: list[tuple[dict, float]], pad: int):
-    """Inputs, targets, old log-probs, advantages and the response mask of a list of samples."""
-    seqs = [r["prompt_ids"] + r["response_ids"] for r, _ in batch]
-    width = max(len(s) for s in seqs) - 1
-    x = np.full((len(batch), width), pad, dtype=np.int32)
-    y = np.full((len(batch), width), pad, dtype=np.int32)
-    old = np.zeros((len(batch), width), dtype=np.float32)
-    mask = np.zeros((len(batch), width), dtype=np.float32)
-    for i, ((r, _), s) in enumerate(zip(batch, seqs)):
-        x[i, : len(s) - 1], y[i, : len(s) - 1] = s[:-1], s[1:]
-        start = len(r["prompt_ids"]) - 1
-        n = len(r["response_ids"])
-        old[i, start: start + n] = r["old_logprobs"]
-        mask[i, start: start + n] = 1.0
-    return (mx.array(x), mx.array(y), mx.array(old), mx.array([a for _, a in batch], dtype=mx.float32),
-            mx.array(mask))
+    def __init__(self, items: list[tuple[dict, float]], batch_size: int, seed: int = 0):
+        self.items, self.batch_size, self.seed = items, batch_size, seed
+        self.per_epoch = -(-len(items) // batch_size)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng(self.seed)
+        for _ in range(epoch):
+            rng.permutation(len(self.items))
+        return rng.permutation(len(self.items))
+
+    def next(self, cursor: dict) -> tuple[list[tuple[dict, float]], dict]:
+        epoch, index = cursor.get("epoch", 0), cursor.get("index", 0)
+        if index >= self.per_epoch:
+            epoch, index = epoch + 1, 0
+        order = self._order(epoch)[index * self.batch_size: (index + 1) * self.batch_size]
+        return [self.items[i] for i in order], {"epoch": epoch, "index": index + 1}

@@ -10,7 +10,8 @@ import pytest
 
 from mlxcore import adapters, checkpoint, train
 from mlxcore.config import LoRAConfig, QuantizeConfig
-from mlxcore.model import from_config, load
+from mlxcore.checkpoint import load
+from mlxcore.model import from_config
 from mlxcore.train import TrainJob
 
 from tests.conftest import hf_model_dir, kill_after_first_checkpoint, micro_model, quick_train
@@ -80,7 +81,7 @@ def test_adapters_train_with_the_expected_trainable_parameters(small_data, base,
 def test_fuse_gives_the_logits_of_base_plus_adapters(small_data, base, tmp_path, kind, quantize):
     train.run(_sft(small_data, tmp_path / "run", base, steps=10, fine_tune_type=kind, quantize=quantize))
     adapted, _ = load(tmp_path / "run/model")
-    fused_dir = adapters.fuse(tmp_path / "run/model", tmp_path / "fused")
+    fused_dir = checkpoint.fuse(tmp_path / "run/model", tmp_path / "fused")
     fused, config = load(fused_dir)
     assert "quantization" not in config
     assert not any(isinstance(m, (nn.QuantizedLinear, adapters.LoRALinear)) for _, m in fused.named_modules())

@@ -3,13 +3,14 @@
 import json
 
 import mlx.core as mx
-import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
 from mlxcore.distill.rows import iter_rows
-from mlxcore.rl.loop import RLPrompt, UpdateConfig, read_buffer, rollout, sequence_logprobs, update
+from mlxcore.config import RLUpdateConfig
+from mlxcore.rl.iteration import run_update
+from mlxcore.rl.loop import RLPrompt, read_buffer, rollout, sequence_logprobs
 
 from tests.conftest import hf_model_dir
 
@@ -52,40 +53,88 @@ def test_rollout_writes_k_samples_per_prompt_with_their_logprobs_and_resumes(pol
     assert len(ids) == len(set(ids)) == 12
 
 
-def test_update_first_step_has_ratio_one_and_moves_the_policy(policy, tmp_path):
-    model, tok = policy
-    buf = tmp_path / "buffer.jsonl"
-    rollout(model, tok, PROMPTS, buf, k=4, max_tokens=6, temperature=1.0, seed=2)
-    rows = [r for r in iter_rows(buf)]
+def _varied_rewards(buf):
+    rows = list(iter_rows(buf))
     for r in rows:  # rewards that vary within every group
         r["meta"]["reward"] = float(r["meta"]["sample"] % 2)
     buf.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-    m = update(model, optim.SGD(learning_rate=0.0), buf, UpdateConfig(batch_size=12), pad=0)
+    return rows
+
+
+def _weights(path):
+    return {k: np.array(v) for k, v in mx.load(str(path / "model.safetensors")).items()}
+
+
+def test_update_first_step_has_ratio_one_and_moves_the_policy(policy, policy_dir, tmp_path):
+    model, tok = policy
+    buf = tmp_path / "buffer.jsonl"
+    rollout(model, tok, PROMPTS, buf, k=4, max_tokens=6, temperature=1.0, seed=2)
+    rows = _varied_rewards(buf)
+    m = run_update(policy_dir, buf, tmp_path / "one", RLUpdateConfig(batch_size=12, lr=1e-6), seed=0)
     assert m["zero_variance_groups"] == 0 and m["samples_used"] == 12 and m["steps"] == 1
     # ratio 1 on the first step: the loss is minus the token-weighted mean advantage (+-1 per group here)
     lens = [len(r["meta"]["response_ids"]) for r in rows]
     adv = [1.0 if r["meta"]["sample"] % 2 else -1.0 for r in rows]
     want = -sum(a * n for a, n in zip(adv, lens)) / sum(lens)
     assert m["clip_fraction"] == 0.0 and m["loss"] == pytest.approx(want, abs=1e-3)
-    m = update(model, optim.SGD(learning_rate=0.5), buf, UpdateConfig(batch_size=4, epochs=2), pad=0)
-    after = dict(tree_flatten(model.parameters()))
+    m = run_update(policy_dir, buf, tmp_path / "six", RLUpdateConfig(batch_size=4, epochs=2, lr=0.05), seed=0)
     assert m["steps"] == 6 and m["grad_norm"] > 0
-    assert any(not np.allclose(before[k], np.array(after[k])) for k in before)
+    before, after = _weights(policy_dir), _weights(tmp_path / "six" / "model")
+    assert any(not np.allclose(before[k], after[k]) for k in before)
+    assert not (tmp_path / "six-train").exists()  # the update's checkpoints only served a resume
 
 
-def test_all_equal_rewards_skip_the_update(policy, tmp_path):
+def test_the_update_is_the_training_loop_resumed_exactly_after_an_interruption(policy, policy_dir, tmp_path):
+    """Stopped after its second checkpoint (as a kill would), the update resumes from it and ends
+    with the weights and AdamW moments of an uninterrupted one."""
+    from mlxcore.callbacks import TrainingCallback
+
+    model, tok = policy
+    buf = tmp_path / "buffer.jsonl"
+    rollout(model, tok, PROMPTS, buf, k=4, max_tokens=6, temperature=1.0, seed=4)
+    _varied_rewards(buf)
+    cfg = RLUpdateConfig(batch_size=3, epochs=2, lr=1e-2, warmup_steps=2, min_lr_ratio=0.1)  # 8 steps, checkpoint every 2
+    whole = run_update(policy_dir, buf, tmp_path / "whole", cfg, seed=1)
+
+    class Stop(TrainingCallback):
+        def on_checkpoint(self, info):
+            if info["step"] == 4:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_update(policy_dir, buf, tmp_path / "cut", cfg, seed=1, callback=Stop())
+    assert not (tmp_path / "cut").exists() and (tmp_path / "cut-train/checkpoints/step-00000004").is_dir()
+    events = []
+
+    class Seen(TrainingCallback):
+        def on_event(self, event, info):
+            events.append((event, info))
+
+    resumed = run_update(policy_dir, buf, tmp_path / "cut", cfg, seed=1, callback=Seen())
+    begin = next(i for e, i in events if e == "begin")
+    assert begin["start_step"] == 4 and begin["resumed_from"].endswith("step-00000004")
+    lrs = [i["lr"] for e, i in events if e == "train"]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < cfg.lr  # past the warmup, decaying on the schedule
+    a, b = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "cut" / "model")
+    assert all(np.array_equal(a[k], b[k]) for k in a), "resumed weights differ"
+    ma, mb = (mx.load(str(tmp_path / d / "optimizer.safetensors")) for d in ("whole", "cut"))
+    assert all(np.array_equal(np.array(ma[k]), np.array(mb[k])) for k in ma)
+    assert resumed["steps"] == whole["steps"] == 8 and resumed["loss"] == pytest.approx(whole["loss"], abs=1e-6)
+
+
+def test_all_equal_rewards_skip_the_update(policy, policy_dir, tmp_path):
     model, tok = policy
     buf = tmp_path / "buffer.jsonl"
     rollout(model, tok, PROMPTS[:2], buf, k=2, max_tokens=4, seed=3)
-    m = update(model, optim.SGD(learning_rate=1.0), buf, UpdateConfig(), pad=0)
+    m = run_update(policy_dir, buf, tmp_path / "out", RLUpdateConfig(), seed=0)
     if m["mean_reward"] in (0.0, 1.0):  # a random model: every reward 0
         assert m["zero_variance_groups"] == 2 and m["steps"] == 0 and m["samples_used"] == 0
-    with pytest.raises(ValueError, match="ref_model"):
+        assert all(np.array_equal(v, _weights(policy_dir)[k]) for k, v in _weights(tmp_path / "out" / "model").items())
+    with pytest.raises(ValueError, match="reference_dir"):
         rows = list(iter_rows(buf))
         rows[0]["meta"]["reward"] = 1.0
         buf.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        update(model, optim.SGD(learning_rate=1.0), buf, UpdateConfig(beta=0.1), pad=0)
+        run_update(policy_dir, buf, tmp_path / "kl", RLUpdateConfig(beta=0.1), seed=0)
 
 
 def test_mx_seed_makes_rollout_reproducible(policy, tmp_path):

@@ -163,8 +163,9 @@ def test_subprocess_relays_events_and_returns_the_result(small_data, tmp_path):
     rec = Recorder()
     result = run_in_subprocess(_job(small_data, tmp_path / "run", steps=10), rec)
     kinds = [e for e, _ in rec.events]
-    assert kinds[0] == "begin" and kinds[-1] == "end" and "checkpoint" in kinds and "train" in kinds
+    assert kinds[0] == "begin" and kinds[-2:] == ["end", "result"] and "checkpoint" in kinds and "train" in kinds
     assert result["step"] == 10 and result["checkpoint"] == str(tmp_path / "run/model")
+    assert result == dict(rec.events[-1][1]) and json.loads((tmp_path / "run/job.json").read_text())["kind"] == "train"
     assert json.loads((tmp_path / "run/job.json").read_text())["train"]["steps"] == 10
 
 

@@ -2,7 +2,7 @@
 one line naming the path, leave the previous checkpoint intact, and a re-run resumes.
 
 The disk is a real tmpfs of a few MB mounted for the test (root only; skipped with the reason
-elsewhere); the trainer is the real `python -m mlxcore.train` child.
+elsewhere); the trainer is the real `python -m mlxcore.launch` child.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _checkpoint_bytes(small_data, tmp_path) -> int:
 
 def _train(job: TrainJob, tmp_path: Path) -> subprocess.CompletedProcess:
     (tmp_path / "job.json").write_text(job.model_dump_json())
-    return subprocess.run([sys.executable, "-m", "mlxcore.train", str(tmp_path / "job.json")],
+    return subprocess.run([sys.executable, "-m", "mlxcore.launch", str(tmp_path / "job.json")],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -83,7 +83,7 @@ def test_a_full_disk_mid_training_fails_in_one_line_keeps_the_last_checkpoint_an
     assert r.returncode == 1, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert "Traceback" not in r.stderr, r.stderr
-    assert lines[-1].startswith(f"mlxcore.train: error: cannot write {out / 'checkpoints' / 'step-00000010'}: "
+    assert lines[-1].startswith(f"mlxcore.launch: error: cannot write {out / 'checkpoints' / 'step-00000010'}: "
                                 "no space left on device"), r.stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000005"]  # no temp dir left, the last intact
     model, _ = __import__("mlx_lm").load(str(out / "checkpoints" / "step-00000005"))  # loadable as it is
