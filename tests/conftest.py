@@ -31,6 +31,14 @@ from mlxcore.config import ModelConfig, SyntheticConfig, TokenizerConfig, TrainC
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config, items):
+    """End-to-end flows (tests/flows) and benchmark scripts (tests/bench) are `slow`: the quick
+    subset, `pytest -m "not slow"`, is the library's tests (a few minutes on 2 cores)."""
+    for item in items:
+        if Path(str(item.fspath)).resolve().parent.name in ("flows", "bench"):
+            item.add_marker(pytest.mark.slow)
+
+
 def micro_model() -> ModelConfig:
     """A 2-layer model small enough that a training step takes milliseconds."""
     return ModelConfig(preset="custom", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)

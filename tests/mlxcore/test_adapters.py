@@ -99,6 +99,7 @@ def test_mlx_lm_loads_our_adapters_on_the_base(small_data, base, tmp_path):
     np.testing.assert_allclose(_logits(theirs), _logits(ours), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_adapter_training_resumes_after_sigkill_bit_identical(small_data, base, tmp_path):
     overrides = dict(steps=60, save_every=10, fine_tune_type="lora", quantize=QuantizeConfig(bits=4, group_size=32))
     straight = train.run(_sft(small_data, tmp_path / "straight", base, **overrides))

@@ -32,6 +32,7 @@ def _assert_close(a, b, atol):
         np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=atol, err_msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pretrain", "sft"])
 def test_two_ranks_train_like_one_rank_with_the_doubled_batch(small_data, tmp_path, kind):
     one = run_in_subprocess(_job(small_data, tmp_path / "one", kind, batch_size=8))
@@ -46,6 +47,7 @@ def test_two_ranks_train_like_one_rank_with_the_doubled_batch(small_data, tmp_pa
     assert not list((tmp_path / "two").rglob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_job_and_a_rerun_resumes_it(small_data, tmp_path):
     overrides = dict(steps=20, batch_size=4, world_size=2, save_every=5, eval_every=10)
     straight = run_in_subprocess(_job(small_data, tmp_path / "straight", **overrides))

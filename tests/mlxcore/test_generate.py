@@ -1,5 +1,6 @@
 """Chat-templated sampling, in-process and through `mlxflow generate`."""
 
+import pytest
 import subprocess
 import sys
 
@@ -28,6 +29,7 @@ def test_greedy_reply_is_deterministic_and_sampling_follows_the_seed(tmp_path, s
     assert reply(model, tok, "Copy: xy", max_tokens=12, temperature=1.0, top_p=0.9) == a
 
 
+@pytest.mark.slow
 def test_generate_cli(tmp_path, small_data):
     path = _ckpt(tmp_path, small_data)
     out = subprocess.run([sys.executable, "-m", "flows.cli", "generate", "--checkpoint", str(path), "--prompt", "Copy: abc",

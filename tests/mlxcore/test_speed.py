@@ -54,6 +54,7 @@ def test_speed_reports_time_throughput_memory_mfu_and_decode():
     assert {"ms_fwd_bwd", "ms_clip", "ms_optimizer"} <= set(r)
 
 
+@pytest.mark.slow
 def test_speed_with_sft_like_masks_and_memory_knobs():
     for kw in (dict(mask_density=0.25, sparse_loss=True), dict(loss_chunk=16, grad_checkpoint=1),
                dict(fine_tune_type="lora", quantize_bits=4, group_size=32), dict(optimizer="adafactor")):
@@ -61,6 +62,7 @@ def test_speed_with_sft_like_masks_and_memory_knobs():
         assert r["status"] == "ok" and r["loss"] > 0, kw
 
 
+@pytest.mark.slow
 def test_qlora_4bit_needs_a_fraction_of_full_fine_tuning_memory():
     shape = dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=1536)
     base = dict(model=shape, batch_size=1, seq_len=64, steps=1, warmup=1)
@@ -74,6 +76,7 @@ def test_qlora_4bit_needs_a_fraction_of_full_fine_tuning_memory():
     assert qlora["trainable_params"] < 0.05 * full["trainable_params"]
 
 
+@pytest.mark.slow
 def test_sweep_reports_out_of_memory_as_a_status_and_keeps_going():
     rows = sweep(_cfg(steps=1, warmup=0), [1, 4096], max_memory_gb=1.5)
     assert [r["status"] for r in rows] == ["ok", "OOM"]
@@ -89,6 +92,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_speed_and_stats_cli(tmp_path):
     out = _cli("speed", "--preset", "custom", *sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in MICRO.items()), []),
                "--vocab-size", "512", "--batch-size", "1,2", "--seq-len", "32", "--steps", "1", "--warmup", "1",

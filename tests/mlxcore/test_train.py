@@ -133,6 +133,7 @@ def test_init_from_needs_the_same_tokenizer(small_data, tmp_path):
         train.run(job, None)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(small_data, tmp_path):
     """Kill the trainer (SIGKILL) after a checkpoint, re-run it, compare with an uninterrupted run."""
     steps = dict(steps=150, save_every=10, eval_every=50, keep_last=3)
@@ -159,6 +160,7 @@ def test_resume_after_sigkill_is_bit_identical(small_data, tmp_path):
 # ------------------------------------------------------------------ the training subprocess
 
 
+@pytest.mark.slow
 def test_subprocess_relays_events_and_returns_the_result(small_data, tmp_path):
     rec = Recorder()
     result = run_in_subprocess(_job(small_data, tmp_path / "run", steps=10), rec)
@@ -175,6 +177,7 @@ def test_subprocess_error_is_reported_not_retried(small_data, tmp_path):
         run_in_subprocess(job)
 
 
+@pytest.mark.slow
 def test_a_killed_trainer_is_a_crash_that_resume_can_fix(small_data, tmp_path):
     class KillOnCheckpoint(TrainingCallback):
         def on_checkpoint(self, info):

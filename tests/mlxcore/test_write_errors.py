@@ -71,6 +71,7 @@ def _train(job: TrainJob, tmp_path: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_training_fails_in_one_line_keeps_the_last_checkpoint_and_resumes(small_data, tmp_path, tiny_fs):
     mount, remount = tiny_fs
     one = _checkpoint_bytes(small_data, tmp_path)
