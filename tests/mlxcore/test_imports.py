@@ -22,7 +22,7 @@ def test_no_prefect_import_statement_in_mlxcore():
 
 
 def test_importing_every_mlxcore_module_loads_no_prefect():
-    modules = [m.name for m in pkgutil.walk_packages([str(ROOT)], "mlxcore.")]
+    modules = [m.name for m in pkgutil.walk_packages([str(ROOT)], "mlxcore.") if m.name != "mlxcore.__main__"]
     assert "mlxcore.train" in modules and "mlxcore.data.loader" in modules
     code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules) + \
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
@@ -82,3 +82,16 @@ def test_no_import_cycle_in_mlxcore():
     assert _cycles(graph) == []
     # the check finds a cycle when there is one
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_library_commands_run_without_prefect(tmp_path):
+    """`python -m mlxcore ...` (and the `mlxcore` script) needs no orchestrator: a command runs
+    and answers with its own name, and prefect is never imported."""
+    (tmp_path / "run" / ".tmp-x~elsewhere~1~1~1").mkdir(parents=True)
+    code = ("import sys; from mlxcore.cli import main; rc = main(['clean', sys.argv[1], '--dry-run']); "
+            "rc2 = main(['fuse', '--adapter', sys.argv[1], '--out', sys.argv[1] + '/x']); "
+            "print(rc, rc2, sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "unknown" in out.stdout and out.stdout.strip().endswith("0 2 []")
+    assert f"mlxcore: error: {tmp_path / 'run'}: not an adapter dir" in out.stderr

@@ -78,8 +78,8 @@ def test_only_temp_files_of_dead_writers_are_stale(tmp_path):
     assert clean_stale_tmp(tmp_path) == [Path(live)]  # its writer is gone now
 
 
-def test_mlxflow_clean_lists_and_removes_stale_temp_files(tmp_path, capsys):
-    from flows.cli import main
+def test_the_clean_command_lists_and_removes_stale_temp_files(tmp_path, capsys):
+    from mlxcore.cli import main
 
     (tmp_path / "run").mkdir()
     _, dead = _writer(tmp_path / "run", hold=False)
