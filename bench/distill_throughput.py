@@ -311,8 +311,8 @@ def load_generator(url: str, bodies: list[dict], concurrency: int) -> dict:
 def ours(url: str, n: int, max_tokens: int, workers: int, out: Path) -> dict:
     from mlxcore.distill.generate import GenerationStalled, generate
     from mlxcore.distill.prompts import PromptConfig
-    from mlxcore.distill.rows import iter_rows
-    from mlxcore.distill.teacher import TeacherConfig
+    from mlxcore.data.rows import iter_rows
+    from mlxcore.clients.chat import TeacherConfig
     from mlxcore.distill.verify import CategoryPolicy, VerifyPolicy
 
     policy = VerifyPolicy(**{c: CategoryPolicy(verify=False) for c in ("math", "logic", "reasoning", "knowledge")})
@@ -342,7 +342,7 @@ def ours(url: str, n: int, max_tokens: int, workers: int, out: Path) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from mlxcore.distill.prompts import PromptConfig, prompt
-    from mlxcore.distill.rows import prompt_hash
+    from mlxcore.data.rows import prompt_hash
 
     work = Path(tempfile.mkdtemp(prefix="distill-bench-"))
     try:

@@ -15,7 +15,7 @@ from pydantic_core import to_jsonable_python
 
 from mlxcore.distill.schema import PromptConfig, TeacherConfig, VerifyPolicy
 from mlxcore.layout import is_model_dir
-from mlxcore.secrets import KeyedEndpoint
+from mlxcore.clients.secrets import KeyedEndpoint
 
 
 class ConfigError(ValueError):

@@ -25,9 +25,11 @@ from mlxcore.config import DistillConfig, SampleConfig, StreamConfig, StudentCon
 from mlxcore.distill import prompts as prompt_gen
 from mlxcore.distill.generate import generate
 from mlxcore.distill.prompts import PromptConfig
-from mlxcore.distill.rows import iter_rows
+from mlxcore.data.rows import iter_rows
 from mlxcore.distill.student import ROWS_FILE, StudentJob, mark_generation, planned_steps
-from mlxcore.distill.teacher import Teacher, TeacherConfig, TeacherError
+from mlxcore.clients.chat import Teacher, TeacherConfig, TeacherError
+from mlxcore import answers
+from mlxcore.distill import verify
 from mlxcore.distill.verify import VerifyPolicy, check
 from mlxcore.io import atomic_dir, dir_digest, is_complete, read_manifest, sha256_file, sha256_json, write_manifest
 from mlxcore.launch import run_in_subprocess
@@ -49,9 +51,9 @@ def rows_dir(config: DistillConfig) -> Path:
     """Where the rows of this teacher / prompt stream / checks live (the target is not part of it).
 
     Deliberately narrower than a stage's code version (tasks.caching): rows cost teacher calls,
-    so only the prompt generator and the checks key them, not the modules they import.
+    so only the prompt generator, the checks and the answer parser key them, not the modules they import.
     """
-    code = [sha256_file(Path(prompt_gen.__file__)), sha256_file(Path(prompt_gen.__file__).with_name("verify.py"))]
+    code = [sha256_file(Path(m.__file__)) for m in (prompt_gen, verify, answers)]
     key = sha256_json({"teacher": config.teacher.model_dump(include=set(CONTENT_KEYS)),
                        "prompts": config.prompts.model_dump(), "verify": config.verify.model_dump(), "code": code})
     return config.run_dir / f"distill-rows-{key[:12]}"

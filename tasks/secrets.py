@@ -1,4 +1,4 @@
-"""The Prefect side of mlxcore/secrets.py: `api_key_secret: <name>` is a Prefect Secret block.
+"""The Prefect side of mlxcore/clients/secrets.py: `api_key_secret: <name>` is a Prefect Secret block.
 
 Resolved by the task that makes the requests, when it makes its client: the key never becomes a
 flow or task parameter, a result or a cache key. (mlxcore cannot import prefect, so the tasks

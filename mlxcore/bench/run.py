@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 from mlxcore.bench.scoring import score
 from mlxcore.bench.suites import Example, baseline
 from mlxcore.config import BenchTarget
-from mlxcore.secrets import SecretResolver
+from mlxcore.clients.secrets import SecretResolver
 
 Progress = Callable[[int, int], None]
 
@@ -26,7 +26,7 @@ def answer(target: BenchTarget, examples: Sequence[Example], max_tokens: int = 6
            seed: int = 0, on_progress: Progress | None = None,
            resolve_secret: SecretResolver | None = None) -> list[dict]:
     """`target`'s scored answers to `examples`, in their order. `resolve_secret` reads the
-    Prefect Secret block an endpoint's `api_key_secret` names (see mlxcore/secrets.py)."""
+    Prefect Secret block an endpoint's `api_key_secret` names (see mlxcore/clients/secrets.py)."""
     if target.kind == "checkpoint":
         return _checkpoint(target.path, examples, max_tokens, batch_size, on_progress)
     if target.kind == "random":
@@ -76,7 +76,7 @@ def _random(examples: Sequence[Example], seed: int, on_progress: Progress | None
 def _endpoint(target: BenchTarget, examples: Sequence[Example], max_tokens: int,
               on_progress: Progress | None, resolve_secret: SecretResolver | None) -> list[dict]:
     """Ollama or an OpenAI-compatible server, through the distillation teacher's client (retries included)."""
-    from mlxcore.distill.teacher import Teacher, TeacherConfig, TeacherError
+    from mlxcore.clients.chat import Teacher, TeacherConfig, TeacherError
 
     config = TeacherConfig(url=target.url or TeacherConfig().url, model=target.model, api=target.kind,
                            temperature=0.0, top_p=1.0, max_tokens=max_tokens, workers=target.workers,

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlxcore.distill import prompts as prompt_gen
-from mlxcore.distill.rows import RowStore, make_row, prompt_hash
-from mlxcore.distill.teacher import Teacher, TeacherConfig, TeacherError
+from mlxcore.data.rows import RowStore, make_row, prompt_hash
+from mlxcore.clients.chat import Teacher, TeacherConfig, TeacherError
 from mlxcore.distill.verify import NO_ANSWER, VerifyPolicy, check
 
 

@@ -22,7 +22,7 @@ Categories and kinds (`KINDS`):
              ages        "P is k times as old as C; in y years P will be j times as old"
   knowledge  open        an open question from a bank of ~40 topics (no ground truth)
 
-`Prompt.truth` is a canonical string (see `mlxcore.distill.verify.normalize_number`): an integer
+`Prompt.truth` is a canonical string (see `mlxcore.answers.normalize_number`): an integer
 or exact decimal for numeric kinds, "yes" / "no" / "cannot tell" for syllogisms, a name for
 orderings, None for knowledge. `Prompt.meta` holds the structured values the text was built
 from, so a checker can recompute the truth without trusting the generator's arithmetic.
@@ -37,6 +37,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any, Iterator
 
+from mlxcore.answers import canonical_number
 from mlxcore.distill.schema import ANSWER_TYPES, CATEGORIES, DEFAULT_WEIGHTS, KINDS, PromptConfig  # noqa: F401  (re-exported)
 
 @dataclass(frozen=True)
@@ -80,25 +81,6 @@ def prompts(cfg: PromptConfig, start: int = 0, count: int | None = None) -> Iter
     while count is None or i < start + count:
         yield prompt(cfg, i)
         i += 1
-
-
-def canonical_number(value: Fraction | int) -> str:
-    """An exact number as a string: "12", "-3", "12.5", or "1/3" when no finite decimal exists."""
-    f = Fraction(value)
-    if f.denominator == 1:
-        return str(f.numerator)
-    d, twos, fives = f.denominator, 0, 0
-    while d % 2 == 0:
-        d, twos = d // 2, twos + 1
-    while d % 5 == 0:
-        d, fives = d // 5, fives + 1
-    if d != 1:
-        return f"{f.numerator}/{f.denominator}"
-    places = max(twos, fives)
-    scaled = abs(f.numerator) * 10**places // f.denominator
-    digits = str(scaled).rjust(places + 1, "0")
-    out = f"{digits[:-places]}.{digits[-places:]}".rstrip("0").rstrip(".")
-    return ("-" if f < 0 else "") + out
 
 
 _INSTRUCTIONS: dict[str, tuple[str, ...]] = {

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mlxcore.secrets import KeyedEndpoint
+from mlxcore.clients.secrets import KeyedEndpoint
 
 CATEGORIES: tuple[str, ...] = ("math", "logic", "reasoning", "knowledge")
 KINDS: dict[str, tuple[str, ...]] = {

@@ -1,6 +1,6 @@
 """The training half of distillation: SFT on a rows file that another process is still writing.
 
-`GrowingRows` turns the rows store (`rows.py`) into the batch source `train.fit()` takes. Rows
+`GrowingRows` turns the rows store (`mlxcore/data/rows.py`) into the batch source `train.fit()` takes. Rows
 are used in file order, which never changes (the store only appends), so a row's position is
 its identity:
 
@@ -47,7 +47,7 @@ from mlxcore.config import ModelConfig, StreamConfig, TrainConfig
 from mlxcore.data.loader import collate_sft
 from mlxcore.data.pretokenize import chat_segments
 from mlxcore.io import is_complete, read_manifest, write_json
-from mlxcore.distill.rows import read_new
+from mlxcore.data.rows import read_new
 
 ROWS_FILE, STATE_FILE = "rows.jsonl", "state.json"
 

@@ -24,7 +24,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from mlxcore.distill.rows import RowStore, iter_rows, make_row
+from mlxcore.data.rows import RowStore, iter_rows, make_row
 from mlxcore.rl.grpo import group_advantages, token_logprobs
 from mlxcore.rl.rewards import correctness_reward, reward as score
 

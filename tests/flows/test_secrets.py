@@ -71,7 +71,7 @@ def test_a_key_from_a_prefect_secret_block_is_sent_but_never_a_flow_parameter(tm
 
 
 def test_openai_endpoints_still_default_to_OPENAI_API_KEY(monkeypatch):
-    from mlxcore.distill.teacher import Teacher
+    from mlxcore.clients.chat import Teacher
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-default")
     with OllamaStandin() as hub:
@@ -84,8 +84,8 @@ def test_openai_endpoints_still_default_to_OPENAI_API_KEY(monkeypatch):
 
 
 def test_a_named_key_that_is_missing_fails_before_any_request(monkeypatch):
-    from mlxcore.distill.teacher import Teacher
-    from mlxcore.secrets import SecretError
+    from mlxcore.clients.chat import Teacher
+    from mlxcore.clients.secrets import SecretError
 
     monkeypatch.delenv("MLXFLOW_UNSET_KEY", raising=False)
     with OllamaStandin() as hub:

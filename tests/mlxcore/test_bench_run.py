@@ -101,7 +101,7 @@ def test_an_endpoint_is_scored_on_its_replies_and_shares_its_wall_time():
 
 
 def test_an_unreachable_or_unknown_endpoint_fails_before_any_question():
-    from mlxcore.distill.teacher import TeacherError
+    from mlxcore.clients.chat import TeacherError
     from tests.ollama_standin import closed_url
 
     with pytest.raises(TeacherError, match="cannot reach"):

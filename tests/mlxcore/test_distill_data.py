@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-import mlxcore.distill.rows as rows_mod
+import mlxcore.data.rows as rows_mod
 from mlxcore.distill.prompts import CATEGORIES, KINDS, PromptConfig, prompt, prompts
-from mlxcore.distill.verify import CategoryPolicy, VerifyPolicy, check, extract_answer, strip_think
-from mlxcore.distill.rows import RowStore, RowStoreLocked, iter_rows, make_row, prompt_hash, read_new
+from mlxcore.answers import strip_think
+from mlxcore.distill.verify import CategoryPolicy, VerifyPolicy, check, extract_answer
+from mlxcore.data.rows import RowStore, RowStoreLocked, iter_rows, make_row, prompt_hash, read_new
 
 REPO = Path(__file__).resolve().parents[2]
 EVERY = PromptConfig(weights={c: 1.0 for c in CATEGORIES}, seed=3)
@@ -603,7 +604,7 @@ def test_concurrent_appends_do_not_interleave(tmp_path):
 
 _CHILD = """
 import sys
-from mlxcore.distill.rows import RowStore, make_row
+from mlxcore.data.rows import RowStore, make_row
 store = RowStore(sys.argv[1])
 i = int(sys.argv[2])
 while True:

@@ -10,8 +10,8 @@ import pytest
 
 from mlxcore.distill import prompts as prompt_gen
 from mlxcore.distill.generate import GenerationStalled, generate
-from mlxcore.distill.rows import iter_rows
-from mlxcore.distill.teacher import TeacherConfig
+from mlxcore.data.rows import iter_rows
+from mlxcore.clients.chat import TeacherConfig
 
 from tests.fault_proxy import FaultProxy
 from tests.known_teacher import KnownTeacher, is_right, restates
@@ -113,7 +113,7 @@ CHILD = """
 import sys
 from mlxcore.distill import prompts
 from mlxcore.distill.generate import generate
-from mlxcore.distill.teacher import TeacherConfig
+from mlxcore.clients.chat import TeacherConfig
 generate(TeacherConfig(url=sys.argv[1], workers=4, timeout_s=5), prompts.PromptConfig(seed=3), sys.argv[2], 80)
 """
 

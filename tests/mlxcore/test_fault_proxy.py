@@ -11,7 +11,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from mlxcore.distill.teacher import Reply, Teacher, TeacherConfig
+from mlxcore.clients.chat import Reply, Teacher, TeacherConfig
 from tests.fault_proxy import KINDS, FaultProxy
 from tests.ollama_standin import OllamaStandin, closed_url
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlxcore.distill.rows import iter_rows
+from mlxcore.data.rows import iter_rows
 from mlxcore.config import RLUpdateConfig
 from mlxcore.rl.iteration import run_update
 from mlxcore.rl.loop import RLPrompt, read_buffer, rollout, sequence_logprobs

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlxcore.config import StreamConfig
-from mlxcore.distill.rows import RowStore, make_row
+from mlxcore.data.rows import RowStore, make_row
 from mlxcore.distill.student import GenerationFailed, GrowingRows, RowEncoder, generation_state, mark_generation
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from mlxcore.distill.teacher import Reply, Teacher, TeacherConfig, TeacherError, TeacherGaveUp, strip_think
+from mlxcore.clients.chat import Reply, Teacher, TeacherConfig, TeacherError, TeacherGaveUp, strip_think
 from tests.fault_proxy import FaultProxy
 from tests.ollama_standin import OllamaStandin, closed_url, count_tokens
 

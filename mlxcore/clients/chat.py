@@ -19,7 +19,7 @@ Two wire APIs, chosen by `TeacherConfig.api`:
             `api_key_env` (an environment variable) or `api_key_secret` (a Prefect Secret block,
             read through the `resolve_secret` callable the caller passes); with neither, the
             openai API uses $OPENAI_API_KEY when it is set. A literal `api_key` is refused
-            (configs are Prefect flow-run parameters); see mlxcore/secrets.py.
+            (configs are Prefect flow-run parameters); see mlxcore/clients/secrets.py.
 
 A reply's `<think>...</think>` reasoning is stripped (`strip_think`: what follows the last
 `</think>`); an unclosed block, cut off by `max_tokens`, leaves an empty text.
@@ -68,7 +68,6 @@ import collections
 import ipaddress
 import json
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -79,8 +78,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from mlxcore.answers import strip_think
 from mlxcore.distill.schema import TeacherConfig  # noqa: F401  (re-exported)
-from mlxcore.secrets import SecretResolver, resolve_api_key
+from mlxcore.clients.secrets import SecretResolver, resolve_api_key
 
 FAILURE_KINDS = ("timeout", "5xx", "429", "connection", "malformed", "4xx")
 
@@ -124,22 +124,6 @@ class _Cancelled(Exception):
     """The imap_unordered run this call belongs to was closed; nobody reads the result."""
 
 
-_THINK_CLOSE = re.compile(r"</think>", re.I)
-_THINK_OPEN = re.compile(r"<think>", re.I)
-
-
-def strip_think(text: str) -> str | None:
-    """The reply after its last `</think>`; None when a `<think>` block is never closed (the
-    reasoning was cut off, so the answer never came). The one definition the client and the
-    verifier share."""
-    closes = list(_THINK_CLOSE.finditer(text))
-    if closes:
-        text = text[closes[-1].end():].lstrip()
-    if _THINK_OPEN.search(text):
-        return None
-    return text
-
-
 def _is_loopback(host: str | None) -> bool:
     if not host:
         return False
@@ -179,7 +163,7 @@ class Teacher:
 
     The API key is read here, once, in this process: `config.api_key_env` from the environment,
     `config.api_key_secret` through `resolve_secret` (a Prefect Secret block's name -> its value;
-    mlxcore cannot import prefect). Raises mlxcore.secrets.SecretError when it cannot be found.
+    mlxcore cannot import prefect). Raises mlxcore.clients.secrets.SecretError when it cannot be found.
     """
 
     def __init__(self, config: TeacherConfig | None = None, *, resolve_secret: SecretResolver | None = None,
