@@ -34,6 +34,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from mlxcore.io import writing
+
 log = logging.getLogger(__name__)
 
 __all__ = ["RowStore", "RowStoreLocked", "iter_rows", "make_row", "prompt_hash", "read_new"]
@@ -179,10 +181,11 @@ class RowStore:
                 return False
             start = self._size
             try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(self._fd, view)
-                    view = view[n:]
+                with writing(self.path):  # a full disk or lost rights: one line naming the file
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(self._fd, view)
+                        view = view[n:]
             except BaseException:
                 try:  # never leave a partial line for the next row to be glued onto
                     os.ftruncate(self._fd, start)
@@ -202,7 +205,8 @@ class RowStore:
 
     def _sync_locked(self, now: float | None = None) -> None:
         if self._fd is not None and self._pending:
-            os.fsync(self._fd)
+            with writing(self.path):
+                os.fsync(self._fd)
         self._pending = 0
         self._last_sync = time.monotonic() if now is None else now
 

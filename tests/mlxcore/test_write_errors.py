@@ -118,3 +118,18 @@ def test_atomic_writes_on_a_full_disk_leave_nothing_behind(tmp_path, tiny_fs):
         write_json(fs / "state.json", {"x": "y" * (100 * 1024)})
     assert json.loads((fs / "state.json").read_text()) == {"ok": 1}  # the old file, whole
     assert sorted(p.name for p in fs.iterdir()) == ["ballast", "state.json"]
+
+
+def test_a_row_store_on_a_full_disk_names_the_file_and_keeps_every_whole_row(tmp_path, tiny_fs):
+    from mlxcore.data.rows import RowStore, iter_rows
+
+    mount, _ = tiny_fs
+    fs = mount(64 * 1024)
+    row = lambda i: {"conversations": [{"role": "user", "content": f"q{i}"},  # noqa: E731
+                                       {"role": "assistant", "content": "x" * 3000}], "meta": {"id": f"r{i}"}}
+    with RowStore(fs / "rows.jsonl") as store:
+        with pytest.raises(WriteError, match=f"cannot write {fs / 'rows.jsonl'}: no space left on device"):
+            for i in range(100):
+                store.append(row(i))
+        written = store.count
+    assert 0 < written < 100 and [r["meta"]["id"] for r in iter_rows(fs / "rows.jsonl")] == [f"r{i}" for i in range(written)]
