@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     import mlxcore  # noqa: F401  (fast BLAS first)
     from bench.rollout import build_model
     from mlxcore.bench.suites import SUITES, make
-    from mlxcore.generate import load_chat
+    from mlxcore.models.generate import load_chat
 
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-targets-") as tmp:

@@ -25,9 +25,9 @@ def worker(steps: int) -> dict:
     import numpy as np
 
     from mlxcore.config import ModelConfig
-    from mlxcore.doctor import sgemm_gflops
-    from mlxcore.model import from_config, hf_config
-    from mlxcore.step import make_step
+    from mlxcore.perf.doctor import sgemm_gflops
+    from mlxcore.models.model import from_config, hf_config
+    from mlxcore.train.step import make_step
 
     B, T, V = 8, 256, 6400
     model = from_config(hf_config(ModelConfig(preset="tiny"), V))

@@ -10,7 +10,7 @@ once GET /v1/models answers; requests name the model "default_model". It is alwa
 the end (SIGTERM to this script included). HF_HUB_CACHE points it at an empty folder: its
 /v1/models scans the Hugging Face cache and, where that folder is missing, drops the connection
 without an answer. --server-blas fast (default) preloads (LD_PRELOAD) the BLAS that mlxcore
-picks for MLX's CPU backend (MKL, else OpenBLAS; see mlxcore/_blas.py), as mlxcore's own
+picks for MLX's CPU backend (MKL, else OpenBLAS; see mlxcore/perf/_blas.py), as mlxcore's own
 processes use; a plain `python -m mlx_lm.server` would run on the wheel's reference BLAS, about
 2x slower per token here. `--server-blas reference` leaves it so.
 
@@ -144,9 +144,9 @@ def build_model(out: Path, tokenizer_dir: Path, *, hidden: int, layers: int, rep
     import numpy as np
     from transformers import AutoTokenizer
 
-    from mlxcore import checkpoint
+    from mlxcore.models import checkpoint
     from mlxcore.config import ModelConfig
-    from mlxcore.model import from_config, hf_config
+    from mlxcore.models.model import from_config, hf_config
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     eos = tok.eos_token_id

@@ -47,10 +47,10 @@ def parse_args(argv=None):
 
 
 def build_model(out: Path, tokenizer_dir: Path) -> Path:
-    from mlxcore.checkpoint import save_model_dir
+    from mlxcore.models.checkpoint import save_model_dir
     from mlxcore.config import ModelConfig
     from mlxcore.data import tokenizer as tokenizers
-    from mlxcore.model import from_config, hf_config
+    from mlxcore.models.model import from_config, hf_config
 
     tok = tokenizers.load(tokenizer_dir)
     config = hf_config(ModelConfig(preset="tiny"), len(tok), tokenizers.special_ids(tok))
@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
     import os
 
     import mlxcore  # noqa: F401  (fast BLAS first)
-    from mlxcore.generate import load_chat
+    from mlxcore.models.generate import load_chat
 
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp:

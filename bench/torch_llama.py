@@ -1,6 +1,6 @@
 """A plain PyTorch twin of the model mlxcore trains, so a benchmark can time the same computation.
 
-mlxcore builds mlx-lm's `llama.Model` from an HF-style config dict (`mlxcore.model.hf_config`).
+mlxcore builds mlx-lm's `llama.Model` from an HF-style config dict (`mlxcore.models.model.hf_config`).
 `Llama(config)` is that architecture in PyTorch: token embedding; per layer RMSNorm ->
 grouped-query attention (q/k/v/o without bias, non-traditional RoPE, causal, scale
 1/sqrt(head_dim)) -> residual, RMSNorm -> SwiGLU MLP -> residual; final RMSNorm; logits from

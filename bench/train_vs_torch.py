@@ -39,10 +39,10 @@ import mlx.optimizers as optim
 import numpy as np
 import torch
 
-from mlxcore import stats
+from mlxcore.perf import stats
 from mlxcore.config import ModelConfig
-from mlxcore.model import from_config, hf_config, num_params
-from mlxcore.step import make_step
+from mlxcore.models.model import from_config, hf_config, num_params
+from mlxcore.train.step import make_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 import torch_llama  # noqa: E402
@@ -240,7 +240,7 @@ def main(argv=None) -> dict:
         r["step_ms"] = statistics.median(r["step_times_ms"])
         r["tok_per_s"] = B * T / (r["step_ms"] / 1e3)
         r["mfu"] = stats.mfu(r["tok_per_s"], flops_per_token, peak)
-    print(f"MFU: {flops_per_token / 1e6:.1f} MFLOP/token (mlxcore.stats: 6N + 12*L*T*heads*head_dim) over a peak of "
+    print(f"MFU: {flops_per_token / 1e6:.1f} MFLOP/token (mlxcore.perf.stats: 6N + 12*L*T*heads*head_dim) over a peak of "
           f"{peak / 1e12:.1f} TFLOP/s ({'given' if args.peak_tflops else f'measured torch {args.dtype} matmul'})")
     fastest = max(rows[1:], key=lambda r: r["tok_per_s"])
     ratio = rows[0]["tok_per_s"] / fastest["tok_per_s"]

@@ -5,7 +5,7 @@ Importing this package first makes MLX's Linux CPU backend use a fast BLAS (see 
 
 import os
 
-from mlxcore._blas import ensure_fast_blas
+from mlxcore.perf._blas import ensure_fast_blas
 
 # transformers advises installing PyTorch on import; mlxcore only uses its tokenizers.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

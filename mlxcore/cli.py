@@ -24,14 +24,14 @@ def error(prog: str, msg: str, code: int) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from mlxcore import doctor
+    from mlxcore.perf import doctor
 
     print(doctor.format_report(doctor.report()))
     return 0
 
 
 def cmd_generate(args) -> int:
-    from mlxcore.generate import load_chat, reply
+    from mlxcore.models.generate import load_chat, reply
 
     try:
         model, tokenizer = load_chat(args.checkpoint)
@@ -42,7 +42,7 @@ def cmd_generate(args) -> int:
 
 
 def _speed_config(args):
-    from mlxcore.speed import SpeedConfig
+    from mlxcore.perf.speed import SpeedConfig
 
     fields = {k: v for k, v in vars(args).items() if k in SpeedConfig.model_fields and v is not None}
     model = {}
@@ -55,7 +55,7 @@ def _speed_config(args):
 def cmd_speed(args) -> int:
     from pydantic import ValidationError
 
-    from mlxcore import speed
+    from mlxcore.perf import speed
 
     try:
         cfg = _speed_config(args)
@@ -89,9 +89,9 @@ def cmd_speed(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from mlxcore import stats
+    from mlxcore.perf import stats
     from mlxcore.config import ModelConfig
-    from mlxcore.model import hf_config
+    from mlxcore.models.model import hf_config
 
     if args.model_dir:
         try:
@@ -121,8 +121,8 @@ def cmd_stats(args) -> int:
 
 
 def cmd_fuse(args) -> int:
-    from mlxcore.adapters import is_adapter_dir
-    from mlxcore.checkpoint import fuse
+    from mlxcore.models.adapters import is_adapter_dir
+    from mlxcore.models.checkpoint import fuse
 
     if not is_adapter_dir(args.adapter):
         return error(args.prog, f"{args.adapter}: not an adapter dir (no adapter_config.json)", 2)

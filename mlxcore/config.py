@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import to_jsonable_python
 
 from mlxcore.distill.schema import PromptConfig, TeacherConfig, VerifyPolicy
-from mlxcore.layout import is_model_dir
+from mlxcore.models.layout import is_model_dir
 from mlxcore.clients.secrets import KeyedEndpoint
 
 

@@ -18,7 +18,7 @@ from mlxcore.bench.run import answer
 from mlxcore.bench.suites import make
 from mlxcore.config import BenchConfig, BenchTarget, ConfigError
 from mlxcore.io import atomic_dir, path_digest, write_json, write_jsonl, write_manifest
-from mlxcore.layout import is_model_dir
+from mlxcore.models.layout import is_model_dir
 from tasks.caching import Stage
 from tasks.progress import artifact_key, progress_bar
 from tasks.secrets import prefect_secret

@@ -26,9 +26,9 @@ Known limits: it over-approximates — a module counts as a whole even when only
 is used (which is why the distill configs live apart from the prompt templates, the HTTP client
 and the answer parser, in `mlxcore.distill.schema`: every stage reads `mlxcore.config`) — and it
 cannot see what is not a literal import: a module named in a string (`importlib.import_module`,
-`__import__`, `python -m ...`; e.g. the job module the child process of `mlxcore.launch` imports
+`__import__`, `python -m ...`; e.g. the job module the child process of `mlxcore.train.launch` imports
 by name) counts only because the stage module also imports it directly (tasks.train imports
-mlxcore.train, tasks.distill mlxcore.distill.student, tasks.rl mlxcore.rl.iteration). Data files
+mlxcore.train.loop, tasks.distill mlxcore.distill.student, tasks.rl mlxcore.rl.iteration). Data files
 read at run time (other than package sources as above) and third-party code other than mlx /
 mlx-lm are not hashed. Code versions are computed once per process: a long-lived worker does
 not see source edits made after its first key. `code_version()` without a module hashes every

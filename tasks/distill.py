@@ -20,7 +20,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from mlxcore.callbacks import CallbackList, ProgressBar, TrainingCallback
+from mlxcore.train.callbacks import CallbackList, ProgressBar, TrainingCallback
 from mlxcore.config import DistillConfig, SampleConfig, StreamConfig, StudentConfig, TrainConfig
 from mlxcore.distill import prompts as prompt_gen
 from mlxcore.distill.generate import generate
@@ -28,11 +28,11 @@ from mlxcore.distill.prompts import PromptConfig
 from mlxcore.data.rows import iter_rows
 from mlxcore.distill.student import ROWS_FILE, StudentJob, mark_generation, planned_steps
 from mlxcore.clients.chat import Teacher, TeacherConfig, TeacherError
-from mlxcore import answers
+from mlxcore.bench import answers
 from mlxcore.distill import verify
 from mlxcore.distill.verify import VerifyPolicy, check
 from mlxcore.io import atomic_dir, dir_digest, is_complete, read_manifest, sha256_file, sha256_json, write_manifest
-from mlxcore.launch import run_in_subprocess
+from mlxcore.train.launch import run_in_subprocess
 from tasks.caching import Stage, code_version, sweep
 from tasks.progress import PrefectProgress, StageProgress, artifact_key
 from tasks.secrets import prefect_secret
@@ -214,7 +214,7 @@ def held_out_prompts(rows_dir: str, stream: StreamConfig, n: int) -> list[dict]:
 def compare(checkpoint: str, rows_dir: str, prompts: PromptConfig, verify: VerifyPolicy, stream: StreamConfig,
             sample: SampleConfig, run_dir: str) -> dict:
     """The student's replies to held-out prompts beside the teacher's, through the same checks."""
-    from mlxcore.generate import load_chat, reply
+    from mlxcore.models.generate import load_chat, reply
 
     model, tok = load_chat(checkpoint)
     table = []

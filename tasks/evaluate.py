@@ -8,8 +8,8 @@ from pathlib import Path
 from prefect.artifacts import create_table_artifact
 
 from mlxcore.config import SampleConfig
-from mlxcore.evaluate import loss_ppl
-from mlxcore.generate import sample_split
+from mlxcore.bench.perplexity import loss_ppl
+from mlxcore.models.generate import sample_split
 from mlxcore.io import atomic_dir, read_manifest, write_json, write_manifest
 from tasks.caching import Stage
 from tasks.progress import artifact_key, progress_bar

@@ -9,8 +9,8 @@ from typing import Callable, Iterator
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
-from mlxcore.callbacks import TrainingCallback
-from mlxcore.plots import loss_curve, markdown_image
+from mlxcore.train.callbacks import TrainingCallback
+from mlxcore.bench.plots import loss_curve, markdown_image
 
 
 def artifact_key(*parts: str) -> str:

@@ -18,10 +18,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from mlxcore.config import RLUpdateConfig, RolloutConfig
 from mlxcore.data.download import data_files
 from mlxcore.io import is_complete, read_manifest, write_json
-from mlxcore.callbacks import CallbackList, ProgressBar
-from mlxcore.launch import run_in_subprocess
+from mlxcore.train.callbacks import CallbackList, ProgressBar
+from mlxcore.train.launch import run_in_subprocess
 from mlxcore.rl.iteration import RLState, UpdateJob, greedy_accuracy, iteration_prompts, load_questions, run_rollout
-from mlxcore.plots import line_chart, markdown_image
+from mlxcore.bench.plots import line_chart, markdown_image
 from tasks.caching import sweep
 from tasks.progress import PrefectProgress, artifact_key, progress_bar
 from tasks.train import _crashed

@@ -1,14 +1,14 @@
-"""Training stages: each runs a training job in a child process (`mlxcore.launch`) and relays its progress."""
+"""Training stages: each runs a training job in a child process (`mlxcore.train.launch`) and relays its progress."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mlxcore.callbacks import CallbackList, ProgressBar
+from mlxcore.train.callbacks import CallbackList, ProgressBar
 from mlxcore.config import ModelConfig, TrainConfig
 from mlxcore.io import link
-from mlxcore.launch import TrainingCrashed, run_in_subprocess
-from mlxcore.train import TrainJob, finished
+from mlxcore.train.launch import TrainingCrashed, run_in_subprocess
+from mlxcore.train.loop import TrainJob, finished
 from tasks.caching import Stage
 from tasks.progress import PrefectProgress
 

@@ -51,18 +51,18 @@ def quick_train(**overrides) -> TrainConfig:
 
 
 def kill_after_first_checkpoint(job, tmp_path: Path) -> int:
-    """Start `python -m mlxcore.launch` on `job`, SIGKILL it once a checkpoint exists; its step."""
+    """Start `python -m mlxcore.train.launch` on `job`, SIGKILL it once a checkpoint exists; its step."""
     import signal
     import subprocess
     import sys
     import time
 
-    from mlxcore import checkpoint
+    from mlxcore.models import checkpoint
 
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (tmp_path / "job.json").write_text(job.model_dump_json())
-    proc = subprocess.Popen([sys.executable, "-m", "mlxcore.launch", str(tmp_path / "job.json")],
+    proc = subprocess.Popen([sys.executable, "-m", "mlxcore.train.launch", str(tmp_path / "job.json")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not checkpoint.list_checkpoints(out / "checkpoints") and time.time() < deadline:
@@ -128,8 +128,8 @@ def tiny_hf_config(model_type: str = "qwen3", vocab_size: int = 512) -> dict:
 
 def hf_model_dir(path: Path, tokenizer_dir: Path, model_type: str = "qwen3", vocab_size: int = 512) -> Path:
     """A tiny model in the layout Hugging Face / mlx-lm write (config.json, model.safetensors, tokenizer)."""
-    from mlxcore import checkpoint
-    from mlxcore.model import from_config
+    from mlxcore.models import checkpoint
+    from mlxcore.models.model import from_config
 
     config = tiny_hf_config(model_type, vocab_size)
     checkpoint.save_model_dir(path, from_config(config), config, tokenizer_dir=tokenizer_dir)

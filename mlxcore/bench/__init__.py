@@ -3,7 +3,9 @@ comprehension, logic, general knowledge, sorting, JSON output, copying) whose ex
 functions of (suite, seed, index) (`suites`), rule-based scorers that tolerate common reply
 surface forms (`scoring`), targets that answer them (`run`: a checkpoint, an Ollama model, an
 OpenAI-compatible endpoint, or the uniform-random baseline that gives each suite its chance
-level) and the side-by-side report (`report`). No Prefect import.
+level) and the side-by-side report (`report`); with them, what every evaluation shares: the
+final answer of a reply (`answers`, also used by the distill checks and RL rewards), held-out
+loss and perplexity (`perplexity`) and charts for reports (`plots`). No Prefect import.
 
     from mlxcore.bench import answer, make
     from mlxcore.bench.report import report
@@ -13,8 +15,16 @@ level) and the side-by-side report (`report`). No Prefect import.
                   "random": answer(BenchTarget(kind="random"), questions)})
 """
 
-from mlxcore.bench.run import answer
-from mlxcore.bench.scoring import Score, score
-from mlxcore.bench.suites import SUITES, Example, baseline, example, make
+import importlib
 
-__all__ = ["SUITES", "Example", "Score", "answer", "baseline", "example", "make", "score"]
+# Resolved on first use, so importing one piece (`answers`, `plots`, `perplexity`) does not load
+# the others: a stage is keyed on the code it imports (tasks/caching.py).
+_LAZY = {"answer": "run", "Score": "scoring", "score": "scoring", "SUITES": "suites", "Example": "suites",
+         "baseline": "suites", "example": "suites", "make": "suites"}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"mlxcore.bench.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'mlxcore.bench' has no attribute {name!r}")

@@ -46,7 +46,7 @@ def _checkpoint(path: str, examples: Sequence[Example], max_tokens: int, batch_s
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from mlxcore.generate import load_chat
+    from mlxcore.models.generate import load_chat
 
     model, tokenizer = load_chat(path)
     greedy = make_sampler(temp=0.0)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlxcore.bench.suites import LETTERS, Example
-from mlxcore.answers import strip_think
+from mlxcore.bench.answers import strip_think
 
 
 @dataclass(frozen=True)

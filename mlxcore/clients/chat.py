@@ -78,7 +78,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from mlxcore.answers import strip_think
+from mlxcore.bench.answers import strip_think
 from mlxcore.distill.schema import TeacherConfig  # noqa: F401  (re-exported)
 from mlxcore.clients.secrets import SecretResolver, resolve_api_key
 

@@ -22,7 +22,7 @@ Categories and kinds (`KINDS`):
              ages        "P is k times as old as C; in y years P will be j times as old"
   knowledge  open        an open question from a bank of ~40 topics (no ground truth)
 
-`Prompt.truth` is a canonical string (see `mlxcore.answers.normalize_number`): an integer
+`Prompt.truth` is a canonical string (see `mlxcore.bench.answers.normalize_number`): an integer
 or exact decimal for numeric kinds, "yes" / "no" / "cannot tell" for syllogisms, a name for
 orderings, None for knowledge. `Prompt.meta` holds the structured values the text was built
 from, so a checker can recompute the truth without trusting the generator's arithmetic.
@@ -37,7 +37,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any, Iterator
 
-from mlxcore.answers import canonical_number
+from mlxcore.bench.answers import canonical_number
 from mlxcore.distill.schema import ANSWER_TYPES, CATEGORIES, DEFAULT_WEIGHTS, KINDS, PromptConfig  # noqa: F401  (re-exported)
 
 @dataclass(frozen=True)

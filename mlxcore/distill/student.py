@@ -42,7 +42,7 @@ import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from mlxcore.callbacks import TrainingCallback
+from mlxcore.train.callbacks import TrainingCallback
 from mlxcore.config import ModelConfig, StreamConfig, TrainConfig
 from mlxcore.data.loader import collate_sft
 from mlxcore.data.pretokenize import chat_segments
@@ -229,7 +229,7 @@ class StudentJob(BaseModel):
     """What the student's training process needs; written as JSON for it."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["distill-student"] = "distill-student"  # mlxcore.launch runs it with `run`
+    kind: Literal["distill-student"] = "distill-student"  # mlxcore.train.launch runs it with `run`
     rows_dir: str
     token: str  # the run token the generator stamps its state with
     tokenizer_dir: str
@@ -248,7 +248,7 @@ class StudentJob(BaseModel):
 
 def run(job: StudentJob, callback: TrainingCallback | None = None) -> dict:
     """Build the student (fresh or from init_from) and `fit()` it on the growing rows."""
-    from mlxcore.train import build_model, fit
+    from mlxcore.train.loop import build_model, fit
 
     tok = read_manifest(job.tokenizer_dir, "tokenizer")
     model, config, adapter_config = build_model(job, tok["vocab_size"], tok["special_ids"])
@@ -261,4 +261,4 @@ def run(job: StudentJob, callback: TrainingCallback | None = None) -> dict:
                callback=cb, adapter_config=adapter_config)
 
 
-EXPECTED_ERRORS = (GenerationFailed,)  # mlxcore.launch reports these in one line, like bad data
+EXPECTED_ERRORS = (GenerationFailed,)  # mlxcore.train.launch reports these in one line, like bad data

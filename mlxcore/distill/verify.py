@@ -1,6 +1,6 @@
 """Acceptance checks for teacher replies: `check(prompt, reply, policy)` -> `Verdict`.
 
-The final answer comes from `mlxcore.answers` (`extract_answer` maps a prompt kind to its answer
+The final answer comes from `mlxcore.bench.answers` (`extract_answer` maps a prompt kind to its answer
 type first; the rule a final answer follows is described there).
 `check(prompt, reply, policy)` turns a reply into a `Verdict`: math / logic / reasoning replies
 pass only when the extracted answer equals the prompt's truth ("correct"); a reply with no final
@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from mlxcore.answers import _THINK_TAG, final_answer, normalize_choice, normalize_number
+from mlxcore.bench.answers import _THINK_TAG, final_answer, normalize_choice, normalize_number
 from mlxcore.distill.schema import ANSWER_TYPES, CategoryPolicy, VerifyPolicy  # noqa: F401  (re-exported)
 
 __all__ = ["NO_ANSWER", "CategoryPolicy", "VerifyPolicy", "Verdict", "check", "extract_answer", "normalize_truth",

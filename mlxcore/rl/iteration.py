@@ -63,7 +63,7 @@ def iteration_prompts(questions: list[RLPrompt], iteration: int, n: int, seed: i
 
 def run_rollout(policy_dir: str | Path, prompts: list[RLPrompt], buffer: str | Path, cfg, *, seed: int,
                 checkpoint: str, on_progress: Callable[[int, int], None] | None = None) -> dict:
-    from mlxcore.generate import load_chat
+    from mlxcore.models.generate import load_chat
 
     model, tok = load_chat(policy_dir)
     return rollout(model, tok, prompts, buffer, k=cfg.k, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
@@ -85,12 +85,13 @@ def run_update(policy_dir: str | Path, buffer: str | Path, out_dir: str | Path, 
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
-    from mlxcore import adapters, optimizers
-    from mlxcore import checkpoint as ckpt
-    from mlxcore.model import load
+    from mlxcore.models import adapters
+    from mlxcore.train import optimizers
+    from mlxcore.models import checkpoint as ckpt
+    from mlxcore.models.model import load
     from mlxcore.rl.grpo import GRPOLoss
     from mlxcore.rl.loop import SampleBatches, add_reference_logprobs, grpo_items
-    from mlxcore.train import fit
+    from mlxcore.train.loop import fit
 
     out_dir = Path(out_dir)
     items, metrics = grpo_items(buffer, cfg.scale_rewards)
@@ -137,7 +138,7 @@ def run_update(policy_dir: str | Path, buffer: str | Path, out_dir: str | Path, 
 
 
 class UpdateJob(BaseModel):
-    """One iteration's GRPO update, as `mlxcore.launch` runs it in its own process (`run_job`)."""
+    """One iteration's GRPO update, as `mlxcore.train.launch` runs it in its own process (`run_job`)."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["rl-update"] = "rl-update"
@@ -164,7 +165,7 @@ def greedy_accuracy(model_dir: str | Path, prompts: list[RLPrompt], max_tokens: 
     """Share of `prompts` whose greedy answer's final number equals the truth."""
     from mlx_lm.generate import batch_generate
 
-    from mlxcore.generate import load_chat
+    from mlxcore.models.generate import load_chat
 
     model, tok = load_chat(model_dir)
     right, shown = 0, []

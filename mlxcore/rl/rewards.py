@@ -1,7 +1,7 @@
 """GSM8K answers and rewards, as small pure functions.
 
 `extract_answer(text)`: the number after the last `#### ` line, else the final answer the
-response states by the distill checker's rule (`mlxcore.answers.final_number`: an
+response states by the distill checker's rule (`mlxcore.bench.answers.final_number`: an
 `Answer:` line or `\\boxed{}`, else a concluding final statement such as "So she has 12 left." or
 "3 x 4 = 12"), normalised: thousands commas, a currency sign, a trailing full stop or `%` and zero
 decimals go ("$1,234.00" -> "1234", "-3", "12.5", "3/4" -> "0.75"). None when the response states
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from mlxcore.answers import final_number, number_from_candidate
+from mlxcore.bench.answers import final_number, number_from_candidate
 
 _HASHES = re.compile(r"^[ \t]*####[ \t]*(?P<rest>[^\n]*)$", re.M)
 _FORMAT = re.compile(r"####[ \t]*[-+$]?[\d,]*\.?\d+[ \t]*\.?\s*\Z")

@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlxcore.config import ModelConfig  # noqa: E402
-from mlxcore.model import from_config, hf_config  # noqa: E402
-from mlxcore.step import make_step  # noqa: E402
+from mlxcore.models.model import from_config, hf_config  # noqa: E402
+from mlxcore.train.step import make_step  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))  # bench/ holds scripts, not a package

@@ -52,7 +52,7 @@ def test_serve_then_deployment_run_bench_puts_checkpoint_endpoint_and_random_sid
 def test_eval_flow_alone_tokenizes_with_the_checkpoints_tokenizer_and_reports_loss(tmp_path, small_data):
     from flows.cli import main
     from mlxcore.data import pretokenize
-    from mlxcore.evaluate import loss_ppl
+    from mlxcore.bench.perplexity import loss_ppl
 
     model = hf_model_dir(tmp_path / "model", small_data["tok"])
     val = small_data["raw"] / "sft" / "val.jsonl"

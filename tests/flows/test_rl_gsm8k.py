@@ -42,9 +42,9 @@ def _write(path, n, seed):
 @pytest.fixture(scope="module")
 def arithmetic(tmp_path_factory):
     """Train / test files and a fresh policy dir (random weights, a BPE trained on the sums)."""
-    from mlxcore.checkpoint import save_model_dir
+    from mlxcore.models.checkpoint import save_model_dir
     from mlxcore.data import tokenizer
-    from mlxcore.model import from_config, hf_config
+    from mlxcore.models.model import from_config, hf_config
 
     root = tmp_path_factory.mktemp("arith")
     _write(root / "train.jsonl", 4000, 0)

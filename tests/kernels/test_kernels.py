@@ -119,7 +119,7 @@ def test_cross_entropy_in_compiled_value_and_grad(fast):
             return (ce(model(x), y) * m).sum() / m.sum()
 
         loss_and_grad = nn.value_and_grad(model, loss)
-        # as mlxcore.step.make_step: the model is a closure, its state an implicit input
+        # as mlxcore.train.step.make_step: the model is a closure, its state an implicit input
         step = mx.compile(lambda x, y, m: loss_and_grad(model, x, y, m),
                           inputs=model.state, outputs=model.state)
         for _ in range(2):  # the second call runs the cached compiled graph
@@ -222,7 +222,7 @@ def test_llama_training_step_with_all_kernels(fast, monkeypatch):
     import mlx_lm.models.llama as llama_mod
     from mlx.utils import tree_flatten
 
-    from mlxcore.model import from_config, hf_config
+    from mlxcore.models.model import from_config, hf_config
     from tests.conftest import micro_model
 
     orig_sdpa = llama_mod.scaled_dot_product_attention

@@ -22,7 +22,7 @@ import pytest
 
 from mlxcore import kernels
 from mlxcore.kernels import _build, patch
-from mlxcore.model import from_config, hf_config
+from mlxcore.models.model import from_config, hf_config
 from tests.conftest import micro_model, tiny_hf_config
 
 ARCHS = ("llama", "qwen2", "qwen3")

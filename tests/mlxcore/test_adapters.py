@@ -8,11 +8,12 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from mlxcore import adapters, checkpoint, train
+from mlxcore.models import adapters, checkpoint
+from mlxcore.train import loop as train
 from mlxcore.config import LoRAConfig, QuantizeConfig
-from mlxcore.checkpoint import load
-from mlxcore.model import from_config
-from mlxcore.train import TrainJob
+from mlxcore.models.checkpoint import load
+from mlxcore.models.model import from_config
+from mlxcore.train.loop import TrainJob
 
 from tests.conftest import hf_model_dir, kill_after_first_checkpoint, micro_model, quick_train
 

@@ -55,7 +55,7 @@ def test_a_checkpoint_answers_in_batches_exactly_as_one_at_a_time(small_data, tm
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from mlxcore.generate import load_chat
+    from mlxcore.models.generate import load_chat
 
     model_dir = hf_model_dir(tmp_path / "m", small_data["tok"])
     examples = make(["copy", "sort", "json"], 4)
@@ -126,7 +126,7 @@ def test_targets_are_validated_with_clear_messages():
 def test_the_loss_curve_is_a_real_png_in_a_data_uri():
     from matplotlib.image import imread
 
-    from mlxcore.plots import loss_curve, markdown_image
+    from mlxcore.bench.plots import loss_curve, markdown_image
 
     png = loss_curve([(1, 3.0), (2, 2.5), (3, 2.0)], [(0, 3.2), (3, 2.1)], "demo sft")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -25,7 +25,7 @@ def test_preset_fields_can_be_overridden_and_custom_needs_every_shape():
 
 
 def test_model_param_count_matches_the_built_model():
-    from mlxcore.model import from_config, hf_config, num_params
+    from mlxcore.models.model import from_config, hf_config, num_params
 
     cfg = ModelConfig(preset="tiny")
     assert num_params(from_config(hf_config(cfg, 1000))) == cfg.num_params(1000)

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 import mlxcore.data.rows as rows_mod
 from mlxcore.distill.prompts import CATEGORIES, KINDS, PromptConfig, prompt, prompts
-from mlxcore.answers import strip_think
+from mlxcore.bench.answers import strip_think
 from mlxcore.distill.verify import CategoryPolicy, VerifyPolicy, check, extract_answer
 from mlxcore.data.rows import RowStore, RowStoreLocked, iter_rows, make_row, prompt_hash, read_new
 

@@ -6,10 +6,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxcore import checkpoint, train
-from mlxcore.callbacks import TrainingCallback
-from mlxcore.launch import TrainingCrashed, run_in_subprocess
-from mlxcore.train import TrainJob
+from mlxcore.models import checkpoint
+from mlxcore.train import loop as train
+from mlxcore.train.callbacks import TrainingCallback
+from mlxcore.train.launch import TrainingCrashed, run_in_subprocess
+from mlxcore.train.loop import TrainJob
 
 from tests.conftest import micro_model, quick_train
 

@@ -4,10 +4,10 @@ import pytest
 import subprocess
 import sys
 
-from mlxcore import checkpoint
+from mlxcore.models import checkpoint
 from mlxcore.data import tokenizer as tokenizers
-from mlxcore.generate import load_chat, reply
-from mlxcore.model import from_config, hf_config
+from mlxcore.models.generate import load_chat, reply
+from mlxcore.models.model import from_config, hf_config
 
 from tests.conftest import micro_model
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlxcore import remat
-from mlxcore.losses import Loss
-from mlxcore.model import from_config, hf_config
+from mlxcore.models import remat
+from mlxcore.train.losses import Loss
+from mlxcore.models.model import from_config, hf_config
 
 from tests.conftest import micro_model
 

@@ -7,10 +7,10 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from mlxcore import checkpoint
+from mlxcore.models import checkpoint
 from mlxcore.config import ModelConfig
 from mlxcore.data import tokenizer as tokenizers
-from mlxcore.model import from_config, hf_config
+from mlxcore.models.model import from_config, hf_config
 
 from tests.conftest import micro_model
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlxcore import optimizers, train
-from mlxcore.train import TrainJob
+from mlxcore.train import loop as train, optimizers
+from mlxcore.train.loop import TrainJob
 
 from tests.conftest import micro_model, quick_train
 

@@ -22,7 +22,7 @@ def policy_dir(tmp_path_factory, small_data):
 
 @pytest.fixture(scope="module")
 def policy(policy_dir):
-    from mlxcore.generate import load_chat
+    from mlxcore.models.generate import load_chat
 
     return load_chat(policy_dir)
 
@@ -87,7 +87,7 @@ def test_update_first_step_has_ratio_one_and_moves_the_policy(policy, policy_dir
 def test_the_update_is_the_training_loop_resumed_exactly_after_an_interruption(policy, policy_dir, tmp_path):
     """Stopped after its second checkpoint (as a kill would), the update resumes from it and ends
     with the weights and AdamW moments of an uninterrupted one."""
-    from mlxcore.callbacks import TrainingCallback
+    from mlxcore.train.callbacks import TrainingCallback
 
     model, tok = policy
     buf = tmp_path / "buffer.jsonl"
@@ -149,7 +149,7 @@ def test_mx_seed_makes_rollout_reproducible(policy, tmp_path):
 @pytest.mark.parametrize("fine_tune_type", ["lora", "full"])
 def test_run_update_writes_a_plain_policy_dir_lora_fused_and_kl_to_the_reference(policy_dir, tmp_path, fine_tune_type):
     from mlxcore.config import RLUpdateConfig
-    from mlxcore.generate import load_chat
+    from mlxcore.models.generate import load_chat
     from mlxcore.io import read_manifest
     from mlxcore.rl.iteration import run_update
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from mlxcore import stats
+from mlxcore.perf import stats
 from mlxcore.config import ModelConfig
-from mlxcore.model import hf_config
-from mlxcore.speed import SpeedConfig, measure, run_point, sweep
+from mlxcore.models.model import hf_config
+from mlxcore.perf.speed import SpeedConfig, measure, run_point, sweep
 
 MICRO = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 

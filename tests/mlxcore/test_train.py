@@ -7,11 +7,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxcore import optimizers, train
-from mlxcore.callbacks import TrainingCallback
-from mlxcore.evaluate import loss_ppl
-from mlxcore.launch import TrainingCrashed, TrainingFailed, run_in_subprocess
-from mlxcore.train import TrainJob
+from mlxcore.train import loop as train, optimizers
+from mlxcore.train.callbacks import TrainingCallback
+from mlxcore.bench.perplexity import loss_ppl
+from mlxcore.train.launch import TrainingCrashed, TrainingFailed, run_in_subprocess
+from mlxcore.train.loop import TrainJob
 
 from tests.conftest import kill_after_first_checkpoint, micro_model, quick_train
 

@@ -13,7 +13,7 @@ import collections
 import pytest
 
 from mlxcore.distill import prompts as prompt_gen
-from mlxcore.answers import final_number, strip_think
+from mlxcore.bench.answers import final_number, strip_think
 from mlxcore.distill.verify import NO_ANSWER, check, extract_answer
 from tests.known_teacher import NUMBER_STYLES, WORD_STYLES, KnownTeacher, is_right, restates, spell, wrong_value
 

@@ -2,7 +2,7 @@
 one line naming the path, leave the previous checkpoint intact, and a re-run resumes.
 
 The disk is a real tmpfs of a few MB mounted for the test (root only; skipped with the reason
-elsewhere); the trainer is the real `python -m mlxcore.launch` child.
+elsewhere); the trainer is the real `python -m mlxcore.train.launch` child.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlxcore import checkpoint as ckpt
+from mlxcore.models import checkpoint as ckpt
 from mlxcore.io import WriteError, as_write_error, atomic_dir, write_json
-from mlxcore.launch import TrainingFailed, run_in_subprocess
-from mlxcore.model import from_config, hf_config
-from mlxcore.train import TrainJob
+from mlxcore.train.launch import TrainingFailed, run_in_subprocess
+from mlxcore.models.model import from_config, hf_config
+from mlxcore.train.loop import TrainJob
 
 from tests.conftest import micro_model, quick_train
 
@@ -67,7 +67,7 @@ def _checkpoint_bytes(small_data, tmp_path) -> int:
 
 def _train(job: TrainJob, tmp_path: Path) -> subprocess.CompletedProcess:
     (tmp_path / "job.json").write_text(job.model_dump_json())
-    return subprocess.run([sys.executable, "-m", "mlxcore.launch", str(tmp_path / "job.json")],
+    return subprocess.run([sys.executable, "-m", "mlxcore.train.launch", str(tmp_path / "job.json")],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -84,7 +84,7 @@ def test_a_full_disk_mid_training_fails_in_one_line_keeps_the_last_checkpoint_an
     assert r.returncode == 1, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert "Traceback" not in r.stderr, r.stderr
-    assert lines[-1].startswith(f"mlxcore.launch: error: cannot write {out / 'checkpoints' / 'step-00000010'}: "
+    assert lines[-1].startswith(f"mlxcore.train.launch: error: cannot write {out / 'checkpoints' / 'step-00000010'}: "
                                 "no space left on device"), r.stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000005"]  # no temp dir left, the last intact
     model, _ = __import__("mlx_lm").load(str(out / "checkpoints" / "step-00000005"))  # loadable as it is

@@ -160,7 +160,7 @@ def test_each_stage_is_keyed_on_the_code_it_imports(params, src_copy):
     edit("mlxcore/bench/scoring.py")
     k2 = keys()
     assert k2[0] == k1[0] and k2[1] == k1[1] and k2[2] != k1[2]
-    edit("mlxcore/train.py")  # the trainer: pretrain and distill's student run it
+    edit("mlxcore/train/loop.py")  # the trainer: pretrain and distill's student run it
     k3 = keys()
     assert k3[0] != k2[0] and k3[1] != k2[1] and k3[2] == k2[2]
     edit("mlxcore/kernels/csrc/attention.cpp", "// faster\n")  # C++ sources count with their package
@@ -249,9 +249,10 @@ def test_real_stages_are_keyed_on_their_task_modules():
         for stage in stages:
             assert stage.module == module.__name__, stage.name
     pretrain = set(module_closure("tasks.train"))
-    assert {"tasks.train", "tasks.caching", "mlxcore.train", "mlxcore.step", "mlxcore.kernels",
+    assert {"tasks.train", "tasks.caching", "mlxcore.train.loop", "mlxcore.train.step", "mlxcore.kernels",
             "mlxcore.kernels.patch", "mlxcore"} <= pretrain
-    assert not pretrain & {"mlxcore.bench", "mlxcore.rl", "mlxcore.distill.generate",
+    assert not pretrain & {"mlxcore.bench.run", "mlxcore.bench.suites", "mlxcore.bench.scoring", "mlxcore.rl",
+                           "mlxcore.distill.generate",
                            "mlxcore.distill.student", "tasks.distill", "tasks.bench"}
     assert "mlxcore/kernels/csrc/attention.cpp" in {str(p.relative_to(ROOT))
                                                     for p in code_files("tasks.train")}

@@ -11,7 +11,7 @@ falls. Every `save_every` steps it writes a checkpoint atomically and keeps the 
 `keep_last`; started again on the same `out_dir` it resumes from the latest one: weights,
 optimizer moments and step, data cursor and RNG, so the resumed run is the uninterrupted run.
 
-    python -m mlxcore.launch JOB.json    # runs `run(TrainJob)`; events go to $MLXFLOW_EVENTS_FD
+    python -m mlxcore.train.launch JOB.json    # runs `run(TrainJob)`; events go to $MLXFLOW_EVENTS_FD
 """
 
 from __future__ import annotations
@@ -28,23 +28,24 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from pydantic import BaseModel, ConfigDict
 
-from mlxcore import adapters, distributed, losses, optimizers, remat
-from mlxcore import checkpoint as ckpt
-from mlxcore.callbacks import TrainingCallback
+from mlxcore.models import adapters
+from mlxcore.train import distributed, losses, optimizers
+from mlxcore.models import checkpoint as ckpt, remat
+from mlxcore.train.callbacks import TrainingCallback
 from mlxcore.config import ModelConfig, TrainConfig
 from mlxcore.data.loader import open_batches
-from mlxcore.losses import Loss
+from mlxcore.train.losses import Loss
 from mlxcore.io import clean_stale_tmp, dir_digest, is_complete, read_manifest, sha256_file
-from mlxcore.model import from_config, hf_config, num_params
-from mlxcore.model import load as load_model
-from mlxcore.step import make_step, mean_loss
+from mlxcore.models.model import from_config, hf_config, num_params
+from mlxcore.models.model import load as load_model
+from mlxcore.train.step import make_step, mean_loss
 
 
 class TrainJob(BaseModel):
     """Everything one training stage needs; written as JSON for the training subprocess."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["train"] = "train"  # mlxcore.launch runs it with `run`
+    kind: Literal["train"] = "train"  # mlxcore.train.launch runs it with `run`
     data_dir: str
     tokenizer_dir: str
     out_dir: str

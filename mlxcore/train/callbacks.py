@@ -8,7 +8,7 @@
   checkpoint  step, path
   end         the FitResult fields
   wait        rows, waiting_for, why (a batch source waiting for data, e.g. distillation's rows)
-A job run by `mlxcore.launch` adds `result` (the job's return value, once all of it is done) or
+A job run by `mlxcore.train.launch` adds `result` (the job's return value, once all of it is done) or
 `error` (message, kind).
 The orchestrator's implementation (Prefect artifacts) lives outside this package.
 """

@@ -11,7 +11,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from mlxcore.kernels.patch import use_fast_kernels
-from mlxcore.losses import Loss
+from mlxcore.train.losses import Loss
 
 
 def mean_loss(model: nn.Module, batches, loss: Loss | None = None, group=None, on_progress=None) -> float:

@@ -32,12 +32,15 @@ import mlx.core as mx
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlxcore import adapters, optimizers, remat, stats
+from mlxcore.models import adapters
+from mlxcore.train import optimizers
+from mlxcore.models import remat
+from mlxcore.perf import stats
 from mlxcore.config import LoRAConfig, ModelConfig, QuantizeConfig, TrainConfig
-from mlxcore.losses import Loss
-from mlxcore.model import from_config, hf_config, num_params
-from mlxcore.checkpoint import load as load_model
-from mlxcore.step import make_step
+from mlxcore.train.losses import Loss
+from mlxcore.models.model import from_config, hf_config, num_params
+from mlxcore.models.checkpoint import load as load_model
+from mlxcore.train.step import make_step
 
 MIB = 1 << 20
 
@@ -170,7 +173,7 @@ def run_point(cfg: SpeedConfig, max_memory_gb: float | None = None, timeout: flo
 
     base = {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
     try:
-        proc = subprocess.run([sys.executable, "-m", "mlxcore.speed", cfg.model_dump_json()], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "mlxcore.perf.speed", cfg.model_dump_json()], capture_output=True,
                               text=True, env=env, timeout=timeout, preexec_fn=cap)
     except subprocess.TimeoutExpired:
         return {**base, "status": "timeout"}
@@ -203,5 +206,5 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # a sweep point: python -m mlxcore.speed '<SpeedConfig JSON>'
+if __name__ == "__main__":  # a sweep point: python -m mlxcore.perf.speed '<SpeedConfig JSON>'
     print(json.dumps(measure(SpeedConfig.model_validate_json(sys.argv[1]))))

@@ -8,7 +8,7 @@ resumes from the same latest checkpoint.
 
 Ranks are started either by `mlx.launch` (any backend it supports):
 
-    mlx.launch -n 2 --backend ring -m mlxcore.launch runs/x/job.json
+    mlx.launch -n 2 --backend ring -m mlxcore.train.launch runs/x/job.json
 
 or by `launch.run_in_subprocess` (what the pretrain/sft tasks do), which speaks the ring
 backend's protocol on one machine: `MLX_RANK` per process and `MLX_HOSTFILE`, a JSON list of
@@ -36,7 +36,7 @@ def init(world_size: int):
         return None
     if "MLX_RANK" not in os.environ:
         raise ValueError(f"world_size={world_size} needs one process per rank: start them with "
-                         f"`mlx.launch -n {world_size} -m mlxcore.launch JOB.json` or through the pretrain/sft tasks")
+                         f"`mlx.launch -n {world_size} -m mlxcore.train.launch JOB.json` or through the pretrain/sft tasks")
     group = mx.distributed.init(strict=True)
     if group.size() != world_size:
         raise ValueError(f"world_size={world_size} but {group.size()} ranks were launched")

@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import _get_classes, load_model
 
 from mlxcore.config import ModelConfig
-from mlxcore.layout import is_adapter_dir, is_model_dir
+from mlxcore.models.layout import is_adapter_dir, is_model_dir
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -73,7 +73,7 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
     """(model, config) for a checkpoint or a local HF / mlx-lm model dir (an adapter dir: `checkpoint.load`)."""
     path = Path(path)
     if is_adapter_dir(path):
-        raise ValueError(f"{path} is an adapter dir: load it with mlxcore.checkpoint.load (base + adapters)")
+        raise ValueError(f"{path} is an adapter dir: load it with mlxcore.models.checkpoint.load (base + adapters)")
     if not is_model_dir(path, adapters=False):
         raise FileNotFoundError(f"{path}: not a checkpoint or model dir (no config.json)")
     try:

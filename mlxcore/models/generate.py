@@ -9,7 +9,7 @@ from mlx_lm import generate
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from mlxcore.checkpoint import load
+from mlxcore.models.checkpoint import load
 
 
 def load_chat(checkpoint: str | Path):

@@ -1,5 +1,5 @@
 """Run a training job in a child process and stream its events back: the one entry point of
-every kind of training (`python -m mlxcore.launch JOB.json`).
+every kind of training (`python -m mlxcore.train.launch JOB.json`).
 
 A job is a pydantic model with a `kind` (`JOBS` says which module runs it: pretrain / SFT
 `TrainJob`, the distill student's `StudentJob`, the RL update's `UpdateJob`), written as
@@ -26,8 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-from mlxcore import distributed
-from mlxcore.callbacks import JsonLinesCallback, ProgressBar, TrainingCallback, replay
+from mlxcore.train import distributed
+from mlxcore.train.callbacks import JsonLinesCallback, ProgressBar, TrainingCallback, replay
 from mlxcore.io import WriteError
 
 EVENTS_FD = "MLXFLOW_EVENTS_FD"
@@ -66,14 +66,14 @@ def _watch(procs: list[subprocess.Popen], codes: list[int | None]) -> None:
 # kind -> (module, job class, run function); imported by name in the child only, so launch
 # imports none of them (they import nothing of launch either).
 JOBS = {
-    "train": ("mlxcore.train", "TrainJob", "run"),
+    "train": ("mlxcore.train.loop", "TrainJob", "run"),
     "distill-student": ("mlxcore.distill.student", "StudentJob", "run"),
     "rl-update": ("mlxcore.rl.iteration", "UpdateJob", "run_job"),
 }
 
 
 def run_in_subprocess(job, callback: TrainingCallback | None = None) -> dict:
-    """Run `python -m mlxcore.launch <out_dir>/job.json`, one process per data-parallel rank.
+    """Run `python -m mlxcore.train.launch <out_dir>/job.json`, one process per data-parallel rank.
 
     Returns the job's result (its `result` event, sent by rank 0 once the job's run returned).
     """
@@ -92,7 +92,7 @@ def run_in_subprocess(job, callback: TrainingCallback | None = None) -> dict:
         if rank == 0:
             env[EVENTS_FD] = str(write_fd)
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "mlxcore.launch", str(job_path)],
+            [sys.executable, "-m", "mlxcore.train.launch", str(job_path)],
             env=env,
             pass_fds=(write_fd,) if rank == 0 else (),
             stderr=subprocess.PIPE,
@@ -146,7 +146,7 @@ def run_in_subprocess(job, callback: TrainingCallback | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m mlxcore.launch JOB.json`: run the job; every way out is reported.
+    """`python -m mlxcore.train.launch JOB.json`: run the job; every way out is reported.
 
     Success sends `result` (the run's return value; `fit()` has sent `end` before it). An expected failure (bad data or config, a write
     that failed: disk full, permissions) sends `error` with a one-line message, prints it and
@@ -157,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m mlxcore.launch JOB.json", file=sys.stderr)
+        print("usage: python -m mlxcore.train.launch JOB.json", file=sys.stderr)
         return 2
     text = Path(argv[0]).read_text()
     kind = json.loads(text).get("kind", "train")
     if kind not in JOBS:
-        print(f"mlxcore.launch: error: {argv[0]}: unknown job kind {kind!r} (known: {', '.join(JOBS)})", file=sys.stderr)
+        print(f"mlxcore.train.launch: error: {argv[0]}: unknown job kind {kind!r} (known: {', '.join(JOBS)})", file=sys.stderr)
         return 2
     module_name, job_cls, run_name = JOBS[kind]
     module = importlib.import_module(module_name)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         callback.on_event("result", result if isinstance(result, dict) else {})
     except (WriteError, ValueError, FileNotFoundError, KeyError, *getattr(module, "EXPECTED_ERRORS", ())) as e:
         callback.on_event("error", {"message": str(e), "kind": type(e).__name__})
-        print(f"mlxcore.launch: error: {e}", file=sys.stderr)
+        print(f"mlxcore.train.launch: error: {e}", file=sys.stderr)
         return 1
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):

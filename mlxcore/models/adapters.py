@@ -7,7 +7,7 @@ adapter checkpoint is an mlx-lm adapter dir:
   adapter_config.json    mlx-lm's keys (fine_tune_type, num_layers, lora_parameters) plus
                          ours: base_model (path), base_digest, quantize ({bits, group_size})
 
-`mlx_lm.load(base, adapter_path=dir)` opens it; `mlxcore.checkpoint.load(dir)` rebuilds exactly the
+`mlx_lm.load(base, adapter_path=dir)` opens it; `mlxcore.models.checkpoint.load(dir)` rebuilds exactly the
 trained model (base, then the same quantization, then the adapters); `checkpoint.fuse()` merges the
 adapters into a plain checkpoint any tool can read.
 
@@ -31,8 +31,8 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import dequantize_model
 
 from mlxcore.config import LoRAConfig, QuantizeConfig, TrainConfig
-from mlxcore.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir  # noqa: F401  (re-exported)
-from mlxcore.model import load as load_model
+from mlxcore.models.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir  # noqa: F401  (re-exported)
+from mlxcore.models.model import load as load_model
 
 
 

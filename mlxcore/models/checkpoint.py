@@ -24,11 +24,11 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxcore import adapters
+from mlxcore.models import adapters
 from mlxcore.data.tokenizer import copy_files
 from mlxcore.io import atomic_dir, write_json, write_manifest
-from mlxcore.model import load as load_model
-from mlxcore.model import save_weights
+from mlxcore.models.model import load as load_model
+from mlxcore.models.model import save_weights
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.safetensors"

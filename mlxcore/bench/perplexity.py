@@ -7,9 +7,9 @@ from pathlib import Path
 
 from mlxcore.data.loader import open_batches
 from mlxcore.io import read_manifest
-from mlxcore.losses import Loss
-from mlxcore.checkpoint import load
-from mlxcore.step import mean_loss
+from mlxcore.train.losses import Loss
+from mlxcore.models.checkpoint import load
+from mlxcore.train.step import mean_loss
 
 
 def loss_ppl(checkpoint: str | Path, data_dir: str | Path, split: str = "val", batch_size: int = 16,
