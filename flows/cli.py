@@ -1,6 +1,6 @@
 """`mlxflow`: run flows (Prefect), plus the library's own commands (`mlxcore/cli.py`, also `mlxcore ...`).
 
-  mlxflow run pipeline|finetune|distill|rl-gsm8k|bench|eval [--config configs/X.yaml] [--set sft.lr=1e-4 ...]
+  mlxflow run pipeline|finetune|distill|preference|reward-model|rl-gsm8k|bench|eval [--config configs/X.yaml] [--set sft.lr=1e-4 ...]
   mlxflow serve [CONFIG_DIR]      # deployments: pipeline/demo, distill/default, bench/demo, eval/demo, one per config
   mlxflow deploy --pool NAME [CONFIG_DIR]   # the same deployments on a work pool (prefect worker start --pool NAME)
   mlxflow doctor                  # from here on: the library's commands, the same as `mlxcore doctor` ...
@@ -28,6 +28,8 @@ FLOWS = {  # name: (module, flow function, config class)
     "rl-gsm8k": ("flows.rl_gsm8k", "rl_gsm8k", "RLConfig"),
     "bench": ("flows.bench", "bench", "BenchRunConfig"),
     "eval": ("flows.bench", "eval_flow", "EvalConfig"),
+    "preference": ("flows.preference", "preference", "PreferenceRunConfig"),
+    "reward-model": ("flows.preference", "reward_model", "RewardModelRunConfig"),
 }
 
 
@@ -85,7 +87,23 @@ def format_eval(config, result: dict) -> str:
             f"loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  (uniform ln(V) {result['uniform_loss']:.3f})")
 
 
+def format_preference(result: dict | None) -> str:
+    """Held-out preference metrics: the starting model beside the trained one."""
+    if not result:
+        return ""
+    evals = result["eval"] if "start" in result["eval"] else {"reward-model": result["eval"]}
+    keys = [k for k in ("accuracy", "margin", "kl", "loss", "abs_error") if any(k in e for e in evals.values())]
+    lines = [f"{'held-out':<14}" + "".join(f"{k:>10}" for k in keys)]
+    for label, e in evals.items():
+        lines.append(f"{e.get('label', label):<14}" + "".join(f"{e.get(k, float('nan')):>10.3f}" for k in keys))
+    return "\n".join(lines + [f"examples:     {next(iter(evals.values()))['examples']} held-out"])
+
+
 def format_summary(flow: str, config, result: dict) -> str:
+    if flow in ("preference", "reward-model"):
+        head = f"{flow} '{config.name}' finished: {result['train']['step']} steps"
+        tail = f"checkpoint: {result['checkpoint']}"
+        return "\n\n".join(filter(None, [head, format_preference(result), format_bench(result.get("bench")), tail]))
     if flow == "distill":
         return "\n\n".join(filter(None, [format_distill(config, result), format_bench(result.get("bench"))]))
     if flow == "rl-gsm8k":

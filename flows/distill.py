@@ -1,4 +1,5 @@
-"""Distillation: a teacher writes verified SFT rows while the student trains on the growing file."""
+"""Distillation: a teacher writes verified SFT rows while the student trains on the growing file; optionally
+the student is then preference-trained on the teacher's right vs wrong replies (`preference:`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from prefect import flow
 from prefect.futures import wait
 
 from mlxcore.config import BenchTarget, DistillConfig, TokenizerConfig, with_overrides
+from flows.preference import align
 from tasks.bench import run_bench
 from tasks.data import tokenizer
 from tasks.distill import check_teacher, compare, generate_rows, prompt_corpus, rows_dir, student_dir, train_student
@@ -29,14 +31,24 @@ def distill(config: DistillConfig = DistillConfig(), overrides: list[str] = []) 
     trained = train_student.submit(rows, tok["path"], student, config.train, config.stream, config.target_rows, out, run)
     wait([gen, trained])
     generated, model = gen.result(), trained.result()  # a failed generator stops the student too
-    samples = compare(model["checkpoint"], rows, config.prompts, config.verify, config.stream, config.sample, run)
-    publish(model["checkpoint"], run)
+    final, aligned = model["checkpoint"], None
+    if config.preference is not None:  # right vs wrong teacher replies: preference pairs with no human labels
+        pairs = None
+        if config.preference.data is None:
+            if not generated.get("pairs_count"):
+                raise RuntimeError(f"preference: the teacher was never verified wrong on a prompt it also answered "
+                                   f"right, so {generated['pairs']} has no pairs; give preference.data files instead")
+            pairs = {"train": [generated["pairs"]], "val": []}
+        aligned = align(config.preference, model["checkpoint"], tok["path"], run, inputs=pairs)
+        final = aligned["checkpoint"]
+    samples = compare(final, rows, config.prompts, config.verify, config.stream, config.sample, run)
+    publish(final, run)
     bench = None
     if config.bench is not None:  # the student beside its teacher (and the config's targets)
         t = config.teacher
-        own = [BenchTarget(kind="checkpoint", path=model["checkpoint"], name="student"),
+        own = [BenchTarget(kind="checkpoint", path=final, name="student"),
                BenchTarget(kind=t.api, url=t.url, model=t.model, api_key_env=t.api_key_env,
                            api_key_secret=t.api_key_secret, workers=t.workers, timeout_s=t.timeout_s, name="teacher")]
         bench = run_bench(own, config.bench, run, title=f"bench {config.name}: student vs teacher")
-    return {"checkpoint": model["checkpoint"], "rows": generated, "train": model, "teacher": health,
-            "samples": samples, "bench": bench}
+    return {"checkpoint": final, "rows": generated, "train": model, "teacher": health,
+            "samples": samples, "bench": bench, "preference": aligned}

@@ -1,4 +1,4 @@
-"""The whole DAG: data -> tokenizer -> pretokenize -> pretrain -> sft -> eval -> sample -> bench."""
+"""The whole DAG: data -> tokenizer -> pretokenize -> pretrain -> sft [-> preference] -> eval -> sample -> bench."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from mlxcore.config import BenchTarget, PipelineConfig, with_overrides
 from mlxcore.data.tokenizer import planned_size
 from tasks.bench import run_bench
 from tasks.data import prepare_data, pretokenize, sources, tokenizer
+from flows.preference import align
 from tasks.evaluate import evaluate, sample
 from tasks.train import pretrain, publish, sft
 
@@ -32,11 +33,17 @@ def pipeline(config: PipelineConfig = PipelineConfig(), overrides: list[str] = [
         "pretrain": evaluate(base["checkpoint"], text["path"], config.pretrain.batch_size, config.pretrain.seq_len, run),
         "sft": evaluate(chat["checkpoint"], chats["path"], config.sft.batch_size, config.sft.seq_len, run),
     }
-    samples = sample(chat["checkpoint"], chats["path"], config.sample, run)
-    model = publish(chat["checkpoint"], run)
+    final, aligned, own = chat["checkpoint"], None, []
+    if config.preference is not None:  # preference training on the SFT model; the bench shows both
+        aligned = align(config.preference, chat["checkpoint"], tok["path"], run, data.max_download_mb)
+        final = aligned["checkpoint"]
+        own.append(BenchTarget(kind="checkpoint", path=chat["checkpoint"], name=f"{config.name}-sft"))
+    samples = sample(final, chats["path"], config.sample, run)
+    model = publish(final, run)
     bench = None
     if config.bench is not None:  # our model vs the targets (default: the uniform-random baseline)
-        ours = BenchTarget(kind="checkpoint", path=chat["checkpoint"], name=config.name)
-        bench = run_bench([ours], config.bench, run, title=f"bench {config.name}")
-    return {"checkpoint": chat["checkpoint"], "model": model, "train": {"pretrain": base, "sft": chat},
-            "eval": evals, "samples": samples, "bench": bench}
+        ours = BenchTarget(kind="checkpoint", path=final, name=config.name)
+        bench = run_bench([ours, *own], config.bench, run, title=f"bench {config.name}")
+    train = {"pretrain": base, "sft": chat} | ({"preference": aligned["train"]} if aligned else {})
+    return {"checkpoint": final, "model": model, "train": train, "eval": evals, "samples": samples, "bench": bench,
+            "preference": aligned}

@@ -233,7 +233,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(16, gt=0, description="Sequences per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     seq_len: int = Field(128, gt=1, description="Tokens per packed sequence / SFT truncation length.")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, ge=0, description="Peak learning rate; 0 trains nothing (a control run).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -394,6 +394,98 @@ class EvalConfig(_Run, _Strict):
                               "set checkpoint=/path/to/model (or run `mlxflow run pipeline` for runs/demo/model)")
 
 
+class PreferenceObjective(_Strict):
+    """The preference objective (the losses: mlxcore/preference/losses.py)."""
+
+    name: Literal["dpo", "ipo", "hinge", "simpo", "orpo", "kto"] = Field(
+        "dpo", description="dpo / ipo / hinge / kto use reference log-probs (their own cached stage); simpo / orpo none.")
+    beta: float = Field(0.1, gt=0, description="dpo/ipo/hinge/kto: how far from the reference; simpo: reward scale; "
+                                                "orpo: weight of the odds-ratio term.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo/simpo: share of pairs taken as mislabelled "
+                                                                  "(conservative DPO).")
+    gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin.")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable rows.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable rows.")
+    sft_weight: float = Field(0.0, ge=0, description="Add this x the chosen reply's per-token NLL (RPO, TRL's "
+                                                     "rpo_alpha); orpo has its own.")
+
+
+class PreferenceSourceConfig(SourceConfig):
+    """Preference files: pairs (prompt/chosen/rejected), chosen/rejected conversations (MiniMind's
+    dpo.jsonl, HH, UltraFeedback), KTO rows (prompt/completion/label) or scored rows
+    (prompt/response/reward). `train`/`val` take the same specs as SFT data (`minimind:dpo`, `hf:`, files)."""
+
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Train rows held out when val is empty (fixed by row number).")
+    val_max_rows: int = Field(500, gt=0, description="At most this many held-out rows.")
+    format: Literal["auto", "pairs", "pair-messages", "kto", "scored"] = Field(
+        "auto", description="Row schema; auto: detected from each file's first row.")
+    reward_field: str = Field("reward", description="scored format: the field holding the reward (else 'score').")
+
+
+class SyntheticPairsConfig(_Strict):
+    """Preference data drawn from the bench's generators: chosen is the right answer, rejected a near miss."""
+
+    tasks: list[Literal["sort", "copy", "arithmetic"]] = Field(["sort"], min_length=1)
+    train_examples: int = Field(2000, gt=0)
+    val_examples: int = Field(200, gt=0)
+    rows: Literal["pairs", "kto", "scored"] = Field("pairs", description="pairs; kto: each side as a labelled row; "
+                                                                          "scored: each side with reward 1 / 0.")
+    seed: int = 0
+
+
+def _default_preference_train() -> TrainConfig:
+    return TrainConfig(steps=150, batch_size=16, lr=5e-5, warmup_steps=10, eval_every=50, save_every=50,
+                       eval_batches=4, seq_len=128, weight_decay=0.0)
+
+
+class PreferenceStage(_Strict):
+    """Preference training on a fine-tuned model: its data, objective and optimisation."""
+
+    data: PreferenceSourceConfig | None = Field(None, description="Preference files; unset: synthetic pairs "
+                                                                  "(pipeline, preference flow) or the distill run's "
+                                                                  "own pairs (distill).")
+    synthetic: SyntheticPairsConfig = SyntheticPairsConfig()
+    objective: PreferenceObjective = PreferenceObjective()
+    train: TrainConfig = Field(default_factory=_default_preference_train)
+    eval_batch_size: int = Field(16, gt=0, description="Reference log-probs and held-out metrics: examples per batch.")
+
+    def max_tokens(self) -> int:
+        return self.data.max_tokens if self.data is not None and self.data.max_tokens else self.train.seq_len + 1
+
+
+class PreferenceRunConfig(_Run, PreferenceStage):
+    """The `preference` flow: data -> pretokenize pairs -> reference log-probs -> train -> eval -> bench."""
+
+    name: str = Field("preference", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    out_dir: str = Field("runs", description="Stage outputs go to <out_dir>/<name>/<stage>-<key>.")
+    init_from: str = Field(description="The model to align: a local model dir (an SFT'd checkpoint, HF or mlx-lm).")
+    max_download_mb: float = Field(2048, gt=0)
+    bench: BenchConfig | None = Field(BenchConfig(suites=["sort", "copy"]),
+                                      description="The trained model beside the one it started from; null: skip.")
+
+
+def _default_reward_train() -> TrainConfig:
+    return TrainConfig(steps=200, batch_size=16, lr=1e-4, warmup_steps=10, eval_every=50, save_every=50,
+                       eval_batches=4, seq_len=128, weight_decay=0.0)
+
+
+class RewardModelRunConfig(_Run, _Strict):
+    """The `reward-model` flow: a scalar-head model on pairs (Bradley-Terry) or scored rows (regression)."""
+
+    name: str = Field("reward-model", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    out_dir: str = Field("runs", description="Stage outputs go to <out_dir>/<name>/<stage>-<key>.")
+    init_from: str = Field(description="The decoder to start from: a local model dir (its LM head is not used).")
+    data: PreferenceSourceConfig | None = Field(None, description="Pairs or scored rows; unset: synthetic pairs.")
+    synthetic: SyntheticPairsConfig = SyntheticPairsConfig()
+    train: TrainConfig = Field(default_factory=_default_reward_train)
+    margin: float = Field(0.0, ge=0, description="pairs: the margin chosen must beat rejected by.")
+    eval_batch_size: int = Field(16, gt=0)
+    max_download_mb: float = Field(2048, gt=0)
+
+    def max_tokens(self) -> int:
+        return self.data.max_tokens if self.data is not None and self.data.max_tokens else self.train.seq_len + 1
+
+
 class PipelineConfig(_Run, _Strict):
     """The whole DAG: data -> tokenizer -> pretokenize -> pretrain -> sft -> eval -> sample."""
 
@@ -408,6 +500,8 @@ class PipelineConfig(_Run, _Strict):
     sft: TrainConfig = Field(default_factory=_default_sft)
     sample: SampleConfig = SampleConfig()
     bench: BenchConfig | None = Field(BenchConfig(), description="The last stage: bench suites vs `targets`; null: skip.")
+    preference: PreferenceStage | None = Field(None, description="After SFT: preference training (DPO, ...) on "
+                                                                  "synthetic pairs or given files; null: none.")
 
 
 def _default_finetune() -> TrainConfig:
@@ -485,6 +579,9 @@ class DistillConfig(_Run, _Strict):
     sample: SampleConfig = Field(default_factory=lambda: SampleConfig(num_prompts=8, max_tokens=128))
     bench: BenchConfig | None = Field(BenchConfig(), description="The last stage: the student vs the teacher and "
                                                                "`targets` on the bench suites; null: skip.")
+    preference: PreferenceStage | None = Field(None, description="After the student: preference training on the "
+                                                                  "teacher's verified right vs wrong replies (pairs.jsonl) "
+                                                                  "or on `preference.data`; null: none.")
 
     @model_validator(mode="after")
     def _check(self) -> "DistillConfig":

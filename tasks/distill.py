@@ -2,12 +2,15 @@
 
 Generation and student training run at the same time (the flow submits both) and meet in the
 rows dir: `<run>/distill-rows-<key>/rows.jsonl`, its `state.json` and, once the target is
-reached, its manifest. The rows dir's key covers what decides the rows' content (teacher model,
-API and sampling, prompt stream, checks) but not the target or the worker count, so raising
-`target_rows` continues the same file. The student's dir is keyed by the rows dir, tokenizer,
-student and training config and the target. Neither task uses Prefect's result cache: both
-resume from their own dirs (rows already written, the last checkpoint), and a finished one
-returns at once.
+reached, its manifest. Beside the rows the generator keeps the teacher's verified-wrong replies
+(`rejected.jsonl`) and the preference pairs they make with the accepted ones (`pairs.jsonl`,
+rows {"prompt", "chosen", "rejected", "id", "prompt_id", "category"}; see
+`mlxcore.distill.generate`); `generate_rows` returns the pairs file and its count. The rows dir's
+key covers what decides the rows' content (teacher model, API and sampling, prompt stream,
+checks) but not the target or the worker count, so raising `target_rows` continues the same file.
+The student's dir is keyed by the rows dir, tokenizer, student and training config and the
+target. Neither task uses Prefect's result cache: both resume from their own dirs (rows already
+written, the last checkpoint), and a finished one returns at once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from prefect.runtime import flow_run
 from mlxcore.train.callbacks import CallbackList, ProgressBar, TrainingCallback
 from mlxcore.config import DistillConfig, SampleConfig, StreamConfig, StudentConfig, TrainConfig
 from mlxcore.distill import prompts as prompt_gen
-from mlxcore.distill.generate import generate
+from mlxcore.distill.generate import companion_paths, generate
 from mlxcore.distill.prompts import PromptConfig
 from mlxcore.data.rows import iter_rows
 from mlxcore.distill.student import ROWS_FILE, StudentJob, mark_generation, planned_steps
@@ -36,7 +39,7 @@ from mlxcore.train.launch import run_in_subprocess
 from tasks.caching import Stage, code_version, sweep
 from tasks.progress import PrefectProgress, StageProgress, artifact_key
 from tasks.secrets import prefect_secret
-from tasks.train import _crashed
+from tasks.train import crashed
 
 CORPUS = Stage("prompt-corpus")
 CONTENT_KEYS = ("model", "api", "temperature", "top_p", "max_tokens")  # what shapes a teacher's rows
@@ -129,6 +132,8 @@ def _publish_generation(stats: dict, run_name: str) -> None:
         markdown=(f"### generation\n\n| | |\n|---|---|\n| rows | {stats['rows']} / {stats['target_rows']} "
                   f"({stats['new_rows']} new) |\n| rows/s | {stats['rows_per_s']:.2f} |\n"
                   f"| no answer | {stats['rejections'].get('no_answer', 0)} replies stated no final answer |\n"
+                  f"| preference pairs | {stats.get('pairs', 0)} ({stats.get('new_pairs', 0)} new; "
+                  f"{stats.get('wrong_kept', 0)} verified-wrong replies kept) |\n"
                   f"| teacher faults | {faults} |\n"
                   f"| elapsed | {stats['elapsed_s']:.0f} s |\n| rejections | {stats['rejections']} |\n"
                   f"| teacher | {json.dumps(t, default=str)} |\n| torn tail repaired | {stats['repaired_bytes']} bytes |\n"))
@@ -140,9 +145,13 @@ def generate_rows(rows_dir: str, teacher: TeacherConfig, prompts: PromptConfig, 
     """Ask the teacher until `rows_dir` holds `target_rows` verified rows; resumes after any crash."""
     out, token = Path(rows_dir), _token()
     rows_path = out / ROWS_FILE
+    pairs_path = companion_paths(rows_path)[1]
     if is_complete(out):
         if read_manifest(out, "distill-rows")["rows"] >= target_rows:
-            return {"path": str(out), "rows_file": str(rows_path), **read_manifest(out)["stats"]}
+            stats = read_manifest(out)["stats"]
+            if "pairs_count" not in stats:  # made before pairs were kept: count what is there, write nothing
+                stats["pairs_count"] = sum(1 for _ in iter_rows(pairs_path)) if pairs_path.exists() else 0
+            return {"path": str(out), "rows_file": str(rows_path), **stats, "pairs": str(pairs_path)}
         (out / "manifest.json").unlink()  # a higher target: go on appending to the same file
     out.mkdir(parents=True, exist_ok=True)
     mark_generation(out, token, "running")
@@ -157,13 +166,15 @@ def generate_rows(rows_dir: str, teacher: TeacherConfig, prompts: PromptConfig, 
             _publish_generation(report.last, out.parent.name)
         raise
     _publish_generation(stats, out.parent.name)
-    small = {k: stats[k] for k in ("rows", "new_rows", "rows_per_s", "elapsed_s", "teacher_errors", "rejections")}
+    small = {k: stats[k] for k in ("rows", "new_rows", "rows_per_s", "elapsed_s", "teacher_errors", "rejections",
+                                   "wrong_kept")}
+    small["pairs_count"] = stats["pairs"]
     small["acceptance"] = {c: round(v["acceptance"], 4) for c, v in stats["categories"].items()}
     write_manifest(out, "distill-rows", {"teacher": teacher.model_dump(include=set(CONTENT_KEYS)),
                                          "prompts": prompts.model_dump(), "verify": verify.model_dump()},
                    rows=stats["rows"], stats=small)
     mark_generation(out, token, "done")
-    return {"path": str(out), "rows_file": str(rows_path), **small}
+    return {"path": str(out), "rows_file": str(rows_path), **small, "pairs": str(pairs_path)}
 
 
 class _WaitProgress(TrainingCallback):
@@ -180,7 +191,7 @@ class _WaitProgress(TrainingCallback):
                                               f"(cold start; {info['rows']} so far)")
 
 
-@task(name="distill-student", retries=1, retry_condition_fn=_crashed)
+@task(name="distill-student", retries=1, retry_condition_fn=crashed)
 def train_student(rows_dir: str, tokenizer_dir: str, student: StudentConfig, train: TrainConfig,
                   stream: StreamConfig, target_rows: int, out_dir: str, run_dir: str) -> dict:
     """SFT the student on the rows while they are written: cold start, paced, until its planned steps."""

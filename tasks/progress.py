@@ -49,6 +49,10 @@ def progress_bar(total: int, description: str, unit: str) -> Iterator[Callable[[
         yield update
 
 
+# Sums a loss reports beside its value (GRPO, preference objectives, reward models): metrics columns.
+REPORTED = ("accuracy", "margin", "reward_chosen", "reward_rejected", "kl", "clip_fraction", "abs_error")
+
+
 class PrefectProgress(TrainingCallback):
     """Progress artifact updated at most every `interval` seconds; metrics table at the end."""
 
@@ -76,9 +80,10 @@ class PrefectProgress(TrainingCallback):
         return {"rows": info["rows"]} if "rows" in info else {}
 
     def on_train(self, info: dict) -> None:
+        reported = {k: round(info[k], 4) for k in REPORTED if k in info}  # what the loss reports (DPO, GRPO)
         self.rows.append({"step": info["step"], "loss": round(info["loss"], 4), "val_loss": None,
                           "lr": f"{info['lr']:.2e}", "grad_norm": round(info["grad_norm"], 3),
-                          "tok_per_s": round(info["tok_per_s"])} | self._rows(info))
+                          "tok_per_s": round(info["tok_per_s"])} | reported | self._rows(info))
         self._progress(info["step"], force=info["step"] >= self.total)
 
     def on_eval(self, info: dict) -> None:

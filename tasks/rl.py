@@ -24,7 +24,7 @@ from mlxcore.rl.iteration import RLState, UpdateJob, greedy_accuracy, iteration_
 from mlxcore.bench.plots import line_chart, markdown_image
 from tasks.caching import sweep
 from tasks.progress import PrefectProgress, artifact_key, progress_bar
-from tasks.train import _crashed
+from tasks.train import crashed
 
 
 def _files(dirs: list[str]) -> list[Path]:
@@ -54,7 +54,7 @@ def rl_rollout(policy: str, train: list[str], iteration: int, cfg: RolloutConfig
     return {"buffer": str(buffer), **stats}
 
 
-@task(name="rl-update", retries=1, retry_condition_fn=_crashed)  # a killed update resumes
+@task(name="rl-update", retries=1, retry_condition_fn=crashed)  # a killed update resumes
 def rl_update(policy: str, buffer: str, iteration: int, cfg: RLUpdateConfig, seed: int, reference: str,
               run_dir: str) -> dict:
     """GRPO over the iteration's buffer; the new policy is `iter-<i>/update/model`."""

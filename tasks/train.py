@@ -16,7 +16,7 @@ PRETRAIN = Stage("pretrain", inputs=("data_dir", "tokenizer_dir"), product="mode
 SFT = Stage("sft", inputs=("data_dir", "tokenizer_dir", "init_from"), product="model")
 
 
-def _crashed(task, task_run, state) -> bool:
+def crashed(task, task_run, state) -> bool:
     """Retry only a trainer killed by a signal: the retry resumes from its last checkpoint."""
     try:
         state.result()
@@ -27,27 +27,27 @@ def _crashed(task, task_run, state) -> bool:
     return False
 
 
-def _train(stage: str, job: TrainJob, run_dir: str) -> dict:
+def run_training(stage: str, job, run_dir: str) -> dict:
     if (done := finished(job.out_dir)) is not None:  # complete on disk, whatever Prefect remembers
         return done
     callback = CallbackList(ProgressBar(stage), PrefectProgress(stage, Path(run_dir).name))
     return run_in_subprocess(job, callback)
 
 
-@PRETRAIN.task(retries=1, retry_condition_fn=_crashed)
+@PRETRAIN.task(retries=1, retry_condition_fn=crashed)
 def pretrain(data_dir: str, tokenizer_dir: str, model: ModelConfig, train: TrainConfig, run_dir: str) -> dict:
     """Train a fresh model on packed pretraining sequences."""
     out = PRETRAIN.dir(locals())
     job = TrainJob(data_dir=data_dir, tokenizer_dir=tokenizer_dir, out_dir=str(out), model=model, train=train)
-    return _train("pretrain", job, run_dir)
+    return run_training("pretrain", job, run_dir)
 
 
-@SFT.task(retries=1, retry_condition_fn=_crashed)
+@SFT.task(retries=1, retry_condition_fn=crashed)
 def sft(data_dir: str, tokenizer_dir: str, init_from: str, train: TrainConfig, run_dir: str) -> dict:
     """Fine-tune the weights of `init_from` on assistant tokens of chat conversations."""
     out = SFT.dir(locals())
     job = TrainJob(data_dir=data_dir, tokenizer_dir=tokenizer_dir, out_dir=str(out), init_from=init_from, train=train)
-    return _train("sft", job, run_dir)
+    return run_training("sft", job, run_dir)
 
 
 def publish(checkpoint: str, run_dir: str) -> str:

@@ -10,13 +10,21 @@ restating the question with its numbers and the right answer's number among them
 answer written in one of the accepted styles (`Answer:`, `####`, `\\boxed{}`, bold, "the answer
 is", "so the total is", "= 42", a think block, ...; numbers with a unicode minus, thousands
 commas or as a fraction), the style fixed by the id.
+
+`KnownTeacher(cfg, first_wrong=0.5)` is a sampled teacher: for a fixed share of the prompts it
+answers right (`first_wrong_on(p, share)`, fixed by the id) its first ask gets a wrong final answer
+(`wrong_value`) and every later ask the right one, so a re-run that asks a rejected prompt again
+gets it right. The prompts it answers wrong (`is_right` false) get the same wrong reply every time.
+`asked()` counts the requests per prompt.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import re
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -87,11 +95,20 @@ def restatement(p) -> str:
     )[_bucket("how/", p, 5)]
 
 
+def first_wrong_on(p, share: float) -> bool:
+    """Whether a sampled teacher answers prompt `p` wrong on its first ask (a fixed share of the
+    prompts it answers right, fixed by the id)."""
+    return share > 0 and p.truth is not None and is_right(p) and _bucket("first-wrong/", p, 1000) < share * 1000
+
+
 class KnownTeacher:
-    def __init__(self, cfg: prompt_gen.PromptConfig, n: int = 600, *, restate: float = 0.0, styled: bool = False):
+    def __init__(self, cfg: prompt_gen.PromptConfig, n: int = 600, *, restate: float = 0.0, styled: bool = False,
+                 first_wrong: float = 0.0):
         self.bank = {p.text: p for p in prompt_gen.prompts(cfg, 0, n)}
         self.by_id = {p.id: p for p in self.bank.values()}
-        self.restate, self.styled = restate, styled
+        self.restate, self.styled, self.first_wrong = restate, styled, first_wrong
+        self.asks: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()  # the stand-in answers from several threads
 
     def reply(self, p) -> str:
         if p.truth is None:
@@ -110,7 +127,23 @@ class KnownTeacher:
         return WORD_STYLES[_bucket("style/", p, len(WORD_STYLES))](value)
 
     def answer(self, messages) -> str:
-        return self.reply(self.bank[messages[-1]["content"]])
+        p = self.bank[messages[-1]["content"]]
+        with self._lock:
+            self.asks[p.id] += 1
+            first = self.asks[p.id] == 1
+        if first and first_wrong_on(p, self.first_wrong) and not restates(p, self.restate):
+            return self.wrong_reply(p)
+        return self.reply(p)
+
+    def asked(self) -> dict[str, int]:
+        """Requests per prompt id so far (a copy: the stand-in may still be answering)."""
+        with self._lock:
+            return dict(self.asks)
+
+    @staticmethod
+    def wrong_reply(p) -> str:
+        """A sampled teacher's wrong first try: a stated final answer that is not the truth."""
+        return f"I worked it out quickly.\nAnswer: {wrong_value(p)}"
 
     def kept(self, p) -> bool:
         """Whether a correct checker keeps this prompt's reply."""

@@ -4,7 +4,9 @@ Spec strings (`fetch(spec, out_dir, kind)`):
 
   minimind:smoke         lora_identity.jsonl     of jingyaogong/minimind_dataset (a hub dataset repo)
   minimind:small         lora_medical.jsonl      of the same repo
-  minimind:auto          pretrain_hq.jsonl (kind="pretrain") or sft_mini_512.jsonl (kind="sft")
+  minimind:dpo           dpo.jsonl               of the same repo (chosen / rejected conversations)
+  minimind:auto          pretrain_hq.jsonl (kind="pretrain"), sft_mini_512.jsonl (kind="sft") or
+                         dpo.jsonl (kind="preference")
   minimind:<file>        any other file of that repo; a bare file name, no directories
   gsm8k:train|test       main/{train,test}-00000-of-00001.parquet of openai/gsm8k
   hf:<owner>/<name>[@<revision>]/<path/in/repo>
@@ -87,8 +89,8 @@ log = logging.getLogger(__name__)
 MINIMIND_REPO = "jingyaogong/minimind_dataset"
 GSM8K_REPO = "openai/gsm8k"
 
-MINIMIND_FILES = {"smoke": "lora_identity.jsonl", "small": "lora_medical.jsonl"}
-MINIMIND_AUTO = {"pretrain": "pretrain_hq.jsonl", "sft": "sft_mini_512.jsonl"}
+MINIMIND_FILES = {"smoke": "lora_identity.jsonl", "small": "lora_medical.jsonl", "dpo": "dpo.jsonl"}
+MINIMIND_AUTO = {"pretrain": "pretrain_hq.jsonl", "sft": "sft_mini_512.jsonl", "preference": "dpo.jsonl"}
 GSM8K_FILES = {"train": "main/train-00000-of-00001.parquet", "test": "main/test-00000-of-00001.parquet"}
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -170,7 +172,7 @@ def parse_spec(spec: str, kind: str | None = None) -> HubFile | LocalFiles:
     if prefix == "minimind" and sep:
         if rest == "auto":
             if kind not in MINIMIND_AUTO:
-                raise _bad(spec, f"minimind:auto needs kind 'pretrain' or 'sft', got {kind!r}")
+                raise _bad(spec, f"minimind:auto needs kind 'pretrain', 'sft' or 'preference', got {kind!r}")
             name = MINIMIND_AUTO[kind]
         else:
             name = MINIMIND_FILES.get(rest, rest)

@@ -280,7 +280,7 @@ def _weyl(rows: np.ndarray) -> np.ndarray:
         return ((rows.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15) >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
-class _Holdout:
+class Holdout:
     """Sends a fixed fraction of train rows (by row number, at most `max_rows`) to val."""
 
     def __init__(self, fraction: float, max_rows: int):
@@ -324,7 +324,7 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, kind: str, out_dir: str 
         workers = 1 if total < INLINE_BYTES else len(os.sched_getaffinity(0))
     encoder_args = (tok.backend_tokenizer.to_str(), str(tokenizer_dir), kind, opts, max_tokens,
                     opts.get("overlong", "truncate"), separator, vocab)
-    holdout = None if files["val"] else _Holdout(opts.get("val_fraction", 0.01), opts.get("val_max_rows", 1000))
+    holdout = None if files["val"] else Holdout(opts.get("val_fraction", 0.01), opts.get("val_max_rows", 1000))
     stats, formats = collections.Counter(), {}
     bar = _bar(total, f"pretokenize {kind}") if progress_bar else None
     done_bytes = 0

@@ -250,7 +250,7 @@ def _field(row: dict, name: str, where: str, fmt: str) -> str:
     return value
 
 
-def _template(tpl: str, row: dict, where: str, name: str) -> str:
+def fill_template(tpl: str, row: dict, where: str, name: str) -> str:
     try:
         return tpl.format_map(row)
     except KeyError as e:
@@ -285,7 +285,7 @@ def _messages(row: dict, where: str) -> list[dict]:
 
 def _prompt_response(row: dict, fmt: str, opts: dict, where: str) -> tuple[str, str]:
     if opts.get("prompt_format"):
-        prompt = _template(opts["prompt_format"], row, where, "prompt_format")
+        prompt = fill_template(opts["prompt_format"], row, where, "prompt_format")
     elif fmt == "alpaca":
         prompt = _field(row, "instruction", where, fmt)
         extra = row.get("input") or ""
@@ -300,7 +300,7 @@ def _prompt_response(row: dict, fmt: str, opts: dict, where: str) -> tuple[str, 
             name = "instruction"
         prompt = _field(row, name, where, fmt)
     if opts.get("response_format"):
-        response = _template(opts["response_format"], row, where, "response_format")
+        response = fill_template(opts["response_format"], row, where, "response_format")
     else:
         name = {"alpaca": "output", "gsm8k": "answer"}.get(fmt) or opts.get("response_field") or "response"
         if name not in row and name == "response" and "completion" in row:

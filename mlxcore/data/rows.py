@@ -19,6 +19,12 @@ at complete (newline-terminated) lines, so they can follow a file that is still 
 
 Duplicates. The store refuses a row whose id or prompt hash (`prompt_hash`: sha256 of the
 canonical JSON of the messages before the reply) is already in the file; `append` returns False.
+`RowStore(path, unique_prompts=False)` refuses only a second id: a store of several replies to
+one prompt (the distill stage's verified-wrong replies, `mlxcore.distill.generate`).
+
+Flat rows. A row without "conversations" may carry its id at the top level instead of in
+"meta" (`{"id": ..., "prompt": ..., "chosen": ..., "rejected": ...}`, a preference pair); such a
+row has no prompt hash and is deduplicated by its id alone, with the same crash safety.
 """
 
 from __future__ import annotations
@@ -84,16 +90,19 @@ class RowStore:
     fsync_every: fsync after this many appended rows (1: every row; 0: not by count).
     fsync_interval_s: also fsync when this long has passed since the last fsync (checked on
         append; `sync()` / `close()` flush the rest).
+    unique_prompts: refuse a row whose prompt hash is already stored (False: only ids are unique;
+        `has_prompt` still answers).
     """
 
     def __init__(self, path: str | os.PathLike, *, fsync_every: int = 1,
-                 fsync_interval_s: float | None = None) -> None:
+                 fsync_interval_s: float | None = None, unique_prompts: bool = True) -> None:
         if fsync_every < 0:
             raise ValueError(f"fsync_every must be >= 0, got {fsync_every}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fsync_every = fsync_every
         self.fsync_interval_s = fsync_interval_s
+        self.unique_prompts = unique_prompts
         self._lock = threading.Lock()
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -146,9 +155,18 @@ class RowStore:
             for line in f:
                 try:
                     row = json.loads(line)
-                    meta = row["meta"]
-                except (ValueError, KeyError, TypeError):
+                except ValueError:
+                    row = None
+                if not isinstance(row, dict) or not isinstance(row.get("meta", row), Mapping):
                     self.bad_lines += 1
+                    continue
+                meta = row.get("meta")
+                if meta is None:  # a flat row: its id at the top level, no prompt hash
+                    if "conversations" in row or row.get("id") is None:
+                        self.bad_lines += 1
+                        continue
+                    self._count += 1
+                    self._ids.add(str(row["id"]))
                     continue
                 self._count += 1
                 if meta.get("id") is not None:
@@ -164,20 +182,26 @@ class RowStore:
     # -- write --------------------------------------------------------------------------------
 
     def append(self, row: Mapping[str, Any]) -> bool:
-        """Write one row; False (nothing written) when its id or prompt hash is already stored."""
+        """Write one row; False (nothing written) when its id (or, with `unique_prompts`, its prompt
+        hash) is already stored. A row is {"conversations": [...], "meta": {"id", ...}} or a flat
+        row {"id", ...} without "conversations" (see the module doc)."""
         convo = row.get("conversations")
         meta = row.get("meta")
-        if not isinstance(convo, list) or not convo or not isinstance(meta, Mapping) or meta.get("id") is None:
-            raise ValueError("a row needs a non-empty 'conversations' list and 'meta' with an 'id'")
-        rid = str(meta["id"])
-        ph = meta.get("prompt_hash") or prompt_hash(_prompt_messages(convo))
-        if meta.get("prompt_hash") != ph:
-            row = {**row, "meta": {**meta, "prompt_hash": ph}}
+        if convo is None and meta is None and row.get("id") is not None:
+            rid, ph = str(row["id"]), None
+        else:
+            if not isinstance(convo, list) or not convo or not isinstance(meta, Mapping) or meta.get("id") is None:
+                raise ValueError("a row needs a non-empty 'conversations' list and 'meta' with an 'id' "
+                                 "(or, without 'conversations', a top-level 'id')")
+            rid = str(meta["id"])
+            ph = meta.get("prompt_hash") or prompt_hash(_prompt_messages(convo))
+            if meta.get("prompt_hash") != ph:
+                row = {**row, "meta": {**meta, "prompt_hash": ph}}
         data = _encode(row)
         with self._lock:
             if self._fd is None:
                 raise ValueError(f"{self.path}: the store is closed")
-            if rid in self._ids or ph in self._hashes:
+            if rid in self._ids or (self.unique_prompts and ph in self._hashes):
                 return False
             start = self._size
             try:
@@ -194,7 +218,8 @@ class RowStore:
                 raise
             self._size = start + len(data)
             self._ids.add(rid)
-            self._hashes.add(ph)
+            if ph is not None:
+                self._hashes.add(ph)
             self._count += 1
             self._pending += 1
             now = time.monotonic()

@@ -2,7 +2,8 @@
 every kind of training (`python -m mlxcore.train.launch JOB.json`).
 
 A job is a pydantic model with a `kind` (`JOBS` says which module runs it: pretrain / SFT
-`TrainJob`, the distill student's `StudentJob`, the RL update's `UpdateJob`), written as
+`TrainJob`, the distill student's `StudentJob`, the RL update's `UpdateJob`, preference and
+reward-model `PreferenceJob` / `RewardJob`), written as
 `<out_dir>/job.json`; every kind trains through `train.fit()`.
 
 Training runs in its own process so that a timeout or cancellation really stops it (a thread
@@ -69,6 +70,8 @@ JOBS = {
     "train": ("mlxcore.train.loop", "TrainJob", "run"),
     "distill-student": ("mlxcore.distill.student", "StudentJob", "run"),
     "rl-update": ("mlxcore.rl.iteration", "UpdateJob", "run_job"),
+    "preference": ("mlxcore.preference.train", "PreferenceJob", "run"),
+    "reward-model": ("mlxcore.preference.train", "RewardJob", "run_reward"),
 }
 
 

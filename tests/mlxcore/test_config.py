@@ -45,7 +45,7 @@ def test_errors_name_file_line_and_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     msg = str(err.value)
-    assert f"{path}:4: pretrain.lr: Input should be greater than 0" in msg
+    assert f"{path}:4: pretrain.lr: Input should be greater than or equal to 0" in msg
     assert f"{path}:5: pretrain.stepz: Extra inputs are not permitted" in msg
     assert f"{path}:6: model:" in msg and "num_kv_heads=3" in msg
 
@@ -59,7 +59,7 @@ def test_a_bad_set_is_reported_against_the_set_not_the_file(tmp_path):
     assert "  --set sft.stepz=5: sft.stepz: Extra inputs are not permitted" in lines
     assert "  --set model.num_layers=0: model.num_layers: Input should be greater than 0" in lines
     assert any(line.startswith("  --set sft.lr=oops: sft.lr: Input should be a valid number") for line in lines)
-    assert f"  {path}:6: pretrain.lr: Input should be greater than 0" in lines  # the file's own error keeps its line
+    assert f"  {path}:6: pretrain.lr: Input should be greater than or equal to 0" in lines  # the file's own error keeps its line
     assert not any(f"{path}:3" in line or f"{path}:2" in line for line in lines)  # sft's lines set nothing wrong
     with pytest.raises(ConfigError, match="--set sft=3: sft: Input should be a valid dictionary"):
         load_config(None, ["sft=3"])

@@ -1,0 +1,187 @@
+"""Preference rows in, (prompt messages, responses) out, with errors that name the file and line.
+
+Formats, declared (`PreferenceSourceConfig.format`) or detected from a file's first row:
+  pairs          {"prompt", "chosen", "rejected"} strings (TRL's "standard" preference rows;
+                 the prompt may come from `prompt_field` or a `prompt_format` template, and the
+                 prompt may itself be a message list)
+  pair-messages  {"chosen": [messages], "rejected": [messages]} (MiniMind's dpo.jsonl,
+                 UltraFeedback / TRL's conversational rows), or Anthropic-HH strings
+                 ("\\n\\nHuman: ... \\n\\nAssistant: ..."): the messages both share are the prompt,
+                 the last assistant message of each is the response
+  kto            {"prompt", "completion", "label": true | false} (unpaired: desirable or not)
+  scored         {"prompt", "response", "reward": number} (the MLX-Pretrain seed's rows; also
+                 "instruction" for the prompt and "score" for the reward)
+Files are read like SFT data (`records.read_chunks`: JSONL, JSON arrays, parquet; UTF-8 with or
+without a BOM). A pair whose chosen and rejected replies are identical, or whose two
+conversations share no prompt, is not an error but is not usable either: it is skipped and
+counted (`identical`, `no_prompt`) in the tokenized data's manifest, and the first few are
+named in a warning.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from mlxcore.data.records import DataError, ROLES, SHAREGPT_ROLES
+
+FORMATS = ("auto", "pairs", "pair-messages", "kto", "scored")
+KINDS = {"pairs": "pairs", "pair-messages": "pairs", "kto": "kto", "scored": "scored"}
+
+
+class Skip(Exception):
+    """A row that is well-formed but unusable (counted under `reason`, not fatal)."""
+
+    def __init__(self, reason: str, where: str):
+        super().__init__(f"{where}: {reason}")
+        self.reason, self.where = reason, where
+
+
+def kind_of(fmt: str) -> str:
+    """pairs / kto / scored: what the rows train."""
+    return KINDS[fmt]
+
+
+def detect_format(row: dict, where: str) -> str:
+    if "chosen" in row and "rejected" in row:
+        c = row["chosen"]
+        if isinstance(c, list) or (isinstance(c, str) and "prompt" not in row and _HH_TURN.search(c)):
+            return "pair-messages"
+        return "pairs"
+    if "label" in row and ("completion" in row or "response" in row):
+        return "kto"
+    if ("reward" in row or "score" in row) and ("response" in row or "completion" in row or "output" in row):
+        return "scored"
+    raise DataError(
+        f"{where}: cannot tell the preference format from the fields {sorted(row)[:8]}; expected "
+        "prompt/chosen/rejected, chosen/rejected message lists, prompt/completion/label (KTO) or "
+        "prompt/response/reward (scored); or set format and the field names in the data config")
+
+
+def _text(row: dict, name: str, where: str, fmt: str) -> str:
+    if name not in row:
+        raise DataError(f"{where}: missing field {name!r} ({fmt} format)")
+    value = row[name]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _message_list(value: Any, name: str, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field {name!r} must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if isinstance(m, dict) and "from" in m and "role" not in m:  # ShareGPT
+            m = {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: {name} message {i} needs 'role' in {sorted(ROLES)} and a string 'content'")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def _hh_messages(text: str, name: str, where: str) -> list[dict]:
+    """Anthropic-HH's "\\n\\nHuman: ...\\n\\nAssistant: ..." transcript as a message list."""
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise DataError(f"{where}: field {name!r} is neither a message list nor a Human:/Assistant: transcript")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[parts[i]], "content": parts[i + 1]} for i in range(1, len(parts), 2)]
+
+
+def _prompt(row: dict, opts: dict, where: str, fmt: str) -> list[dict]:
+    """The prompt as a message list (a string prompt is one user message)."""
+    if opts.get("prompt_format"):
+        from mlxcore.data.records import fill_template
+
+        text = fill_template(opts["prompt_format"], row, where, "prompt_format")
+    else:
+        name = opts.get("prompt_field") or "prompt"
+        if name == "prompt" and name not in row:
+            name = next((k for k in ("instruction", "question") if k in row), name)
+        if isinstance(row.get(name), list):
+            return _message_list(row[name], name, where)
+        text = _text(row, name, where, fmt)
+    return [{"role": "user", "content": text}]
+
+
+def _with_system(prompt: list[dict], opts: dict) -> list[dict]:
+    if opts.get("system_prompt") and prompt[0]["role"] != "system":
+        return [{"role": "system", "content": opts["system_prompt"]}] + prompt
+    return prompt
+
+
+def _split_shared(chosen: list[dict], rejected: list[dict], where: str) -> tuple[list[dict], str, str]:
+    """(shared prompt messages, chosen reply, rejected reply) of two conversations."""
+    for name, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the {name} conversation does not end with an assistant reply")
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    prompt = chosen[:n]
+    if not prompt or prompt[-1]["role"] == "assistant" or chosen[n:-1] or rejected[n:-1]:
+        # no shared prefix ending in a user turn, or the two differ before their last replies
+        raise Skip("no_prompt", where)
+    return prompt, chosen[-1]["content"], rejected[-1]["content"]
+
+
+def _response_field(row: dict, opts: dict, where: str, fmt: str, names: tuple[str, ...]) -> str:
+    if opts.get("response_format"):
+        from mlxcore.data.records import fill_template
+
+        return fill_template(opts["response_format"], row, where, "response_format")
+    name = opts.get("response_field")
+    if not name or (name == "response" and name not in row):
+        name = next((k for k in names if k in row), names[0])
+    return _text(row, name, where, fmt)
+
+
+def to_example(row: dict, fmt: str, opts: dict, where: str) -> dict:
+    """One example: {"prompt": messages, "chosen", "rejected"} | {"prompt", "completion", "label"}
+    | {"prompt", "response", "reward"}. Raises DataError (bad row) or Skip (unusable pair)."""
+    if fmt == "pairs":
+        prompt = _prompt(row, opts, where, fmt)
+        chosen, rejected = _text(row, "chosen", where, fmt), _text(row, "rejected", where, fmt)
+        if chosen.strip() == rejected.strip():
+            raise Skip("identical", where)
+        return {"prompt": _with_system(prompt, opts), "chosen": chosen, "rejected": rejected}
+    if fmt == "pair-messages":
+        sides = []
+        for name in ("chosen", "rejected"):
+            value = row.get(name)
+            if isinstance(value, str):
+                msgs = _hh_messages(value, name, where)
+            else:
+                msgs = _message_list(value, name, where)
+            if "prompt" in row and msgs[0]["role"] == "assistant":  # TRL conversational: prompt apart
+                msgs = _prompt(row, opts, where, fmt) + msgs
+            sides.append(msgs)
+        if sides[0] == sides[1]:
+            raise Skip("identical", where)
+        prompt, chosen, rejected = _split_shared(*sides, where)
+        if chosen.strip() == rejected.strip():
+            raise Skip("identical", where)
+        return {"prompt": _with_system(prompt, opts), "chosen": chosen, "rejected": rejected}
+    if fmt == "kto":
+        prompt = _prompt(row, opts, where, fmt)
+        completion = _response_field(row, opts, where, fmt, ("completion", "response"))
+        label = row.get("label")
+        if not isinstance(label, bool):
+            if label in (0, 1) and not isinstance(label, float):
+                label = bool(label)
+            else:
+                raise DataError(f"{where}: field 'label' must be true or false (desirable or not), got {label!r}")
+        return {"prompt": _with_system(prompt, opts), "completion": completion, "label": label}
+    if fmt == "scored":
+        prompt = _prompt(row, opts, where, fmt)
+        response = _response_field(row, opts, where, fmt, ("response", "completion", "output"))
+        name = opts.get("reward_field") or ("reward" if "reward" in row else "score")
+        value = row.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+            raise DataError(f"{where}: field {name!r} must be a finite number, got {value!r}")
+        return {"prompt": _with_system(prompt, opts), "response": response, "reward": float(value)}
+    raise DataError(f"{where}: unknown preference format {fmt!r}; choose one of {', '.join(FORMATS)}")
