@@ -24,8 +24,8 @@ def align(stage: PreferenceStage, init_from: str, tokenizer_dir: str, run: str, 
     """Preference-train `init_from` as `stage` says; `inputs` (e.g. distill's pairs) replace stage.data."""
     if inputs is None:
         inputs, fmt = sources(stage.data, stage.synthetic, max_download_mb, run)
-    else:
-        fmt = stage.data.options() if stage.data is not None else {}
+    else:  # pairs another stage wrote (distill's): held out by row number
+        fmt = {"val_fraction": stage.pairs_val_fraction}
     data = pretokenize(inputs, tokenizer_dir, fmt, stage.max_tokens(), run)
     objective, cfg = stage.objective, stage.train
     # computed once (another beta / lr / objective reuses it); read in training by the objectives that

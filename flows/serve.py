@@ -10,6 +10,8 @@
   bench/<name>        one per configs/bench-<name>.yaml (checkpoints, Ollama, OpenAI endpoints)
   eval/demo           held-out loss / perplexity of runs/demo/model on the demo's SFT val split
   eval/<name>         one per configs/eval-<name>.yaml
+  preference/<name>   one per configs/preference-<name>.yaml (DPO, IPO, ORPO, KTO ... on a model dir)
+  reward-model/<name> one per configs/reward-<name>.yaml
 
 Every deployment takes `overrides` too (KEY=VALUE settings on top of its config):
 
@@ -27,7 +29,8 @@ from pathlib import Path
 
 import yaml
 
-from mlxcore.config import BenchRunConfig, ConfigError, DistillConfig, EvalConfig, PipelineConfig, RLConfig, load_config
+from mlxcore.config import (BenchRunConfig, ConfigError, DistillConfig, EvalConfig, PipelineConfig, PreferenceRunConfig,
+                            RewardModelRunConfig, RLConfig, load_config)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -44,6 +47,7 @@ def deployments(config_dir: str | Path = CONFIGS, **common) -> list:
     from flows.bench import bench, eval_flow
     from flows.distill import distill
     from flows.pipeline import pipeline
+    from flows.preference import preference, reward_model
     from flows.rl_gsm8k import rl_gsm8k
 
     out = [pipeline.to_deployment(name="demo", description="The whole pipeline on its embedded defaults.", **common),
@@ -52,7 +56,8 @@ def deployments(config_dir: str | Path = CONFIGS, **common) -> list:
            bench.to_deployment(name="demo", description="runs/demo/model vs the uniform-random baseline.", **common),
            eval_flow.to_deployment(name="demo", description="runs/demo/model on the demo's held-out SFT split.",
                                    **common)]
-    by_prefix = {"distill-": (distill, DistillConfig), "bench-": (bench, BenchRunConfig), "eval-": (eval_flow, EvalConfig)}
+    by_prefix = {"distill-": (distill, DistillConfig), "bench-": (bench, BenchRunConfig), "eval-": (eval_flow, EvalConfig),
+                 "preference-": (preference, PreferenceRunConfig), "reward-": (reward_model, RewardModelRunConfig)}
     for path in sorted(Path(config_dir).glob("*.yaml")):
         prefix = next((p for p in by_prefix if path.stem.startswith(p)), None)
         if path.stem.startswith("rl-"):

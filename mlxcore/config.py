@@ -6,6 +6,8 @@ the file and the line, never a silently ignored setting.
 
 from __future__ import annotations
 
+import typing
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -448,6 +450,8 @@ class PreferenceStage(_Strict):
     objective: PreferenceObjective = PreferenceObjective()
     train: TrainConfig = Field(default_factory=_default_preference_train)
     eval_batch_size: int = Field(16, gt=0, description="Reference log-probs and held-out metrics: examples per batch.")
+    pairs_val_fraction: float = Field(0.2, gt=0, lt=1, description="distill's own pairs: the share held out "
+                                                                   "(by row number) for the held-out metrics.")
 
     def max_tokens(self) -> int:
         return self.data.max_tokens if self.data is not None and self.data.max_tokens else self.train.seq_len + 1
@@ -752,6 +756,25 @@ def merge(base: dict, layer: dict) -> dict:
     return out
 
 
+def _section_class(annotation) -> type[BaseModel] | None:
+    """The config class of a field typed `Section` or `Section | None`."""
+    for t in typing.get_args(annotation) or (annotation,):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def fill_sections(cls: type[BaseModel], data: dict) -> dict:
+    """A section that a YAML or an override brings where the default is none (e.g. `preference:`)
+    starts from its class's defaults, the same as a section that was there: the one rule."""
+    out = dict(data)
+    for name, field in cls.model_fields.items():
+        sub, value = _section_class(field.annotation), out.get(name)
+        if sub is not None and isinstance(value, dict):
+            out[name] = fill_sections(sub, merge(defaults(sub), value))
+    return out
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict."""
     for item in overrides:
@@ -791,7 +814,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
             raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{source}:1: expected a mapping of settings, got {type(data).__name__}")
-    data = apply_overrides(merge(defaults(cls), data), list(overrides))
+    data = fill_sections(cls, apply_overrides(merge(defaults(cls), data), list(overrides)))
     try:
         return cls.model_validate(data)
     except ValidationError as e:
@@ -802,7 +825,7 @@ def with_overrides(config: BaseModel, overrides: list[str]) -> BaseModel:
     """`config` with `KEY=VALUE` overrides applied (a flow parameter's `--set`); errors name the key."""
     if not overrides:
         return config
-    data = apply_overrides(spec(config), list(overrides))
+    data = fill_sections(type(config), apply_overrides(spec(config), list(overrides)))
     try:
         return type(config).model_validate(data)
     except ValidationError as e:

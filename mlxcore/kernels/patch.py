@@ -100,6 +100,8 @@ def use_fast_kernels(model: nn.Module) -> bool:
     signature is not mlx-lm's as the wrappers know it.
     """
     name = type(model).__module__
+    if not name.startswith("mlx_lm.models.") and hasattr(model, "model"):  # a wrapper (a reward model's decoder)
+        name = type(model.model).__module__
     module = sys.modules.get(name)
     if module is None or name in _PATCHED or not name.startswith("mlx_lm.models."):
         return name in _PATCHED

@@ -179,7 +179,9 @@ def to_example(row: dict, fmt: str, opts: dict, where: str) -> dict:
     if fmt == "scored":
         prompt = _prompt(row, opts, where, fmt)
         response = _response_field(row, opts, where, fmt, ("response", "completion", "output"))
-        name = opts.get("reward_field") or ("reward" if "reward" in row else "score")
+        name = opts.get("reward_field") or "reward"
+        if name == "reward" and name not in row and "score" in row:  # the config's default names "reward"
+            name = "score"
         value = row.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
             raise DataError(f"{where}: field {name!r} must be a finite number, got {value!r}")

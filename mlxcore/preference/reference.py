@@ -66,6 +66,10 @@ def compute(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *,
             bar.close()
 
 
-def load(reference_dir: str | Path, split: str) -> np.ndarray:
-    read_manifest(reference_dir, "reference")
+def load(reference_dir: str | Path, split: str, data_dir: str | Path | None = None) -> np.ndarray:
+    """One split's reference log-probs; given `data_dir`, only if they were computed on that data
+    (its digest: a count check alone passes other data of the same size)."""
+    manifest = read_manifest(reference_dir, "reference")
+    if data_dir is not None and manifest["config"]["data"] != read_manifest(data_dir, "preference")["digest"]:
+        raise ValueError(f"{reference_dir}: the reference log-probs were computed on other data than {data_dir}")
     return np.load(Path(reference_dir) / f"{split}.npy")

@@ -90,7 +90,7 @@ def run(job: PreferenceJob, callback: TrainingCallback | None = None) -> dict:
     if loss.uses_reference:
         if not job.reference_dir:
             raise ValueError(f"objective {job.objective.name} needs reference log-probs (reference_dir)")
-        refs = {s: reference.load(job.reference_dir, s) for s in ("train", "val")}
+        refs = {s: reference.load(job.reference_dir, s, job.data_dir) for s in ("train", "val")}
     tok = read_manifest(job.tokenizer_dir, "tokenizer")
     group = distributed.init(job.train.world_size)
     rank = group.rank() if group is not None else 0
@@ -135,7 +135,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, reference_dir: str 
         model, _ = checkpoint.load(model_dir)
         objective = objective or PreferenceObjective(name="kto" if rows == "kto" else "dpo")
         loss = make_loss(objective)
-        refs = reference.load(reference_dir, split) if reference_dir else None
+        refs = reference.load(reference_dir, split, data_dir) if reference_dir else None
     model.eval()
     use_fast_kernels(model)
     batches = PreferenceBatches(data_dir, split, 1, seq_len, shuffle=False, pad_id=data["pad_id"], reference=refs)

@@ -175,3 +175,28 @@ def test_no_teacher_fails_fast_with_the_fix_and_writes_nothing(tmp_path, capsys)
     with OllamaStandin(models=("llama3:8b",)) as hub:  # up, but without the model: no retry, the fix
         code = main(["run", "distill", "--set", f"out_dir={tmp_path}", "--set", f"teacher.url={hub.url}"])
     assert code == 1 and "ollama pull qwen3:0.6b" in capsys.readouterr().err
+
+
+def test_distill_pairs_the_teachers_right_and_wrong_replies_and_dpo_on_them_learns(tmp_path):
+    """A sampled teacher, wrong on its first ask of some prompts and right on a later one: the
+    distill run keeps both, writes pairs.jsonl, and its `preference:` stage trains the student on
+    them (no human labels): held-out pairs go from ties (0.5) to mostly right."""
+    teacher = KnownTeacher(PROMPTS, n=1500, first_wrong=0.5)
+    train = {"steps": 400, "eval_every": 20, "save_every": 20}
+    with OllamaStandin(answer=teacher.answer) as hub:
+        _run(distill_config(tmp_path, hub.url, target=80, train=train))  # first asks: some wrong, kept
+    preference = {"objective": {"name": "dpo", "beta": 0.1},
+                  "train": {"steps": 40, "batch_size": 8, "seq_len": 96, "lr": 1e-3, "warmup_steps": 2, "eval_every": 20,
+                            "eval_batches": 1, "save_every": 20, "log_every": 5}}
+    with OllamaStandin(answer=teacher.answer) as hub:  # a higher target asks the rejected prompts again: right now
+        _, out = _run(distill_config(tmp_path, hub.url, target=140, train=train, preference=preference))
+    rows_dir = out["rows"]["path"]
+    pairs = [json.loads(line) for line in open(os.path.join(rows_dir, "pairs.jsonl"))]
+    assert out["rows"]["pairs_count"] == len(pairs) >= 10
+    for pair in pairs:
+        p = next(b for b in teacher.bank.values() if b.id == pair["prompt_id"])
+        assert check(p, pair["chosen"]).ok and not check(p, pair["rejected"]).ok
+    evals = out["preference"]["eval"]
+    print("distill pairs", len(pairs), evals["start"]["accuracy"], "->", evals["trained"]["accuracy"])
+    assert evals["start"]["accuracy"] == 0.5 and evals["trained"]["accuracy"] >= 0.75
+    assert out["checkpoint"] == out["preference"]["checkpoint"]

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from mlxcore.config import (BenchRunConfig, ConfigError, DistillConfig, EvalConfig, FinetuneConfig, ModelConfig,
-                            PipelineConfig, RLConfig, load_config, with_overrides)
+                            PipelineConfig, PreferenceRunConfig, RewardModelRunConfig, RLConfig, load_config,
+                            with_overrides)
 
 from tests.conftest import REPO
 
@@ -121,6 +122,10 @@ def test_every_config_in_the_repo_loads(path: Path, tmp_path):
         assert len(load_config(path, cls=BenchRunConfig).targets) >= 2
     elif path.name.startswith("eval-"):
         assert isinstance(load_config(path, cls=EvalConfig), EvalConfig)
+    elif path.name.startswith("preference-"):
+        assert load_config(path, cls=PreferenceRunConfig).init_from.startswith("runs/")
+    elif path.name.startswith("reward-"):
+        assert load_config(path, cls=RewardModelRunConfig).init_from.startswith("runs/")
     else:
         assert isinstance(load_config(path), PipelineConfig)
 

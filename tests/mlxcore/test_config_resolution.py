@@ -16,7 +16,8 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from mlxcore.config import (MODEL_PRESETS, BenchRunConfig, BenchTarget, ConfigError, DistillConfig, EvalConfig, FinetuneConfig,
-                            ModelConfig, PipelineConfig, RLConfig, load_config, spec, with_overrides)
+                            ModelConfig, PipelineConfig, PreferenceRunConfig, RewardModelRunConfig, RLConfig, load_config, spec,
+                            with_overrides)
 
 from tests.conftest import REPO
 
@@ -31,11 +32,12 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def _required(cls, model_dir: Path) -> list[str]:
-    return {FinetuneConfig: [f"base_model={model_dir}"], RLConfig: [f"policy={model_dir}"]}.get(cls, [])
+    return {FinetuneConfig: [f"base_model={model_dir}"], RLConfig: [f"policy={model_dir}"],
+            PreferenceRunConfig: [f"init_from={model_dir}"], RewardModelRunConfig: [f"init_from={model_dir}"]}.get(cls, [])
 
 
 CLASS_OF = {"finetune": FinetuneConfig, "distill": DistillConfig, "rl": RLConfig, "bench": BenchRunConfig,
-            "eval": EvalConfig}
+            "eval": EvalConfig, "preference": PreferenceRunConfig, "reward": RewardModelRunConfig}
 YAMLS = sorted((REPO / "configs").glob("*.yaml"))
 
 
@@ -92,6 +94,9 @@ def _candidates(value, annotation) -> list:
         elif t is str:
             out += [f"{value}x" if isinstance(value, str) else "x", "custom-name"]
         elif origin in (list, tuple):
+            item = typing.get_args(t)[0]
+            if typing.get_origin(item) is typing.Literal:  # a list of choices: another choice alone
+                out += [[c] for c in typing.get_args(item) if [c] != list(value or [])]
             if isinstance(value, (list, tuple)) and len(value) > 1:
                 out += [list(value[:1]), list(value)[::-1]]
             elif isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
@@ -120,14 +125,14 @@ def _example(t):
 
 
 # Keys that a cross-field rule lets change only beside another: set that one first, in both runs.
-def _context(key: str, model_dir: Path) -> list[str]:
+def _context(key: str, model_dir: Path, distill: bool = False) -> list[str]:
     section = key.rsplit(".", 1)[0]
     if key.endswith(".quantize"):
         return [f"{section}.fine_tune_type=lora", *(["student.init_from=" + str(model_dir)]
-                                                    if key.startswith("train.") else [])]
+                                                    if key.startswith("train.") and distill else [])]
     if key.endswith(".lora.scale") or key.endswith(".lora.alpha"):  # one of the two, not both
         return [f"{section}.{'alpha' if key.endswith('scale') else 'scale'}=null"]
-    if key == "train.fine_tune_type":  # distill: adapters need a base model
+    if key == "train.fine_tune_type" and distill:  # distill: adapters need a base model
         return [f"student.init_from={model_dir}"]
     return []
 
@@ -145,7 +150,7 @@ def _check_every_leaf(base: BaseModel, load, model_dir: Path) -> list[str]:
     for key, value, annotation in _leaves(base):
         if key.endswith("model.preset") or key in FIXED.get(type(base).__name__, ()):
             continue  # a preset sets its shapes too: its own test below
-        context = _context(key, model_dir)
+        context = _context(key, model_dir, distill=hasattr(base, "student"))
         before = _flat((load(context) if context else base).model_dump(mode="json"))
         cands = []
         if key.endswith(("init_from", "base_model", "policy")):
@@ -170,7 +175,8 @@ def _check_every_leaf(base: BaseModel, load, model_dir: Path) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("cls", [PipelineConfig, FinetuneConfig, DistillConfig, RLConfig, BenchRunConfig, EvalConfig],
+@pytest.mark.parametrize("cls", [PipelineConfig, FinetuneConfig, DistillConfig, RLConfig, BenchRunConfig, EvalConfig,
+                                 PreferenceRunConfig, RewardModelRunConfig],
                          ids=lambda c: c.__name__)
 def test_one_set_changes_exactly_its_key_from_the_defaults(cls, model_dir):
     req = _required(cls, model_dir)
@@ -222,3 +228,15 @@ def test_a_resolved_config_round_trips_through_its_spec(path, model_dir):
     assert cls.model_validate(spec(config)) == config
     assert cls.model_validate(config.model_dump(mode="json")) == config  # what a Prefect parameter holds
     assert isinstance(ModelConfig.model_validate(ModelConfig().model_dump()), ModelConfig)
+
+
+def test_a_section_set_where_the_default_is_none_starts_from_its_own_defaults():
+    """`--set preference.train.steps=20` on a pipeline (no preference stage by default) gives the
+    preference stage's defaults (its own training schedule) with only `steps` changed."""
+    from mlxcore.config import PreferenceStage
+
+    expected = PreferenceStage().train.model_copy(update={"steps": 20})
+    for config in (load_config(None, ["preference.train.steps=20"]),
+                   with_overrides(PipelineConfig(), ["preference.train.steps=20"])):
+        assert config.preference.train == expected and config.preference.objective == PreferenceStage().objective
+    assert PreferenceStage().train.lr != PipelineConfig().sft.lr  # the stage's own defaults, not TrainConfig()'s
