@@ -138,11 +138,23 @@ def hf_model_dir(path: Path, tokenizer_dir: Path, model_type: str = "qwen3", voc
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(tmp_path_factory):
+    """The session's Prefect server: a real `prefect server start` with its UI, on loopback, that
+    in-process flows report to. The UI test browses the runs other tests made (the smoke pipeline's),
+    so no test runs a pipeline only to look at it. Yields the base URL (the API is base + "/api")."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    from tests.prefect_ui import start_prefect_server
+
+    base, server = start_prefect_server(tmp_path_factory.mktemp("prefect-server"))
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: f"{base}/api"}):
+            yield base
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler.flush()  # the runs' last log lines, before the server goes
+    finally:
+        stop_group(server)
 
 
 @pytest.fixture(scope="session")
