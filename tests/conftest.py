@@ -150,9 +150,9 @@ def prefect_server(tmp_path_factory):
     try:
         with temporary_settings(updates={PREFECT_API_URL: f"{base}/api"}):
             yield base
-            from prefect.logging.handlers import APILogHandler
+            from prefect.logging.handlers import APILogWorker
 
-            APILogHandler.flush()  # the runs' last log lines, before the server goes
+            APILogWorker.drain_all(timeout=5)  # the runs' last log lines, before the server goes
     finally:
         stop_group(server)
 

@@ -44,7 +44,7 @@ from mlxcore.data import records
 from mlxcore.data import tokenizer as tokenizers
 from mlxcore.data.inputs import SPLITS, resolve_inputs  # noqa: F401  (resolve_inputs: re-exported)
 from mlxcore.data.records import DataError
-from mlxcore.io import atomic_dir, dir_digest, is_complete, path_digest, read_manifest, write_manifest
+from mlxcore.io import atomic_dir, path_digest, write_manifest
 
 SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB of uint16 per shard
 INLINE_BYTES = 2 << 20  # below this much input, tokenize in this process (no worker start-up)
@@ -314,8 +314,7 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, kind: str, out_dir: str 
     fmt = opts.get("format", "auto")
     files = resolve_inputs(inputs, kind)
     tok = tokenizers.load(tokenizer_dir)
-    tok_digest = (read_manifest(tokenizer_dir, "tokenizer")["digest"] if is_complete(tokenizer_dir)
-                  else dir_digest(tokenizer_dir, tokenizers.TOKENIZER_FILES))  # a plain HF tokenizer dir
+    tok_digest = tokenizers.digest(tokenizer_dir)
     vocab = len(tok)
     separator = tokenizers.special_ids(tok)["separator"]
     dtype = token_dtype(vocab)

@@ -241,7 +241,7 @@ def detect_format(row: dict, where: str) -> str:
     )
 
 
-def _field(row: dict, name: str, where: str, fmt: str) -> str:
+def string_field(row: dict, name: str, where: str, fmt: str) -> str:
     if name not in row:
         raise DataError(f"{where}: missing field {name!r} ({fmt} format)")
     value = row[name]
@@ -264,18 +264,25 @@ def template_fields(tpl: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(tpl) if name is not None]
 
 
-def _messages(row: dict, where: str) -> list[dict]:
-    key = "conversations" if "conversations" in row else "messages"
-    msgs = row.get(key)
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: expected a non-empty 'conversations' or 'messages' list")
+def message_list(value: Any, where: str, name: str | None = None) -> list[dict]:
+    """A list of {"role", "content"} messages (ShareGPT's {"from", "value"} too), normalised;
+    DataError naming the row (and the field `name`) otherwise."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: " + (f"field {name!r} must be a non-empty list of messages" if name
+                                        else "expected a non-empty 'conversations' or 'messages' list"))
     out = []
-    for i, m in enumerate(msgs):
+    for i, m in enumerate(value):
         if isinstance(m, dict) and "from" in m and "role" not in m:  # ShareGPT
             m = {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise DataError(f"{where}: message {i} needs 'role' in {sorted(ROLES)} and a string 'content'")
+            raise DataError(f"{where}: {name + ' ' if name else ''}message {i} needs 'role' in {sorted(ROLES)} "
+                            "and a string 'content'")
         out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _messages(row: dict, where: str) -> list[dict]:
+    out = message_list(row.get("conversations" if "conversations" in row else "messages"), where)
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: no assistant message to learn from")
     if out[0]["role"] == "assistant":
@@ -287,25 +294,25 @@ def _prompt_response(row: dict, fmt: str, opts: dict, where: str) -> tuple[str, 
     if opts.get("prompt_format"):
         prompt = fill_template(opts["prompt_format"], row, where, "prompt_format")
     elif fmt == "alpaca":
-        prompt = _field(row, "instruction", where, fmt)
+        prompt = string_field(row, "instruction", where, fmt)
         extra = row.get("input") or ""
         if not isinstance(extra, str):
             raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
         prompt = f"{prompt}\n\n{extra}" if extra.strip() else prompt
     elif fmt == "gsm8k":
-        prompt = _field(row, "question", where, fmt)
+        prompt = string_field(row, "question", where, fmt)
     else:
         name = opts.get("prompt_field") or "prompt"
         if name not in row and name == "prompt" and "instruction" in row:
             name = "instruction"
-        prompt = _field(row, name, where, fmt)
+        prompt = string_field(row, name, where, fmt)
     if opts.get("response_format"):
         response = fill_template(opts["response_format"], row, where, "response_format")
     else:
         name = {"alpaca": "output", "gsm8k": "answer"}.get(fmt) or opts.get("response_field") or "response"
         if name not in row and name == "response" and "completion" in row:
             name = "completion"
-        response = _field(row, name, where, fmt)
+        response = string_field(row, name, where, fmt)
     return prompt, response
 
 
@@ -317,7 +324,7 @@ def to_example(row: dict, fmt: str, kind: str, opts: dict, where: str):
         if kind == "sft":
             raise DataError(f"{where}: plain text rows have no assistant turn to learn; use them for pretraining, "
                             "or declare a chat format")
-        return _field(row, opts.get("text_field") or "text", where, fmt)
+        return string_field(row, opts.get("text_field") or "text", where, fmt)
     if fmt == "conversations":
         msgs = _messages(row, where)
     elif fmt in CHAT_FORMATS:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from mlxcore.data.records import read_rows
-from mlxcore.io import atomic_dir, write_manifest
+from mlxcore.io import MANIFEST, atomic_dir, dir_digest, write_manifest
 
 if TYPE_CHECKING:  # pretokenize's worker processes import this module; pydantic configs are not needed there
     from mlxcore.config import TokenizerConfig
@@ -43,6 +43,19 @@ def load(tokenizer_dir: str | Path):
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.json / tokenizer_config.json")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+
+
+def digest(tokenizer_dir: str | Path) -> str:
+    """A tokenizer's content digest: a tokenizer stage's manifest digest, else (a model dir, a plain
+    Hugging Face tokenizer dir) a hash of its tokenizer files."""
+    import json
+
+    manifest = Path(tokenizer_dir) / MANIFEST
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        if data.get("kind") == "tokenizer":
+            return data["digest"]
+    return dir_digest(tokenizer_dir, TOKENIZER_FILES)
 
 
 def copy_files(tokenizer_dir: str | Path, dest: str | Path) -> None:

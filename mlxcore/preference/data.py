@@ -35,7 +35,7 @@ from mlxcore.data import tokenizer as tokenizers
 from mlxcore.data.inputs import SPLITS, resolve_inputs
 from mlxcore.data.pretokenize import Holdout
 from mlxcore.data.records import DataError
-from mlxcore.io import atomic_dir, dir_digest, is_complete, path_digest, read_manifest, write_manifest
+from mlxcore.io import atomic_dir, path_digest, read_manifest, write_manifest
 from mlxcore.preference import formats
 
 RESPONSES = {"pairs": 2, "kto": 1, "scored": 1}
@@ -144,8 +144,7 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, out_dir: str | Path, *, 
     fmt = opts.get("format", "auto")
     files = resolve_inputs(inputs, "preference")
     tok = tokenizers.load(tokenizer_dir)
-    tok_digest = (read_manifest(tokenizer_dir, "tokenizer")["digest"] if is_complete(tokenizer_dir)
-                  else dir_digest(tokenizer_dir, tokenizers.TOKENIZER_FILES))
+    tok_digest = tokenizers.digest(tokenizer_dir)
     backend, render = tok.backend_tokenizer, Renderer(tok)
     file_formats = {p: file_format(p, fmt) for ps in files.values() for p in ps}
     kinds = {formats.kind_of(f) for f in file_formats.values()}

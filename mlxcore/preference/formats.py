@@ -21,9 +21,8 @@ named in a warning.
 from __future__ import annotations
 
 import re
-from typing import Any
 
-from mlxcore.data.records import DataError, ROLES, SHAREGPT_ROLES
+from mlxcore.data.records import DataError, message_list, string_field
 
 FORMATS = ("auto", "pairs", "pair-messages", "kto", "scored")
 KINDS = {"pairs": "pairs", "pair-messages": "pairs", "kto": "kto", "scored": "scored"}
@@ -58,28 +57,6 @@ def detect_format(row: dict, where: str) -> str:
         "prompt/response/reward (scored); or set format and the field names in the data config")
 
 
-def _text(row: dict, name: str, where: str, fmt: str) -> str:
-    if name not in row:
-        raise DataError(f"{where}: missing field {name!r} ({fmt} format)")
-    value = row[name]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _message_list(value: Any, name: str, where: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: field {name!r} must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(value):
-        if isinstance(m, dict) and "from" in m and "role" not in m:  # ShareGPT
-            m = {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: {name} message {i} needs 'role' in {sorted(ROLES)} and a string 'content'")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
@@ -103,8 +80,8 @@ def _prompt(row: dict, opts: dict, where: str, fmt: str) -> list[dict]:
         if name == "prompt" and name not in row:
             name = next((k for k in ("instruction", "question") if k in row), name)
         if isinstance(row.get(name), list):
-            return _message_list(row[name], name, where)
-        text = _text(row, name, where, fmt)
+            return message_list(row[name], where, name)
+        text = string_field(row, name, where, fmt)
     return [{"role": "user", "content": text}]
 
 
@@ -137,7 +114,7 @@ def _response_field(row: dict, opts: dict, where: str, fmt: str, names: tuple[st
     name = opts.get("response_field")
     if not name or (name == "response" and name not in row):
         name = next((k for k in names if k in row), names[0])
-    return _text(row, name, where, fmt)
+    return string_field(row, name, where, fmt)
 
 
 def to_example(row: dict, fmt: str, opts: dict, where: str) -> dict:
@@ -145,7 +122,7 @@ def to_example(row: dict, fmt: str, opts: dict, where: str) -> dict:
     | {"prompt", "response", "reward"}. Raises DataError (bad row) or Skip (unusable pair)."""
     if fmt == "pairs":
         prompt = _prompt(row, opts, where, fmt)
-        chosen, rejected = _text(row, "chosen", where, fmt), _text(row, "rejected", where, fmt)
+        chosen, rejected = string_field(row, "chosen", where, fmt), string_field(row, "rejected", where, fmt)
         if chosen.strip() == rejected.strip():
             raise Skip("identical", where)
         return {"prompt": _with_system(prompt, opts), "chosen": chosen, "rejected": rejected}
@@ -156,7 +133,7 @@ def to_example(row: dict, fmt: str, opts: dict, where: str) -> dict:
             if isinstance(value, str):
                 msgs = _hh_messages(value, name, where)
             else:
-                msgs = _message_list(value, name, where)
+                msgs = message_list(value, where, name)
             if "prompt" in row and msgs[0]["role"] == "assistant":  # TRL conversational: prompt apart
                 msgs = _prompt(row, opts, where, fmt) + msgs
             sides.append(msgs)
