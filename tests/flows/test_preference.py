@@ -86,7 +86,8 @@ def test_dpo_learns_the_preference_and_sorts_better_than_the_sft_model_and_a_con
     assert again["data"]["path"] == out["data"]["path"] and again["checkpoint"] != out["checkpoint"]
 
     # control: the same run with no update stays at the reference (ties) and sorts the same
-    control = _run(preference, _config(tmp_path, sort_sft, name="control", train={"lr": 0.0}))
+    control = _run(preference, _config(tmp_path, sort_sft, train={"lr": 0.0}))  # same run dir: data, reference
+    assert control["reference"] == out["reference"]                                 # and the start's bench reused
     assert control["eval"]["trained"]["accuracy"] == 0.5 and control["eval"]["trained"]["margin"] == 0.0
     c = control["bench"]["accuracy"]["sort"]
     assert c["dpo"] == c["start"]
