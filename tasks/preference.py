@@ -80,14 +80,9 @@ def reference(model_dir: str, data_dir: str, seq_len: int, batch_size: int, run_
     """The reference model's log-prob of every response, computed once (no reference in training)."""
     out = REFERENCE.dir(locals())
     if not REFERENCE.done(out):
-        started = time.monotonic()
         with progress_bar(1, "reference log-probs", "example") as bar:
             pref_reference.compute(model_dir, data_dir, out, seq_len=seq_len, batch_size=batch_size, on_progress=bar,
                                    progress_bar=False)
-        seconds = time.monotonic() - started
-        with atomic_dir(out / "timing") as tmp:  # how long the stage took: what a cache hit saves
-            write_json(tmp / "timing.json", {"seconds": seconds})
-            write_manifest(tmp, "timing", {"seconds": seconds})
     return _output(out)
 
 
