@@ -40,19 +40,20 @@ def align(stage: PreferenceStage, init_from: str, tokenizer_dir: str, run: str, 
             "eval": {"start": evals[0], "trained": evals[1]}}
 
 
-def _check_model(path: str, field: str) -> None:
-    if not is_model_dir(path):
-        raise ConfigError(f"{field}: {path!r} is not a local model dir (no config.json); set {field}=/path/to/model "
-                          "(e.g. runs/demo/model after `mlxflow run pipeline`)")
+def _start(config, overrides: list[str]):
+    """(config with the overrides, run dir, tokenizer stage) of a flow that starts from `init_from`."""
+    config = with_overrides(config, overrides)
+    if not is_model_dir(config.init_from):
+        raise ConfigError(f"init_from: {config.init_from!r} is not a local model dir (no config.json); set "
+                          "init_from=/path/to/model (e.g. runs/demo/model after `mlxflow run pipeline`)")
+    run = str(config.run_dir)
+    return config, run, tokenizer(TokenizerConfig(path=config.init_from), None, None, {}, {}, run)
 
 
 @flow(name="preference")
 def preference(config: PreferenceRunConfig, overrides: list[str] = []) -> dict:
     """`overrides`: KEY=VALUE settings on top of `config`, e.g. ["objective.name=ipo", "objective.beta=0.5"]."""
-    config = with_overrides(config, overrides)
-    _check_model(config.init_from, "init_from")
-    run = str(config.run_dir)
-    tok = tokenizer(TokenizerConfig(path=config.init_from), None, None, {}, {}, run)
+    config, run, tok = _start(config, overrides)
     aligned = align(config, config.init_from, tok["path"], run, config.max_download_mb)
     model = publish(aligned["checkpoint"], run)
     bench = None
@@ -66,10 +67,7 @@ def preference(config: PreferenceRunConfig, overrides: list[str] = []) -> dict:
 @flow(name="reward-model")
 def reward_model(config: RewardModelRunConfig, overrides: list[str] = []) -> dict:
     """`overrides`: KEY=VALUE settings on top of `config`, e.g. ["train.steps=400", "margin=0.5"]."""
-    config = with_overrides(config, overrides)
-    _check_model(config.init_from, "init_from")
-    run = str(config.run_dir)
-    tok = tokenizer(TokenizerConfig(path=config.init_from), None, None, {}, {}, run)
+    config, run, tok = _start(config, overrides)
     inputs, fmt = sources(config.data, config.synthetic, config.max_download_mb, run)
     data = pretokenize(inputs, tok["path"], fmt, config.max_tokens(), run)
     if data["rows"] == "kto":
