@@ -325,7 +325,7 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, kind: str, out_dir: str 
                     opts.get("overlong", "truncate"), separator, vocab)
     holdout = None if files["val"] else Holdout(opts.get("val_fraction", 0.01), opts.get("val_max_rows", 1000))
     stats, formats = collections.Counter(), {}
-    bar = _bar(total, f"pretokenize {kind}") if progress_bar else None
+    bar = byte_bar(total, f"pretokenize {kind}") if progress_bar else None
     done_bytes = 0
     with atomic_dir(out_dir) as tmp, _Pool(workers, encoder_args) as pool, _closing(bar):
         writers = {s: _ShardWriter(tmp / s, dtype, with_mask=kind == "sft") for s in SPLITS}
@@ -351,11 +351,11 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, kind: str, out_dir: str 
                     for res in pool.submit((str(path), file_fmt, chunk)):
                         write(split, res)
                     done_bytes = base + pos
-                    _report(bar, on_progress, done_bytes, total)
+                    report_bytes(bar, on_progress, done_bytes, total)
                 for res in pool.drain():
                     write(split, res)
                 done_bytes = base + path.stat().st_size
-        _report(bar, on_progress, total, total)
+        report_bytes(bar, on_progress, total, total)
         splits = {s: w.finish() for s, w in writers.items()}
         if splits["train"]["num_docs"] == 0 and files["train"]:
             raise DataError(f"no {kind} training rows are left (read {stats['rows']}; see dropped / truncated counts: "
@@ -444,13 +444,13 @@ def _main_module_hidden():
             setattr(main, k, v)
 
 
-def _bar(total: int, desc: str):
+def byte_bar(total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
 
 
-def _report(bar, on_progress, done: int, total: int) -> None:
+def report_bytes(bar, on_progress, done: int, total: int) -> None:
     if bar is not None:
         bar.update(done - bar.n)
     if on_progress is not None:

@@ -33,7 +33,7 @@ import numpy as np
 from mlxcore.data import records
 from mlxcore.data import tokenizer as tokenizers
 from mlxcore.data.inputs import SPLITS, resolve_inputs
-from mlxcore.data.pretokenize import Holdout
+from mlxcore.data.pretokenize import Holdout, byte_bar, report_bytes
 from mlxcore.data.records import DataError
 from mlxcore.io import atomic_dir, path_digest, read_manifest, write_manifest
 from mlxcore.preference import formats
@@ -157,7 +157,7 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, out_dir: str | Path, *, 
     splits = {s: _Split(n_resp) for s in SPLITS}
     holdout = None if files["val"] else Holdout(opts.get("val_fraction", 0.05), opts.get("val_max_rows", 500))
     total = sum(p.stat().st_size for ps in files.values() for p in ps) or 1
-    bar = _bar(total) if progress_bar else None
+    bar = byte_bar(total, "pretokenize preference") if progress_bar else None
     done = 0
 
     def flush(split: str, pending: list) -> None:
@@ -185,10 +185,10 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, out_dir: str | Path, *, 
                         if len(pending) >= BATCH:
                             flush(split, pending)
                         done = base + pos
-                        _report(bar, on_progress, done, total)
+                        report_bytes(bar, on_progress, done, total)
                     flush(split, pending)
                     done = base + path.stat().st_size
-            _report(bar, on_progress, total, total)
+            report_bytes(bar, on_progress, total, total)
             counts = {s: splits[s].save(tmp / f"{s}.npz") for s in SPLITS}
             if counts["train"]["examples"] == 0:
                 raise DataError(f"no usable preference rows for training (read {stats['rows']} rows, skipped "
@@ -236,17 +236,3 @@ class Examples:
         """(the response's ids: reply + template tail, how many are the reply)."""
         k = i * self.r + j
         return self.response[self.response_off[k]: self.response_off[k + 1]], int(self.response_train[k])
-
-
-def _bar(total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="pretokenize preference", unit="B", unit_scale=True, file=sys.stderr,
-                mininterval=1.0, dynamic_ncols=True)
-
-
-def _report(bar, on_progress, done: int, total: int) -> None:
-    if bar is not None:
-        bar.update(done - bar.n)
-    if on_progress is not None:
-        on_progress(done, total)

@@ -30,30 +30,29 @@ from mlxcore.train.callbacks import TrainingCallback
 from mlxcore.train.loop import TrainJob, build_model, fit
 
 
-class PreferenceJob(BaseModel):
-    """A policy trained on preference data (DPO, IPO, hinge, SimPO, ORPO, KTO)."""
+class _Job(BaseModel):
+    """What both jobs train from: tokenized preference data, a tokenizer, a start model, a schedule."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["preference"] = "preference"  # mlxcore.train.launch runs it with `run`
     data_dir: str
     tokenizer_dir: str
     out_dir: str
     init_from: str
-    reference_dir: str | None = None
     train: TrainConfig
+
+
+class PreferenceJob(_Job):
+    """A policy trained on preference data (DPO, IPO, hinge, SimPO, ORPO, KTO)."""
+
+    kind: Literal["preference"] = "preference"  # mlxcore.train.launch runs it with `run`
+    reference_dir: str | None = None
     objective: PreferenceObjective = PreferenceObjective()
 
 
-class RewardJob(BaseModel):
+class RewardJob(_Job):
     """A reward model (scalar head) trained on pairs or scored rows."""
 
-    model_config = ConfigDict(extra="forbid")
     kind: Literal["reward-model"] = "reward-model"  # mlxcore.train.launch runs it with `run_reward`
-    data_dir: str
-    tokenizer_dir: str
-    out_dir: str
-    init_from: str
-    train: TrainConfig
     margin: float = 0.0
 
 
