@@ -72,7 +72,8 @@ def reward_model(config: RewardModelRunConfig, overrides: list[str] = []) -> dic
     data = pretokenize(inputs, tok["path"], fmt, config.max_tokens(), run)
     if data["rows"] == "kto":
         raise ConfigError("a reward model trains on pairs or scored rows; the data holds KTO rows")
-    trained = train_reward(data["path"], tok["path"], config.init_from, config.train, config.margin, run)
+    trained = train_reward(data["path"], tok["path"], config.init_from, config.train, config.margin,
+                           config.dense_weight, run)
     held_out = evaluate_preference("reward-model", trained["checkpoint"], data["path"], None, None,
                                    config.train.seq_len, config.eval_batch_size, run)
     report([held_out], run)

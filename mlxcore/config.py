@@ -483,6 +483,10 @@ class RewardModelRunConfig(_Run, _Strict):
     synthetic: SyntheticPairsConfig = SyntheticPairsConfig()
     train: TrainConfig = Field(default_factory=_default_reward_train)
     margin: float = Field(0.0, ge=0, description="pairs: the margin chosen must beat rejected by.")
+    dense_weight: float = Field(0.0, ge=0, description=(
+        "pairs: weight of a per-position Bradley-Terry term. At every position after chosen and rejected first "
+        "differ, the chosen prefix must score higher, so the head learns to carry a mistake it saw to the last "
+        "token it is read at (0: the plain last-token loss)."))
     eval_batch_size: int = Field(16, gt=0)
     max_download_mb: float = Field(2048, gt=0)
 

@@ -98,11 +98,11 @@ def train_preference(data_dir: str, tokenizer_dir: str, init_from: str, referenc
 
 @REWARD.task(retries=1, retry_condition_fn=crashed)
 def train_reward(data_dir: str, tokenizer_dir: str, init_from: str, train: TrainConfig, margin: float,
-                 run_dir: str) -> dict:
+                 dense_weight: float, run_dir: str) -> dict:
     """A reward model (scalar `score` head, HF sequence-classification layout) on pairs or scored rows."""
     out = REWARD.dir(locals())
     job = RewardJob(data_dir=data_dir, tokenizer_dir=tokenizer_dir, out_dir=str(out), init_from=init_from,
-                    train=train, margin=margin)
+                    train=train, margin=margin, dense_weight=dense_weight)
     return run_training("reward-model", job, run_dir)
 
 

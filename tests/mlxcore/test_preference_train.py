@@ -216,6 +216,32 @@ def test_a_reference_objective_without_reference_log_probs_or_an_unknown_objecti
         RewardLoss("kto")
 
 
+def test_the_dense_reward_term_covers_the_positions_after_the_replies_differ():
+    """Pair 0 differs from position 3 on (last tokens 5, 4): the dense term averages the per-position
+    Bradley-Terry loss over 3..4; pair 1 is identical but its last token, so only position 5 counts."""
+
+    class Scores:  # a reward model whose score at a position is a tenth of its token id
+        def __call__(self, x):
+            return x.astype(mx.float32) / 10
+
+        def sequence_scores(self, x, last):
+            return mx.take_along_axis(self(x), last[:, None], axis=1)[:, 0]
+
+    x = np.array([[1, 2, 3, 9, 8, 7, 0], [1, 2, 3, 4, 5, 0, 0], [5, 5, 5, 5, 5, 6, 0], [5, 5, 5, 5, 5, 2, 0]],
+                 dtype=np.int32)
+    last = np.array([5, 4, 5, 5], dtype=np.int32)
+    args = (Scores(), mx.array(x), mx.array(last), mx.array(np.zeros(2, np.float32)))
+    plain, n, _ = RewardLoss("pairs")(*args)
+    dense, n2, aux = RewardLoss("pairs", dense=2.0)(*args)
+    s = x / 10
+    bt = lambda d: np.log1p(np.exp(-d))  # noqa: E731
+    final = bt(s[0, 5] - s[1, 4]) + bt(s[2, 5] - s[3, 5])
+    extra = 2.0 * (np.mean([bt(s[0, t] - s[1, t]) for t in (3, 4)]) + bt(s[2, 5] - s[3, 5]))
+    assert n.item() == n2.item() == 2 and aux["accuracy"].item() == 2.0  # a sum over pairs
+    assert plain.item() == pytest.approx(final, rel=1e-5)
+    assert dense.item() == pytest.approx(final + extra, rel=1e-5)
+
+
 # ------------------------------------------------------------------ a step moves the margin
 
 
