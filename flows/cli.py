@@ -1,6 +1,6 @@
 """`mlxflow`: run flows (Prefect), plus the library's own commands (`mlxcore/cli.py`, also `mlxcore ...`).
 
-  mlxflow run pipeline|finetune|distill|preference|reward-model|rl-gsm8k|bench|eval [--config configs/X.yaml] [--set sft.lr=1e-4 ...]
+  mlxflow run pipeline|finetune|distill|preference|reward-model|rl-gsm8k|export|bench|eval [--config configs/X.yaml] [--set sft.lr=1e-4 ...]
   mlxflow serve [CONFIG_DIR]      # deployments: pipeline/demo, distill/default, bench/demo, eval/demo, one per config
   mlxflow deploy --pool NAME [CONFIG_DIR]   # the same deployments on a work pool (prefect worker start --pool NAME)
   mlxflow doctor                  # from here on: the library's commands, the same as `mlxcore doctor` ...
@@ -30,6 +30,7 @@ FLOWS = {  # name: (module, flow function, config class)
     "eval": ("flows.bench", "eval_flow", "EvalConfig"),
     "preference": ("flows.preference", "preference", "PreferenceRunConfig"),
     "reward-model": ("flows.preference", "reward_model", "RewardModelRunConfig"),
+    "export": ("flows.export", "export", "ExportRunConfig"),
 }
 
 
@@ -99,7 +100,32 @@ def format_preference(result: dict | None) -> str:
     return "\n".join(lines + [f"examples:     {next(iter(evals.values()))['examples']} held-out"])
 
 
+def format_export(result: dict | None) -> str:
+    """Each export's file and size, the parity gate's verdict per GGUF, how to load it in Ollama."""
+    if not result:
+        return ""
+    lines = []
+    for q, g in result["gguf"].items():
+        gate = result["gates"].get(q)
+        verdict = "" if gate is None else (
+            f"  gate {'passed' if gate['passed'] else 'FAILED'}: {gate['tokens']['texts'] - gate['tokens']['differing_texts']}"
+            f"/{gate['tokens']['texts']} texts same ids, {gate['identical']:.0%} answers identical, worst suite drop "
+            f"{max(s['drop'] for s in gate['suites'].values()):.1f} pts")
+        lines.append(f"gguf {q:<5} {g['gguf']} ({g.get('bytes', 0) / 1e6:.1f} MB){verdict}")
+    for b, m in result["mlx"].items():
+        lines.append(f"mlx {b}-bit  {m['model']}")
+    if result.get("pushed"):
+        lines.append(f"pushed to  {result['pushed']['repo_id']}")
+    if result["gguf"]:
+        first = next(iter(result["gguf"].values()))
+        lines.append(f"ollama:     ollama create NAME -f {first['path']}/Modelfile")
+    return "\n".join(lines)
+
+
 def format_summary(flow: str, config, result: dict) -> str:
+    if flow == "export":
+        return "\n\n".join(filter(None, [f"export '{config.name}' of {config.model} finished", format_export(result),
+                                          format_bench(result.get("bench"))]))
     if flow in ("preference", "reward-model"):
         head = f"{flow} '{config.name}' finished: {result['train']['step']} steps"
         tail = f"checkpoint: {result['checkpoint']}"
@@ -125,6 +151,8 @@ def format_summary(flow: str, config, result: dict) -> str:
     for s in samples["samples"]:
         mark = "ok " if s["correct"] else "-- "
         lines.append(f"  {mark}{s['prompt']!r} -> {s['reply']!r}" + ("" if s["correct"] else f" (expected {s['expected']!r})"))
+    if result.get("export"):
+        lines += ["", format_export(result["export"])]
     if result.get("bench"):
         lines += ["", format_bench(result["bench"])]
     model = result.get("model") or result["checkpoint"]

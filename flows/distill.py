@@ -8,6 +8,7 @@ from prefect.futures import wait
 
 from mlxcore.config import BenchTarget, DistillConfig, TokenizerConfig, with_overrides
 from flows.preference import align
+from flows.export import ship
 from tasks.bench import run_bench
 from tasks.data import tokenizer
 from tasks.distill import check_teacher, compare, generate_rows, prompt_corpus, rows_dir, student_dir, train_student
@@ -43,12 +44,16 @@ def distill(config: DistillConfig = DistillConfig(), overrides: list[str] = []) 
         final = aligned["checkpoint"]
     samples = compare(final, rows, config.prompts, config.verify, config.stream, config.sample, run)
     publish(final, run)
+    shipped, exports = None, []
+    if config.export is not None:
+        shipped = ship(config.export, final, run, "student")
+        exports = shipped.pop("targets")
     bench = None
-    if config.bench is not None:  # the student beside its teacher (and the config's targets)
+    if config.bench is not None:  # the student (and its exports) beside its teacher (and the config's targets)
         t = config.teacher
-        own = [BenchTarget(kind="checkpoint", path=final, name="student"),
+        own = [BenchTarget(kind="checkpoint", path=final, name="student"), *exports,
                BenchTarget(kind=t.api, url=t.url, model=t.model, api_key_env=t.api_key_env,
                            api_key_secret=t.api_key_secret, workers=t.workers, timeout_s=t.timeout_s, name="teacher")]
         bench = run_bench(own, config.bench, run, title=f"bench {config.name}: student vs teacher")
     return {"checkpoint": final, "rows": generated, "train": model, "teacher": health,
-            "samples": samples, "bench": bench, "preference": aligned}
+            "samples": samples, "bench": bench, "preference": aligned, "export": shipped}

@@ -1,4 +1,5 @@
-"""The whole DAG: data -> tokenizer -> pretokenize -> pretrain -> sft [-> preference] -> eval -> sample -> bench."""
+"""The whole DAG: data -> tokenizer -> pretokenize -> pretrain -> sft [-> preference] -> eval -> sample
+-> export (GGUF q8_0 + Modelfile, parity gate) -> bench."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from mlxcore.config import BenchTarget, PipelineConfig, with_overrides
 from mlxcore.data.tokenizer import planned_size
 from tasks.bench import run_bench
 from tasks.data import prepare_data, pretokenize, sources, tokenizer
+from flows.export import ship
 from flows.preference import align
 from tasks.evaluate import evaluate, sample
 from tasks.train import pretrain, publish, sft
@@ -40,10 +42,14 @@ def pipeline(config: PipelineConfig = PipelineConfig(), overrides: list[str] = [
         own.append(BenchTarget(kind="checkpoint", path=chat["checkpoint"], name=f"{config.name}-sft"))
     samples = sample(final, chats["path"], config.sample, run)
     model = publish(final, run)
+    shipped = None
+    if config.export is not None:  # the gate also tokenizes the text the model was trained on
+        shipped = ship(config.export, final, run, config.name, text=[raw["path"]] if raw else [])
+        own += shipped.pop("targets")
     bench = None
-    if config.bench is not None:  # our model vs the targets (default: the uniform-random baseline)
+    if config.bench is not None:  # our model (and its exports) vs the targets (default: the uniform-random baseline)
         ours = BenchTarget(kind="checkpoint", path=final, name=config.name)
         bench = run_bench([ours, *own], config.bench, run, title=f"bench {config.name}")
     train = {"pretrain": base, "sft": chat} | ({"preference": aligned["train"]} if aligned else {})
     return {"checkpoint": final, "model": model, "train": train, "eval": evals, "samples": samples, "bench": bench,
-            "preference": aligned}
+            "preference": aligned, "export": shipped}

@@ -12,6 +12,7 @@ from mlxcore.config import (BenchTarget, ConfigError, PreferenceRunConfig, Prefe
                             TokenizerConfig, with_overrides)
 from mlxcore.models.layout import is_model_dir
 from mlxcore.preference.losses import USES_REFERENCE
+from flows.export import ship
 from tasks.bench import run_bench
 from tasks.data import tokenizer
 from tasks.preference import (evaluate_preference, pretokenize, reference, report, sources, train_preference,
@@ -56,12 +57,16 @@ def preference(config: PreferenceRunConfig, overrides: list[str] = []) -> dict:
     config, run, tok = _start(config, overrides)
     aligned = align(config, config.init_from, tok["path"], run, config.max_download_mb)
     model = publish(aligned["checkpoint"], run)
+    shipped, exports = None, []
+    if config.export is not None:
+        shipped = ship(config.export, aligned["checkpoint"], run, config.objective.name)
+        exports = shipped.pop("targets")
     bench = None
     if config.bench is not None:  # the trained model beside the one it started from
         own = [BenchTarget(kind="checkpoint", path=config.init_from, name="start"),
-               BenchTarget(kind="checkpoint", path=aligned["checkpoint"], name=config.objective.name)]
+               BenchTarget(kind="checkpoint", path=aligned["checkpoint"], name=config.objective.name), *exports]
         bench = run_bench(own, config.bench, run, title=f"bench {config.name}: {config.objective.name} vs start")
-    return aligned | {"model": model, "bench": bench}
+    return aligned | {"model": model, "bench": bench, "export": shipped}
 
 
 @flow(name="reward-model")

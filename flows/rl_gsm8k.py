@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from mlxcore.config import BenchTarget, RLConfig, TokenizerConfig, with_overrides
+from flows.export import ship
 from tasks.bench import run_bench
 from tasks.data import download, pretokenize, tokenizer
 from tasks.rl import rl_commit, rl_eval, rl_rollout, rl_state, rl_update
@@ -39,4 +40,8 @@ def rl_gsm8k(config: RLConfig, overrides: list[str] = []) -> dict:
         metrics["bench"] = run_bench([ours], config.bench, run, title=f"bench {config.name} iteration {it}")["overall"]
     committed = rl_commit(run, it, updated["checkpoint"], metrics)
     publish(updated["checkpoint"], run)
+    if config.export is not None:  # each iteration's policy, shipped (cached per checkpoint)
+        shipped = ship(config.export, updated["checkpoint"], run, f"iter-{it}")
+        shipped.pop("targets")
+        committed = committed | {"export": shipped}
     return committed

@@ -12,6 +12,8 @@
   eval/<name>         one per configs/eval-<name>.yaml
   preference/<name>   one per configs/preference-<name>.yaml (DPO, IPO, ORPO, KTO ... on a model dir)
   reward-model/<name> one per configs/reward-<name>.yaml
+  export/demo         runs/demo/model as GGUF q8_0 + Modelfile, gated on llama.cpp parity
+  export/<name>       one per configs/export-<name>.yaml
 
 Every deployment takes `overrides` too (KEY=VALUE settings on top of its config):
 
@@ -29,8 +31,8 @@ from pathlib import Path
 
 import yaml
 
-from mlxcore.config import (BenchRunConfig, ConfigError, DistillConfig, EvalConfig, PipelineConfig, PreferenceRunConfig,
-                            RewardModelRunConfig, RLConfig, load_config)
+from mlxcore.config import (BenchRunConfig, ConfigError, DistillConfig, EvalConfig, ExportRunConfig, PipelineConfig,
+                            PreferenceRunConfig, RewardModelRunConfig, RLConfig, load_config)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -46,6 +48,7 @@ def deployments(config_dir: str | Path = CONFIGS, **common) -> list:
     """
     from flows.bench import bench, eval_flow
     from flows.distill import distill
+    from flows.export import export
     from flows.pipeline import pipeline
     from flows.preference import preference, reward_model
     from flows.rl_gsm8k import rl_gsm8k
@@ -55,9 +58,13 @@ def deployments(config_dir: str | Path = CONFIGS, **common) -> list:
                                  **common),
            bench.to_deployment(name="demo", description="runs/demo/model vs the uniform-random baseline.", **common),
            eval_flow.to_deployment(name="demo", description="runs/demo/model on the demo's held-out SFT split.",
-                                   **common)]
+                                   **common),
+           export.to_deployment(name="demo", description="runs/demo/model as GGUF q8_0 + Modelfile, parity-gated.",
+                                parameters={"config": ExportRunConfig(model="runs/demo/model").model_dump(mode="json")},
+                                **common)]
     by_prefix = {"distill-": (distill, DistillConfig), "bench-": (bench, BenchRunConfig), "eval-": (eval_flow, EvalConfig),
-                 "preference-": (preference, PreferenceRunConfig), "reward-": (reward_model, RewardModelRunConfig)}
+                 "preference-": (preference, PreferenceRunConfig), "reward-": (reward_model, RewardModelRunConfig),
+                 "export-": (export, ExportRunConfig)}
     for path in sorted(Path(config_dir).glob("*.yaml")):
         prefix = next((p for p in by_prefix if path.stem.startswith(p)), None)
         if path.stem.startswith("rl-"):

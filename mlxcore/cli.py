@@ -8,6 +8,8 @@
   mlxcore download SPEC [--kind sft] --out DIR
   mlxcore pretokenize SPEC... --kind sft --tokenizer DIR --out DIR [--format alpaca] [--max-tokens 513]
   mlxcore clean [RUN_DIR ...] [--dry-run]   # temp files left by killed writers (every stage also removes its own)
+  mlxcore export --model DIR --out DIR [--format q8_0 --format mlx-4bit ...] [--no-gate]   # GGUF + Modelfile, MLX; gated
+  mlxcore serve-model --model DIR [--adapter DIR] [--port N] [--smoke [--prompt TEXT]]   # mlx_lm.server, OpenAI API
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -134,6 +137,25 @@ def cmd_fuse(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from mlxcore.config import ParityGateConfig
+    from mlxcore.export.parity import ParityError
+    from mlxcore.export.run import export_all
+    from mlxcore.models.layout import is_model_dir
+
+    if not is_model_dir(args.model):
+        return error(args.prog, f"{args.model}: not a model dir (no config.json or adapter_config.json)", 2)
+    gate = None if args.no_gate else ParityGateConfig(examples=args.examples, text=args.text)
+    try:
+        result = export_all(args.model, args.out, args.format or ["q8_0"], modelfile=not args.no_modelfile,
+                            group_size=args.group_size, gate=gate)
+    except (ValueError, FileNotFoundError, ParityError) as e:
+        return error(args.prog, str(e), 2)
+    if not result["passed"]:
+        return error(args.prog, f"the parity gate failed (see {args.out}/parity-*.md)", 1)
+    return 0
+
+
 def cmd_download(args) -> int:
     from mlxcore.data.download import DownloadError, fetch
 
@@ -184,6 +206,59 @@ def cmd_clean(args) -> int:
             removed = clean_stale_tmp(root, recursive=True)
             print(f"{root}: removed {len(removed)} stale temp file(s)")
     return 0
+
+
+def cmd_serve_model(args) -> int:
+    """Serve a checkpoint with mlx_lm.server on loopback; --smoke: one chat completion, print it, stop."""
+    import signal
+
+    from mlxcore.serving import ServeError, serve_model
+
+    try:
+        server = serve_model(args.model, adapter=args.adapter, host=args.host, port=args.port,
+                             fuse=True if args.fuse else None, wait_s=args.wait_s,
+                             log_level="WARNING" if args.smoke else "INFO")
+    except (FileNotFoundError, ValueError) as e:
+        return error(args.prog, str(e), 2)
+    what = f"{server.model}" + (f" + adapter {server.adapter}" + (" (fused)" if server.fuse else "")
+                                 if server.adapter else "")
+    try:
+        server.start()
+    except ServeError as e:
+        return error(args.prog, str(e), 1)
+    except KeyboardInterrupt:  # start() has stopped the server
+        return 130
+    try:
+        if args.smoke:
+            print(f"serving {what} at {server.url}; asking: {args.prompt!r}", file=sys.stderr)
+            try:
+                reply = server.smoke(args.prompt, max_tokens=args.max_tokens)
+            except ServeError as e:
+                return error(args.prog, str(e), 1)
+            print(reply)
+            return 0
+        if _in_main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on `kill` too
+        print(f"serving {what}\n  {server.url}/v1/chat/completions (OpenAI API, model \"{server.model_id}\")\n"
+              f"  log: {server.log_path}\nCtrl-C stops it", file=sys.stderr, flush=True)
+        try:
+            with open(server.log_path, "rb") as log:  # the server's own log lines, as they come
+                while server.running():
+                    sys.stderr.buffer.write(log.read())
+                    sys.stderr.flush()
+                    time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("stopping", file=sys.stderr)
+            return 0
+        return error(args.prog, f"the server exited with code {server.proc.returncode}:\n{server.log_tail()}", 1)
+    finally:
+        server.stop()
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -247,6 +322,18 @@ def library_commands(sub) -> None:
     fu.add_argument("--out", required=True)
     fu.set_defaults(func=cmd_fuse)
 
+    ex = sub.add_parser("export", help="GGUF (+ Ollama Modelfile) and quantized MLX, gated on llama.cpp parity")
+    ex.add_argument("--model", required=True, help="a checkpoint, adapter dir or local HF model dir")
+    ex.add_argument("--out", required=True, help="where the exports go (one subdir each)")
+    ex.add_argument("--format", action="append", choices=["f16", "q8_0", "q4_0", "mlx-4bit", "mlx-8bit"],
+                    help="repeat for more (default q8_0)")
+    ex.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128], help="MLX quantization group size")
+    ex.add_argument("--no-modelfile", action="store_true", help="no Ollama Modelfile beside the GGUF")
+    ex.add_argument("--no-gate", action="store_true", help="skip the llama.cpp parity gate")
+    ex.add_argument("--examples", type=int, default=40, help="gate: bench questions per suite")
+    ex.add_argument("--text", action="append", default=[], help="gate: a text file or dir both tokenizers must agree on")
+    ex.set_defaults(func=cmd_export)
+
     dl = sub.add_parser("download", help="fetch a data spec (minimind:, gsm8k:, hf:owner/name[@rev]/path, local glob)")
     dl.add_argument("spec")
     dl.add_argument("--kind", choices=["pretrain", "sft"], help="what the data is for (minimind:auto needs it)")
@@ -274,6 +361,19 @@ def library_commands(sub) -> None:
     cl.add_argument("run_dirs", nargs="*", default=["runs"], metavar="RUN_DIR", help="default: runs")
     cl.add_argument("--dry-run", action="store_true", help="only list (stale / writing / unknown: another host)")
     cl.set_defaults(func=cmd_clean)
+
+    sv = sub.add_parser("serve-model", help="serve a checkpoint with mlx_lm.server (OpenAI API) on loopback")
+    sv.add_argument("--model", required=True, help="a model dir, or an adapter dir (served on its base_model)")
+    sv.add_argument("--adapter", help="an adapter dir to serve on --model (mlx_lm's --adapter-path)")
+    sv.add_argument("--fuse", action="store_true", help="fuse the adapters into a temp model dir first "
+                    "(QLoRA adapters always are)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=0, help="0: a free port")
+    sv.add_argument("--wait-s", type=float, default=180.0, help="how long the server may take to answer")
+    sv.add_argument("--smoke", action="store_true", help="send one chat completion, print the reply, stop")
+    sv.add_argument("--prompt", default="Hello! Who are you?", help="the --smoke prompt")
+    sv.add_argument("--max-tokens", type=int, default=32, help="the --smoke reply's limit")
+    sv.set_defaults(func=cmd_serve_model)
 
 
 def build_parser() -> argparse.ArgumentParser:

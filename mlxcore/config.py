@@ -312,12 +312,16 @@ SuiteName = Literal["math_mcq", "qa", "logic", "knowledge", "sort", "json", "cop
 
 
 class BenchTarget(KeyedEndpoint, _Strict):
-    """One column of a bench report: our checkpoint, an Ollama model, an OpenAI-compatible
-    endpoint, or `random` (a uniformly random answer from each question's answer space)."""
+    """One column of a bench report: our checkpoint, an export of it (`gguf`: a GGUF file run by
+    llama.cpp; `mlx-quantized`: a quantized MLX dir, or a float one quantized in memory), an Ollama
+    model, an OpenAI-compatible endpoint, or `random` (a uniformly random answer from each
+    question's answer space)."""
 
-    kind: Literal["checkpoint", "ollama", "openai", "random"]
+    kind: Literal["checkpoint", "gguf", "mlx-quantized", "ollama", "openai", "random"]
     name: str | None = Field(None, description="Its label in the report; default: the dir name, the model, 'random'.")
-    path: str | None = Field(None, description="checkpoint: a local model dir.")
+    path: str | None = Field(None, description="checkpoint / mlx-quantized: a local model dir; gguf: a .gguf file.")
+    bits: Literal[4, 8] = Field(4, description="mlx-quantized, on a float model: quantize to this many bits.")
+    group_size: Literal[32, 64, 128] = Field(64, description="mlx-quantized, on a float model: weights per scale.")
     url: str | None = Field(None, description="ollama (default http://127.0.0.1:11434) / openai: the server's base URL.")
     model: str | None = Field(None, description="ollama / openai: the model name the server knows.")
     workers: int = Field(4, ge=1, description="ollama / openai: concurrent requests.")
@@ -325,8 +329,10 @@ class BenchTarget(KeyedEndpoint, _Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "BenchTarget":
-        if self.kind == "checkpoint" and not self.path:
-            raise ValueError("a checkpoint target needs path=/path/to/model")
+        if self.kind in ("checkpoint", "mlx-quantized") and not self.path:
+            raise ValueError(f"a {self.kind} target needs path=/path/to/model")
+        if self.kind == "gguf" and not (self.path and self.path.endswith(".gguf")):
+            raise ValueError("a gguf target needs path=/path/to/model.gguf")
         if self.kind in ("ollama", "openai") and not self.model:
             raise ValueError(f"an {self.kind} target needs model=<name>")
         if self.kind == "openai" and not self.url:
@@ -337,9 +343,10 @@ class BenchTarget(KeyedEndpoint, _Strict):
     def label(self) -> str:
         if self.name:
             return self.name
-        if self.kind == "checkpoint":
+        if self.kind in ("checkpoint", "mlx-quantized", "gguf"):
             path = Path(self.path)
-            return path.parent.name if path.name == "model" else path.name
+            label = path.parent.name if path.name == "model" else path.stem if self.kind == "gguf" else path.name
+            return label + (f"-mlx{self.bits}" if self.kind == "mlx-quantized" else "")
         return self.model if self.kind in ("ollama", "openai") else "random"
 
 
@@ -394,6 +401,71 @@ class EvalConfig(_Run, _Strict):
         if not is_model_dir(self.checkpoint):
             raise ConfigError(f"checkpoint: {self.checkpoint!r} is not a local model dir (no config.json); "
                               "set checkpoint=/path/to/model (or run `mlxflow run pipeline` for runs/demo/model)")
+
+
+GGUF_TYPES = ("f16", "q8_0", "q4_0")
+ExportFormat = Literal["f16", "q8_0", "q4_0", "mlx-4bit", "mlx-8bit"]
+
+
+class GateTolerance(_Strict):
+    """Points of bench accuracy (0-100) any suite may lose against the checkpoint; null: reported only."""
+
+    f16: float | None = Field(1.0, ge=0)
+    q8_0: float | None = Field(2.0, ge=0)
+    q4_0: float | None = Field(None, ge=0)
+
+
+class ParityGateConfig(_Strict):
+    """Is the shipped GGUF the trained model? llama.cpp (llama-cpp-python) tokenizes text and answers the
+    bench; the gate fails on any token id that differs from ours, or a suite's accuracy drop past
+    `tolerance`. Its answers are also the bench's `gguf` column."""
+
+    suites: list[SuiteName] = Field(list(BENCH_SUITES), min_length=1)
+    examples: int = Field(40, gt=0, description="Bench questions per suite, answered greedily by both.")
+    max_tokens: int = Field(64, gt=0)
+    seed: int = 0
+    text: list[str] = Field([], description="Text files or dirs (.txt, .jsonl, ...) whose first `text_bytes` "
+                                            "both tokenize, besides the bench prompts and every vocabulary entry.")
+    text_bytes: int = Field(1_000_000, gt=0)
+    tolerance: GateTolerance = GateTolerance()
+    fail: bool = Field(True, description="A failed gate fails the flow; false: report it only.")
+
+
+class HubPushConfig(KeyedEndpoint, _Strict):
+    """Upload the exports to a Hugging Face Hub model repo (huggingface_hub; HF_ENDPOINT / HF_TOKEN honoured)."""
+
+    repo_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$",
+                         description="owner/name of the model repo (created if missing).")
+    endpoint: str | None = Field(None, description="The hub's base URL; default $HF_ENDPOINT, else huggingface.co.")
+    private: bool = False
+    revision: str = "main"
+
+
+class ExportConfig(_Strict):
+    """Ship a checkpoint: GGUF (+ an Ollama Modelfile) and quantized MLX, gated on parity with llama.cpp."""
+
+    formats: list[ExportFormat] = Field(["q8_0"], min_length=1,
+                                        description="f16 / q8_0 / q4_0: GGUF; mlx-4bit / mlx-8bit: quantized MLX.")
+    ollama: bool = Field(True, description="Write a Modelfile (explicit TEMPLATE and stops) beside each GGUF.")
+    mlx_group_size: Literal[32, 64, 128] = 64
+    gate: ParityGateConfig | None = Field(ParityGateConfig(), description="null: no gate (GGUF exports unchecked).")
+    push: HubPushConfig | None = Field(None, description="Upload every export to the hub; null: keep them local.")
+
+    @property
+    def gguf(self) -> list[str]:
+        return [f for f in self.formats if f in GGUF_TYPES]
+
+    @property
+    def mlx_bits(self) -> list[int]:
+        return [int(f.split("-")[1][0]) for f in self.formats if f.startswith("mlx-")]
+
+
+class ExportRunConfig(_Run, ExportConfig):
+    """The `export` flow alone: ship any model dir mlxflow wrote (full, adapters, QLoRA) or a local HF one."""
+
+    name: str = Field("export", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    out_dir: str = Field("runs", description="Stage outputs go to <out_dir>/<name>/<stage>-<key>.")
+    model: str = Field(description="The model dir to ship (a checkpoint, adapter dir or local HF model).")
 
 
 class PreferenceObjective(_Strict):
@@ -466,6 +538,7 @@ class PreferenceRunConfig(_Run, PreferenceStage):
     max_download_mb: float = Field(2048, gt=0)
     bench: BenchConfig | None = Field(BenchConfig(suites=["sort", "copy"]),
                                       description="The trained model beside the one it started from; null: skip.")
+    export: ExportConfig | None = Field(None, description="Ship the final model (GGUF, Modelfile, MLX 4/8-bit, gate); null: none.")
 
 
 def _default_reward_train() -> TrainConfig:
@@ -510,6 +583,8 @@ class PipelineConfig(_Run, _Strict):
     bench: BenchConfig | None = Field(BenchConfig(), description="The last stage: bench suites vs `targets`; null: skip.")
     preference: PreferenceStage | None = Field(None, description="After SFT: preference training (DPO, ...) on "
                                                                   "synthetic pairs or given files; null: none.")
+    export: ExportConfig | None = Field(ExportConfig(), description="The final model as GGUF q8_0 (+ Modelfile), "
+                                                                   "gated on llama.cpp parity; null: none.")
 
 
 def _default_finetune() -> TrainConfig:
@@ -525,6 +600,7 @@ class FinetuneConfig(_Run, _Strict):
     data: DataConfig = DataConfig()
     sft: TrainConfig = Field(default_factory=_default_finetune)
     sample: SampleConfig = SampleConfig()
+    export: ExportConfig | None = Field(None, description="Ship the final model (GGUF, Modelfile, MLX 4/8-bit, gate); null: none.")
 
     @field_validator("base_model")
     @classmethod
@@ -590,6 +666,7 @@ class DistillConfig(_Run, _Strict):
     preference: PreferenceStage | None = Field(None, description="After the student: preference training on the "
                                                                   "teacher's verified right vs wrong replies (pairs.jsonl) "
                                                                   "or on `preference.data`; null: none.")
+    export: ExportConfig | None = Field(None, description="Ship the final model (GGUF, Modelfile, MLX 4/8-bit, gate); null: none.")
 
     @model_validator(mode="after")
     def _check(self) -> "DistillConfig":
@@ -664,6 +741,7 @@ class RLConfig(_Run, _Strict):
                                                         "bench suites; null: skip.")
     schedule_minutes: float | None = Field(None, gt=0, description="Deployments only: start an iteration this often "
                                                                      "(never two at once).")
+    export: ExportConfig | None = Field(None, description="Ship the final model (GGUF, Modelfile, MLX 4/8-bit, gate); null: none.")
 
     def check_policy(self) -> None:
         """The policy must exist when a run starts (a deployment may name it before it does)."""

@@ -44,6 +44,8 @@ def progress_bar(total: int, description: str, unit: str) -> Iterator[Callable[[
     with tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True) as bar:
         def update(done: int, total: int) -> None:
             artifact(done, total)
+            if total != bar.total:  # a stage that learns its size as it goes (e.g. tensors to export)
+                bar.total = total
             bar.update(done - bar.n)
 
         yield update

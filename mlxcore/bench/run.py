@@ -27,8 +27,11 @@ def answer(target: BenchTarget, examples: Sequence[Example], max_tokens: int = 6
            resolve_secret: SecretResolver | None = None) -> list[dict]:
     """`target`'s scored answers to `examples`, in their order. `resolve_secret` reads the
     Prefect Secret block an endpoint's `api_key_secret` names (see mlxcore/clients/secrets.py)."""
-    if target.kind == "checkpoint":
-        return _checkpoint(target.path, examples, max_tokens, batch_size, on_progress)
+    if target.kind in ("checkpoint", "mlx-quantized"):
+        quantize = (target.bits, target.group_size) if target.kind == "mlx-quantized" else None
+        return _checkpoint(target.path, examples, max_tokens, batch_size, on_progress, quantize)
+    if target.kind == "gguf":
+        return _gguf(target.path, examples, max_tokens, on_progress)
     if target.kind == "random":
         return _random(examples, seed, on_progress)
     return _endpoint(target, examples, max_tokens, on_progress, resolve_secret)
@@ -42,13 +45,19 @@ def _row(ex: Example, reply: str | None, tokens: int, ms: float, **extra) -> dic
 
 
 def _checkpoint(path: str, examples: Sequence[Example], max_tokens: int, batch_size: int,
-                on_progress: Progress | None) -> list[dict]:
+                on_progress: Progress | None, quantize: tuple[int, int] | None = None) -> list[dict]:
+    """Greedy answers of a model dir; `quantize` (bits, group size): of its MLX-quantized self, unless
+    it is already quantized (an `mlx-4bit` / `mlx-8bit` export)."""
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
     from mlxcore.models.generate import load_chat
 
     model, tokenizer = load_chat(path)
+    if quantize is not None and not _is_quantized(path):
+        from mlx_lm.utils import quantize_model
+
+        model, _ = quantize_model(model, {}, group_size=quantize[1], bits=quantize[0])
     greedy = make_sampler(temp=0.0)
     rows: list[dict] = []
     for lo in range(0, len(examples), batch_size):
@@ -61,6 +70,30 @@ def _checkpoint(path: str, examples: Sequence[Example], max_tokens: int, batch_s
         rows += [_row(ex, text, len(ids), share) for ex, text, ids in zip(chunk, res.texts, res.token_ids)]
         if on_progress is not None:
             on_progress(len(rows), len(examples))
+    return rows
+
+
+def _is_quantized(path: str) -> bool:
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    return config.is_file() and "quantization" in json.loads(config.read_text())
+
+
+def _gguf(path: str, examples: Sequence[Example], max_tokens: int, on_progress: Progress | None) -> list[dict]:
+    """Greedy answers of a GGUF file from llama.cpp itself (llama-cpp-python), through the chat template
+    stored in the file, as a llama.cpp user gets them."""
+    from mlxcore.export.parity import GGUFChat
+
+    rows: list[dict] = []
+    with GGUFChat(path) as chat:
+        for ex in examples:
+            started = time.perf_counter()
+            text, tokens = chat.reply([{"role": "user", "content": ex.prompt}], max_tokens)
+            rows.append(_row(ex, text, tokens, 1000 * (time.perf_counter() - started)))
+            if on_progress is not None:
+                on_progress(len(rows), len(examples))
     return rows
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -54,7 +55,10 @@ def test_pipeline_trains_and_reports(first_run):
     root, config, flow_run_id, result = first_run
     states = _task_states(flow_run_id)
     assert set(states) == {"data", "tokenizer", "pretokenize", "pretrain", "sft", "eval", "sample", "bench",
-                           "bench-report"}
+                           "bench-report", "export-gguf", "parity-gate", "bench-smoke"}  # bench-smoke-q8_0: the GGUF
+    # the final bench reuses the answers the parity gate had the checkpoint and the GGUF give
+    assert sorted(states.pop("bench")) == ["Cached", "Completed", "Completed"], states
+    assert sorted(states.pop("bench-smoke")) == ["Cached", "Completed"], states
     assert all(s == "Completed" for v in states.values() for s in v), states
     for stage in ("pretrain", "sft"):
         ev = result["eval"][stage]
@@ -74,7 +78,8 @@ def test_data_and_training_tasks_publish_progress_and_metrics_artifacts(first_ru
     sft_name = os.path.basename(os.path.dirname(result["checkpoint"]))
     pretrain_name = os.path.basename(os.path.dirname(result["train"]["pretrain"]["checkpoint"]))
     assert progress == sorted(["pretokenize pretrain", "pretokenize sft", "pretrain", "sft", f"eval {pretrain_name}",
-                               f"eval {sft_name}", "bench smoke", "bench random"])
+                               f"eval {sft_name}", "bench smoke", "bench random", "bench smoke-q8_0",
+                               "export gguf q8_0"])
     tables = {a.key: a for a in arts if a.type == "table"}
     splits = {r["split"]: r for r in json.loads(tables["smoke-pretokenize-sft"].data)}
     assert splits["train"]["documents"] == 1200 and splits["val"]["documents"] == 100
@@ -89,7 +94,12 @@ def test_data_and_training_tasks_publish_progress_and_metrics_artifacts(first_ru
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     # the bench report: our model and the random baseline side by side, per suite
     bench = {r["target"]: r for r in json.loads(tables["smoke-bench"].data)}
-    assert set(bench) == {"smoke", "random"} and bench["smoke"]["n"] == 7 * 40
+    assert set(bench) == {"smoke", "smoke-q8_0", "random"} and bench["smoke"]["n"] == bench["smoke-q8_0"]["n"] == 7 * 40
+    # the export: a q8_0 GGUF and its Modelfile, and the parity gate's side-by-side card
+    gate = result["export"]["gates"]["q8_0"]
+    assert gate["passed"] and gate["tokens"]["differing_texts"] == 0 and gate["tokens"]["texts"] > 500
+    assert "PASSED" in next(a.data for a in arts if a.key == "smoke-parity-q8-0")
+    assert (Path(result["export"]["gguf"]["q8_0"]["path"]) / "Modelfile").read_text().count("PARAMETER stop") == 1
     suites = json.loads(tables["smoke-bench-suites"].data)
     assert [r["suite"] for r in suites] == list(BENCH_SUITES) and {"smoke accuracy", "random accuracy"} <= set(suites[0])
     assert result["bench"]["overall"]["random"]["accuracy"] == pytest.approx(bench["random"]["accuracy"], abs=1e-3)

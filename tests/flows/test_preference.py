@@ -34,7 +34,7 @@ def sort_sft(tmp_path_factory) -> str:
     model = ModelConfig(preset="custom", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                         intermediate_size=352)
     run(TrainJob(data_dir=str(root / "pt"), tokenizer_dir=str(root / "tok"), out_dir=str(root / "pre"), model=model,
-                 train=TrainConfig(steps=200, batch_size=16, lr=3e-3, warmup_steps=10, eval_every=0, save_every=0)))
+                 train=TrainConfig(steps=400, batch_size=16, lr=3e-3, warmup_steps=10, eval_every=0, save_every=0)))
     run(TrainJob(data_dir=str(root / "sd"), tokenizer_dir=str(root / "tok"), out_dir=str(root / "sft"),
                  init_from=str(root / "pre/model"),
                  train=TrainConfig(steps=60, batch_size=16, lr=1e-3, warmup_steps=5, eval_every=0, save_every=0)))
@@ -159,7 +159,7 @@ def test_the_pipeline_ends_with_a_preference_stage_on_its_sft_model(smoke_pipeli
     config = load_config(REPO / "configs/smoke.yaml", [
         f"out_dir={smoke_pipeline['root']}", "preference.train.steps=30", "preference.train.seq_len=64",
         "preference.train.lr=1e-4", "preference.synthetic.train_examples=300", "preference.synthetic.val_examples=60",
-        "bench.examples=4"])
+        "bench.examples=4", "export.gate.examples=4"])
     state = pipeline(config, return_state=True)
     assert state.is_completed(), state.message
     out = state.result()
@@ -167,5 +167,6 @@ def test_the_pipeline_ends_with_a_preference_stage_on_its_sft_model(smoke_pipeli
     assert out["train"]["sft"]["checkpoint"] == sft and out["checkpoint"] == out["preference"]["checkpoint"] != sft
     assert out["preference"]["eval"]["start"]["accuracy"] == 0.5
     assert out["preference"]["eval"]["trained"]["accuracy"] >= 0.55  # 30 steps of a 2-layer micro model: wiring
-    assert set(out["bench"]["overall"]) == {"smoke", "smoke-sft", "random"}
+    assert set(out["bench"]["overall"]) == {"smoke", "smoke-sft", "smoke-q8_0", "random"}  # the aligned model's GGUF
+    assert out["export"]["gates"]["q8_0"]["passed"]
     assert Path(out["model"]).resolve() == Path(out["checkpoint"]).resolve()

@@ -25,12 +25,20 @@ def test_gsm8k_sft_with_the_minimind_tokenizer(test_data, tmp_path):
         f"data.sft.train=[{gsm8k / 'train.jsonl'}]", "data.sft.val_max_rows=64", "data.sft.max_tokens=1024",
         "sft.fine_tune_type=full", "sft.steps=20", "sft.batch_size=8", "sft.seq_len=256", "sft.lr=3e-3",
         "sft.warmup_steps=2", "sft.eval_every=10", "sft.save_every=10", "sft.eval_batches=4",
-        "sample.num_prompts=2", "sample.max_tokens=8"], cls=FinetuneConfig)
+        "sample.num_prompts=2", "sample.max_tokens=8",
+        # shipped: f16 and q8_0 GGUF, gated in llama.cpp on 1 MB of tinyshakespeare + GSM8K's questions
+        "export.formats=[f16,q8_0]", "export.gate.examples=8",
+        f"export.gate.text=[{test_data / 'tinyshakespeare'},{gsm8k / 'test.jsonl'}]"], cls=FinetuneConfig)
     state = finetune(config, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     sft = result["train"]["sft"]
     assert sft["step"] == 20 and sft["val_loss"] < sft["initial_val_loss"] - 1.0, sft
+    gates = result["export"]["gates"]
+    assert gates["f16"]["tokens"]["differing_texts"] == 0 and gates["f16"]["tokens"]["tokens"] > 300_000
+    assert gates["f16"]["identical"] >= 0.95, gates["f16"]
+    for q, tol in (("f16", 1.0), ("q8_0", 2.0)):
+        assert gates[q]["passed"] and all(s["drop"] <= tol for s in gates[q]["suites"].values()), gates[q]
 
     data_dir, = (tmp_path / "runs/gsm8k").glob("pretokenize-*")
     m = read_manifest(data_dir)
