@@ -11,6 +11,8 @@
   mlxflow download SPEC [--kind sft] --out DIR
   mlxflow pretokenize SPEC... --kind sft --tokenizer DIR --out DIR [--format alpaca] [--max-tokens 513]
   mlxflow clean [RUN_DIR ...] [--dry-run]   # temp files left by killed writers (every stage also removes its own)
+  mlxflow export --model DIR --out DIR [--format q8_0 ...]   # GGUF + Modelfile, MLX 4/8-bit, llama.cpp parity gate
+  mlxflow serve-model --model DIR [--smoke]                   # mlx_lm.server on loopback (OpenAI API)
 """
 
 from __future__ import annotations

@@ -15,6 +15,15 @@ from tasks.evaluate import evaluate, sample
 from tasks.train import pretrain, publish, sft
 
 
+def _files(inputs) -> list[str]:
+    """The paths in a stage's inputs (a dir, a list, or {split: [...]})."""
+    if isinstance(inputs, dict):
+        return [p for v in inputs.values() for p in _files(v)]
+    if isinstance(inputs, (list, tuple)):
+        return [p for v in inputs for p in _files(v)]
+    return [str(inputs)] if inputs else []
+
+
 @flow(name="pipeline")
 def pipeline(config: PipelineConfig = PipelineConfig(), overrides: list[str] = []) -> dict:
     """`overrides`: KEY=VALUE settings on top of `config`, e.g. ["sft.lr=1e-4", "model.preset=200mb"]."""
@@ -44,7 +53,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(), overrides: list[str] = [
     model = publish(final, run)
     shipped = None
     if config.export is not None:  # the gate also tokenizes the text the model was trained on
-        shipped = ship(config.export, final, run, config.name, text=[raw["path"]] if raw else [])
+        shipped = ship(config.export, final, run, config.name, text=_files(text_in) + _files(chat_in))
         own += shipped.pop("targets")
     bench = None
     if config.bench is not None:  # our model (and its exports) vs the targets (default: the uniform-random baseline)

@@ -68,12 +68,15 @@ def test_tinyshakespeare_pretraining_with_a_bpe_trained_on_it(test_data, tmp_pat
         f"out_dir={tmp_path}", "name=shakespeare", f"data.pretrain.train=[{text}]", "data.pretrain.val_fraction=0.05",
         # min_frequency: the demo's default (500) merges only task words; Shakespeare's need 2
         "tokenizer.vocab_size=1024", "tokenizer.min_frequency=2", "pretrain.steps=20", "pretrain.eval_every=10", "sft.steps=2", "sft.eval_every=0",
-        "sample.num_prompts=1", "sample.max_tokens=4", "bench=null"], cls=PipelineConfig)
+        "sample.num_prompts=1", "sample.max_tokens=4", "bench=null", "export.gate.examples=4"], cls=PipelineConfig)
     state = pipeline(config, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     pre = result["train"]["pretrain"]
     assert pre["step"] == 20 and pre["val_loss"] < pre["initial_val_loss"] - 1.0, pre
+    # the default export's gate: llama.cpp reads all of Shakespeare with this BPE's ids
+    tokens = result["export"]["gates"]["q8_0"]["tokens"]
+    assert tokens["differing_texts"] == 0 and tokens["tokens"] > 250_000, tokens
 
     run = tmp_path / "shakespeare"
     tok_dir = next(run.glob("tokenizer-*"))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mlxcore.config import (BenchRunConfig, ConfigError, DistillConfig, EvalConfig, FinetuneConfig, ModelConfig,
-                            PipelineConfig, PreferenceRunConfig, RewardModelRunConfig, RLConfig, load_config,
+                            PipelineConfig, PreferenceRunConfig, RewardModelRunConfig, ExportRunConfig, RLConfig, load_config,
                             with_overrides)
 
 from tests.conftest import REPO
@@ -126,6 +126,9 @@ def test_every_config_in_the_repo_loads(path: Path, tmp_path):
         assert load_config(path, cls=PreferenceRunConfig).init_from.startswith("runs/")
     elif path.name.startswith("reward-"):
         assert load_config(path, cls=RewardModelRunConfig).init_from.startswith("runs/")
+    elif path.name.startswith("export-"):
+        config = load_config(path, cls=ExportRunConfig)
+        assert config.model.startswith("runs/") and config.gguf and config.gate is not None
     else:
         assert isinstance(load_config(path), PipelineConfig)
 

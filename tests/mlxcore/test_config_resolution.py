@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from mlxcore.config import (MODEL_PRESETS, BenchRunConfig, BenchTarget, ConfigError, DistillConfig, EvalConfig, FinetuneConfig,
-                            ModelConfig, PipelineConfig, PreferenceRunConfig, RewardModelRunConfig, RLConfig, load_config, spec,
+from mlxcore.config import (MODEL_PRESETS, BenchRunConfig, BenchTarget, ConfigError, DistillConfig, EvalConfig,
+                            ExportRunConfig, FinetuneConfig, HubPushConfig, ModelConfig, PipelineConfig, PreferenceRunConfig, RewardModelRunConfig, RLConfig, load_config, spec,
                             with_overrides)
 
 from tests.conftest import REPO
@@ -33,11 +33,12 @@ def model_dir(tmp_path_factory) -> Path:
 
 def _required(cls, model_dir: Path) -> list[str]:
     return {FinetuneConfig: [f"base_model={model_dir}"], RLConfig: [f"policy={model_dir}"],
-            PreferenceRunConfig: [f"init_from={model_dir}"], RewardModelRunConfig: [f"init_from={model_dir}"]}.get(cls, [])
+            PreferenceRunConfig: [f"init_from={model_dir}"], RewardModelRunConfig: [f"init_from={model_dir}"],
+            ExportRunConfig: [f"model={model_dir}"]}.get(cls, [])
 
 
 CLASS_OF = {"finetune": FinetuneConfig, "distill": DistillConfig, "rl": RLConfig, "bench": BenchRunConfig,
-            "eval": EvalConfig, "preference": PreferenceRunConfig, "reward": RewardModelRunConfig}
+            "eval": EvalConfig, "preference": PreferenceRunConfig, "reward": RewardModelRunConfig, "export": ExportRunConfig}
 YAMLS = sorted((REPO / "configs").glob("*.yaml"))
 
 
@@ -115,6 +116,8 @@ def _example(t):
     """A small valid value of type `t` (a config: its required fields filled in)."""
     if t is BenchTarget:
         return {"kind": "random", "name": "another"}
+    if t is HubPushConfig:
+        return {"repo_id": "owner/name"}
     if isinstance(t, type) and issubclass(t, BaseModel):
         return {name: _example(f.annotation) for name, f in t.model_fields.items() if f.is_required()}
     if typing.get_origin(t) is typing.Literal:
@@ -176,7 +179,7 @@ def _check_every_leaf(base: BaseModel, load, model_dir: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("cls", [PipelineConfig, FinetuneConfig, DistillConfig, RLConfig, BenchRunConfig, EvalConfig,
-                                 PreferenceRunConfig, RewardModelRunConfig],
+                                 PreferenceRunConfig, RewardModelRunConfig, ExportRunConfig],
                          ids=lambda c: c.__name__)
 def test_one_set_changes_exactly_its_key_from_the_defaults(cls, model_dir):
     req = _required(cls, model_dir)
