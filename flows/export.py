@@ -19,7 +19,7 @@ from tasks.export import export_gguf, export_mlx, parity_gate, push_exports
 
 
 def gate_bench(export: ExportConfig) -> BenchConfig:
-    """The bench questions the gate asks (the defaults equal BenchConfig's: the flows' benches reuse them)."""
+    """The bench questions the gate asks (a flow whose bench asks the same ones reuses the answers)."""
     g = export.gate
     return BenchConfig(suites=g.suites, examples=g.examples, max_tokens=g.max_tokens, seed=g.seed, targets=[])
 

@@ -421,7 +421,8 @@ class ParityGateConfig(_Strict):
     `tolerance`. Its answers are also the bench's `gguf` column."""
 
     suites: list[SuiteName] = Field(list(BENCH_SUITES), min_length=1)
-    examples: int = Field(40, gt=0, description="Bench questions per suite, answered greedily by both.")
+    examples: int = Field(100, gt=0, description="Bench questions per suite, answered greedily by both (100: one "
+                                                 "answer is one point, finer than the tolerances).")
     max_tokens: int = Field(64, gt=0)
     seed: int = 0
     text: list[str] = Field([], description="Text files or dirs (.txt, .jsonl, ...) whose first `text_bytes` "

@@ -259,6 +259,12 @@ def write_json(path: str | Path, obj: Any) -> None:
         f.write("\n")
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file via a temp file + rename (atomic on POSIX)."""
+    with _atomic_file(Path(path), "w") as f:
+        f.write(text)
+
+
 def write_jsonl(path: str | Path, rows) -> None:
     """All of `rows` or nothing: written beside `path`, fsynced, then renamed over it."""
     import orjson

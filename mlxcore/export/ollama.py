@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxcore.io import fsync_dir, tmp_path, writing
+from mlxcore.io import fsync_dir, tmp_path, write_text, writing
 
 ROLES = ("system", "user", "assistant")
 MODELFILE = "Modelfile"
@@ -443,21 +443,6 @@ def _modelfile_text(fmt: ChatFormat, from_line: str, params: dict[str, Any] | No
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = tmp_path(path)
-    try:
-        with writing(path):
-            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _place(gguf: Path, out_dir: Path) -> str:
     """Put `gguf` into `out_dir` under its name: "in place", "hardlink" or "copy"."""
     dest = out_dir / gguf.name
@@ -497,6 +482,6 @@ def write_bundle(gguf_path, tokenizer_dir, out_dir, *, params: dict[str, Any] | 
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
     placed = _place(gguf, out)
-    _write_text(out / MODELFILE, text)
+    write_text(out / MODELFILE, text)
     return {"modelfile": str(out / MODELFILE), "gguf": str(out / gguf.name), "placed": placed,
             "stop": list(fmt.stop), "template": fmt.go_template()}

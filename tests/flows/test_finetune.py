@@ -1,5 +1,8 @@
 """The finetune flow: a local Hugging Face model dir, LoRA, two data-parallel ranks, under a real Prefect server."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from mlxcore.config import FinetuneConfig, load_config
@@ -19,7 +22,10 @@ def test_finetune_flow_trains_adapters_on_a_local_qwen_dir_with_two_ranks(small_
         "data.synthetic.sft_examples=600", "data.synthetic.val_examples=64", "sft.steps=20", "sft.batch_size=4",
         "sft.world_size=2", "sft.lr=3e-3", "sft.eval_every=10", "sft.save_every=10", "sft.eval_batches=2",
         "sample.num_prompts=2", "sample.max_tokens=8",
-        "export.formats=[f16,q8_0]", "export.gate.examples=8"], cls=FinetuneConfig)
+        "export.formats=[f16,q8_0]", "export.gate.examples=8",
+        # 1 MB of real text for llama.cpp and the tokenizer to agree on, when the test data is here
+        *([f"export.gate.text=[{Path(os.environ['MLXFLOW_TEST_DATA']) / 'tinyshakespeare'}]"]
+          if os.environ.get("MLXFLOW_TEST_DATA") else [])], cls=FinetuneConfig)
     state = finetune(config, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
