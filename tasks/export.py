@@ -96,7 +96,7 @@ def push_exports(uploads: list[tuple[str, str]], push: HubPushConfig, run_dir: s
     token = resolve_api_key(push.api_key_env, push.api_key_secret, default_env="HF_TOKEN", resolver=prefect_secret,
                             who=f"hub repo {push.repo_id}")
     commits = [hub.push(folder, push.repo_id, token=token, endpoint=push.endpoint, private=push.private,
-                        revision=push.revision, path_in_repo=path_in_repo,
+                        revision=push.revision, path_in_repo=path_in_repo, ignore=["manifest.json"],
                         commit_message=f"mlxflow export of {Path(run_dir).name}")
                for folder, path_in_repo in uploads]
     return {"repo_id": push.repo_id, "commits": commits}

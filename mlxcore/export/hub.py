@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Sequence
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -73,20 +74,21 @@ def _is_transport(err: BaseException) -> bool:
     return False
 
 
-def _files(folder: Path) -> list[tuple[str, int]]:
+def _files(folder: Path, ignore: Sequence[str] = ()) -> list[tuple[str, int]]:
     """(path relative to `folder`, size) of what upload_folder sends: the same filter it applies."""
     from huggingface_hub.utils import filter_repo_objects
     from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 
     rel = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-    kept = filter_repo_objects(list(rel), ignore_patterns=[*IGNORE, *DEFAULT_IGNORE_PATTERNS])
+    kept = filter_repo_objects(list(rel), ignore_patterns=[*IGNORE, *ignore, *DEFAULT_IGNORE_PATTERNS])
     return [(k, rel[k]) for k in kept]
 
 
 def push(folder, repo_id: str, *, token: str | None = None, endpoint: str | None = None, private: bool = False,
          revision: str = "main", path_in_repo: str = "", commit_message: str = "Upload with mlxcore",
-         repo_type: str = "model") -> dict:
-    """Upload every file of `folder` to `repo_id` (created if missing) at `revision`, under `path_in_repo`."""
+         repo_type: str = "model", ignore: Sequence[str] = ()) -> dict:
+    """Upload every file of `folder` (but `ignore`'s glob patterns) to `repo_id` (created if missing) at
+    `revision`, under `path_in_repo`."""
     folder = Path(folder)
     where = _endpoint(endpoint)
     target = f"{repo_type} repo {repo_id} on {where}"
@@ -94,7 +96,7 @@ def push(folder, repo_id: str, *, token: str | None = None, endpoint: str | None
         raise PushError(f"cannot push {folder}: {repo_id!r} is not a repo id (owner/name)")
     if not folder.is_dir():
         raise PushError(f"cannot push {folder} to {target}: not a directory")
-    files = _files(folder)
+    files = _files(folder, ignore)
     if not files:
         raise PushError(f"cannot push {folder} to {target}: the folder has no files to upload")
     prefix = path_in_repo.strip("/")
@@ -123,7 +125,7 @@ def push(folder, repo_id: str, *, token: str | None = None, endpoint: str | None
             step = "uploading"
             info = api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=prefix or None,
                                      commit_message=commit_message, revision=revision, repo_type=repo_type,
-                                     ignore_patterns=list(IGNORE))
+                                     ignore_patterns=[*IGNORE, *ignore])
     except HfHubHTTPError as e:
         status = e.response.status_code if getattr(e, "response", None) is not None else None
         said = (getattr(e, "server_message", None) or "").strip().replace("\n", " ")

@@ -110,3 +110,26 @@ def test_mlxcore_export_cli_without_prefect(smoke_pipeline, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mlxcore", "export", "--model", str(tmp_path), "--out", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a model dir" in bad.stderr
+
+
+def test_the_export_flow_pushes_gguf_and_mlx_to_the_hub_with_the_token_from_the_env(smoke_pipeline, tmp_path,
+                                                                                     monkeypatch):
+    """`export.push` through the real huggingface_hub client against the loopback stand-in: the GGUF and
+    Modelfile at the top of the repo, the MLX export under mlx-8bit/, every byte, the token from
+    `api_key_env` (never in the flow's parameters)."""
+    from tests.hubstandin import HubStandin
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("MY_HF_TOKEN", "hf_write_token_for_tests")
+    with HubStandin(tokens={"hf_write_token_for_tests": "write"}) as hub:
+        state = _export(tmp_path, smoke_pipeline["result"]["checkpoint"], formats=["q8_0", "mlx-8bit"], gate=None,
+                        push={"repo_id": "me/smoke", "endpoint": hub.endpoint, "api_key_env": "MY_HF_TOKEN"})
+        assert state.is_completed(), state.message
+        out = state.result()
+        remote = hub.files("me/smoke")
+    gguf = Path(out["gguf"]["q8_0"]["gguf"])
+    assert remote[gguf.name] == gguf.read_bytes() and remote["Modelfile"] == (gguf.parent / "Modelfile").read_bytes()
+    mlx = Path(out["mlx"][8]["model"])
+    assert remote["mlx-8bit/model.safetensors"] == (mlx / "model.safetensors").read_bytes()
+    assert {c["authorization"] for c in hub.api_calls} == {"Bearer hf_write_token_for_tests"}
+    assert len(out["pushed"]["commits"]) == 2 and not any(p.endswith("manifest.json") for p in remote)  # ours stay home
