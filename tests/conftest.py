@@ -137,6 +137,25 @@ def hf_model_dir(path: Path, tokenizer_dir: Path, model_type: str = "qwen3", voc
     return path
 
 
+def adapter_checkpoint(path: Path, base: Path, tokenizer_dir: Path, quantize=None, scale: float = 0.05,
+                       seed: int = 1) -> Path:
+    """A LoRA (QLoRA with `quantize`) checkpoint of `base` as training writes it, with random non-zero
+    adapters of size `scale`, so the adapted model differs from its base."""
+    import mlx.core as mx
+
+    from mlxcore.config import LoRAConfig
+    from mlxcore.models import adapters, checkpoint
+
+    model, config = checkpoint.load(base)
+    acfg = adapters.prepare(model, TrainConfig(fine_tune_type="lora", lora=LoRAConfig(rank=4), quantize=quantize))
+    mx.random.seed(seed)
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = scale * mx.random.normal(m.lora_b.shape)
+    return checkpoint.save(path, model, config, {"step": 1}, tokenizer_dir=tokenizer_dir,
+                           adapter_config=acfg | {"base_model": str(base)})
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """The session's Prefect server: a real `prefect server start` with its UI, on loopback, that

@@ -9,13 +9,13 @@ import mlx.nn as nn
 import mlx_lm
 import pytest
 
-from mlxcore.config import LoRAConfig, QuantizeConfig, TrainConfig
+from mlxcore.config import QuantizeConfig
 from mlxcore.data.tokenizer import train_bpe
 from mlxcore.export.mlx_quant import export_mlx_quantized
 from mlxcore.io import read_manifest, temp_files
-from mlxcore.models import adapters, checkpoint
+from mlxcore.models import checkpoint
 
-from tests.conftest import hf_model_dir
+from tests.conftest import adapter_checkpoint, hf_model_dir
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7]
 STEPS = 16
@@ -30,27 +30,14 @@ def greedy(model, ids=PROMPT, steps=STEPS) -> list[int]:
     return out
 
 
-def _adapter_dir(path, base, tok, quantize=None):
-    """An adapter checkpoint as training writes it, with non-zero adapters (so fusing changes the model)."""
-    model, config = checkpoint.load(base)
-    acfg = adapters.prepare(model, TrainConfig(fine_tune_type="lora", lora=LoRAConfig(rank=4), quantize=quantize))
-    mx.random.seed(1)
-    for _, m in model.named_modules():
-        if hasattr(m, "lora_b"):
-            m.lora_b = 0.05 * mx.random.normal(m.lora_b.shape)
-    checkpoint.save(path, model, config, {"step": 1}, tokenizer_dir=tok,
-                    adapter_config=acfg | {"base_model": str(base)})
-    return path
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("mlxq")
     train_bpe(["the quick brown fox answers 12 * 7 = 84"] * 40, 300, 1, root / "tok")
     base = hf_model_dir(root / "base", root / "tok", "qwen3", vocab_size=512)
     return {"root": root, "tok": root / "tok", "base": base,
-            "lora": _adapter_dir(root / "lora", base, root / "tok"),
-            "qlora": _adapter_dir(root / "qlora", base, root / "tok", QuantizeConfig(bits=4, group_size=32)),
+            "lora": adapter_checkpoint(root / "lora", base, root / "tok"),
+            "qlora": adapter_checkpoint(root / "qlora", base, root / "tok", QuantizeConfig(bits=4, group_size=32)),
             "q8": root / "q8", "info8": export_mlx_quantized(base, root / "q8", bits=8, group_size=64)}
 
 

@@ -11,26 +11,16 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlxcore.config import LoRAConfig, QuantizeConfig, TrainConfig
+from mlxcore.config import QuantizeConfig
 from mlxcore.data.tokenizer import load, train_bpe
-from mlxcore.models import adapters, checkpoint
+from mlxcore.models import checkpoint
 from mlxcore.serving import ServeError, serve_model, smoke
+
+from tests.conftest import adapter_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "Hello! Who are you?"
 MAX_TOKENS = 12
-
-
-def _adapter(path: Path, base: Path, tok: Path, quantize=None) -> Path:
-    """Strong random adapters: the adapted model answers differently from its base."""
-    model, config = checkpoint.load(base)
-    acfg = adapters.prepare(model, TrainConfig(fine_tune_type="lora", lora=LoRAConfig(rank=4), quantize=quantize))
-    mx.random.seed(3)
-    for _, m in model.named_modules():
-        if hasattr(m, "lora_b"):
-            m.lora_b = 0.5 * mx.random.normal(m.lora_b.shape)
-    return checkpoint.save(path, model, config, {"step": 1}, tokenizer_dir=tok,
-                           adapter_config=acfg | {"base_model": str(base)})
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +33,8 @@ def served(tmp_path_factory) -> dict:
               300, 1, root / "tok")
     info = build_model(root / "model", root / "tok", hidden=64, layers=2, reply_tokens=3)
     return {"root": root, "tok": root / "tok", "model": root / "model", "reply": info["reply"],
-            "lora": _adapter(root / "lora", root / "model", root / "tok"),
-            "qlora": _adapter(root / "qlora", root / "model", root / "tok", QuantizeConfig(bits=8, group_size=32))}
+            "lora": adapter_checkpoint(root / "lora", root / "model", root / "tok", scale=0.5, seed=3),
+            "qlora": adapter_checkpoint(root / "qlora", root / "model", root / "tok", QuantizeConfig(bits=8, group_size=32), scale=0.5, seed=3)}
 
 
 def greedy_reply(model_dir: Path, tok_dir: Path, prompt: str = PROMPT, max_tokens: int = MAX_TOKENS) -> str:
