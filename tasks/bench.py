@@ -25,11 +25,18 @@ from tasks.secrets import prefect_secret
 
 
 def _identity(target: BenchTarget) -> dict:
-    if target.kind == "checkpoint":
+    if target.kind in ("checkpoint", "mlx-quantized"):
         if not is_model_dir(target.path):
             raise ConfigError(f"bench target {target.label!r}: {target.path!r} is not a local model dir (no "
                               "config.json); `mlxflow run pipeline` writes runs/demo/model")
-        return {"kind": "checkpoint", "digest": path_digest(target.path)}
+        quantized = {"bits": target.bits, "group_size": target.group_size} if target.kind == "mlx-quantized" else {}
+        return {"kind": target.kind, "digest": path_digest(target.path), **quantized}
+    if target.kind == "gguf":  # a file of any size: its identity without reading it
+        path = Path(target.path)
+        if not path.is_file():
+            raise ConfigError(f"bench target {target.label!r}: {target.path!r} is not a GGUF file")
+        stat = path.stat()
+        return {"kind": "gguf", "file": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return target.model_dump(include={"kind", "url", "model"})
 
 

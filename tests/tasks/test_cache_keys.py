@@ -304,3 +304,25 @@ def test_key_fn_keeps_the_key_when_nothing_is_cached_or_the_dir_is_complete(para
     (product / "weights.safetensors").write_bytes(uuid.uuid4().bytes)
     write_manifest(product, "model")
     assert key_fn(_context(exists=True)[0], params) == key  # done on disk: cache hit
+
+
+def test_bench_answers_are_keyed_on_what_a_gguf_or_quantized_target_holds(tmp_path):
+    """A GGUF rewritten in place, or another bit width of the same model dir, asks again."""
+    import os
+
+    from mlxcore.config import BenchTarget
+    from tasks.bench import BENCH
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF one")
+    target = BenchTarget(kind="gguf", path=str(gguf), name="g")
+    before = BENCH.key({"label": "g", "target": target, "config": None, "run_dir": str(tmp_path)})
+    gguf.write_bytes(b"GGUF two, longer")
+    os.utime(gguf, ns=(1, 1))
+    assert BENCH.key({"label": "g", "target": target, "config": None, "run_dir": str(tmp_path)}) != before
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    keys = {BENCH.key({"label": "q", "target": BenchTarget(kind="mlx-quantized", path=str(model), bits=b, name="q"),
+                       "config": None, "run_dir": str(tmp_path)}) for b in (4, 8)}
+    assert len(keys) == 2
