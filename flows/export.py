@@ -28,7 +28,8 @@ def ship(export: ExportConfig, model_dir: str, run: str, label: str, text: list[
     """Export `model_dir` as `export` says; `text`: files the gate also tokenizes (e.g. the training data)."""
     ggufs = {q: export_gguf(model_dir, q, export.ollama, run) for q in export.gguf}
     mlx = {b: export_mlx(model_dir, b, export.mlx_group_size, run) for b in export.mlx_bits}
-    targets = [BenchTarget(kind="gguf", path=g["gguf"], name=f"{label}-{q}") for q, g in ggufs.items()]
+    gguf_targets = {q: BenchTarget(kind="gguf", path=g["gguf"], name=f"{label}-{q}") for q, g in ggufs.items()}
+    targets = [*gguf_targets.values()]
     targets += [BenchTarget(kind="mlx-quantized", path=m["model"], bits=b, group_size=export.mlx_group_size,
                             name=f"{label}-mlx{b}") for b, m in mlx.items()]
     gates = {}
@@ -36,7 +37,7 @@ def ship(export: ExportConfig, model_dir: str, run: str, label: str, text: list[
         questions = gate_bench(export)
         ours = bench_answers(label, BenchTarget(kind="checkpoint", path=model_dir, name=label), questions, run)
         for q, g in ggufs.items():
-            theirs = bench_answers(f"{label}-{q}", targets[list(ggufs).index(q)], questions, run)
+            theirs = bench_answers(f"{label}-{q}", gguf_targets[q], questions, run)
             gates[q] = parity_gate(model_dir, g["path"], g["gguf"], q, export.gate, ours["path"], theirs["path"],
                                    list(text), run)
     pushed = None
