@@ -1,4 +1,4 @@
-"""The `bench` and `eval` flows on their own (the same stages end pipeline, distill and rl-gsm8k)."""
+"""The `bench` and `eval` flows on their own (the same stages end pipeline, distill and rl)."""
 
 from __future__ import annotations
 

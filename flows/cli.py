@@ -1,6 +1,6 @@
 """`mlxflow`: run flows (Prefect), plus the library's own commands (`mlxcore/cli.py`, also `mlxcore ...`).
 
-  mlxflow run pipeline|finetune|distill|preference|reward-model|rl-gsm8k|export|bench|eval [--config configs/X.yaml] [--set sft.lr=1e-4 ...]
+  mlxflow run pipeline|finetune|distill|preference|reward-model|rl|export|bench|eval [--config configs/X.yaml] [--set sft.lr=1e-4 ...]
   mlxflow serve [CONFIG_DIR]      # deployments: pipeline/demo, distill/default, bench/demo, eval/demo, one per config
   mlxflow deploy --pool NAME [CONFIG_DIR]   # the same deployments on a work pool (prefect worker start --pool NAME)
   mlxflow doctor                  # from here on: the library's commands, the same as `mlxcore doctor` ...
@@ -27,7 +27,7 @@ FLOWS = {  # name: (module, flow function, config class)
     "pipeline": ("flows.pipeline", "pipeline", "PipelineConfig"),
     "finetune": ("flows.finetune", "finetune", "FinetuneConfig"),
     "distill": ("flows.distill", "distill", "DistillConfig"),
-    "rl-gsm8k": ("flows.rl_gsm8k", "rl_gsm8k", "RLConfig"),
+    "rl": ("flows.rl", "rl", "RLConfig"),
     "bench": ("flows.bench", "bench", "BenchRunConfig"),
     "eval": ("flows.bench", "eval_flow", "EvalConfig"),
     "preference": ("flows.preference", "preference", "PreferenceRunConfig"),
@@ -58,14 +58,18 @@ def format_distill(config, result: dict) -> str:
 
 def format_rl(config, result: dict) -> str:
     if result.get("done"):
-        return f"rl-gsm8k '{config.name}': all {config.iterations} iterations are done (checkpoint {result['checkpoint']})"
-    lines = [f"rl-gsm8k '{config.name}': iteration {result['iteration']} of {config.iterations} finished", "",
-             f"{'iter':>4} {'reward':>7} {'rollout acc':>11} {'held-out acc':>12} {'kl':>7} {'clip':>6} {'tokens':>6}"]
+        return f"rl '{config.name}': all {config.iterations} iterations are done (checkpoint {result['checkpoint']})"
+
+    def num(v, width: int, digits: int = 3) -> str:
+        return f"{'-' if v is None else f'{v:.{digits}f}':>{width}}"
+
+    lines = [f"rl '{config.name}' ({config.update.loss}): iteration {result['iteration']} of {config.iterations} finished", "",
+             f"{'iter':>4} {'reward':>7} {'rollout acc':>11} {'held-out reward':>15} {'held-out acc':>12} {'kl':>7} "
+             f"{'clip':>6} {'tokens':>6}"]
     for h in result["history"]:
-        held = h.get("eval_accuracy")
-        lines.append(f"{h['iteration']:>4} {h['mean_reward']:>7.3f} {h['accuracy']:>11.3f} "
-                     f"{'-' if held is None else f'{held:.3f}':>12} {h.get('kl') or 0:>7.4f} "
-                     f"{h.get('clip_fraction') or 0:>6.3f} {h['response_tokens']:>6.1f}")
+        lines.append(f"{h['iteration']:>4} {num(h.get('mean_reward'), 7)} {num(h.get('accuracy'), 11)} "
+                     f"{num(h.get('eval_mean_reward'), 15)} {num(h.get('eval_accuracy'), 12)} {num(h.get('kl'), 7, 4)} "
+                     f"{num(h.get('clip_fraction'), 6)} {num(h.get('response_tokens'), 6, 1)}")
     lines += ["", f"checkpoint: {result['checkpoint']}", "next:       run the same command again (or schedule it: mlxflow serve)"]
     return "\n".join(lines)
 
@@ -134,7 +138,7 @@ def format_summary(flow: str, config, result: dict) -> str:
         return "\n\n".join(filter(None, [head, format_preference(result), format_bench(result.get("bench")), tail]))
     if flow == "distill":
         return "\n\n".join(filter(None, [format_distill(config, result), format_bench(result.get("bench"))]))
-    if flow == "rl-gsm8k":
+    if flow == "rl":
         return format_rl(config, result)
     if flow == "bench":
         return format_bench(result)
@@ -216,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML file overriding the flow's embedded defaults")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. sft.lr=1e-4")
     run.set_defaults(func=cmd_run)
-    srv = sub.add_parser("serve", help="register the deployments (pipeline, distill, rl-gsm8k, bench, eval: "
+    srv = sub.add_parser("serve", help="register the deployments (pipeline, distill, rl, bench, eval: "
                          "the defaults and one per config) and run them")
     srv.add_argument("config_dir", nargs="?", help="where the YAML configs are (default: the repo's configs/)")
     srv.set_defaults(func=cmd_serve)

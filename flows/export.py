@@ -1,7 +1,7 @@
 """Ship a model: GGUF (+ Modelfile) and quantized MLX exports -> parity gate in llama.cpp -> hub upload.
 
 `ship()` is the stage sequence the `export` flow runs and that `pipeline`, `finetune`, `distill`,
-`preference` and `rl-gsm8k` end with (their `export:` section). The gate's answers are ordinary
+`preference` and `rl` end with (their `export:` section). The gate's answers are ordinary
 bench answers (`bench-<label>` stages), so the flow's final bench reuses them and shows the
 checkpoint beside its exports.
 """

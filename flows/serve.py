@@ -4,7 +4,7 @@
   pipeline/<stem>     one per configs/<stem>.yaml that is a pipeline config
   distill/default     the embedded defaults: Ollama's qwen3:0.6b on 127.0.0.1:11434
   distill/<name>      one per configs/distill-<name>.yaml
-  rl-gsm8k/<name>     one per configs/rl-<name>.yaml: one GRPO iteration per run, on its
+  rl/<name>           one per configs/rl-<name>.yaml: one RL iteration per run, on its
                       `schedule_minutes` interval, never two at once (later ones wait)
   bench/demo          the demo pipeline's model (runs/demo/model) vs the uniform-random baseline
   bench/<name>        one per configs/bench-<name>.yaml (checkpoints, Ollama, OpenAI endpoints)
@@ -51,7 +51,7 @@ def deployments(config_dir: str | Path = CONFIGS, **common) -> list:
     from flows.export import export
     from flows.pipeline import pipeline
     from flows.preference import preference, reward_model
-    from flows.rl_gsm8k import rl_gsm8k
+    from flows.rl import rl
 
     out = [pipeline.to_deployment(name="demo", description="The whole pipeline on its embedded defaults.", **common),
            distill.to_deployment(name="default", description="Distill from Ollama's qwen3:0.6b on 127.0.0.1:11434.",
@@ -68,7 +68,7 @@ def deployments(config_dir: str | Path = CONFIGS, **common) -> list:
     for path in sorted(Path(config_dir).glob("*.yaml")):
         prefix = next((p for p in by_prefix if path.stem.startswith(p)), None)
         if path.stem.startswith("rl-"):
-            out.append(_rl_deployment(rl_gsm8k, path, **common))
+            out.append(_rl_deployment(rl, path, **common))
         elif prefix:
             flow, cls = by_prefix[prefix]
             out.append(flow.to_deployment(name=path.stem.removeprefix(prefix), parameters=_params(path, cls),
@@ -80,7 +80,7 @@ def deployments(config_dir: str | Path = CONFIGS, **common) -> list:
 
 
 def _rl_deployment(flow, path: Path, **common):
-    """One GRPO iteration per run; a run that comes due while another runs waits for it (ENQUEUE)."""
+    """One RL iteration per run; a run that comes due while another runs waits for it (ENQUEUE)."""
     from datetime import timedelta
 
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy

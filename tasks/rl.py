@@ -1,4 +1,4 @@
-"""RL stages: one GRPO iteration is rl-rollout -> rl-update -> rl-eval -> rl-commit.
+"""RL stages: one iteration is rl-rollout -> rl-update -> rl-eval -> rl-commit.
 
 Everything of iteration i lives in `<run>/iter-<i>/`: `buffer.jsonl` (resumable: a re-run keeps
 the samples written and generates the rest), `update/` (the new policy, written atomically),
@@ -15,15 +15,18 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from mlxcore.config import RLUpdateConfig, RolloutConfig
+from mlxcore.config import RLConfig
 from mlxcore.data.download import data_files
 from mlxcore.io import is_complete, read_manifest, write_json
 from mlxcore.train.callbacks import CallbackList, ProgressBar
 from mlxcore.train.launch import run_in_subprocess
-from mlxcore.rl.iteration import RLState, UpdateJob, greedy_accuracy, iteration_prompts, load_questions, run_rollout
+from mlxcore.rl.iteration import RLState, UpdateJob, greedy_eval, iteration_prompts, run_rollout
+from mlxcore.rl.prompts import load_prompts
+from mlxcore.rl.rewards import Scorer
 from mlxcore.bench.plots import line_chart, markdown_image
 from tasks.caching import sweep
 from tasks.progress import PrefectProgress, artifact_key, progress_bar
+from tasks.secrets import prefect_secret
 from tasks.train import crashed
 
 
@@ -42,39 +45,56 @@ def rl_state(run_dir: str) -> dict:
     return {"iteration": s.iteration, "checkpoint": s.checkpoint, "history": s.history}
 
 
+def prompts_of(config: RLConfig, files: list[str]):
+    return load_prompts(_files(files), config.data.format, config.data.columns, config.system_prompt)
+
+
+def scorer_of(config: RLConfig) -> Scorer:
+    """The config's reward terms (user file, judge and reward model included), checked now."""
+    return Scorer.from_config(config, resolve_secret=prefect_secret)
+
+
 @task(name="rl-rollout")
-def rl_rollout(policy: str, train: list[str], iteration: int, cfg: RolloutConfig, system_prompt: str | None,
-               seed: int, run_dir: str) -> dict:
-    """K samples of this iteration's questions with the current policy (resumes a partial buffer)."""
-    prompts = iteration_prompts(load_questions(_files(train), system_prompt), iteration, cfg.prompts, seed)
+def rl_rollout(policy: str, train: list[str], iteration: int, config: RLConfig) -> dict:
+    """K samples of this iteration's prompts with the current policy, rewarded (resumes a partial buffer)."""
+    cfg, run_dir = config.rollout, str(config.run_dir)
+    prompts = iteration_prompts(prompts_of(config, train), iteration, cfg.prompts, config.seed)
     buffer = iter_dir(run_dir, iteration) / "buffer.jsonl"
-    with progress_bar(cfg.prompts * cfg.k, f"rollout {iteration}: {cfg.prompts} questions x {cfg.k}", "sample") as bar:
-        stats = run_rollout(policy, prompts, buffer, cfg, seed=seed * 100_003 + iteration, checkpoint=policy,
-                            on_progress=bar)
+    with scorer_of(config) as scorer, progress_bar(
+            cfg.prompts * cfg.k, f"rollout {iteration}: {cfg.prompts} prompts x {cfg.k}", "sample") as bar:
+        stats = run_rollout(policy, prompts, buffer, cfg, scorer, seed=config.seed * 100_003 + iteration,
+                            checkpoint=policy, on_progress=bar)
     return {"buffer": str(buffer), **stats}
 
 
 @task(name="rl-update", retries=1, retry_condition_fn=crashed)  # a killed update resumes
-def rl_update(policy: str, buffer: str, iteration: int, cfg: RLUpdateConfig, seed: int, reference: str,
-              run_dir: str) -> dict:
-    """GRPO over the iteration's buffer; the new policy is `iter-<i>/update/model`."""
+def rl_update(policy: str, buffer: str, iteration: int, config: RLConfig, reference: str) -> dict:
+    """The iteration's update (GRPO family or PPO); the new policy is `iter-<i>/update/model`.
+    `reference`: the starting policy (after the warmup), what the KL terms hold the policy to."""
+    run_dir = str(config.run_dir)
     out = iter_dir(run_dir, iteration) / "update"
-    if not is_complete(out):  # AdamW's moments carry over from the previous iteration's update
-        job = UpdateJob(policy_dir=policy, buffer=buffer, update_dir=str(out), update=cfg, seed=seed + iteration,
-                        reference_dir=reference, optimizer_from=str(iter_dir(run_dir, iteration - 1) / "update"))
+    if not is_complete(out):  # AdamW's moments (PPO: the critic, the KL coefficient) carry over
+        job = UpdateJob(policy_dir=policy, buffer=buffer, update_dir=str(out), update=config.update,
+                        seed=config.seed + iteration, reference_dir=reference, reward_model=config.reward_model,
+                        previous=str(iter_dir(run_dir, iteration - 1) / "update"), max_tokens=config.rollout.max_tokens)
         stage = f"rl-update {iteration}"
         run_in_subprocess(job, CallbackList(ProgressBar(stage), PrefectProgress(stage, Path(run_dir).name)))
     return {"checkpoint": str(out / "model"), **read_manifest(out, "rl-update")["metrics"]}
 
 
 @task(name="rl-eval")
-def rl_eval(checkpoint: str, test: list[str], n: int, max_tokens: int, system_prompt: str | None, iteration: int,
-            run_dir: str) -> dict:
-    """Greedy accuracy on the first `n` held-out questions."""
-    out = iter_dir(run_dir, iteration) / "eval.json"
+def rl_eval(checkpoint: str, test: list[str], iteration: int, config: RLConfig) -> dict:
+    """The new policy's greedy answers to the first `eval_prompts` held-out prompts, rewarded."""
+    out = iter_dir(str(config.run_dir), iteration) / "eval.json"
     if not out.exists():
-        questions = load_questions(_files(test), system_prompt)[:n] if n else []
-        write_json(out, greedy_accuracy(checkpoint, questions, max_tokens) if questions else {"accuracy": None, "n": 0})
+        n = config.eval_prompts
+        prompts = prompts_of(config, test)[:n] if n else []
+        if prompts:
+            with scorer_of(config) as scorer:
+                result = greedy_eval(checkpoint, prompts, config.eval_max_tokens, scorer)
+        else:
+            result = {"mean_reward": None, "accuracy": None, "n": 0}
+        write_json(out, result)
     return json.loads(out.read_text())
 
 
@@ -84,11 +104,11 @@ def rl_commit(run_dir: str, iteration: int, checkpoint: str, metrics: dict) -> d
     state = RLState(run_dir)
     state.commit(iteration, checkpoint, metrics)
     name = Path(run_dir).name
-    cols = ("iteration", "mean_reward", "accuracy", "eval_accuracy", "kl", "clip_fraction", "response_tokens",
-            "grad_norm", "zero_variance_groups")
+    cols = ("iteration", "mean_reward", "accuracy", "eval_mean_reward", "eval_accuracy", "kl", "clip_fraction",
+            "response_tokens", "truncated", "grad_norm", "zero_variance_groups", "judge_failures")
     table = [{c: (round(h[c], 4) if isinstance(h.get(c), float) else h.get(c)) for c in cols} for h in state.history]
     create_table_artifact(table=table, key=artifact_key(name, "reward-history"),
-                          description="GRPO iterations: rollout reward and accuracy, held-out greedy accuracy")
+                          description="RL iterations: rollout reward and accuracy, held-out greedy reward and accuracy")
     create_markdown_artifact(key=artifact_key(name, "reward-chart"), markdown=_chart(state.history))
     return {"iteration": iteration, "checkpoint": checkpoint, "metrics": metrics, "history": state.history}
 
@@ -96,10 +116,14 @@ def rl_commit(run_dir: str, iteration: int, checkpoint: str, metrics: dict) -> d
 def _chart(history: list[dict]) -> str:
     """Mean rollout reward and held-out greedy accuracy by iteration, as a PNG the UI renders."""
     series = {"rollout mean reward": [(h["iteration"], h["mean_reward"]) for h in history if h.get("mean_reward") is not None],
+              "held-out mean reward": [(h["iteration"], h["eval_mean_reward"]) for h in history
+                                       if h.get("eval_mean_reward") is not None],
               "held-out accuracy": [(h["iteration"], h["eval_accuracy"]) for h in history
                                     if h.get("eval_accuracy") is not None]}
-    png = line_chart(series, title="GRPO iterations", xlabel="iteration", ylabel="reward / accuracy")
+    png = line_chart({k: v for k, v in series.items() if v}, title="RL iterations", xlabel="iteration",
+                     ylabel="reward / accuracy")
     last = history[-1]
+    acc = last.get("eval_accuracy")
     return (f"### reward history\n\n{markdown_image(png, 'reward history')}\n\n"
-            f"iteration {last['iteration']}: mean reward {last.get('mean_reward') or 0:.3f}, "
-            f"held-out accuracy {last.get('eval_accuracy') or 0:.1%}\n")
+            f"iteration {last['iteration']}: mean reward {last.get('mean_reward') or 0:.3f}, held-out mean reward "
+            f"{last.get('eval_mean_reward') or 0:.3f}" + ("" if acc is None else f", held-out accuracy {acc:.1%}") + "\n")

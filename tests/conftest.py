@@ -26,7 +26,7 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import pytest  # noqa: E402
 
-from mlxcore.config import ModelConfig, SyntheticConfig, TokenizerConfig, TrainConfig  # noqa: E402
+from mlxcore.config import ModelConfig, RewardModelRunConfig, SyntheticConfig, TokenizerConfig, TrainConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -229,3 +229,43 @@ def smoke_pipeline(tmp_path_factory, prefect_server) -> dict:
                for stage in ("pretrain", "sft")}
     return {"root": root, "config": config, "flow_run_id": state.state_details.flow_run_id, "result": result,
             "weights": weights}
+
+
+@pytest.fixture(scope="session")
+def sort_sft(tmp_path_factory) -> str:
+    """A 4-layer model pretrained and SFT'd on sorting eight digits: right on some lists, not most
+    (the start of the preference and PPO tests)."""
+    from mlxcore.data import pretokenize, synthetic, tokenizer
+    from mlxcore.train.loop import TrainJob, run
+
+    root = tmp_path_factory.mktemp("sort-sft")
+    synthetic.write_dataset(SyntheticConfig(pretrain_docs=4000, sft_examples=2000, val_examples=100, tasks=["sort"]),
+                            root / "raw")
+    tokenizer.load_or_train(TokenizerConfig(vocab_size=512), root / "raw", root / "tok")
+    for kind, out in (("pretrain", "pt"), ("sft", "sd")):
+        pretokenize.pretokenize(root / "raw", root / "tok", kind, root / out, progress_bar=False)
+    model = ModelConfig(preset="custom", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                        intermediate_size=352)
+    run(TrainJob(data_dir=str(root / "pt"), tokenizer_dir=str(root / "tok"), out_dir=str(root / "pre"), model=model,
+                 train=TrainConfig(steps=400, batch_size=16, lr=3e-3, warmup_steps=10, eval_every=0, save_every=0)))
+    run(TrainJob(data_dir=str(root / "sd"), tokenizer_dir=str(root / "tok"), out_dir=str(root / "sft"),
+                 init_from=str(root / "pre/model"),
+                 train=TrainConfig(steps=60, batch_size=16, lr=1e-3, warmup_steps=5, eval_every=0, save_every=0)))
+    return str(root / "sft/model")
+
+
+@pytest.fixture(scope="session")
+def sort_reward_model(sort_sft, prefect_server, tmp_path_factory) -> dict:
+    """The `reward-model` flow on `sort_sft`'s decoder, on synthetic sort pairs (the right sort vs a
+    near miss): its result (checkpoint, eval, train). Asserted on in tests/flows/test_preference.py,
+    the learned reward of PPO in tests/flows/test_rl.py."""
+    from flows.preference import reward_model
+
+    cfg = RewardModelRunConfig.model_validate({
+        "name": "rm", "out_dir": str(tmp_path_factory.mktemp("sort-rm")), "init_from": sort_sft,
+        "synthetic": {"train_examples": 8000, "val_examples": 200}, "dense_weight": 5.0,
+        "train": {"steps": 1000, "batch_size": 16, "seq_len": 64, "lr": 3e-4, "warmup_steps": 10, "eval_every": 500,
+                  "eval_batches": 2, "save_every": 500, "weight_decay": 0.0, "pad_multiple": 16}})
+    state = reward_model(cfg, [], return_state=True)
+    assert state.is_completed(), state.message
+    return state.result()

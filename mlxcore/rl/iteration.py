@@ -1,10 +1,10 @@
 """The pieces of one RL iteration that a flow strings together, each from and to directories.
 
-    questions = load_questions(files, system_prompt)             # GSM8K rows -> RLPrompts
-    batch = iteration_prompts(questions, iteration, n, seed)      # this iteration's questions
-    run_rollout(policy_dir, batch, buffer, rollout_cfg, ...)      # K samples each (resumable)
-    run_update(policy_dir, buffer, out_dir, update_cfg, ...)      # GRPO -> a new model dir
-    greedy_accuracy(model_dir, held_out, max_tokens)              # exact-answer accuracy
+    prompts = load_prompts(files, fmt, columns, system_prompt)   # rows -> RLPrompts (mlxcore/rl/prompts.py)
+    batch = iteration_prompts(prompts, iteration, n, seed)        # this iteration's prompts
+    run_rollout(policy_dir, batch, buffer, rollout_cfg, scorer)   # K samples each, rewarded (resumable)
+    run_update(policy_dir, buffer, out_dir, update_cfg, ...)      # GRPO family or PPO -> a new model dir
+    greedy_eval(model_dir, held_out, max_tokens, scorer)          # held-out mean reward and accuracy
 
 The state between iterations (the iteration number, the latest checkpoint, the reward history)
 lives in `<run>/state.json`, written atomically once an iteration is complete (`RLState`).
@@ -21,35 +21,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from mlxcore.config import RLUpdateConfig
-from mlxcore.data import records
-from mlxcore.io import atomic_dir, write_json, write_manifest
-from mlxcore.rl.loop import RLPrompt, rollout
-from mlxcore.rl.rewards import extract_answer, gsm8k_truth
+from mlxcore.io import atomic_dir, is_complete, write_json, write_manifest
+from mlxcore.rl.loop import mean_of, rollout
+from mlxcore.rl.prompts import RLPrompt
 
 STATE = "state.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
-
-
-def load_questions(files: list[str | Path], system_prompt: str | None = None) -> list[RLPrompt]:
-    """GSM8K-style rows ({"question", "answer": "... #### n"}) of JSONL / JSON / parquet files."""
-    out = []
-    for path in map(Path, files):
-        for chunk, _ in records.read_chunks(path):
-            for lineno, payload in records.chunk_items(chunk):
-                row = records.decode_row(str(path), lineno, payload)
-                where = f"{path}:{lineno}"
-                if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
-                    raise records.DataError(f"{where}: a GSM8K row needs string fields 'question' and 'answer'")
-                try:
-                    truth = gsm8k_truth(row["answer"])
-                except ValueError as e:
-                    raise records.DataError(f"{where}: {e}") from None
-                messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
-                messages.append({"role": "user", "content": row["question"]})
-                out.append(RLPrompt(id=f"{path.stem}-{lineno}", messages=messages, truth=truth))
-    if not out:
-        raise records.DataError(f"no questions in {', '.join(map(str, files))}")
-    return out
 
 
 def iteration_prompts(questions: list[RLPrompt], iteration: int, n: int, seed: int) -> list[RLPrompt]:
@@ -61,43 +38,84 @@ def iteration_prompts(questions: list[RLPrompt], iteration: int, n: int, seed: i
     return out
 
 
-def run_rollout(policy_dir: str | Path, prompts: list[RLPrompt], buffer: str | Path, cfg, *, seed: int,
+def run_rollout(policy_dir: str | Path, prompts: list[RLPrompt], buffer: str | Path, cfg, scorer, *, seed: int,
                 checkpoint: str, on_progress: Callable[[int, int], None] | None = None) -> dict:
     from mlxcore.models.generate import load_chat
 
     model, tok = load_chat(policy_dir)
-    return rollout(model, tok, prompts, buffer, k=cfg.k, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                   top_p=cfg.top_p, seed=seed, checkpoint=checkpoint, format_weight=cfg.format_weight,
+    return rollout(model, tok, prompts, buffer, k=cfg.k, max_tokens=cfg.max_tokens, scorer=scorer,
+                   temperature=cfg.temperature, top_p=cfg.top_p, seed=seed, checkpoint=checkpoint,
                    prompts_per_batch=cfg.prompts_per_batch, on_progress=on_progress)
 
 
-def run_update(policy_dir: str | Path, buffer: str | Path, out_dir: str | Path, cfg, *, seed: int,
-               reference_dir: str | Path | None = None, optimizer_from: str | Path | None = None,
-               callback=None) -> dict:
-    """GRPO over `buffer` starting from `policy_dir`, through the one training loop (`train.fit`
-    with `GRPOLoss` and the buffer's samples as batches: schedule, clipping, checkpoints and exact
-    resume in `<out_dir>-train/`); the new policy is a plain model dir at `out_dir/model`
-    (LoRA/DoRA adapters train for the iteration and are fused into it).
+def run_update(policy_dir: str | Path, buffer: str | Path, out_dir: str | Path, cfg: RLUpdateConfig, *, seed: int,
+               reference_dir: str | Path | None = None, previous: str | Path | None = None,
+               reward_model: str | Path | None = None, max_tokens: int | None = None, callback=None) -> dict:
+    """The iteration's update over `buffer` starting from `policy_dir`, through the one training
+    loop (`train.fit`: schedule, clipping, checkpoints and exact resume in `<out_dir>-train/`);
+    the new policy is a plain model dir at `out_dir/model`.
 
-    Full fine-tuning carries AdamW's moments from iteration to iteration: `optimizer_from` is the
+    `cfg.loss` picks the objective: the GRPO family (`objectives.PolicyLoss` over the buffer's
+    groups; LoRA/DoRA adapters train for the iteration and are fused into it) or PPO
+    (`ppo.run_ppo_update`: the critic starts from `previous`'s, else from `reward_model`, else
+    from the policy; the KL coefficient adapts from `previous`'s when `kl_target` is set).
+    Full fine-tuning carries AdamW's moments from iteration to iteration: `previous` is the
     previous update's dir (its `optimizer.safetensors`), and this one writes its own. A fresh
-    AdamW every iteration would restart with bias-corrected, sign-like first steps each time."""
+    AdamW every iteration would restart with bias-corrected, sign-like first steps each time.
+    `max_tokens` is the rollout's generation budget (dr_grpo's constant denominator)."""
+    from mlxcore.rl.loop import read_buffer
+
+    previous = Path(previous) if previous is not None and is_complete(previous) else None
+    if cfg.loss == "ppo":
+        from mlxcore.rl.ppo import run_ppo_update
+
+        rows = [r for r in read_buffer(buffer) if r["reward"] is not None]  # a judge that gave no score
+        kl_coef = _kl_coef(cfg, previous)
+        critic = previous / "critic" if previous is not None and (previous / "critic").is_dir() else reward_model
+        metrics = run_ppo_update(
+            policy_dir, critic, reference_dir, rows, out_dir, lr=cfg.lr, critic_lr=cfg.critic_lr, ppo_epochs=cfg.epochs,
+            mini_batch_size=cfg.batch_size, clip_range=cfg.clip_eps or 0.2, cliprange_value=cfg.cliprange_value,
+            vf_coef=cfg.vf_coef, gamma=cfg.gamma, lam=cfg.lam, kl_coef=kl_coef, grad_clip=cfg.grad_clip,
+            weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, seed=seed,
+            optimizer_from=previous, callback=callback)
+        return metrics
+    return _policy_update(policy_dir, buffer, Path(out_dir), cfg, seed=seed, reference_dir=reference_dir,
+                          carried=previous / OPTIMIZER_STATE if previous is not None else None, max_tokens=max_tokens,
+                          callback=callback)
+
+
+def _kl_coef(cfg: RLUpdateConfig, previous: Path | None) -> float:
+    """PPO's KL coefficient for this iteration: fixed, or adapted (Ziegler et al.) from the
+    previous iteration's coefficient and the KL it measured to the reference."""
+    if cfg.kl_target is None or previous is None:
+        return cfg.kl_coef
+    from mlxcore.io import read_manifest
+    from mlxcore.rl.ppo import AdaptiveKL
+
+    last = read_manifest(previous)["metrics"]
+    if last.get("kl_coef") is None or last.get("kl") is None:
+        return cfg.kl_coef
+    controller = AdaptiveKL(last["kl_coef"], cfg.kl_target, cfg.kl_horizon)
+    controller.update(last["kl"], last.get("samples") or 0)
+    return controller.value
+
+
+def _policy_update(policy_dir, buffer, out_dir: Path, cfg: RLUpdateConfig, *, seed: int, reference_dir, carried,
+                   max_tokens, callback) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
     from mlxcore.models import adapters
-    from mlxcore.train import optimizers
     from mlxcore.models import checkpoint as ckpt
     from mlxcore.models.model import load
-    from mlxcore.rl.grpo import GRPOLoss
-    from mlxcore.rl.loop import SampleBatches, add_reference_logprobs, grpo_items
+    from mlxcore.rl.loop import SampleBatches, add_reference_logprobs, read_buffer
+    from mlxcore.rl.objectives import PolicyLoss, policy_items
+    from mlxcore.train import optimizers
     from mlxcore.train.loop import fit
 
-    out_dir = Path(out_dir)
-    items, metrics = grpo_items(buffer, cfg.scale_rewards)
+    items, metrics = policy_items(read_buffer(buffer), cfg.loss, scale=cfg.scale_rewards)
     model, config = load(policy_dir)
     pad = config.get("pad_token_id") or 0
-    carried = Path(optimizer_from) / OPTIMIZER_STATE if optimizer_from is not None else None
     carried = carried if carried is not None and carried.exists() else None
     steps = cfg.epochs * -(-len(items) // cfg.batch_size)
     train_dir = out_dir.with_name(out_dir.name + "-train")
@@ -115,9 +133,11 @@ def run_update(policy_dir: str | Path, buffer: str | Path, out_dir: str | Path, 
             saved = {k: v for k, v in mx.load(str(carried)).items() if k not in ("step", "learning_rate")}
             optimizer.init(model.trainable_parameters())
             optimizer.state = tree_unflatten(list(saved.items())) | {k: optimizer.state[k] for k in ("step", "learning_rate")}
+        loss = PolicyLoss(cfg.loss, cfg.clip_eps, cfg.clip_eps_high, cfg.beta, pad, max_tokens=max_tokens,
+                          overlong_filter=cfg.overlong_filter)
         result = fit(model, config, tcfg, SampleBatches(items, cfg.batch_size, seed), None, train_dir,
-                     optimizer=optimizer, loss=GRPOLoss(cfg.clip_eps, cfg.beta, pad), tokenizer_dir=policy_dir,
-                     callback=callback, adapter_config=adapter_config)
+                     optimizer=optimizer, loss=loss, tokenizer_dir=policy_dir, callback=callback,
+                     adapter_config=adapter_config)
         final = Path(result["checkpoint"])
         ckpt.restore(final, model)  # the trained weights, also when fit() found the update done earlier
         history = [h for h in json.loads((final / ckpt.TRAINER_STATE).read_text())["history"] if h["event"] == "train"]
@@ -138,7 +158,7 @@ def run_update(policy_dir: str | Path, buffer: str | Path, out_dir: str | Path, 
 
 
 class UpdateJob(BaseModel):
-    """One iteration's GRPO update, as `mlxcore.train.launch` runs it in its own process (`run_job`)."""
+    """One iteration's update, as `mlxcore.train.launch` runs it in its own process (`run_job`)."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["rl-update"] = "rl-update"
@@ -148,7 +168,9 @@ class UpdateJob(BaseModel):
     update: RLUpdateConfig
     seed: int
     reference_dir: str | None = None
-    optimizer_from: str | None = None
+    previous: str | None = None  # the previous iteration's update dir (moments, critic, KL coefficient)
+    reward_model: str | None = None
+    max_tokens: int | None = None
 
     @property
     def out_dir(self) -> str:  # job.json and the loop's checkpoints (removed once the update is written)
@@ -157,29 +179,39 @@ class UpdateJob(BaseModel):
 
 def run_job(job: UpdateJob, callback=None) -> dict:
     metrics = run_update(job.policy_dir, job.buffer, job.update_dir, job.update, seed=job.seed,
-                         reference_dir=job.reference_dir, optimizer_from=job.optimizer_from, callback=callback)
+                         reference_dir=job.reference_dir, previous=job.previous, reward_model=job.reward_model,
+                         max_tokens=job.max_tokens, callback=callback)
     return {"checkpoint": str(Path(job.update_dir) / "model"), **metrics}
 
 
-def greedy_accuracy(model_dir: str | Path, prompts: list[RLPrompt], max_tokens: int, batch_size: int = 32) -> dict:
-    """Share of `prompts` whose greedy answer's final number equals the truth."""
+def greedy_eval(model_dir: str | Path, prompts: list[RLPrompt], max_tokens: int, scorer, batch_size: int = 32) -> dict:
+    """The greedy answers to held-out `prompts`, rewarded by `scorer`: mean reward, accuracy (the
+    accuracy term's mean; None without one), each term's mean and a few samples."""
     from mlx_lm.generate import batch_generate
 
     from mlxcore.models.generate import load_chat
+    from mlxcore.rl.loop import _last_user
+    from mlxcore.rl.rewards import Sample
 
     model, tok = load_chat(model_dir)
-    right, shown = 0, []
+    scored, shown = [], []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo: lo + batch_size]
         ids = [tok.apply_chat_template(p.messages, add_generation_prompt=True) for p in chunk]
-        texts = batch_generate(model, tok, ids, max_tokens=max_tokens).texts
-        for p, text in zip(chunk, texts):
-            ok = extract_answer(text) == p.truth
-            right += ok
+        res = batch_generate(model, tok, ids, max_tokens=max_tokens, return_token_ids=True)
+        samples = [Sample(id=f"{p.id}/greedy", where=p.where, prompt=_last_user(p.messages), messages=p.messages,
+                          completion=text, reference=p.reference, completion_tokens=len(t),
+                          truncated=len(t) >= max_tokens, max_tokens=max_tokens)
+                   for p, text, t in zip(chunk, res.texts, res.token_ids)]
+        for sample, sc in zip(samples, scorer.score(samples)):
+            scored.append(sc)
             if len(shown) < 8:
-                shown.append({"question": p.messages[-1]["content"][:200], "truth": p.truth,
-                              "answer": extract_answer(text), "correct": ok, "response": text[:300]})
-    return {"accuracy": right / max(len(prompts), 1), "n": len(prompts), "samples": shown}
+                shown.append({"prompt": sample.prompt[:200], "answer": sample.reference.get("answer"),
+                              "reward": sc["reward"], "correct": sc["correct"], "response": sample.completion[:300]})
+    terms = sorted({t for sc in scored for t in sc["rewards"]})
+    return {"mean_reward": mean_of(sc["reward"] for sc in scored), "accuracy": mean_of(sc["correct"] for sc in scored),
+            "rewards": {t: mean_of(sc["rewards"].get(t) for sc in scored) for t in terms},
+            "n": len(prompts), "samples": shown}
 
 
 class RLState:

@@ -1,5 +1,6 @@
-"""One GRPO iteration on GSM8K-style prompts: `rollout` (K samples per prompt into a buffer) and
-`update` (the clipped objective over that buffer). The objective itself is in `grpo.py`.
+"""The rollout of one RL iteration: K samples per prompt, rewarded, into a resumable buffer; and
+the batches the update trains on. The objectives are in `objectives.py` (GRPO family) and
+`ppo.py`.
 
 Buffer rows (JSONL, one per sample, written through the crash-safe `RowStore`):
 
@@ -8,10 +9,11 @@ Buffer rows (JSONL, one per sample, written through the crash-safe `RowStore`):
               "prompt_ids": [...], "response_ids": [...], "old_logprobs": [...],
               "finish_reason", "checkpoint", "seed", "created_at", ...}}
 
-Rollout samples with mlx-lm's `batch_generate` (every prompt's K copies in one batch, many
-prompts per batch), then scores the sampled tokens with one forward pass of the same weights:
-those log-probabilities are the "old" policy of the update. A re-run after a crash keeps the
-samples already written and generates only the missing ones (never a duplicate).
+Rollout samples with `mlxcore.rl.sampling.generate_batch` (every prompt's K copies in one batch,
+many prompts per batch; mlx-lm's sampling semantics with a fused CPU sampler), then scores the
+sampled tokens with one forward pass of the same weights: those log-probabilities are the "old"
+policy of the update. A re-run after a crash keeps the samples already written and generates
+only the missing ones (never a duplicate).
 """
 
 from __future__ import annotations
@@ -25,15 +27,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlxcore.data.rows import RowStore, iter_rows, make_row
-from mlxcore.rl.grpo import group_advantages, token_logprobs
-from mlxcore.rl.rewards import correctness_reward, reward as score
-
-
-@dataclass(frozen=True)
-class RLPrompt:
-    id: str
-    messages: list[dict]
-    truth: str
+from mlxcore.rl.objectives import token_logprobs
+from mlxcore.rl.prompts import RLPrompt
+from mlxcore.rl.rewards import Sample
 
 
 def sample_key(prompt_id: str, sample: int) -> str:
@@ -62,14 +58,13 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
 
 
 def rollout(model, tokenizer, prompts: list[RLPrompt], buffer_path: str | Path, *, k: int, max_tokens: int,
-            temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, checkpoint: str = "",
-            format_weight: float = 0.0, prompts_per_batch: int = 8,
-            on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """K samples of every prompt into the buffer (resuming); stats of what is in it now."""
-    from mlx_lm.generate import batch_generate
-    from mlx_lm.sample_utils import make_sampler
+            scorer, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, checkpoint: str = "",
+            prompts_per_batch: int = 8, on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """K samples of every prompt into the buffer (resuming); stats of what is in it now.
 
-    sampler = make_sampler(temp=temperature, top_p=top_p)
+    `scorer.score(samples)` (`mlxcore.rl.rewards.Scorer`) rewards each generated chunk before
+    any of its rows is written: a reward function that fails leaves the buffer as it was."""
+    from mlxcore.rl.sampling import generate_batch  # batched decode + fused CPU sampler
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     started, generated_tokens = time.perf_counter(), 0
     with RowStore(buffer_path) as store:
@@ -79,17 +74,24 @@ def rollout(model, tokenizer, prompts: list[RLPrompt], buffer_path: str | Path, 
             chunk = todo[lo: lo + prompts_per_batch * k]
             mx.random.seed(seed * 1_000_003 + lo)  # a re-run of the same chunk samples the same
             prompt_ids = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True) for p, _ in chunk]
-            res = batch_generate(model, tokenizer, prompt_ids, max_tokens=max_tokens, sampler=sampler,
-                                 return_token_ids=True)
+            res = generate_batch(model, tokenizer, prompt_ids, max_tokens=max_tokens, temperature=temperature,
+                                 top_p=top_p)
             old = sequence_logprobs(model, prompt_ids, res.token_ids, pad)
-            for (p, s), pids, ids, text, lp in zip(chunk, prompt_ids, res.token_ids, res.texts, old):
+            finish = [_finish_reason(ids, max_tokens) for ids in res.token_ids]
+            samples = [Sample(id=sample_key(p.id, s), where=p.where, prompt=_last_user(p.messages), messages=p.messages,
+                              completion=text, reference=p.reference, completion_tokens=len(ids),
+                              truncated=f == "length", max_tokens=max_tokens)
+                       for (p, s), ids, text, f in zip(chunk, res.token_ids, res.texts, finish)]
+            scored = scorer.score(samples)
+            for (p, s), pids, ids, text, lp, f, sc in zip(chunk, prompt_ids, res.token_ids, res.texts, old, finish, scored):
                 generated_tokens += len(ids)
-                row = make_row(messages=p.messages, reply=text, id=sample_key(p.id, s), category="gsm8k",
+                row = make_row(messages=p.messages, reply=text, id=sample_key(p.id, s), category="rl",
                                teacher=checkpoint, verified=False, prompt_hash=sample_key(p.id, s),
-                               prompt_id=p.id, sample=s, truth=p.truth,
-                               reward=score(text, p.truth, format_weight), correct=correctness_reward(text, p.truth),
-                               prompt_ids=list(map(int, pids)), response_ids=list(map(int, ids)), old_logprobs=[round(x, 6) for x in lp],
-                               checkpoint=checkpoint, seed=seed)
+                               prompt_id=p.id, sample=s, reference=p.reference, where=p.where,
+                               reward=sc["reward"], rewards=sc["rewards"], correct=sc["correct"],
+                               judge_failed=sc.get("judge_failed", False), finish_reason=f,
+                               prompt_ids=list(map(int, pids)), response_ids=list(map(int, ids)),
+                               old_logprobs=[round(x, 6) for x in lp], checkpoint=checkpoint, seed=seed)
                 store.append(row)
             if on_progress is not None:
                 on_progress(total - len(todo) + lo + len(chunk), total)
@@ -98,34 +100,36 @@ def rollout(model, tokenizer, prompts: list[RLPrompt], buffer_path: str | Path, 
                                         "tok_per_s": generated_tokens / max(seconds, 1e-9)}
 
 
+def _last_user(messages: list[dict]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+def _finish_reason(ids: list[int], max_tokens: int) -> str:
+    """"length" when max_tokens cut the sample, else "stop" (it ended on an end-of-sequence token)."""
+    return "length" if len(ids) >= max_tokens else "stop"
+
+
 def read_buffer(buffer_path: str | Path) -> list[dict]:
     return [r["meta"] | {"response": r["conversations"][-1]["content"]} for r in iter_rows(buffer_path)]
 
 
+def mean_of(values) -> float | None:
+    """The mean of the values that are not None; None when there are none."""
+    kept = [float(v) for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
 def buffer_stats(buffer_path: str | Path) -> dict:
+    """Mean reward (and each term's), accuracy (the accuracy term's mean; None without one),
+    response length, truncated share and judge failures of the buffer's samples."""
     rows = read_buffer(buffer_path)
-    n = max(len(rows), 1)
-    return {"samples": len(rows), "mean_reward": sum(r["reward"] for r in rows) / n,
-            "accuracy": sum(r["correct"] for r in rows) / n,
-            "response_tokens": sum(len(r["response_ids"]) for r in rows) / n}
-
-
-def grpo_items(buffer_path: str | Path, scale_rewards: bool = True) -> tuple[list[tuple[dict, float]], dict]:
-    """(samples with their advantage, buffer metrics): full groups only, zero-variance groups left out."""
-    rows = read_buffer(buffer_path)
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(r["prompt_id"], []).append(r)
-    k = max(len(g) for g in groups.values())
-    full = [sorted(g, key=lambda r: r["sample"]) for g in groups.values() if len(g) == k]
-    adv, zero = group_advantages(np.array([[r["reward"] for r in g] for g in full]), scale_rewards)
-    items = [(r, float(a)) for g, ag, z in zip(full, adv, zero) if not z for r, a in zip(g, ag)]
-    metrics = {"groups": len(full), "zero_variance_groups": int(zero.sum()), "samples_used": len(items),
-               "mean_reward": float(np.mean([r["reward"] for r in rows])),
-               "accuracy": float(np.mean([r["correct"] for r in rows])),
-               "response_tokens": float(np.mean([len(r["response_ids"]) for r in rows])),
-               "steps": 0, "loss": None, "kl": None, "clip_fraction": None, "grad_norm": None}
-    return items, metrics
+    terms = sorted({name for r in rows for name in (r.get("rewards") or {})})
+    return {"samples": len(rows), "mean_reward": mean_of(r["reward"] for r in rows),
+            "accuracy": mean_of(r.get("correct") for r in rows),
+            "rewards": {t: mean_of((r.get("rewards") or {}).get(t) for r in rows) for t in terms},
+            "response_tokens": mean_of(len(r["response_ids"]) for r in rows) or 0.0,
+            "truncated": mean_of(r.get("finish_reason") == "length" for r in rows) or 0.0,
+            "judge_failures": sum(bool(r.get("judge_failed")) for r in rows)}
 
 
 def add_reference_logprobs(items: list[tuple[dict, float]], ref_model, pad: int = 0) -> None:

@@ -3,7 +3,7 @@
     loop.py         fit(model, ..., optimizer=, loss=): warmup + cosine, clipping, accumulation,
                     checkpoints and exact resume; TrainJob (pretrain / SFT / LoRA)
     losses.py       Loss: token cross-entropy (dense, chunked, sparse) and the base new
-                    objectives subclass (GRPO lives in `mlxcore.rl.grpo`)
+                    objectives subclass (the RL objectives live in `mlxcore.rl.objectives` and `mlxcore.rl.ppo`)
     step.py         the compiled value-and-grad + optimizer step
     optimizers.py   AdamW / Adafactor / Muon / SGD with the schedule
     callbacks.py    progress bar, JSONL metrics, the event pipe to the parent

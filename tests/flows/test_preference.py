@@ -13,32 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from mlxcore.config import (ModelConfig, PreferenceRunConfig, RewardModelRunConfig, SyntheticConfig, TokenizerConfig,
-                            TrainConfig)
+from mlxcore.config import PreferenceRunConfig
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-@pytest.fixture(scope="module")
-def sort_sft(tmp_path_factory) -> str:
-    """A 4-layer model pretrained and SFT'd on sorting eight digits: right on some lists, not most."""
-    from mlxcore.data import pretokenize, synthetic, tokenizer
-    from mlxcore.train.loop import TrainJob, run
-
-    root = tmp_path_factory.mktemp("sort-sft")
-    synthetic.write_dataset(SyntheticConfig(pretrain_docs=4000, sft_examples=2000, val_examples=100, tasks=["sort"]),
-                            root / "raw")
-    tokenizer.load_or_train(TokenizerConfig(vocab_size=512), root / "raw", root / "tok")
-    for kind, out in (("pretrain", "pt"), ("sft", "sd")):
-        pretokenize.pretokenize(root / "raw", root / "tok", kind, root / out, progress_bar=False)
-    model = ModelConfig(preset="custom", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                        intermediate_size=352)
-    run(TrainJob(data_dir=str(root / "pt"), tokenizer_dir=str(root / "tok"), out_dir=str(root / "pre"), model=model,
-                 train=TrainConfig(steps=400, batch_size=16, lr=3e-3, warmup_steps=10, eval_every=0, save_every=0)))
-    run(TrainJob(data_dir=str(root / "sd"), tokenizer_dir=str(root / "tok"), out_dir=str(root / "sft"),
-                 init_from=str(root / "pre/model"),
-                 train=TrainConfig(steps=60, batch_size=16, lr=1e-3, warmup_steps=5, eval_every=0, save_every=0)))
-    return str(root / "sft/model")
 
 
 def _config(root: Path, init_from: str, **over) -> PreferenceRunConfig:
@@ -129,18 +106,12 @@ def test_ipo_orpo_and_kto_move_held_out_accuracy_too(tmp_path, sort_sft, held_ou
     assert start["accuracy"] == 0.5 and trained["accuracy"] >= 0.8
 
 
-def test_reward_model_ranks_held_out_pairs(tmp_path, sort_sft):
+def test_reward_model_ranks_held_out_pairs(sort_reward_model):
     """A reward model on the SFT model's decoder learns which sort is right: from chance to >= 0.9 of
     held-out pairs (measured 0.93). The rejected sorts mostly look sorted, one number miscounted; the
-    dense term shows the head where the mistake is (see the README for the plain loss)."""
-    from flows.preference import reward_model
-
-    cfg = RewardModelRunConfig.model_validate({
-        "name": "rm", "out_dir": str(tmp_path), "init_from": sort_sft,
-        "synthetic": {"train_examples": 8000, "val_examples": 200}, "dense_weight": 5.0,
-        "train": {"steps": 1000, "batch_size": 16, "seq_len": 64, "lr": 3e-4, "warmup_steps": 10, "eval_every": 500,
-                  "eval_batches": 2, "save_every": 500, "weight_decay": 0.0, "pad_multiple": 16}})
-    out = _run(reward_model, cfg)
+    dense term shows the head where the mistake is (see the README for the plain loss). The model is
+    the session's `sort_reward_model` (conftest), which PPO in tests/flows/test_rl.py also uses."""
+    out = sort_reward_model
     print("reward model", out["eval"])
     assert out["eval"]["accuracy"] >= 0.9 and out["eval"]["examples"] == 200
     assert out["train"]["initial_val_loss"] > 0.68 and out["train"]["val_loss"] < out["train"]["initial_val_loss"] - 0.1

@@ -109,6 +109,9 @@ def _candidates(value, annotation) -> list:
         elif origin is dict and isinstance(value, dict) and value:
             first = next(iter(value))
             out += [{**value, first: value[first] * 2 + 1}]
+        elif origin is dict:  # an empty mapping: one entry
+            key_type, value_type = typing.get_args(t)
+            out += [{_example(key_type): _example(value_type)}]
     return [c for c in out if c != value]
 
 

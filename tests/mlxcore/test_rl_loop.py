@@ -10,7 +10,10 @@ from mlx.utils import tree_flatten
 from mlxcore.data.rows import iter_rows
 from mlxcore.config import RLUpdateConfig
 from mlxcore.rl.iteration import run_update
-from mlxcore.rl.loop import RLPrompt, read_buffer, rollout, sequence_logprobs
+from mlxcore.config import RewardSpec
+from mlxcore.rl.loop import read_buffer, rollout as _rollout, sequence_logprobs
+from mlxcore.rl.prompts import RLPrompt
+from mlxcore.rl.rewards import Scorer
 
 from tests.conftest import hf_model_dir
 
@@ -27,8 +30,14 @@ def policy(policy_dir):
     return load_chat(policy_dir)
 
 
-PROMPTS = [RLPrompt(id=f"q{i}", messages=[{"role": "user", "content": f"Compute: {i} + {i}"}], truth=str(2 * i))
+PROMPTS = [RLPrompt(id=f"q{i}", messages=[{"role": "user", "content": f"Compute: {i} + {i}"}], reference={"answer": str(2 * i)})
            for i in range(3)]
+
+
+def rollout(*args, **kw):
+    """The rollout with the GSM8K correctness reward."""
+    with Scorer([RewardSpec(name="numeric_match")]) as scorer:
+        return _rollout(*args, scorer=scorer, **kw)
 
 
 def test_rollout_writes_k_samples_per_prompt_with_their_logprobs_and_resumes(policy, tmp_path):
@@ -41,7 +50,7 @@ def test_rollout_writes_k_samples_per_prompt_with_their_logprobs_and_resumes(pol
     for r in rows:
         assert 1 <= len(r["response_ids"]) <= 6 and len(r["old_logprobs"]) == len(r["response_ids"])
         assert r["checkpoint"] == "c0" and r["seed"] == 1 and r["reward"] in (0.0, 1.0)
-        assert tok.decode(r["response_ids"]).startswith(r["response"].strip()[:3]) or not r["response"].strip()
+        assert tok.decode(r["response_ids"]).strip().startswith(r["response"].strip()[:3]) or not r["response"].strip()
     # the stored log-probs are the model's own for those tokens
     again = sequence_logprobs(model, [rows[0]["prompt_ids"]], [rows[0]["response_ids"]])[0]
     np.testing.assert_allclose(again, rows[0]["old_logprobs"], atol=1e-4)

@@ -1,4 +1,4 @@
-"""GSM8K answer extraction and rewards (against real GSM8K answers) and the GRPO objective."""
+"""GSM8K answer extraction and rewards (against real GSM8K answers) and the GRPO objective (objectives.py)."""
 
 import json
 import math
@@ -7,7 +7,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxcore.rl.grpo import group_advantages, grpo_loss
+from mlxcore.rl.objectives import advantages, policy_loss
+
+
+def group_advantages(rewards, scale_rewards=True):
+    return advantages(rewards, "grpo", scale=scale_rewards)
+
+
+def grpo_loss(logp, old, adv, mask, clip_eps=0.2, beta=0.0, ref_logp=None):
+    return policy_loss(logp, old, adv, mask, "grpo", clip_low=clip_eps, beta=beta, ref_logp=ref_logp)
 from mlxcore.rl.rewards import correctness_reward, extract_answer, format_reward, gsm8k_truth, reward
 
 

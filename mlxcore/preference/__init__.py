@@ -1,0 +1,1 @@
+"""Preference training: DPO-family losses, reward models, preference data (see each module)."""
