@@ -1,9 +1,12 @@
-"""Fast CPU kernels for the training step: token cross-entropy, causal GQA attention, SwiGLU.
+"""Fast CPU kernels for the training step (token cross-entropy, causal GQA attention, SwiGLU)
+and for sampling (categorical sampling with temperature / top-p, log-softmax).
 
     from mlxcore.kernels import cross_entropy, attention, swiglu
     losses = cross_entropy(logits, targets)          # [..., V], [...] -> float32 [...]
     out = attention(q, k, v, scale=D**-0.5)          # [B,H,T,D], [B,Hkv,S,D] x2 -> [B,H,T,D]
     h = swiglu(gate, up)                             # silu(gate) * up, same shapes
+    tok, lp = categorical_sample(logits, u, temperature=1.0, top_p=1.0)  # [..., V], [...] uniforms
+    logp = log_softmax(logits)                       # logits - logsumexp(logits, -1), float32
 
 Same API and semantics on every device. On the Linux CPU backend they run custom MLX
 primitives from a small C++ extension (vectorized, multi-threaded; built on first use, see
@@ -23,8 +26,9 @@ import mlx.core as mx
 
 from mlxcore.kernels import _build
 
-__all__ = ["attention", "available", "cross_entropy", "reference_attention",
-           "reference_cross_entropy", "reference_swiglu", "status", "swiglu"]
+__all__ = ["attention", "available", "categorical_sample", "cross_entropy", "log_softmax",
+           "reference_attention", "reference_categorical_sample", "reference_cross_entropy",
+           "reference_log_softmax", "reference_swiglu", "status", "swiglu"]
 
 
 def _ext():
@@ -124,3 +128,72 @@ def swiglu(gate: mx.array, x: mx.array) -> mx.array:
             or tuple(gate.shape) != tuple(x.shape) or gate.size == 0):
         return reference_swiglu(gate, x)
     return ext.swiglu(gate, x)
+
+
+# ----------------------------------------------------------------------------- sampling
+def _top_p_keep(logp: mx.array, top_p: float) -> mx.array:
+    """mlx_lm.sample_utils.apply_top_p's kept set as a mask: sorted descending, a token is kept
+    while the probability mass strictly above it is < top_p (ties with the last kept one too)."""
+    ascending = mx.sort(logp, axis=-1)
+    probs = mx.exp(ascending)
+    mass_above = mx.cumsum(probs, axis=-1, reverse=True, inclusive=False)
+    total = mass_above[..., :1] + probs[..., :1]
+    dropped = (mass_above >= top_p * total).sum(axis=-1, keepdims=True)
+    return logp >= mx.take_along_axis(ascending, dropped, axis=-1)
+
+
+def reference_categorical_sample(logits: mx.array, uniforms: mx.array, temperature: float = 1.0,
+                                 top_p: float = 1.0) -> tuple[mx.array, mx.array]:
+    """Plain-MLX `categorical_sample`: the same inverse CDF with the same uniforms."""
+    x = logits.astype(mx.float32)
+    logp = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    w = mx.exp((x - mx.max(x, axis=-1, keepdims=True)) * (1.0 / temperature))
+    if 0.0 < top_p < 1.0:
+        w = mx.where(_top_p_keep(logp, top_p), w, 0.0)
+    cdf = mx.cumsum(w, axis=-1)
+    target = uniforms.astype(mx.float32)[..., None] * cdf[..., -1:]
+    tokens = (cdf <= target).sum(axis=-1)
+    # float rounding can put the target at the very top: take the last token with weight
+    last = x.shape[-1] - 1 - mx.argmax((w > 0)[..., ::-1], axis=-1)
+    tokens = mx.minimum(tokens, last).astype(mx.uint32)
+    return tokens, mx.take_along_axis(logp, tokens[..., None].astype(mx.int32), axis=-1)[..., 0]
+
+
+def categorical_sample(logits: mx.array, uniforms: mx.array, temperature: float = 1.0,
+                       top_p: float = 1.0) -> tuple[mx.array, mx.array]:
+    """One token per row from softmax(logits / temperature), by inverse CDF with `uniforms`.
+
+    logits [..., V] (any float dtype; computed in float32), uniforms [...] in [0, 1) (e.g.
+    `mx.random.uniform(shape=logits.shape[:-1])`, so `mx.random.seed` makes it reproducible).
+    With 0 < top_p < 1 the draw is restricted to mlx-lm's top-p set (`apply_top_p`, computed on
+    the temperature-1 probabilities). Returns (tokens uint32 [...], logprobs float32 [...]),
+    logprobs being log_softmax(logits)[token]: the model's own log-probability of the token at
+    temperature 1 and without top-p. temperature must be > 0 (greedy is an argmax).
+    """
+    if not temperature > 0:
+        raise ValueError(f"categorical_sample: temperature must be > 0, got {temperature}")
+    if logits.ndim < 1 or tuple(uniforms.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"categorical_sample: logits {logits.shape} vs uniforms {uniforms.shape}: "
+                         "uniforms must have the logits' shape without the last axis")
+    ext = _ext()
+    if ext is None or not mx.issubdtype(logits.dtype, mx.floating) or logits.size == 0:
+        return reference_categorical_sample(logits, uniforms, temperature, top_p)
+    v = logits.shape[-1]
+    tokens, logprobs = ext.categorical_sample(logits.reshape(-1, v).astype(mx.float32),
+                                              uniforms.reshape(-1).astype(mx.float32),
+                                              float(temperature), float(top_p))
+    return tokens.reshape(uniforms.shape), logprobs.reshape(uniforms.shape)
+
+
+def reference_log_softmax(logits: mx.array) -> mx.array:
+    x = logits.astype(mx.float32)
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    """logits - logsumexp(logits, axis=-1) in float32, differentiable."""
+    ext = _ext()
+    if ext is None or logits.ndim < 1 or not mx.issubdtype(logits.dtype, mx.floating) or logits.size == 0:
+        return reference_log_softmax(logits)
+    v = logits.shape[-1]
+    return ext.log_softmax(logits.reshape(-1, v).astype(mx.float32)).reshape(logits.shape)

@@ -64,7 +64,9 @@ def rollout(model, tokenizer, prompts: list[RLPrompt], buffer_path: str | Path, 
 
     `scorer.score(samples)` (`mlxcore.rl.rewards.Scorer`) rewards each generated chunk before
     any of its rows is written: a reward function that fails leaves the buffer as it was."""
+    from mlxcore.perf._blas import blas_threads
     from mlxcore.rl.sampling import generate_batch  # batched decode + fused CPU sampler
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     started, generated_tokens = time.perf_counter(), 0
     with RowStore(buffer_path) as store:
@@ -76,14 +78,18 @@ def rollout(model, tokenizer, prompts: list[RLPrompt], buffer_path: str | Path, 
             prompt_ids = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True) for p, _ in chunk]
             res = generate_batch(model, tokenizer, prompt_ids, max_tokens=max_tokens, temperature=temperature,
                                  top_p=top_p)
-            old = sequence_logprobs(model, prompt_ids, res.token_ids, pad)
-            finish = [_finish_reason(ids, max_tokens) for ids in res.token_ids]
+            # The update learns the stop token too (how to end an answer): it ends the response ids
+            # of a sample that stopped, and is scored with them. The text is the answer without it.
+            responses = [ids + [stop] if stop is not None else ids for ids, stop in zip(res.token_ids, res.stop_tokens)]
+            with blas_threads(1):  # small matmuls in a tight loop: one BLAS thread (see blas_threads)
+                old = sequence_logprobs(model, prompt_ids, responses, pad)
             samples = [Sample(id=sample_key(p.id, s), where=p.where, prompt=_last_user(p.messages), messages=p.messages,
                               completion=text, reference=p.reference, completion_tokens=len(ids),
                               truncated=f == "length", max_tokens=max_tokens)
-                       for (p, s), ids, text, f in zip(chunk, res.token_ids, res.texts, finish)]
+                       for (p, s), ids, text, f in zip(chunk, res.token_ids, res.texts, res.finish_reasons)]
             scored = scorer.score(samples)
-            for (p, s), pids, ids, text, lp, f, sc in zip(chunk, prompt_ids, res.token_ids, res.texts, old, finish, scored):
+            for (p, s), pids, ids, text, lp, f, sc in zip(chunk, prompt_ids, responses, res.texts, old,
+                                                          res.finish_reasons, scored):
                 generated_tokens += len(ids)
                 row = make_row(messages=p.messages, reply=text, id=sample_key(p.id, s), category="rl",
                                teacher=checkpoint, verified=False, prompt_hash=sample_key(p.id, s),
@@ -102,11 +108,6 @@ def rollout(model, tokenizer, prompts: list[RLPrompt], buffer_path: str | Path, 
 
 def _last_user(messages: list[dict]) -> str:
     return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-
-
-def _finish_reason(ids: list[int], max_tokens: int) -> str:
-    """"length" when max_tokens cut the sample, else "stop" (it ended on an end-of-sequence token)."""
-    return "length" if len(ids) >= max_tokens else "stop"
 
 
 def read_buffer(buffer_path: str | Path) -> list[dict]:

@@ -83,10 +83,11 @@ VARIANTS = ("grpo", "dapo", "dr_grpo", "gspo", "rloo")
 
 
 def token_logprobs(model, inputs: mx.array, targets: mx.array) -> mx.array:
-    """log pi(target_t | inputs_<=t) for every position: [B, T] (float32)."""
-    logits = model(inputs).astype(mx.float32)
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - mx.logsumexp(logits, axis=-1)
+    """log pi(target_t | inputs_<=t) for every position: [B, T] (float32): minus the token
+    cross-entropy, through the fused kernel (mlxcore.kernels: ~20x the plain logsumexp on CPU)."""
+    from mlxcore.kernels import cross_entropy
+
+    return -cross_entropy(model(inputs), targets)
 
 # Each variant's defaults: advantage ("std": (r - mean) / (std + eps), "centred": r - mean,
 # "loo": leave-one-out), ratio level, the loss's denominator, clip range, overlong filter.

@@ -216,7 +216,7 @@ def test_ppo_with_the_learned_reward_model_raises_its_score_and_true_accuracy(so
             "reward_model": sort_reward_model["checkpoint"],
             "rewards": [{"name": "reward_model"}, {"name": "exact_match", "weight": 0.0}],
             "rollout": {"prompts": 64, "k": 4, "max_tokens": 24},
-            "update": {"loss": "ppo", "lr": 5e-5, "epochs": 4, "batch_size": 32, "kl_coef": 0.02},
+            "update": {"loss": "ppo", "lr": 3e-5, "epochs": 4, "batch_size": 32, "kl_coef": 0.05},
             "iterations": 5, "eval_prompts": 100, "eval_max_tokens": 24}
     trained = _iterate(RLConfig.model_validate(base | {"out_dir": str(tmp_path / "on")}), 5)[-1]["history"]
     control = _iterate(RLConfig.model_validate(base | {"out_dir": str(tmp_path / "off"),

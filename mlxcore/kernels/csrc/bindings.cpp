@@ -35,6 +35,18 @@ NB_MODULE(_mlxflow_kernels, m) {
       [](const mlxk::mx::array& a, const mlxk::mx::array& b) { return mlxk::swiglu(a, b); },
       "a"_a, "b"_a, "silu(a) * b for float32 arrays of one shape.");
 
+  m.def(
+      "categorical_sample",
+      [](const mlxk::mx::array& logits, const mlxk::mx::array& uniforms, float temperature,
+         float top_p) { return mlxk::categorical_sample(logits, uniforms, temperature, top_p); },
+      "logits"_a, "uniforms"_a, "temperature"_a = 1.0f, "top_p"_a = 1.0f,
+      "One token per row of float32 logits [N, V] from softmax(logits / T) (top-p optional), "
+      "by inverse CDF with uniforms [N] -> [tokens uint32 [N], log_softmax(logits)[token] [N]].");
+
+  m.def(
+      "log_softmax", [](const mlxk::mx::array& logits) { return mlxk::log_softmax(logits); },
+      "logits"_a, "logits - logsumexp(logits, -1) for float32 [N, V].");
+
   // Cheap call used right after loading: raises TypeError if nanobind cannot see
   // mlx.core.array (an ABI/domain mismatch), so the loader can fall back cleanly.
   m.def("probe", [](const mlxk::mx::array& a) { return a.size(); }, "a"_a);

@@ -35,6 +35,17 @@ std::vector<mx::array> attention(
 // silu(a) * b for float32 a, b of one shape (the SwiGLU gate of LLaMA MLPs).
 mx::array swiglu(const mx::array& a, const mx::array& b, mx::StreamOrDevice s = {});
 
+// One token per row of float32 logits [N, V] by inverse-CDF sampling with the given
+// uniforms u [N] in [0, 1): from softmax(logits / temperature), restricted to mlx-lm's top-p
+// set when 0 < top_p < 1. Returns {tokens [N] uint32, logprob [N] float32}, logprob being
+// log_softmax(logits)[token] at temperature 1 without top-p (the model's own log-prob).
+std::vector<mx::array> categorical_sample(const mx::array& logits, const mx::array& uniforms,
+                                          float temperature, float top_p,
+                                          mx::StreamOrDevice s = {});
+
+// logits - logsumexp(logits, axis=-1) for float32 [N, V] (differentiable).
+mx::array log_softmax(const mx::array& logits, mx::StreamOrDevice s = {});
+
 // How many cross-entropy gradients reused the logits buffer (for tests and tuning).
 extern std::atomic<int64_t> ce_grad_donations;
 
