@@ -23,8 +23,17 @@ os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
 os.environ["HF_HUB_OFFLINE"] = "1"
 # Equivalence tests compare float32 results: on CUDA, MLX would run float32 matmuls in TF32.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
+# Under pytest-xdist (`-n 2`: one worker per core) each worker, and every process it starts, uses
+# one BLAS thread: two 2-thread OpenMP teams on two cores spin at their barriers.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 import pytest  # noqa: E402
+
+# Tests that share an expensive session fixture run on one xdist worker (`--dist loadgroup`), so
+# each such fixture is built once per run, not once per worker.
+_GROUPS = (("smoke", ("smoke_pipeline",)), ("sort", ("sort_sft", "sort_reward_model")))
 
 from mlxcore.config import ModelConfig, RewardModelRunConfig, SyntheticConfig, TokenizerConfig, TrainConfig  # noqa: E402
 
@@ -37,6 +46,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if Path(str(item.fspath)).resolve().parent.name in ("flows", "bench"):
             item.add_marker(pytest.mark.slow)
+        group = next((g for g, names in _GROUPS if any(n in item.fixturenames for n in names)), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def micro_model() -> ModelConfig:

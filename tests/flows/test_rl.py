@@ -111,8 +111,8 @@ def _iterate(config, n):
     return results
 
 
-def test_five_grpo_iterations_raise_held_out_reward_by_20_points(arithmetic, tmp_path):
-    config = rl_config(arithmetic, tmp_path)
+def test_five_grpo_iterations_raise_held_out_reward_by_20_points(arithmetic, warm, tmp_path):
+    config = rl_config(arithmetic, tmp_path, policy=warm, warmup=None)
     results = _iterate(config, 5)
     history = results[-1]["history"]
     assert [h["iteration"] for h in history] == [1, 2, 3, 4, 5]
@@ -136,15 +136,6 @@ def test_five_grpo_iterations_raise_held_out_reward_by_20_points(arithmetic, tmp
     assert "reward history" in latest["arith-reward-chart"].data and "data:image/png;base64," in latest["arith-reward-chart"].data
 
 
-def test_the_same_iterations_without_the_update_do_not_raise_it(arithmetic, tmp_path):
-    config = rl_config(arithmetic, tmp_path, update={"epochs": 0})
-    history = _iterate(config, 5)[-1]["history"]
-    first = json.loads((tmp_path / "arith" / "iter-0001" / "update" / "manifest.json").read_text())["config"]["policy"]
-    start, end = held_out_reward(arithmetic, first, tmp_path), held_out_reward(arithmetic, history[-1]["checkpoint"], tmp_path)
-    print(f"held-out mean reward without updates: {start:.3f} -> {end:.3f}")
-    assert all(h["steps"] == 0 for h in history) and end - start < 0.05
-
-
 EVEN_BELOW_50 = """# Reward for answering with an even number below 50 (the last number in the reply).
 import re
 
@@ -163,33 +154,53 @@ def _prompt_rows(src: Path, out: Path) -> Path:
     return out
 
 
-def test_a_user_reward_file_teaches_even_answers_and_the_control_stays_flat(arithmetic, warm, tmp_path):
-    """A reward the test writes in its own file (answer with an even number below 50), on `prompt`
-    rows: held-out mean reward rises >= 30 points in 5 iterations; with the update off it does not."""
-    rewards = tmp_path / "my_rewards.py"
+def _user_reward_config(arithmetic, warm, out: Path, **over) -> RLConfig:
+    """`prompt` rows of the sums and a reward file the test writes (even numbers below 50); the
+    GSM8K correctness reward tracked beside it at weight 0."""
+    rewards = out / "my_rewards.py"
+    out.mkdir(parents=True, exist_ok=True)
     rewards.write_text(EVEN_BELOW_50)
-    train, test = _prompt_rows(arithmetic / "train.jsonl", tmp_path / "train.jsonl"), _prompt_rows(
-        arithmetic / "test.jsonl", tmp_path / "test.jsonl")
-    over = dict(policy=warm, warmup=None, train=[str(train)], test=[str(test)], rewards_file=str(rewards),
-                rewards=[{"name": "even_below_50"}, {"name": "numeric_match", "weight": 0.0}])
-    trained = _iterate(rl_config(arithmetic, tmp_path / "on", name="even", **over), 5)[-1]
-    control = _iterate(rl_config(arithmetic, tmp_path / "off", name="even", update={"epochs": 0}, **over), 5)[-1]
-    measure = dict(rewards=("even_below_50",), rewards_file=str(rewards))
+    train, test = _prompt_rows(arithmetic / "train.jsonl", out / "train.jsonl"), _prompt_rows(
+        arithmetic / "test.jsonl", out / "test.jsonl")
+    return rl_config(arithmetic, out, name="even", policy=warm, warmup=None, train=[str(train)], test=[str(test)],
+                     rewards_file=str(rewards), rewards=[{"name": "even_below_50"}, {"name": "numeric_match", "weight": 0.0}],
+                     **over)
+
+
+def test_a_user_reward_file_teaches_even_answers(arithmetic, warm, tmp_path):
+    """A reward the test writes in its own file (answer with an even number below 50), on `prompt`
+    rows: held-out mean reward rises >= 30 points in 5 iterations (the control: the next test)."""
+    config = _user_reward_config(arithmetic, warm, tmp_path)
+    trained = _iterate(config, 5)[-1]
+    measure = dict(rewards=("even_below_50",), rewards_file=config.rewards_file)
     start = held_out_reward(arithmetic, warm, tmp_path, **measure)
     end = held_out_reward(arithmetic, trained["checkpoint"], tmp_path, **measure)
-    flat = held_out_reward(arithmetic, control["checkpoint"], tmp_path, **measure)
-    print(f"held-out even-below-50 reward: {start:.3f} -> {end:.3f} (control {flat:.3f})")
-    assert end - start >= 0.30 and abs(flat - start) < 0.05
+    print(f"held-out even-below-50 reward: {start:.3f} -> {end:.3f}")
+    assert end - start >= 0.30
     last = trained["history"][-1]
     assert set(last["rewards"]) == {"even_below_50", "numeric_match"} and last["eval_mean_reward"] is not None
-    assert all(h["steps"] == 0 for h in control["history"])
+
+
+def test_the_same_iterations_without_the_update_stay_flat(arithmetic, warm, tmp_path):
+    """The control of every learning claim on the sums (grpo, the variants, the user reward file):
+    the same 5 iterations from the same warm policy with `update.epochs: 0` move neither the
+    held-out GSM8K reward nor the user file's reward."""
+    config = _user_reward_config(arithmetic, warm, tmp_path, update={"epochs": 0})
+    history = _iterate(config, 5)[-1]["history"]
+    assert all(h["steps"] == 0 for h in history)
+    for rewards in (("numeric_match",), ("even_below_50",)):
+        start = held_out_reward(arithmetic, warm, tmp_path, rewards=rewards, rewards_file=config.rewards_file)
+        end = held_out_reward(arithmetic, history[-1]["checkpoint"], tmp_path, rewards=rewards,
+                              rewards_file=config.rewards_file)
+        print(f"held-out {rewards[0]} without updates: {start:.3f} -> {end:.3f}")
+        assert abs(end - start) < 0.05
 
 
 @pytest.mark.parametrize("loss,update", [
     ("dapo", {}), ("dr_grpo", {}), ("gspo", {}), ("rloo", {})])
 def test_each_grpo_variant_raises_held_out_reward_by_20_points(arithmetic, warm, tmp_path, loss, update):
     """DAPO, Dr. GRPO, GSPO and RLOO on the GSM8K-format sums, from the warm policy. The control
-    (the same iterations with the update off) is test_the_same_iterations_without_the_update_do_not_raise_it."""
+    (the same iterations with the update off) is test_the_same_iterations_without_the_update_stay_flat."""
     config = rl_config(arithmetic, tmp_path, policy=warm, warmup=None, update={"loss": loss, **update})
     history = _iterate(config, 5)[-1]["history"]
     start, end = held_out_reward(arithmetic, warm, tmp_path), held_out_reward(arithmetic, history[-1]["checkpoint"], tmp_path)
@@ -347,7 +358,8 @@ def test_an_llm_judge_scores_the_rollout_and_its_faults_never_crash_the_iteratio
     with OllamaStandin(answer=rate) as server:
         server.fail_next(6, "500")
         server.fail_next(1, "timeout")
-        cfg = _small(arithmetic, tmp_path, name="judged", rewards=[{"name": "judge"}, {"name": "numeric_match", "weight": 0}],
+        cfg = _small(arithmetic, tmp_path, name="judged", warmup={**WARMUP, "steps": 10},
+                     rewards=[{"name": "judge"}, {"name": "numeric_match", "weight": 0}],
                      judge={"teacher": {"url": server.url, "model": "qwen3:0.6b", "retries": 0, "timeout_s": 2,
                                         "backoff_s": 0.01, "failure_budget": 40, "temperature": 0}},
                      iterations=1)
@@ -362,6 +374,9 @@ def test_an_llm_judge_scores_the_rollout_and_its_faults_never_crash_the_iteratio
     last = result["history"][-1]
     assert last["judge_failures"] == len(failed) and last["unscored_groups"] >= 1
     assert last["eval_mean_reward"] is not None
+    # the flow's warmup ran first: iteration 1 started from its SFT checkpoint, not the fresh policy
+    first = json.loads((tmp_path / "judged" / "iter-0001" / "update" / "manifest.json").read_text())["config"]["policy"]
+    assert Path(first).resolve() != (arithmetic / "policy").resolve() and (Path(first) / "model.safetensors").exists()
 
 
 BAD_REWARDS = """
