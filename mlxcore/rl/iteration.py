@@ -57,8 +57,9 @@ def run_update(policy_dir: str | Path, buffer: str | Path, out_dir: str | Path, 
 
     `cfg.loss` picks the objective: the GRPO family (`objectives.PolicyLoss` over the buffer's
     groups; LoRA/DoRA adapters train for the iteration and are fused into it) or PPO
-    (`ppo.run_ppo_update`: the critic starts from `previous`'s, else from `reward_model`, else
-    from the policy; the KL coefficient adapts from `previous`'s when `kl_target` is set).
+    (`ppo.run_ppo_update`: the critic carries over from `previous`'s; the first one is the
+    reward model's decoder (else the policy's) with a zeroed head; the KL coefficient adapts from
+    `previous`'s when `kl_target` is set).
     Full fine-tuning carries AdamW's moments from iteration to iteration: `previous` is the
     previous update's dir (its `optimizer.safetensors`), and this one writes its own. A fresh
     AdamW every iteration would restart with bias-corrected, sign-like first steps each time.
@@ -71,13 +72,14 @@ def run_update(policy_dir: str | Path, buffer: str | Path, out_dir: str | Path, 
 
         rows = [r for r in read_buffer(buffer) if r["reward"] is not None]  # a judge that gave no score
         kl_coef = _kl_coef(cfg, previous)
-        critic = previous / "critic" if previous is not None and (previous / "critic").is_dir() else reward_model
+        carried_critic = previous is not None and (previous / "critic").is_dir()
+        critic = previous / "critic" if carried_critic else reward_model
         metrics = run_ppo_update(
             policy_dir, critic, reference_dir, rows, out_dir, lr=cfg.lr, critic_lr=cfg.critic_lr, ppo_epochs=cfg.epochs,
             mini_batch_size=cfg.batch_size, clip_range=cfg.clip_eps or 0.2, cliprange_value=cfg.cliprange_value,
             vf_coef=cfg.vf_coef, gamma=cfg.gamma, lam=cfg.lam, kl_coef=kl_coef, grad_clip=cfg.grad_clip,
             weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, seed=seed,
-            optimizer_from=previous, callback=callback)
+            optimizer_from=previous, critic_zero_head=not carried_critic, callback=callback)
         return metrics
     return _policy_update(policy_dir, buffer, Path(out_dir), cfg, seed=seed, reference_dir=reference_dir,
                           carried=previous / OPTIMIZER_STATE if previous is not None else None, max_tokens=max_tokens,

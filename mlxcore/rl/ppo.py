@@ -94,14 +94,19 @@ class ActorCritic(nn.Module):
 
 
 def load_critic(critic_or_reward_dir: str | Path | None, policy_dir: str | Path, pad_id: int | None = None,
-                seed: int = 0):
+                seed: int = 0, zero_head: bool = False):
     """(critic, its reward-model config.json): a reward-model-layout dir (a learned reward model, or
-    the previous iteration's critic), or with None a fresh head on the policy's own decoder."""
+    the previous iteration's critic), or with None a fresh head on the policy's own decoder.
+    `zero_head`: keep the decoder, start the head at 0 (every value 0): a reward model's scores
+    of prefixes are not the values of the final reward (a densely trained one scores a half-written
+    answer far below any finished one), and as a critic's first values they would reward stopping."""
     from mlxcore.preference import reward
 
     if critic_or_reward_dir is None:
         return reward.from_base(policy_dir, pad_id, seed=seed)
     model, config = reward.load(critic_or_reward_dir)
+    if zero_head:
+        model.score.weight = mx.zeros_like(model.score.weight)
     model.train()
     return model, config
 
@@ -414,7 +419,8 @@ def run_ppo_update(policy_dir: str | Path, critic_from: str | Path | None, refer
                    kl_coef: float = 0.05, kl_estimator: Literal["k1", "k3"] = "k1", whiten_advantages: bool = True,
                    grad_clip: float = 1.0, weight_decay: float = 0.0, warmup_steps: int = 0,
                    min_lr_ratio: float = 1.0, grad_checkpoint: int = 0, seed: int = 0,
-                   optimizer_from: str | Path | None = None, batch_size: int = 16, callback=None) -> dict:
+                   optimizer_from: str | Path | None = None, batch_size: int = 16, critic_zero_head: bool = False,
+                   callback=None) -> dict:
     """PPO over `rows` starting from `policy_dir` and the critic `critic_from` (a reward-model
     layout dir: the learned reward model on the first iteration, the previous `out_dir/critic`
     later; None: a fresh head on the policy's decoder), with the KL penalty to `reference_dir`
@@ -443,7 +449,7 @@ def run_ppo_update(policy_dir: str | Path, critic_from: str | Path | None, refer
     policy_config = json.loads((Path(policy_dir) / "config.json").read_text())
     pad = policy_config.get("pad_token_id") or 0
     # 1. old values (critic), 2. reference log-probs (then the reference is freed), 3. the policy
-    critic, critic_config = load_critic(critic_from, policy_dir, pad, seed)
+    critic, critic_config = load_critic(critic_from, policy_dir, pad, seed, zero_head=critic_zero_head)
     reference = None
     if kl_coef != 0:
         if reference_dir is None:
