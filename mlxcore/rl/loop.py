@@ -44,17 +44,25 @@ def _pad(seqs: list[list[int]], pad: int) -> np.ndarray:
     return out
 
 
-def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad: int = 0,
-                      batch_size: int = 16) -> list[list[float]]:
-    """log pi(response token | everything before it) for each (prompt, response) pair."""
+def per_response(fn, prompt_ids: list[list[int]], response_ids: list[list[int]], pad: int = 0,
+                 batch_size: int = 16) -> list[np.ndarray]:
+    """`fn(inputs, targets)` ([B, T] -> [B, T]) over padded prompt + response batches, read at the
+    positions that predict each response token: one float64 array per (prompt, response) pair."""
     out = []
     for lo in range(0, len(prompt_ids), batch_size):
         ps, rs = prompt_ids[lo: lo + batch_size], response_ids[lo: lo + batch_size]
         full = _pad([p + r for p, r in zip(ps, rs)], pad)
-        lp = np.array(token_logprobs(model, mx.array(full[:, :-1]), mx.array(full[:, 1:])))
+        values = np.array(fn(mx.array(full[:, :-1]), mx.array(full[:, 1:])).astype(mx.float32), dtype=np.float64)
         for i, (p, r) in enumerate(zip(ps, rs)):
-            out.append(lp[i, len(p) - 1: len(p) - 1 + len(r)].tolist())
+            out.append(values[i, len(p) - 1: len(p) - 1 + len(r)].copy())
     return out
+
+
+def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad: int = 0,
+                      batch_size: int = 16) -> list[list[float]]:
+    """log pi(response token | everything before it) for each (prompt, response) pair."""
+    return [lp.tolist() for lp in per_response(lambda x, y: token_logprobs(model, x, y), prompt_ids, response_ids,
+                                               pad, batch_size)]
 
 
 def rollout(model, tokenizer, prompts: list[RLPrompt], buffer_path: str | Path, *, k: int, max_tokens: int,

@@ -179,27 +179,12 @@ def whiten(chunks: list[np.ndarray], eps: float = 1e-8) -> list[np.ndarray]:
     return [(c - mean) / (std + eps) for c in chunks]
 
 
-def _pad(seqs: list[list[int]], pad: int) -> np.ndarray:
-    width = max(len(s) for s in seqs)
-    out = np.full((len(seqs), width), pad, dtype=np.int32)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return out
-
-
 def sequence_values(critic, prompt_ids: list[list[int]], response_ids: list[list[int]], pad: int = 0,
                     batch_size: int = 16) -> list[np.ndarray]:
     """The critic's value before each response token (read where that token is predicted), per sample."""
-    out = []
-    for lo in range(0, len(prompt_ids), batch_size):
-        ps, rs = prompt_ids[lo: lo + batch_size], response_ids[lo: lo + batch_size]
-        full = _pad([p + r for p, r in zip(ps, rs)], pad)
-        v = critic(mx.array(full[:, :-1])).astype(mx.float32)
-        mx.eval(v)
-        v = np.array(v, dtype=np.float64)
-        for i, (p, r) in enumerate(zip(ps, rs)):
-            out.append(v[i, len(p) - 1: len(p) - 1 + len(r)].copy())
-    return out
+    from mlxcore.rl.loop import per_response
+
+    return per_response(lambda x, _: critic(x), prompt_ids, response_ids, pad, batch_size)
 
 
 def reference_logprobs(reference, rows: list[dict], pad: int = 0, batch_size: int = 16) -> list[list[float]]:
