@@ -40,6 +40,7 @@ from mlxcore.config import ModelConfig, RewardModelRunConfig, SyntheticConfig, T
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
     """End-to-end flows (tests/flows) and benchmark scripts (tests/bench) are `slow`: the quick
     subset, `pytest -m "not slow"`, is the library's tests (a few minutes on 2 cores)."""
@@ -266,54 +267,17 @@ def sort_sft(tmp_path_factory) -> str:
     return str(root / "sft/model")
 
 
-def _policy_mistakes(model_dir: str, prompts: list[dict], samples: int = 2) -> list[dict]:
-    """Pairs of (the right sort, a wrong sort the model itself wrote at temperature 1)."""
-    import mlx.core as mx
-    from mlx_lm.generate import batch_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    from mlxcore.models.generate import load_chat
-
-    model, tok = load_chat(model_dir)
-    mx.random.seed(0)
-    ids = [tok.apply_chat_template([{"role": "user", "content": ex["prompt"]}], add_generation_prompt=True)
-           for ex in prompts for _ in range(samples)]
-    texts = batch_generate(model, tok, ids, max_tokens=24, sampler=make_sampler(temp=1.0)).texts
-    pairs = []
-    for i, text in enumerate(texts):
-        ex = prompts[i // samples]
-        if text.strip() != ex["chosen"] and text.strip():
-            pairs.append({"prompt": ex["prompt"], "chosen": ex["chosen"], "rejected": text.strip(), "id": f"own-{i}"})
-    return pairs
-
-
 @pytest.fixture(scope="session")
 def sort_reward_model(sort_sft, prefect_server, tmp_path_factory) -> dict:
-    """The `reward-model` flow on `sort_sft`'s decoder: its result (checkpoint, eval, train).
-    Trained on the synthetic sort pairs (the right sort vs a near miss) plus, as InstructGPT's
-    comparisons are, the right sort vs `sort_sft`'s own wrong samples: a reward model that never
-    saw the policy's kinds of mistake is what PPO learns to exploit (it scores a sorted list of
-    the wrong digits high). Held out: the synthetic near-miss pairs only. Asserted on in
-    tests/flows/test_preference.py; the learned reward of PPO in tests/flows/test_rl.py."""
-    import json
-    import random
-
+    """The `reward-model` flow on `sort_sft`'s decoder, on synthetic sort pairs (the right sort vs a
+    near miss): its result (checkpoint, eval, train), asserted on in tests/flows/test_preference.py."""
     from flows.preference import reward_model
-    from mlxcore.preference import synthetic
 
-    root = tmp_path_factory.mktemp("sort-rm")
-    train = [synthetic.example(0, "train", i, ["sort"]) for i in range(8000)]
-    own = _policy_mistakes(sort_sft, train[:1000])
-    rows = [synthetic.rows(ex, "pairs")[0] for ex in train] + own
-    random.Random(0).shuffle(rows)
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "val.jsonl").write_text("".join(json.dumps(synthetic.rows(synthetic.example(0, "val", i, ["sort"]), "pairs")[0])
-                                            + "\n" for i in range(200)))
     cfg = RewardModelRunConfig.model_validate({
-        "name": "rm", "out_dir": str(root), "init_from": sort_sft, "dense_weight": 5.0,
-        "data": {"train": [str(root / "train.jsonl")], "val": [str(root / "val.jsonl")]},
+        "name": "rm", "out_dir": str(tmp_path_factory.mktemp("sort-rm")), "init_from": sort_sft,
+        "synthetic": {"train_examples": 8000, "val_examples": 200}, "dense_weight": 5.0,
         "train": {"steps": 1000, "batch_size": 16, "seq_len": 64, "lr": 3e-4, "warmup_steps": 10, "eval_every": 500,
                   "eval_batches": 2, "save_every": 500, "weight_decay": 0.0, "pad_multiple": 16}})
     state = reward_model(cfg, [], return_state=True)
     assert state.is_completed(), state.message
-    return state.result() | {"own_mistakes": len(own)}
+    return state.result()

@@ -110,7 +110,7 @@ def test_reward_model_ranks_held_out_pairs(sort_reward_model):
     """A reward model on the SFT model's decoder learns which sort is right: from chance to >= 0.9 of
     held-out pairs (measured 0.93). The rejected sorts mostly look sorted, one number miscounted; the
     dense term shows the head where the mistake is (see the README for the plain loss). The model is
-    the session's `sort_reward_model` (conftest), which PPO in tests/flows/test_rl.py also uses."""
+    the session's `sort_reward_model` (conftest)."""
     out = sort_reward_model
     print("reward model", out["eval"])
     assert out["eval"]["accuracy"] >= 0.9 and out["eval"]["examples"] == 200

@@ -208,33 +208,58 @@ def test_each_grpo_variant_raises_held_out_reward_by_20_points(arithmetic, warm,
     assert end - start >= 0.20 and all(h["steps"] > 0 for h in history)
 
 
-def _sort_prompts(path: Path, n: int, split: str) -> Path:
-    """Sort-eight-digits prompts (the bench's format) with the right sort as the reference answer."""
-    from mlxcore.preference.synthetic import example
+def _sum_pairs(src: Path, out: Path, seed: int) -> Path:
+    """Preference pairs on the sums: the worked answer vs the same with a wrong sum (off by 1 to 3)."""
+    rng = random.Random(seed)
+    rows = []
+    for line in src.read_text().splitlines():
+        r = json.loads(line)
+        s = int(r["answer"].split("#### ")[-1])
+        w = s + rng.choice([-3, -2, -1, 1, 2, 3])
+        rows.append({"prompt": r["question"], "chosen": r["answer"],
+                     "rejected": r["answer"].rsplit("=", 1)[0] + f"= {w}\n#### {w}"})
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
 
-    path.write_text("".join(json.dumps({"prompt": ex["prompt"], "answer": ex["chosen"]}) + "\n"
-                            for ex in (example(7, split, i, ["sort"]) for i in range(n))))
-    return path
+
+@pytest.fixture(scope="module")
+def sum_reward_model(arithmetic, warm, prefect_server, tmp_path_factory) -> str:
+    """The preference issue's `reward-model` flow on the warm policy's decoder: right sum vs wrong sum."""
+    from flows.preference import reward_model
+    from mlxcore.config import RewardModelRunConfig
+
+    root = tmp_path_factory.mktemp("sum-rm")
+    cfg = RewardModelRunConfig.model_validate({
+        "name": "rm", "out_dir": str(root), "init_from": warm,
+        "data": {"train": [str(_sum_pairs(arithmetic / "train.jsonl", root / "train.jsonl", 0))],
+                 "val": [str(_sum_pairs(arithmetic / "test.jsonl", root / "val.jsonl", 1))]},
+        "train": {"steps": 600, "batch_size": 32, "seq_len": 64, "lr": 1e-3, "warmup_steps": 20, "eval_every": 300,
+                  "eval_batches": 2, "save_every": 300, "weight_decay": 0.0}})
+    state = reward_model(cfg, [], return_state=True)
+    assert state.is_completed(), state.message
+    out = state.result()
+    print("sum reward model", out["eval"])
+    assert out["eval"]["accuracy"] >= 0.9  # it checks the sum on held-out questions
+    return out["checkpoint"]
 
 
-def test_ppo_with_the_learned_reward_model_raises_its_score_and_true_accuracy(sort_sft, sort_reward_model, tmp_path):
-    """PPO (value model from the reward model, GAE, KL to the start) with the `reward-model` flow's
-    model as the reward, on sorting: the held-out reward-model score and the true exact-match
-    accuracy (tracked at weight 0, never rewarded) both rise; with the update off both stay put."""
-    base = {"name": "ppo", "policy": sort_sft, "system_prompt": None, "warmup": None,
-            "train": [str(_sort_prompts(tmp_path / "train.jsonl", 2000, "rl-train"))],
-            "test": [str(_sort_prompts(tmp_path / "test.jsonl", 100, "rl-test"))],
-            "reward_model": sort_reward_model["checkpoint"],
-            "rewards": [{"name": "reward_model"}, {"name": "exact_match", "weight": 0.0}],
-            "rollout": {"prompts": 64, "k": 4, "max_tokens": 24},
-            "update": {"loss": "ppo", "lr": 3e-5, "epochs": 4, "batch_size": 32, "kl_coef": 0.05},
-            "iterations": 5, "eval_prompts": 100, "eval_max_tokens": 24}
-    trained = _iterate(RLConfig.model_validate(base | {"out_dir": str(tmp_path / "on")}), 5)[-1]["history"]
-    control = _iterate(RLConfig.model_validate(base | {"out_dir": str(tmp_path / "off"),
-                                                       "update": base["update"] | {"epochs": 0}}), 5)[-1]["history"]
+def test_ppo_with_the_learned_reward_model_raises_its_score_and_true_accuracy(arithmetic, warm, sum_reward_model,
+                                                                              tmp_path):
+    """PPO (value model on the reward model's decoder, GAE, KL to the start) with the `reward-model`
+    flow's model as the only reward: the held-out reward-model score and the true accuracy (the
+    GSM8K correctness reward, tracked at weight 0, never rewarded) both rise; with the update off
+    neither moves."""
+    base = {"name": "ppo", "policy": warm, "warmup": None, "reward_model": sum_reward_model,
+            "rewards": [{"name": "reward_model"}, {"name": "numeric_match", "weight": 0.0}],
+            "rollout": {"prompts": 128, "k": 4, "max_tokens": 16},
+            "update": {"loss": "ppo", "lr": 1e-4, "epochs": 4, "batch_size": 32, "kl_coef": 0.02, "critic_lr": 3e-4},
+            "eval_prompts": 100}
+    trained = _iterate(rl_config(arithmetic, tmp_path / "on", **base), 5)[-1]["history"]
+    control = _iterate(rl_config(arithmetic, tmp_path / "off", **{**base, "update": {**base["update"], "epochs": 0}}),
+                       5)[-1]["history"]
     score, acc = [h["eval_mean_reward"] for h in trained], [h["eval_accuracy"] for h in trained]
     flat_score, flat_acc = control[-1]["eval_mean_reward"], control[-1]["eval_accuracy"]
-    print(f"PPO held-out reward-model score {flat_score:.3f} -> {score}; exact-match accuracy {flat_acc:.2f} -> {acc}")
+    print(f"PPO held-out reward-model score {flat_score:.3f} -> {score}; accuracy {flat_acc:.2f} -> {acc}")
     assert {h["eval_mean_reward"] for h in control} == {flat_score} and {h["eval_accuracy"] for h in control} == {flat_acc}
     assert score[-1] - flat_score >= 0.5 and acc[-1] - flat_acc >= 0.10
     assert all(h["steps"] > 0 and h["value_loss"] is not None for h in trained)
