@@ -19,7 +19,6 @@ only the missing ones (never a duplicate).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 

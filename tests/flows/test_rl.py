@@ -26,7 +26,7 @@ from bench.distill_throughput import free_port
 
 from mlxcore.config import ModelConfig, RewardSpec, RLConfig, TokenizerConfig
 from mlxcore.rl.iteration import run_rollout
-from mlxcore.rl.prompts import load_prompts, load_questions
+from mlxcore.rl.prompts import load_questions
 from mlxcore.rl.rewards import Scorer
 
 from tests.conftest import REPO, stop_group
