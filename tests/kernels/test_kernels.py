@@ -27,15 +27,6 @@ GRAD_TOL = dict(rtol=1e-5, atol=2e-6)
 ATT_TOL = dict(rtol=1e-4, atol=2e-5)
 
 
-@pytest.fixture(scope="module")
-def fast():
-    """Skips when the extension cannot be built here (the reason is in the skip message)."""
-    if _build.mode() == "off":
-        pytest.skip("MLXFLOW_KERNELS=off")
-    if not kernels.available():
-        pytest.skip(f"CPU kernels unavailable: {_build.error()}")
-    return _build.load()
-
 
 def close(a, b, **tol):
     np.testing.assert_allclose(np.array(a), np.array(b), **tol)

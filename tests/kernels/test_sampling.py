@@ -14,20 +14,11 @@ import pytest
 from mlx_lm.sample_utils import apply_top_p, make_sampler
 
 from mlxcore import kernels
-from mlxcore.kernels import _build
 from mlxcore.rl import sampling
 
 # chi-square critical values at p = 1e-4 (df -> value); a fixed seed keeps the tests deterministic
 CHI2_1E4 = {1: 15.14, 2: 18.42, 3: 21.11, 4: 23.51, 5: 25.74, 6: 27.86, 7: 29.88}
 
-
-@pytest.fixture(scope="module")
-def fast():
-    if _build.mode() == "off":
-        pytest.skip("MLXFLOW_KERNELS=off")
-    if not kernels.available():
-        pytest.skip(f"CPU kernels unavailable: {_build.error()}")
-    return _build.load()
 
 
 def _logits(shape, seed=0, scale=3.0):

@@ -61,19 +61,6 @@ float row_max(const float* x, int64_t V) {
   return m;
 }
 
-// sum_j exp(x_j - m)
-float row_sum_exp(const float* x, int64_t V, float m) {
-  vf vm = splat(m), s0{}, s1{};
-  int64_t j = 0;
-  for (; j + 2 * W <= V; j += 2 * W) {
-    s0 += vexp(load(x + j) - vm);
-    s1 += vexp(load(x + j + W) - vm);
-  }
-  for (; j + W <= V; j += W) s0 += vexp(load(x + j) - vm);
-  float s = hsum(s0 + s1);
-  for (; j < V; ++j) s += sexp(x[j] - m);
-  return s;
-}
 
 void forward_rows(const float* x, const int32_t* t, float* loss, float* lse, int64_t V,
                   int64_t r0, int64_t r1) {

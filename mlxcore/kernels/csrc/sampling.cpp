@@ -58,18 +58,6 @@ float max_of(const float* x, int64_t V) {
   return m;
 }
 
-float sum_exp(const float* x, int64_t V, float m) {  // sum_j exp(x_j - m)
-  vf vm = splat(m), s0{}, s1{};
-  int64_t j = 0;
-  for (; j + 2 * W <= V; j += 2 * W) {
-    s0 += vexp(load(x + j) - vm);
-    s1 += vexp(load(x + j + W) - vm);
-  }
-  for (; j + W <= V; j += W) s0 += vexp(load(x + j) - vm);
-  float s = hsum(s0 + s1);
-  for (; j < V; ++j) s += sexp(x[j] - m);
-  return s;
-}
 
 // The smallest logit kept by top-p (see the header comment). `buf` is V floats of scratch.
 // total = sum_j exp(x_j - m); the rule compares unnormalised masses, as the ratio is the same.
@@ -102,7 +90,7 @@ void sample_row(const float* x, int64_t V, float u, float inv_temp, float top_p,
     return;
   }
   const bool plain = inv_temp == 1.0f && !(top_p > 0.0f && top_p < 1.0f);
-  float z1 = plain ? 0.0f : sum_exp(x, V, m);  // temperature-1 normaliser (computed below if plain)
+  float z1 = plain ? 0.0f : row_sum_exp(x, V, m);  // temperature-1 normaliser (computed below if plain)
   const float thr = (top_p > 0.0f && top_p < 1.0f) ? top_p_threshold(x, V, m, z1, top_p, sortbuf)
                                                    : NINF;
   // Weights and their 8-lane block sums. `xv >= thr` is false for NaN logits (weight 0).
@@ -215,7 +203,7 @@ class LogSoftmax : public mx::Primitive {
           float* o = out + r * V;
           float m = max_of(row, V);
           // all -inf: m = -inf, x - m = NaN, as logits - logsumexp(logits) gives
-          float lse = m + std::log(sum_exp(row, V, m));
+          float lse = m + std::log(row_sum_exp(row, V, m));
           vf vl = splat(lse);
           int64_t j = 0;
           for (; j + W <= V; j += W) store(o + j, load(row + j) - vl);

@@ -90,6 +90,20 @@ static inline float sexp(float x) {  // scalar tail helper, same numerics as vex
   return vexp(v)[0];
 }
 
+// sum_j exp(x_j - m) over a row of V floats (the softmax normaliser once m = max_j x_j)
+static inline float row_sum_exp(const float* x, int64_t V, float m) {
+  vf vm = splat(m), s0{}, s1{};
+  int64_t j = 0;
+  for (; j + 2 * W <= V; j += 2 * W) {
+    s0 += vexp(load(x + j) - vm);
+    s1 += vexp(load(x + j + W) - vm);
+  }
+  for (; j + W <= V; j += W) s0 += vexp(load(x + j) - vm);
+  float s = hsum(s0 + s1);
+  for (; j < V; ++j) s += sexp(x[j] - m);
+  return s;
+}
+
 // ---------------------------------------------------------------------------------------
 // Threads. MLX runs every CPU primitive on a single stream thread, so an op that wants
 // more cores must fan out itself. The pool size is the number of CPUs this process may
