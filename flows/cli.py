@@ -13,6 +13,7 @@
   mlxflow clean [RUN_DIR ...] [--dry-run]   # temp files left by killed writers (every stage also removes its own)
   mlxflow export --model DIR --out DIR [--format q8_0 ...]   # GGUF + Modelfile, MLX 4/8-bit, llama.cpp parity gate
   mlxflow serve-model --model DIR [--smoke]                   # mlx_lm.server on loopback (OpenAI API)
+  mlxflow data list [--kind sft] | data show NAME             # the data catalog: datasets, licenses, mixes
 """
 
 from __future__ import annotations
@@ -128,6 +129,22 @@ def format_export(result: dict | None) -> str:
     return "\n".join(lines)
 
 
+def format_data(data: dict, train: dict) -> list[str]:
+    """Lines for the filters' counts and each mixture's tokens drawn per source (none for plain data)."""
+    lines = []
+    for kind, info in data.items():
+        if info.get("filters"):  # per source: rows in, dropped by each filter, rows out
+            total = {k: sum(c[k] for c in info["filters"]) for k in info["filters"][0] if k != "source"}
+            dropped = ", ".join(f"{k} {total[k]}" for k in ("length", "control", "charset", "exact_dup", "near_dup") if total[k])
+            lines.append(f"filters {kind}: {total['rows_in']} rows -> {total['rows_out']} ({dropped or 'none dropped'})")
+        drawn = (train.get(kind) or {}).get("mixture")
+        if drawn:
+            all_tokens = sum(s["tokens"] for s in drawn) or 1
+            lines.append(f"{kind} mixture, tokens drawn: " + ", ".join(
+                f"{s['name']} {s['tokens']:,} ({s['tokens'] / all_tokens:.1%})" for s in drawn))
+    return [""] + lines if lines else []
+
+
 def format_summary(flow: str, config, result: dict) -> str:
     if flow == "export":
         return "\n\n".join(filter(None, [f"export '{config.name}' of {config.model} finished", format_export(result),
@@ -152,6 +169,7 @@ def format_summary(flow: str, config, result: dict) -> str:
         e, t = evals[stage], train[stage]
         change = f"{label} {t['initial_val_loss']:.3f} -> {e['loss']:.3f}"
         lines.append(f"{stage:<9} {change:<31} {e['ppl']:>7.2f} {e['uniform_loss']:>14.3f}")
+    lines += format_data(result.get("data") or {}, train)
     samples = result["samples"]
     lines += ["", f"samples (exact match {samples['exact_match']:.0%}):"]
     for s in samples["samples"]:

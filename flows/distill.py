@@ -12,7 +12,7 @@ from flows.export import ship
 from tasks.bench import run_bench
 from tasks.data import tokenizer
 from tasks.distill import check_teacher, compare, generate_rows, prompt_corpus, rows_dir, student_dir, train_student
-from tasks.train import publish
+from tasks.train import model_card, publish
 
 
 @flow(name="distill")
@@ -29,7 +29,8 @@ def distill(config: DistillConfig = DistillConfig(), overrides: list[str] = []) 
     rows, out = str(rows_dir(config)), str(student_dir(config, tok["path"]))
     gen = generate_rows.submit(rows, config.teacher, config.prompts, config.verify, config.target_rows,
                                config.max_prompts)
-    trained = train_student.submit(rows, tok["path"], student, config.train, config.stream, config.target_rows, out, run)
+    trained = train_student.submit(rows, tok["path"], student, config.train, config.stream, config.target_rows, out, run,
+                                   teacher=config.teacher)
     wait([gen, trained])
     generated, model = gen.result(), trained.result()  # a failed generator stops the student too
     final, aligned = model["checkpoint"], None
@@ -55,5 +56,6 @@ def distill(config: DistillConfig = DistillConfig(), overrides: list[str] = []) 
                BenchTarget(kind=t.api, url=t.url, model=t.model, api_key_env=t.api_key_env,
                            api_key_secret=t.api_key_secret, workers=t.workers, timeout_s=t.timeout_s, name="teacher")]
         bench = run_bench(own, config.bench, run, title=f"bench {config.name}: student vs teacher")
+    model_card(final, {"bench": bench, "student pass rate": samples["student_pass_rate"]}, run)
     return {"checkpoint": final, "rows": generated, "train": model, "teacher": health,
             "samples": samples, "bench": bench, "preference": aligned, "export": shipped}

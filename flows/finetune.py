@@ -7,7 +7,7 @@ from prefect import flow
 from mlxcore.config import FinetuneConfig, TokenizerConfig, with_overrides
 from tasks.data import prepare_data, pretokenize, sources, tokenizer
 from tasks.evaluate import evaluate, sample
-from tasks.train import sft
+from tasks.train import model_card, sft
 from flows.export import ship
 
 
@@ -24,9 +24,11 @@ def finetune(config: FinetuneConfig, overrides: list[str] = []) -> dict:
     before = evaluate(config.base_model, chats["path"], config.sft.batch_size, config.sft.seq_len, run)
     after = evaluate(tuned["checkpoint"], chats["path"], config.sft.batch_size, config.sft.seq_len, run)
     samples = sample(tuned["checkpoint"], chats["path"], config.sample, run)
+    model_card(tuned["checkpoint"], {"eval": {"base": before, "sft": after},
+                                     "sample exact match": samples["exact_match"]}, run)
     shipped = None
     if config.export is not None:  # adapters are fused into the exports
         shipped = ship(config.export, tuned["checkpoint"], run, config.name)
         shipped.pop("targets")
     return {"checkpoint": tuned["checkpoint"], "train": {"sft": tuned}, "eval": {"base": before, "sft": after},
-            "samples": samples, "export": shipped}
+            "samples": samples, "export": shipped, "data": {"sft": chats}}

@@ -12,7 +12,7 @@ from tasks.data import prepare_data, pretokenize, sources, tokenizer
 from flows.export import ship
 from flows.preference import align
 from tasks.evaluate import evaluate, sample
-from tasks.train import pretrain, publish, sft
+from tasks.train import model_card, pretrain, publish, sft
 
 
 def _files(inputs) -> list[str]:
@@ -59,6 +59,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(), overrides: list[str] = [
     if config.bench is not None:  # our model (and its exports) vs the targets (default: the uniform-random baseline)
         ours = BenchTarget(kind="checkpoint", path=final, name=config.name)
         bench = run_bench([ours, *own], config.bench, run, title=f"bench {config.name}")
+    model_card(final, {"eval": evals, "bench": bench, "sample exact match": samples["exact_match"]}, run)
     train = {"pretrain": base, "sft": chat} | ({"preference": aligned["train"]} if aligned else {})
     return {"checkpoint": final, "model": model, "train": train, "eval": evals, "samples": samples, "bench": bench,
-            "preference": aligned, "export": shipped}
+            "preference": aligned, "export": shipped, "data": {"pretrain": text, "sft": chats}}

@@ -17,7 +17,7 @@ from tasks.bench import run_bench
 from tasks.data import tokenizer
 from tasks.preference import (evaluate_preference, pretokenize, reference, report, sources, train_preference,
                               train_reward)
-from tasks.train import publish
+from tasks.train import model_card, publish
 
 
 def align(stage: PreferenceStage, init_from: str, tokenizer_dir: str, run: str, max_download_mb: float = 2048,
@@ -66,6 +66,7 @@ def preference(config: PreferenceRunConfig, overrides: list[str] = []) -> dict:
         own = [BenchTarget(kind="checkpoint", path=config.init_from, name="start"),
                BenchTarget(kind="checkpoint", path=aligned["checkpoint"], name=config.objective.name), *exports]
         bench = run_bench(own, config.bench, run, title=f"bench {config.name}: {config.objective.name} vs start")
+    model_card(aligned["checkpoint"], {"eval": aligned["eval"], "bench": bench}, run)
     return aligned | {"model": model, "bench": bench, "export": shipped}
 
 
@@ -82,5 +83,6 @@ def reward_model(config: RewardModelRunConfig, overrides: list[str] = []) -> dic
     held_out = evaluate_preference("reward-model", trained["checkpoint"], data["path"], None, None,
                                    config.train.seq_len, config.eval_batch_size, run)
     report([held_out], run)
+    model_card(trained["checkpoint"], {"eval": {"reward-model": held_out}}, run)
     return {"checkpoint": trained["checkpoint"], "train": trained, "data": data, "eval": held_out,
             "model": publish(trained["checkpoint"], run)}

@@ -12,7 +12,7 @@ from flows.export import ship
 from tasks.bench import run_bench
 from tasks.data import download, pretokenize, tokenizer
 from tasks.rl import _files, rl_commit, rl_eval, rl_rollout, rl_state, rl_update, scorer_of
-from tasks.train import publish, sft
+from tasks.train import model_card, publish, sft
 
 
 def _first_row(files: list[str]) -> dict | None:
@@ -55,6 +55,8 @@ def rl(config: RLConfig, overrides: list[str] = []) -> dict:
         ours = BenchTarget(kind="checkpoint", path=updated["checkpoint"], name=f"iter-{it}")
         metrics["bench"] = run_bench([ours], config.bench, run, title=f"bench {config.name} iteration {it}")["overall"]
     committed = rl_commit(run, it, updated["checkpoint"], metrics)
+    model_card(updated["checkpoint"], {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, run,
+               inputs=train, base=config.policy)
     publish(updated["checkpoint"], run)
     if config.export is not None:  # each iteration's policy, shipped (cached per checkpoint)
         shipped = ship(config.export, updated["checkpoint"], run, f"iter-{it}")

@@ -10,6 +10,8 @@
   mlxcore clean [RUN_DIR ...] [--dry-run]   # temp files left by killed writers (every stage also removes its own)
   mlxcore export --model DIR --out DIR [--format q8_0 --format mlx-4bit ...] [--no-gate]   # GGUF + Modelfile, MLX; gated
   mlxcore serve-model --model DIR [--adapter DIR] [--port N] [--smoke [--prompt TEXT]]   # mlx_lm.server, OpenAI API
+  mlxcore data list [--kind pretrain|sft|preference|rl|eval]   # the data catalog: name, kind, size, license
+  mlxcore data show NAME                   # one dataset (spec, columns, license, terms, mixes) or a mix
 """
 
 from __future__ import annotations
@@ -163,7 +165,8 @@ def cmd_download(args) -> int:
         manifest = fetch(args.spec, args.out, args.kind, args.max_download_mb)
     except DownloadError as e:
         return error(args.prog, str(e), 1)
-    print(json.dumps({"out": args.out, "source": manifest["source"], "data_files": manifest["data_files"]}, indent=2))
+    print(json.dumps({"out": args.out, "source": manifest["source"], "license": manifest.get("license"),
+                      "data_files": manifest["data_files"]}, indent=2))
     return 0
 
 
@@ -192,6 +195,53 @@ def cmd_pretokenize(args) -> int:
         return error(args.prog, str(e), 1)
     splits = {k: {"docs": v["num_docs"], "tokens": v["num_tokens"]} for k, v in m["splits"].items()}
     print(json.dumps({"out": args.out, "splits": splits, "stats": m["stats"], "formats": m["formats"]}, indent=2))
+    return 0
+
+
+def _fmt_columns(columns: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in columns.items()) + "}"
+
+
+def cmd_data_list(args) -> int:
+    from mlxcore.data import catalog
+
+    rows = [(e.name, ",".join(e.kind), str(e.size), e.license + (" (gated)" if e.gated else ""), e.description)
+            for e in catalog.entries(args.kind)]
+    head = ("name", "kind", "size", "license", "description")
+    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(4)] if rows else [len(h) for h in head[:4]]
+    line = lambda r: "  ".join(f"{v:<{w}}" for v, w in zip(r[:4], widths)) + "  " + r[4]  # noqa: E731
+    print("\n".join([line(head), "  ".join("-" * w for w in widths) + "  " + "-" * 11, *map(line, rows)]))
+    return 0
+
+
+def cmd_data_show(args) -> int:
+    from mlxcore import lineage
+    from mlxcore.data import catalog
+
+    cat = catalog.load()
+    if args.name in cat.mixes:
+        m = cat.mixes[args.name]
+        total = sum(m.weights.values())
+        print(f"mix:      {m.name}\nbudget:   {m.budget_tokens:,} tokens\nsources:")
+        for name, w in m.weights.items():
+            e, epochs = cat.datasets[name], m.epochs.get(name, 1)
+            print(f"  {name:<20} weight {w:g} ({w / total * m.budget_tokens / 1e9:,.3g}B tokens, at most {epochs:g} "
+                  f"epoch{'' if epochs == 1 else 's'})  {e.license}" + ("" if e.spec else "  (fetched by hand: see access)"))
+        print(f"why:      {m.reasoning}\nuse:      mlxcore.data.catalog.mix_sources({m.name!r}) -> data.pretrain.sources")
+        return 0
+    if args.name not in cat.datasets:
+        return error(args.prog, str(catalog.unknown_name("catalog dataset or mix", args.name,
+                                                         [*cat.datasets, *cat.mixes])), 2)
+    e = cat.datasets[args.name]
+    mixes = [f"{m.name} (weight {m.weights[e.name]:g})" for m in cat.mixes.values() if e.name in m.weights]
+    fields = [("name", e.name), ("description", e.description), ("kind", ", ".join(e.kind)),
+              ("spec", f"catalog:{e.name} -> {e.spec}" if e.spec else "none: see access"),
+              ("repo", f"{e.repo}  (https://huggingface.co/datasets/{e.repo})"), ("format", e.format or "-"),
+              ("columns", _fmt_columns(e.columns) if e.columns else "as they are"), ("size", str(e.size)),
+              ("license", e.license + (" (gated: accept the terms on the hub, set HF_TOKEN)" if e.gated else "")),
+              ("what it asks", lineage.license_terms(e.license)), ("terms", e.terms or "-"),
+              ("access", e.access or "catalog:" + e.name), ("in mixes", ", ".join(mixes) or "none")]
+    print("\n".join(f"{k + ':':<13} {v}" for k, v in fields))
     return 0
 
 
@@ -334,7 +384,8 @@ def library_commands(sub) -> None:
     ex.add_argument("--text", action="append", default=[], help="gate: a text file or dir both tokenizers must agree on")
     ex.set_defaults(func=cmd_export)
 
-    dl = sub.add_parser("download", help="fetch a data spec (minimind:, gsm8k:, hf:owner/name[@rev]/path, local glob)")
+    dl = sub.add_parser("download", help="fetch a data spec (minimind:, gsm8k:, hf:owner/name[@rev]/path, "
+                        "hfds:owner/name[:config][@rev]:split, catalog:NAME, local glob)")
     dl.add_argument("spec")
     dl.add_argument("--kind", choices=["pretrain", "sft"], help="what the data is for (minimind:auto needs it)")
     dl.add_argument("--out", required=True, help="a new dir: the file (hub) or a manifest naming the files (local)")
@@ -357,6 +408,14 @@ def library_commands(sub) -> None:
     pt.add_argument("--workers", type=int, default=0, help="processes; 0: every core (one for small inputs)")
     pt.add_argument("--max-download-mb", type=float, default=2048)
     pt.set_defaults(func=cmd_pretokenize)
+    da = sub.add_parser("data", help="the data catalog: datasets with their licenses, and recommended mixes")
+    dsub = da.add_subparsers(dest="data_command", required=True)
+    dli = dsub.add_parser("list", help="every catalog dataset: name, kind, size, license, description")
+    dli.add_argument("--kind", choices=["pretrain", "sft", "preference", "rl", "eval"])
+    dli.set_defaults(func=cmd_data_list)
+    dsh = dsub.add_parser("show", help="everything about one dataset (or a mix: its entries, weights and why)")
+    dsh.add_argument("name", help="a catalog dataset (catalog:NAME) or mix (recommended-10B)")
+    dsh.set_defaults(func=cmd_data_show)
     cl = sub.add_parser("clean", help="list temp files left by killed writers and remove the stale ones")
     cl.add_argument("run_dirs", nargs="*", default=["runs"], metavar="RUN_DIR", help="default: runs")
     cl.add_argument("--dry-run", action="store_true", help="only list (stale / writing / unknown: another host)")

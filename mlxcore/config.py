@@ -115,16 +115,60 @@ class ModelConfig(_Strict):
         return v * h + self.num_layers * layer + h + head
 
 
+# copy, sort and the bench suites' formats (json_calc: the bench's json suite); arithmetic, json: own formats
+SyntheticTask = Literal["copy", "sort", "arithmetic", "json", "math_mcq", "qa", "logic", "knowledge", "json_calc"]
+
+
 class SyntheticConfig(_Strict):
     """Deterministic synthetic tasks: every example is a function of (seed, split, index)."""
 
-    tasks: list[Literal["copy", "sort", "arithmetic", "json"]] = Field(
+    tasks: list[SyntheticTask] | dict[SyntheticTask, float] = Field(
         ["copy", "copy", "sort", "arithmetic", "json"],
-        description="Each example draws one entry: a task listed twice comes twice as often.")
+        description="A list (a task listed twice comes twice as often) or {task: weight}: tasks come in exactly "
+                    "these proportions (mlxcore/data/proportional.py).")
     pretrain_docs: int = Field(24000, gt=0, description="Plain-text documents for pretraining.")
     sft_examples: int = Field(8000, gt=0, description="User/assistant conversations for SFT.")
     val_examples: int = Field(400, gt=0, description="Held-out documents and conversations each.")
     seed: int = 0
+
+    @field_validator("tasks")
+    @classmethod
+    def _some_task(cls, value):
+        if not value or (isinstance(value, dict) and not any(w > 0 for w in value.values())):
+            raise ValueError("name at least one task (with a weight > 0)")
+        if isinstance(value, dict) and any(not w >= 0 or w == float("inf") for w in value.values()):
+            raise ValueError("task weights are finite numbers >= 0")
+        return value
+
+
+ROW_FORMAT = Literal["auto", "text", "conversations", "instruction", "alpaca", "gsm8k", "ids"]
+
+
+class MixSource(_Strict):
+    """One source of a weighted mixture (`sources` of `data.pretrain` / `data.sft`): mlxcore/data/mixture.py.
+
+    A data catalog's named mixes are lists of these dicts ({spec, weight, format, columns, epochs})."""
+
+    spec: str = Field(min_length=1, description="A download spec of its files (as in train).")
+    weight: float = Field(1.0, ge=0, description="Its share of the training sequences: weight / the sum of the weights.")
+    epochs: float | None = Field(None, gt=0, description="At most this many passes over it: a run whose steps and "
+                                                         "weights need more fails before training; null: no limit.")
+    format: ROW_FORMAT | None = Field(None, description="Its row schema; null: the section's format.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Our field <- its column, e.g. {text: body} "
+                                                                      "or {prompt: question, response: solution}.")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                             description="Its name in reports and cursors; default: <index>-<file name in the spec>.")
+
+
+def _source_name(spec: str, index: int) -> str:
+    """`1-web` for `data/web/*.jsonl`, `0-books` for `hf:o/n/books.parquet`: index + the spec's last name."""
+    import re
+
+    for part in reversed(re.split(r"[/:@\\]", spec)):
+        slug = re.sub(r"[^A-Za-z0-9_-]+", "-", re.sub(r"[*?\[\]]", "", part).split(".")[0]).strip("-_")[:40]
+        if slug:
+            return f"{index}-{slug}"
+    return f"{index}-source"
 
 
 class SourceConfig(_Strict):
@@ -132,10 +176,11 @@ class SourceConfig(_Strict):
 
     `train` / `val` take download specs: `minimind:smoke|small|auto|<file>`, `gsm8k:train|test`,
     `hf:<owner>/<name>[@revision]/<path>` (hub datasets), or local files and globs (JSONL, a JSON
-    array, parquet, or .txt whose blank-line-separated paragraphs are documents).
+    array, parquet, or .txt whose blank-line-separated paragraphs are documents). Instead of
+    `train`, `sources` is a weighted mixture of such specs (README: "Data mixtures and filters").
     """
 
-    train: list[str] = Field(min_length=1, description="Specs of the training files.")
+    train: list[str] = Field([], description="Specs of the training files (one source); or set sources.")
     val: list[str] = Field([], description="Specs of held-out files; empty: hold out val_fraction of train.")
     val_fraction: float = Field(0.01, ge=0, lt=1, description="Train rows held out when val is empty (fixed by row number).")
     val_max_rows: int = Field(1000, gt=0, description="At most this many held-out rows.")
@@ -149,6 +194,33 @@ class SourceConfig(_Strict):
     system_prompt: str | None = Field(None, description="System message added to rows that have none.")
     max_tokens: int | None = Field(None, gt=1, description="Per-document token limit; SFT default: its seq_len + 1.")
     overlong: Literal["truncate", "drop"] = Field("truncate", description="What happens to documents over max_tokens.")
+    sources: list[MixSource] = Field([], description="A weighted mixture instead of train: per source its spec, "
+                                                     "weight, epochs, format, columns; each holds out val_fraction.")
+
+    @field_validator("sources")
+    @classmethod
+    def _weights(cls, value: list[MixSource]) -> list[MixSource]:
+        if value and not sum(s.weight for s in value) > 0:
+            raise ValueError(f"the weights of the sources sum to {sum(s.weight for s in value):g}: "
+                             "give at least one source a positive weight")
+        names = [s.name or _source_name(s.spec, i) for i, s in enumerate(value)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources need distinct names, got {names}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "SourceConfig":
+        if bool(self.train) == bool(self.sources):
+            raise ValueError("set train (one source) or sources (a weighted mixture)"
+                             + (", not both" if self.train else ""))
+        if self.sources and self.val:
+            raise ValueError("val: with sources, each source holds out val_fraction of its rows; val files are not taken")
+        return self
+
+    def mixture(self) -> list[dict]:
+        """The sources as plain dicts, each with its name (what the stages and the loader record)."""
+        return [{"name": s.name or _source_name(s.spec, i), "spec": s.spec, "weight": s.weight, "epochs": s.epochs,
+                 "format": s.format, "columns": dict(s.columns)} for i, s in enumerate(self.sources)]
 
     @field_validator("prompt_format", "response_format")
     @classmethod
@@ -165,7 +237,43 @@ class SourceConfig(_Strict):
 
     def options(self) -> dict:
         """The format options pretokenize and tokenizer training take."""
-        return self.model_dump(exclude={"train", "val", "max_tokens"})
+        return self.model_dump(exclude={"train", "val", "max_tokens", "sources"})
+
+
+class FilterConfig(_Strict):
+    """Row filters between download and pretokenize (mlxcore/data/filters.py) over every real source of
+    a kind (not the synthetic tasks). All off by default, and then no filter stage runs at all."""
+
+    min_chars: int = Field(0, ge=0, description="Drop rows with fewer characters of text; 0: no lower bound.")
+    max_chars: int | None = Field(None, gt=0, description="Drop rows with more characters; null: no upper bound "
+                                                           "(a token bound: max_tokens with overlong: drop).")
+    drop_control: bool = Field(False, description="Drop rows with control characters (but tab, newline, CR), "
+                                                  "lone surrogates or U+FFFD (bytes that were not text).")
+    scripts: list[Literal["latin", "cyrillic", "greek", "arabic", "hebrew", "devanagari", "thai", "cjk"]] = Field(
+        [], description="Keep rows whose letters are mostly of these scripts; empty: off.")
+    min_script_fraction: float = Field(0.5, gt=0, le=1, description="The share of a row's letters that must be in "
+                                                                     "`scripts`.")
+    exact_dedup: bool = Field(False, description="Drop rows whose content equals an earlier row's (a content hash).")
+    near_dedup: bool = Field(False, description="Drop near-duplicates of earlier rows (MinHash LSH, datasketch).")
+    near_dup_threshold: float = Field(0.8, gt=0, lt=1, description="Estimated Jaccard similarity of two rows' "
+                                                                    "shingles that makes one a near-duplicate.")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: a closer estimate, slower).")
+    shingle: Literal["words", "chars"] = Field("words", description="Shingles of words, or of characters (text "
+                                                                    "without spaces between words).")
+    shingle_size: int = Field(5, gt=0, description="Words (or characters) per shingle.")
+    seed: int = Field(1, ge=0, description="Seed of the MinHash permutations.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "FilterConfig":
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ValueError(f"max_chars={self.max_chars} is below min_chars={self.min_chars}")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether any filter is on (else the pipeline runs no filter stage)."""
+        return bool(self.min_chars or self.max_chars is not None or self.drop_control or self.scripts
+                    or self.exact_dedup or self.near_dedup)
 
 
 class DataConfig(_Strict):
@@ -176,6 +284,8 @@ class DataConfig(_Strict):
     sft: SourceConfig | None = Field(None, description="SFT conversations; unset: synthetic.")
     max_download_mb: float = Field(2048, gt=0, description="Refuse hub files larger than this (checked before downloading).")
     workers: int = Field(0, ge=0, description="Pretokenize processes; 0: every core (one process for small inputs).")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="Row filters (dedup, near-dup, length, "
+                                                                            "charset) before pretokenize; off by default.")
 
     @property
     def uses_synthetic(self) -> bool:
@@ -268,6 +378,8 @@ class TrainConfig(_Strict):
         "none", description="SFT: batch rows of similar length / label count (less padding, fewer shapes).")
     bucket_window: int = Field(32, gt=0, description="Batches per sorting window when bucketing.")
     pad_multiple: int = Field(32, gt=0, description="SFT rows (and sparse label counts) pad to a multiple of this.")
+    pack: bool = Field(False, description="SFT: pack rows into seq_len sequences (best-fit decreasing), each row attending "
+                       "to itself with positions from 0; batch_size counts packs; bucket is then unused.")
     # -- scale and diagnostics
     world_size: int = Field(1, gt=0, description="Data-parallel ranks (mx.distributed); batch_size is per rank.")
     profile_timing: bool = Field(False, description="Time data, forward+backward, clip and optimizer separately.")
@@ -288,8 +400,13 @@ class SampleConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
 
 
-def _default_sft() -> TrainConfig:
-    return TrainConfig(steps=200, batch_size=32, lr=5e-4, warmup_steps=10, eval_every=100)
+def _default_sft() -> TrainConfig:  # rows of similar length batched together: less padding
+    return TrainConfig(steps=250, batch_size=32, lr=5e-4, warmup_steps=10, eval_every=100, bucket="length")
+
+
+# The demo's synthetic mixture: every bench suite's format (configs/demo.yaml says why these weights).
+DEMO_TASKS = {"copy": 3.0, "sort": 1.0, "math_mcq": 2.0, "qa": 2.0, "logic": 2.0, "knowledge": 1.0,
+              "json_calc": 2.0, "arithmetic": 2.0}
 
 
 class _Run:
@@ -495,6 +612,16 @@ class PreferenceSourceConfig(SourceConfig):
     format: Literal["auto", "pairs", "pair-messages", "kto", "scored"] = Field(
         "auto", description="Row schema; auto: detected from each file's first row.")
     reward_field: str = Field("reward", description="scored format: the field holding the reward (else 'score').")
+    train: list[str] = Field(min_length=1, description="Specs of the training files.")
+    sources: list[MixSource] = Field([], exclude=True, description="Not for preference data (mixtures are for "
+                                                                   "data.pretrain / data.sft).")
+
+    @field_validator("sources")
+    @classmethod
+    def _no_mixture(cls, value: list[MixSource]) -> list[MixSource]:
+        if value:
+            raise ValueError("weighted mixtures are for data.pretrain / data.sft; preference data takes train / val")
+        return value
 
 
 class SyntheticPairsConfig(_Strict):
@@ -573,12 +700,12 @@ class PipelineConfig(_Run, _Strict):
 
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     out_dir: str = Field("runs", description="Stage outputs go to <out_dir>/<name>/<stage>-<key>.")
-    data: DataConfig = DataConfig()
+    data: DataConfig = DataConfig(synthetic=SyntheticConfig(tasks=DEMO_TASKS, pretrain_docs=16000))
     # The demo's BPE merges only pairs seen 500+ times: the task words, not the letters of random
     # strings, so a string to copy is the same tokens in the prompt and in the answer.
     tokenizer: TokenizerConfig = TokenizerConfig(min_frequency=500)
     model: ModelConfig = ModelConfig()
-    pretrain: TrainConfig = TrainConfig(steps=500)  # the tiny model learns to copy at ~300 steps
+    pretrain: TrainConfig = TrainConfig(steps=650, batch_size=8, seq_len=256)  # 256: a whole reading passage per window
     sft: TrainConfig = Field(default_factory=_default_sft)
     sample: SampleConfig = SampleConfig()
     bench: BenchConfig | None = Field(BenchConfig(), description="The last stage: bench suites vs `targets`; null: skip.")

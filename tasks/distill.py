@@ -34,6 +34,7 @@ from mlxcore.clients.chat import Teacher, TeacherConfig, TeacherError
 from mlxcore.bench import answers
 from mlxcore.distill import verify
 from mlxcore.distill.verify import VerifyPolicy, check
+from mlxcore import lineage
 from mlxcore.io import atomic_dir, dir_digest, is_complete, read_manifest, sha256_file, sha256_json, write_manifest
 from mlxcore.train.launch import run_in_subprocess
 from tasks.caching import Stage, code_version, sweep
@@ -172,7 +173,7 @@ def generate_rows(rows_dir: str, teacher: TeacherConfig, prompts: PromptConfig, 
     small["acceptance"] = {c: round(v["acceptance"], 4) for c, v in stats["categories"].items()}
     write_manifest(out, "distill-rows", {"teacher": teacher.model_dump(include=set(CONTENT_KEYS)),
                                          "prompts": prompts.model_dump(), "verify": verify.model_dump()},
-                   rows=stats["rows"], stats=small)
+                   rows=stats["rows"], stats=small, **lineage.fields(teacher_lineage(teacher)))
     mark_generation(out, token, "done")
     return {"path": str(out), "rows_file": str(rows_path), **small, "pairs": str(pairs_path)}
 
@@ -191,9 +192,15 @@ class _WaitProgress(TrainingCallback):
                                               f"(cold start; {info['rows']} so far)")
 
 
+def teacher_lineage(teacher: TeacherConfig) -> dict:
+    """The teacher as the source of the rows: its model name, API and host (never its key)."""
+    return lineage.of_sources(lineage.teacher_source(teacher.model, teacher.api, teacher.url))
+
+
 @task(name="distill-student", retries=1, retry_condition_fn=crashed)
 def train_student(rows_dir: str, tokenizer_dir: str, student: StudentConfig, train: TrainConfig,
-                  stream: StreamConfig, target_rows: int, out_dir: str, run_dir: str) -> dict:
+                  stream: StreamConfig, target_rows: int, out_dir: str, run_dir: str,
+                  teacher: TeacherConfig | None = None) -> dict:
     """SFT the student on the rows while they are written: cold start, paced, until its planned steps."""
     out = Path(out_dir)
     sweep(run_dir)  # temp files of a student or generator that was killed
@@ -204,7 +211,8 @@ def train_student(rows_dir: str, tokenizer_dir: str, student: StudentConfig, tra
     steps = planned_steps(target_rows, stream, train)
     job = StudentJob(rows_dir=rows_dir, token=_token(), tokenizer_dir=tokenizer_dir, out_dir=str(out),
                      train=train.model_copy(update={"steps": steps, "warmup_steps": min(train.warmup_steps, steps)}),
-                     stream=stream, model=None if student.init_from else student.model, init_from=student.init_from)
+                     stream=stream, model=None if student.init_from else student.model, init_from=student.init_from,
+                     lineage=teacher_lineage(teacher) if teacher is not None else None)
     run_name = Path(run_dir).name
     callback = CallbackList(ProgressBar("student"), PrefectProgress("student", run_name), _WaitProgress(run_name))
     return run_in_subprocess(job, callback)

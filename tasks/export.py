@@ -20,6 +20,7 @@ from mlxcore.config import HubPushConfig, ParityGateConfig
 from mlxcore.export import gguf as gguf_export
 from mlxcore.export import hub, mlx_quant, ollama, parity
 from mlxcore.io import atomic_dir, read_manifest, write_json, write_manifest
+from mlxcore.models import card
 from tasks.caching import Stage
 from tasks.progress import artifact_key, progress_bar
 from tasks.secrets import prefect_secret
@@ -41,6 +42,7 @@ def export_gguf(model_dir: str, qtype: str, modelfile: bool, run_dir: str) -> di
                                                on_progress=bar)
             if modelfile:
                 ollama.write_bundle(tmp / name, model_dir, tmp)
+            card.export_card(model_dir, tmp, "gguf", ["gguf", qtype])  # the model's card, for a hub push
             write_manifest(tmp, "export-gguf", {k: v for k, v in info.items() if k != "path"} | {"file": name})
     return {"path": str(out), "gguf": str(out / name), **_summary(out)}
 
@@ -52,6 +54,7 @@ def export_mlx(model_dir: str, bits: int, group_size: int, run_dir: str) -> dict
     if not MLX.done(out):
         with atomic_dir(out) as tmp:
             info = mlx_quant.export_mlx_quantized(model_dir, tmp / "model", bits=bits, group_size=group_size)
+            card.export_card(model_dir, tmp / "model", "mlx", ["mlx", f"{bits}-bit"])
             write_json(tmp / "export.json", {k: v for k, v in info.items() if k != "path"})
     return {"path": str(out), "model": str(out / "model"), "bits": bits, "group_size": group_size}
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from mlxcore.train.callbacks import CallbackList, ProgressBar
 from mlxcore.config import ModelConfig, TrainConfig
+from mlxcore import lineage
 from mlxcore.io import link
+from mlxcore.models import card
 from mlxcore.train.launch import TrainingCrashed, run_in_subprocess
 from mlxcore.train.loop import TrainJob, finished
 from tasks.caching import Stage
@@ -48,6 +50,15 @@ def sft(data_dir: str, tokenizer_dir: str, init_from: str, train: TrainConfig, r
     out = SFT.dir(locals())
     job = TrainJob(data_dir=data_dir, tokenizer_dir=tokenizer_dir, out_dir=str(out), init_from=init_from, train=train)
     return run_training("sft", job, run_dir)
+
+
+def model_card(checkpoint: str, results: dict, run_dir: str, inputs=None, base: str | None = None) -> str:
+    """The final model's README.md (a Hugging Face model card), rewritten with the run's results (eval,
+    bench): its lineage (from its manifest, plus `inputs`' and `base`'s), training config and terms."""
+    extra = lineage.merge(lineage.of_inputs(inputs) if inputs else None, lineage.of_model(base) if base else None)
+    if base:
+        extra["base_model"] = lineage.model_name(base)
+    return str(card.write_card(checkpoint, results=results, title=Path(run_dir).name, lineage_extra=extra))
 
 
 def publish(checkpoint: str, run_dir: str) -> str:

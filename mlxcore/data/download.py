@@ -12,6 +12,11 @@ Spec strings (`fetch(spec, out_dir, kind)`):
   hf:<owner>/<name>[@<revision>]/<path/in/repo>
                          any file of any hub dataset repo, at a branch, tag or 40-hex commit
                          (default: main); the revision may not contain "/" in this form
+  hfds:<owner>/<name>[:<config>][@<revision>]:<split>[[:N]]
+                         one split of a hub dataset through the `datasets` library, written as
+                         JSONL (`mlxcore.data.hfds`; `[:N]`: the first N rows)
+  catalog:<name>         an entry of the data catalog (`mlxcore/data/catalog.yaml`, `mlxflow data
+                         list`): its hub file or hfds: split, its column mapping and its license
   anything else          a local file or glob (`data/*.jsonl`, `~` expanded, relative to the
                          current dir, `**` recursive); matches are sorted. A directory is an
                          error, not "all its files": write the glob you mean (`dir/*.jsonl`)
@@ -36,6 +41,21 @@ absent, and an existing one is replaced only on success) with a `manifest.json` 
   local files: nothing is copied; data_files = the absolute resolved paths and source =
                {files: [{path, size, sha256}]}, so the manifest digest changes whenever a file's
                content does.
+  hfds: split: out_dir/<config>-<split>.jsonl and source = {repo, repo_type, config, split,
+               revision, rows, bytes, sha256 (of the JSONL), endpoint, streamed}. Within
+               `max_download_mb` (the split's data files, sized from the hub's tree listing) the
+               dataset is prepared in the datasets cache and reused from there, also offline
+               (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); above it, or when the hub cannot say, rows
+               are streamed into the JSONL, which may not grow past the limit, and a split known to
+               be bigger must name a row limit (`train[:N]`). Retries and the fall back to a
+               prepared copy when the hub is unreachable work as for hub files.
+
+Every manifest also carries `license` (a catalog entry's; else the `license:` of the hub repo's
+card, README.md, from the cache or fetched once; else "unknown"; `gsm8k:` / `minimind:` files take
+their catalog entry's) and the lineage fields `sources` / `licenses` (`mlxcore.lineage`), which
+every later stage carries on. A `catalog:` fetch also records `catalog`, `format` and `columns`:
+with a column mapping ({our field: their column}) the rows are rewritten to exactly those fields
+(a hub file then becomes <name>.jsonl), and a row without a mapped column fails naming it.
 
 `data_files(out_dir)` returns the absolute paths a fetched dir stands for.
 
@@ -70,6 +90,7 @@ harnesses`, never contacts a host other than HF_ENDPOINT.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import logging
 import os
@@ -82,6 +103,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, TypeVar
 
+from mlxcore import lineage
+from mlxcore.data import catalog, hfds
 from mlxcore.io import atomic_dir, read_manifest, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
@@ -117,6 +140,10 @@ class HubFile:
     path: str
     revision: str | None
     repo_type: str = "dataset"
+    columns: tuple[tuple[str, str], ...] = ()  # catalog: (our field, their column); empty: the file as it is
+    license: str | None = None  # a catalog entry's license
+    catalog: str | None = None
+    format: str | None = None
 
 
 @dataclass(frozen=True)
@@ -160,10 +187,35 @@ def _check_revision(spec: str, revision: str) -> None:
                          "'.', '_' and '-' (no '..')")
 
 
-def parse_spec(spec: str, kind: str | None = None) -> HubFile | LocalFiles:
+PREFIXES = "minimind:, gsm8k:, hf:, hfds:, catalog: or a local path"
+
+
+def _hfds_spec(spec: str, rest: str) -> hfds.HfDataset:
+    try:
+        repo, config, revision, split, rows = hfds.parse(rest)
+    except hfds.SpecError as e:
+        raise _bad(spec, str(e)) from None
+    _check_repo(spec, repo)
+    if revision is not None:
+        _check_revision(spec, revision)
+    return hfds.HfDataset(repo, split, config, revision, rows)
+
+
+def _catalog_spec(spec: str, name: str, kind: str | None) -> HubFile | hfds.HfDataset:
+    try:
+        entry = catalog.get(name)
+    except catalog.CatalogError as e:
+        raise _bad(spec, str(e)) from None
+    if entry.spec is None:
+        raise _bad(spec, f"catalog entry {name!r} cannot be downloaded directly: {' '.join(entry.access.split())}")
+    return dataclasses.replace(parse_spec(entry.spec, kind), columns=tuple(entry.columns.items()),
+                               license=entry.license, catalog=name, format=entry.format)
+
+
+def parse_spec(spec: str, kind: str | None = None) -> HubFile | LocalFiles | hfds.HfDataset:
     """What `spec` names (see the module docstring); raises DownloadError for a bad one."""
     if not isinstance(spec, str) or not spec.strip():
-        raise _bad(str(spec), "empty spec; use minimind:, gsm8k:, hf: or a local path")
+        raise _bad(str(spec), f"empty spec; use {PREFIXES}")
     if any(ord(c) < 32 or ord(c) == 127 for c in spec):
         raise _bad(spec, "control character in spec")
     s = spec.strip()
@@ -187,6 +239,12 @@ def parse_spec(spec: str, kind: str | None = None) -> HubFile | LocalFiles:
                              + ", ".join(f"gsm8k:{k}" for k in GSM8K_FILES))
         return HubFile(GSM8K_REPO, GSM8K_FILES[rest], None)
 
+    if prefix == "catalog" and sep:
+        return _catalog_spec(spec, rest, kind)
+
+    if prefix == "hfds" and sep:
+        return _hfds_spec(spec, rest)
+
     if prefix == "hf" and sep:
         parts = rest.split("/", 2)
         if len(parts) < 3:
@@ -202,7 +260,7 @@ def parse_spec(spec: str, kind: str | None = None) -> HubFile | LocalFiles:
     pattern = os.path.expanduser(s)
     m = _PREFIX.match(s)
     if m and not os.path.lexists(pattern) and not (glob.has_magic(pattern) and glob.glob(pattern, recursive=True)):
-        raise _bad(spec, f"unknown spec prefix '{m.group(1)}:'; use minimind:, gsm8k:, hf: or a local path")
+        raise _bad(spec, f"unknown spec prefix '{m.group(1)}:'; use {PREFIXES}")
     return LocalFiles(pattern)
 
 
@@ -418,8 +476,71 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 # ------------------------------------------------------------------------------- fetch
 
 
+def repo_card_license(repo: str, repo_type: str, commit: str, env: _HubEnv, online: bool) -> str | None:
+    """The `license:` of a hub repo's card (README.md) at `commit`: from the HF cache, else (`online`)
+    fetched once, without retries; None when there is no card or it names no license."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    path = None
+    if env.cache_dir.is_dir():
+        hit = try_to_load_from_cache(repo, "README.md", cache_dir=str(env.cache_dir), revision=commit,
+                                     repo_type=repo_type)
+        if hit is not None and not isinstance(hit, str):  # known to have no card at this commit
+            return None
+        path = hit
+    if path is None and online:
+        try:
+            with _library_online():
+                path = hf_hub_download(repo, "README.md", repo_type=repo_type, revision=commit,
+                                       cache_dir=str(env.cache_dir), endpoint=env.endpoint, library_name="mlxflow",
+                                       etag_timeout=env.etag_timeout)
+        except Exception:  # noqa: BLE001 - no card (or no answer): the license is unknown, not an error
+            return None
+    return lineage.card_license(path)
+
+
+def _catalog_entry(hf: HubFile) -> catalog.Entry | None:
+    """The catalog entry a hub file is (gsm8k:train is catalog:gsm8k-train), if any."""
+    for entry in catalog.entries():
+        if entry.spec and entry.spec.startswith("hf:"):
+            other = parse_spec(entry.spec)
+            if (other.repo, other.path) == (hf.repo, hf.path):
+                return entry
+    return None
+
+
+def _catalog_fields(hf) -> dict:
+    if hf.catalog is None:
+        return {}
+    return {"catalog": hf.catalog, "format": hf.format, "columns": dict(hf.columns)}
+
+
+def _origin(spec: str, hf, commit: str, card: str | None) -> tuple[str, dict]:
+    """(license, lineage source) of a hub file or split: the catalog entry's license, else the card's."""
+    entry = catalog.get(hf.catalog) if hf.catalog else _catalog_entry(hf) if isinstance(hf, HubFile) else None
+    license_id = hf.license or (entry.license if entry else None) or card or lineage.UNKNOWN
+    source = {"name": entry.name if entry else hf.repo, "kind": "dataset", "license": license_id, "spec": spec,
+              "repo": hf.repo}
+    source |= {"path": hf.path} if isinstance(hf, HubFile) else {"config": hf.config or "default",
+                                                                   "split": hf.split_expr}
+    source["revision"] = commit
+    if entry is not None and entry.terms:
+        source["terms"] = " ".join(entry.terms.split())
+    return license_id, source
+
+
+def _mapped_rows(path: str | Path):
+    """The rows of a data file (any format records reads), as dicts."""
+    from mlxcore.data import records
+
+    text = records.file_kind(Path(path)) == "txt"
+    for chunk, _ in records.read_chunks(path):
+        for lineno, payload in records.chunk_items(chunk):
+            yield records.decode_row(str(path), lineno, payload, text)
+
+
 def _publish(spec: str, kind: str | None, hf: HubFile, env: _HubEnv, snapshot_path: str, commit: str,
-             etag: str | None, out_dir: Path) -> dict:
+             etag: str | None, out_dir: Path, card: str | None = None) -> dict:
     blob = Path(os.path.realpath(snapshot_path))
     size = blob.stat().st_size
     digest = sha256_file(blob)
@@ -433,9 +554,20 @@ def _publish(spec: str, kind: str | None, hf: HubFile, env: _HubEnv, snapshot_pa
         raise _bad(spec, "a data file named manifest.json would clash with the stage manifest")
     source = {"repo": hf.repo, "repo_type": hf.repo_type, "revision": commit, "path": hf.path,
               "size": size, "sha256": digest, "endpoint": env.endpoint}
+    card = card or repo_card_license(hf.repo, hf.repo_type, commit, env, online=False)
+    license_id, origin = _origin(spec, hf, commit, card)
+    extra = {"license": license_id, **lineage.fields(lineage.of_sources(origin)), **_catalog_fields(hf)}
     with atomic_dir(out_dir, replace=True) as tmp:
-        _link_or_copy(blob, tmp / name)
-        return write_manifest(tmp, "download", {"spec": spec, "kind": kind}, source=source, data_files=[name])
+        if hf.columns:  # the rows rewritten to our fields
+            name = PurePosixPath(name).stem + ".jsonl"
+            try:
+                hfds.write_jsonl(_mapped_rows(snapshot_path), tmp / name, dict(hf.columns), hf.path)
+            except (hfds.RowError, ValueError) as e:
+                raise _bad(spec, str(e)) from None
+        else:
+            _link_or_copy(blob, tmp / name)
+        return write_manifest(tmp, "download", {"spec": spec, "kind": kind}, source=source, data_files=[name],
+                              **extra)
 
 
 def _fetch_hub(spec: str, kind: str | None, hf: HubFile, out_dir: Path, max_download_mb: float,
@@ -485,6 +617,7 @@ def _fetch_hub(spec: str, kind: str | None, hf: HubFile, out_dir: Path, max_down
             elif meta.size > limit:
                 raise _bad(spec, f"{_where(hf)} is {_fmt_mb(meta.size)} MB ({meta.size:,} bytes), over the limit of "
                                  f"{max_download_mb:g} MB; raise data.max_download_mb to download it")
+        card = None if hf.license else repo_card_license(hf.repo, hf.repo_type, meta.commit_hash, env, online=True)
 
         try:
             path = _retrying(lambda: hf_hub_download(hf.repo, hf.path, repo_type=hf.repo_type, revision=revision,
@@ -499,7 +632,109 @@ def _fetch_hub(spec: str, kind: str | None, hf: HubFile, out_dir: Path, max_down
     if not in_cache and os.path.getsize(path) > limit:  # the size was unknown, or the repo moved meanwhile
         raise _bad(spec, f"{_where(hf)} is {_fmt_mb(os.path.getsize(path))} MB, over the limit of "
                          f"{max_download_mb:g} MB; raise data.max_download_mb to use it")
-    return _publish(spec, kind, hf, env, path, commit, etag, out_dir)
+    return _publish(spec, kind, hf, env, path, commit, etag, out_dir, card if commit == meta.commit_hash else None)
+
+
+def _hfds_not_cached(spec: str, ds: hfds.HfDataset, env: _HubEnv, reason: str) -> DownloadError:
+    return DownloadError(
+        f"data spec {spec!r}: split {ds.split_expr!r} of dataset {ds.repo} is not prepared in the datasets cache at "
+        f"{hfds.datasets_cache()}, and {reason}.\nTo fix it, do one of:\n"
+        "  - run once with network access (unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) so it is prepared there;\n"
+        f"  - on a machine with network access run `{hfds.how_to_cache(ds)}`,\n"
+        "    then copy its datasets cache and hub cache here (or set HF_HOME to where you put them);\n"
+        f"  - set HF_ENDPOINT to a reachable Hub mirror (now: {env.endpoint});\n"
+        "  - or write the rows to a local JSONL file and give its path as the spec.")
+
+
+def _hfds_builder(spec: str, ds: hfds.HfDataset, env: _HubEnv, cache: Path, offline: bool, retries: int,
+                  backoff_s: float, hf: HubFile):
+    """(builder, offline): the dataset's builder from the hub (retried), else from the datasets cache."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def load():
+        try:
+            return hfds.builder(ds, cache)
+        except LocalEntryNotFoundError as e:  # datasets drops the cause: the hub did not answer (transient)
+            raise ConnectionError(f"the hub did not answer for {ds.repo}: {str(e).splitlines()[0]}") from e
+
+    try:
+        if offline:
+            return hfds.builder(ds, cache), True
+        return _retrying(load, spec, hf, env, "asking the hub for the dataset", retries, backoff_s), False
+    except _GaveUp as g:  # the hub is unreachable: a copy prepared earlier will do
+        try:
+            with hfds.settings(env.endpoint, env.cache_dir, True):
+                return hfds.builder(ds, cache), True
+        except Exception as e:
+            raise _hfds_not_cached(spec, ds, env, f"the hub at {env.endpoint} failed after {g.attempts} attempts "
+                                                  f"(last error: {g.last})") from e
+    except DownloadError:
+        raise
+    except Exception as e:  # offline with nothing cached, or a repo the library cannot read
+        if offline:
+            raise _hfds_not_cached(spec, ds, env, "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set, so the hub is not "
+                                                  "contacted") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise _bad(spec, f"the datasets library cannot load {ds.repo}: {type(e).__name__}: {first}") from e
+
+
+def _hfds_write(spec: str, ds: hfds.HfDataset, builder, streamed: bool, path: Path, limit: float,
+                env: _HubEnv) -> tuple[int, int, str]:
+    try:
+        n, nbytes, digest = hfds.write_jsonl(hfds.rows(ds, builder, streamed), path, dict(ds.columns),
+                                             f"{ds.repo} {ds.split_expr}", limit if streamed else None)
+    except hfds.RowError as e:
+        more = f"; take fewer rows ({ds.split}[:N]) or raise data.max_download_mb" if "limit" in str(e) else ""
+        raise _bad(spec, f"{e}{more}") from None
+    except FileNotFoundError as e:  # offline, and this split was never prepared
+        raise _hfds_not_cached(spec, ds, env, "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set") from e
+    if n == 0:
+        raise _bad(spec, f"split {ds.split_expr!r} of {ds.repo} has no rows")
+    return n, nbytes, digest
+
+
+def _fetch_hfds(spec: str, kind: str | None, ds: hfds.HfDataset, out_dir: Path, max_download_mb: float,
+                retries: int, backoff_s: float) -> dict:
+    """One split of a hub dataset through `datasets`, as JSONL (see the module docstring)."""
+    env = _HubEnv.from_environ()
+    hf = HubFile(ds.repo, f"{ds.config or 'default'}:{ds.split}", ds.revision)  # names the split in errors
+    limit, offline = max_download_mb * MB, env.offline or hfds.offline_from_env()
+
+    def retried(fn, what: str):
+        try:
+            return _retrying(fn, spec, hf, env, what, retries, backoff_s)
+        except _GaveUp as g:
+            raise _bad(spec, f"{what} at {env.endpoint} failed after {g.attempts} attempts (last error: {g.last})") from g
+
+    with hfds.settings(env.endpoint, env.cache_dir, offline, _library_online()) as cache:
+        builder, offline = _hfds_builder(spec, ds, env, cache, offline, retries, backoff_s, hf)
+        try:
+            urls = hfds.split_files(ds, builder)
+        except hfds.SpecError as e:
+            raise _bad(spec, str(e)) from None
+        commit = hfds.commit_of(builder) or ds.revision or "unknown"
+        if offline and ds.revision and _HEX40.fullmatch(ds.revision) and commit != ds.revision:
+            raise _hfds_not_cached(spec, ds, env, f"the cache holds commit {commit}, not the pinned {ds.revision}")
+        size = None if offline else retried(lambda: hfds.split_bytes(ds, env.endpoint, commit, urls),
+                                            "asking the hub for the split's size")
+        streamed = not offline and (size is None or size > limit)
+        if streamed and size is not None and not ds.rows:
+            raise _bad(spec, f"split {ds.split!r} of {ds.repo} is {_fmt_mb(size)} MB ({size:,} bytes) of data files, "
+                             f"over the limit of {max_download_mb:g} MB; raise data.max_download_mb, or stream its "
+                             f"first rows with {ds.split}[:N]")
+        if not offline and not streamed:
+            retried(lambda: hfds.prepare(builder), "downloading the dataset")
+        card = repo_card_license(ds.repo, "dataset", commit, env, online=False)  # datasets fetched the card
+        license_id, origin = _origin(spec, ds, commit, card)
+        with atomic_dir(out_dir, replace=True) as tmp:
+            write = lambda: _hfds_write(spec, ds, builder, streamed, tmp / ds.file_name, limit, env)  # noqa: E731
+            n, nbytes, digest = retried(write, "streaming the rows") if streamed else write()
+            source = {"repo": ds.repo, "repo_type": "dataset", "config": builder.config.name, "split": ds.split_expr,
+                      "revision": commit, "rows": n, "bytes": nbytes, "sha256": digest, "endpoint": env.endpoint,
+                      "streamed": streamed}
+            return write_manifest(tmp, "download", {"spec": spec, "kind": kind}, source=source,
+                                  data_files=[ds.file_name], license=license_id, **_catalog_fields(ds),
+                                  **lineage.fields(lineage.of_sources(origin)))
 
 
 def match_local(spec: str, pattern: str) -> list[Path]:
@@ -508,7 +743,7 @@ def match_local(spec: str, pattern: str) -> list[Path]:
     else:
         matches = [pattern] if os.path.lexists(pattern) else []
     if not matches:
-        raise _bad(spec, f"no file matches {pattern!r} (and it is not a minimind:, gsm8k: or hf: spec)")
+        raise _bad(spec, f"no file matches {pattern!r} (and it is not a minimind:, gsm8k:, hf:, hfds: or catalog: spec)")
     files = []
     for m in matches:
         p = Path(m)
@@ -523,9 +758,11 @@ def match_local(spec: str, pattern: str) -> list[Path]:
 def _fetch_local(spec: str, kind: str | None, local: LocalFiles, out_dir: Path) -> dict:
     files = match_local(spec, local.pattern)
     entries = [{"path": str(p), "size": p.stat().st_size, "sha256": sha256_file(p)} for p in files]
+    origin = {"name": spec, "kind": "file", "license": lineage.UNKNOWN, "files": len(files)}
     with atomic_dir(out_dir, replace=True) as tmp:
         return write_manifest(tmp, "download", {"spec": spec, "kind": kind}, source={"files": entries},
-                              data_files=[str(p) for p in files])
+                              data_files=[str(p) for p in files], license=lineage.UNKNOWN,
+                              **lineage.fields(lineage.of_sources(origin)))
 
 
 def fetch(spec: str, out_dir: str | os.PathLike, kind: str | None = None, max_download_mb: float = 2048,
@@ -542,6 +779,8 @@ def fetch(spec: str, out_dir: str | os.PathLike, kind: str | None = None, max_do
     out = Path(out_dir)
     if isinstance(parsed, LocalFiles):
         return _fetch_local(spec, kind, parsed, out)
+    if isinstance(parsed, hfds.HfDataset):
+        return _fetch_hfds(spec, kind, parsed, out, max_download_mb, retries, backoff_s)
     return _fetch_hub(spec, kind, parsed, out, max_download_mb, retries, backoff_s)
 
 

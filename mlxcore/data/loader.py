@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxcore.data import mixture
 from mlxcore.io import read_manifest
 
 
@@ -38,7 +39,7 @@ class _Shards:
         dtype = np.dtype(self.manifest["dtype"])
         self.tokens, self.masks, self.index = [], [], []
         for shard in info["shards"]:
-            stem = self.dir / split / shard["name"]
+            stem = self.dir / shard.get("dir", split) / shard["name"]  # a mixture's shards lie in its sources' dirs
             self.tokens.append(np.memmap(f"{stem}.tokens.bin", dtype=dtype, mode="r"))
             self.index.append(np.fromfile(f"{stem}.index.bin", dtype=np.int64))
             mask = Path(f"{stem}.mask.bin")
@@ -191,9 +192,15 @@ def open_batches(data_dir, split, batch_size, seq_len, seed=0, shuffle=True, ran
 
     Bucketing and padding options apply to SFT data; packed pretraining rows are all seq_len long.
     `shrink` (evaluation): a split with fewer items than one batch gets smaller batches instead of
-    an error.
+    an error. The train split of a mixture (mlxcore/data/mixture.py) gives `MixedBatches`.
     """
-    task = read_manifest(data_dir, "tokens")["task"]
+    manifest = read_manifest(data_dir, "tokens")
+    if split == "train" and "mixture" in manifest:
+        if bucket != "none":
+            raise mixture.MixError("bucketing (bucket: length / labels) is not available on a mixture yet; set bucket: none")
+        part = lambda d: open_batches(d, "train", 1, seq_len, shuffle=False, pad_id=pad_id, pad_multiple=pad_multiple)  # noqa: E731
+        return mixture.open_mixture(data_dir, manifest, part, batch_size, seed, shuffle, rank, world, pad_id)
+    task = manifest["task"]
     if task == "sft":
         return SFTBatches(data_dir, split, batch_size, seq_len, seed, shuffle, rank, world, pad_id,
                           bucket, bucket_window, pad_multiple, shrink)

@@ -44,6 +44,7 @@ from mlxcore.data import records
 from mlxcore.data import tokenizer as tokenizers
 from mlxcore.data.inputs import SPLITS, resolve_inputs  # noqa: F401  (resolve_inputs: re-exported)
 from mlxcore.data.records import DataError
+from mlxcore import lineage
 from mlxcore.io import atomic_dir, path_digest, write_manifest
 
 SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB of uint16 per shard
@@ -108,7 +109,8 @@ class Encoder:
         texts, text_rows, chats = [], [], []
         for r, (lineno, payload) in enumerate(items):
             where = f"{path}:{lineno}"
-            ex = records.to_example(records.decode_row(path, lineno, payload, text_file), fmt, self.kind, self.opts, where)
+            row = records.apply_columns(records.decode_row(path, lineno, payload, text_file), self.opts.get("columns"), where)
+            ex = records.to_example(row, fmt, self.kind, self.opts, where)
             if isinstance(ex, tuple):
                 docs[r] = (ex[0], ex[1], where)
             elif isinstance(ex, str):
@@ -304,7 +306,8 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, kind: str, out_dir: str 
     """Tokenize `inputs` (see the module docstring) into shards under `out_dir`.
 
     `source` holds the format options (`SourceConfig` fields: format, field names, templates,
-    system_prompt, val_fraction, val_max_rows, overlong); `max_tokens` the per-document limit.
+    system_prompt, val_fraction, val_max_rows, overlong; a mixture source's `columns`); `max_tokens` the
+    per-document limit.
     `workers=0` uses every core (or this process alone for inputs under 2 MB).
     `on_progress(bytes_done, bytes_total)` is called as chunks are written.
     """
@@ -344,7 +347,7 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, kind: str, out_dir: str 
 
         for split in SPLITS:
             for path in files[split]:
-                file_fmt = _file_format(path, fmt, kind)
+                file_fmt = _file_format(path, fmt, kind, opts.get("columns"))
                 formats[str(path)] = file_fmt
                 base = done_bytes
                 for chunk, pos in records.read_chunks(path):
@@ -369,10 +372,11 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, kind: str, out_dir: str 
         return write_manifest(tmp, "tokens", config, task=kind, vocab_size=vocab, dtype=dtype.name,
                               separator_id=separator, splits=splits,
                               stats={"rows": 0, "truncated": 0, "dropped_overlong": 0, "dropped_no_labels": 0, **stats},
-                              formats={Path(k).name: v for k, v in formats.items()})
+                              formats={Path(k).name: v for k, v in formats.items()},
+                              **lineage.fields(lineage.of_inputs(inputs)))
 
 
-def _file_format(path: Path, fmt: str, kind: str) -> str:
+def _file_format(path: Path, fmt: str, kind: str, columns: dict | None = None) -> str:
     """The declared format, or the one the file's first row shows; an empty file is an error."""
     for chunk, _ in records.read_chunks(path, rows=1):
         items = records.chunk_items(chunk)
@@ -380,6 +384,7 @@ def _file_format(path: Path, fmt: str, kind: str) -> str:
             continue
         lineno, payload = items[0]
         row = records.decode_row(str(path), lineno, payload, records.file_kind(path) == "txt")
+        row = records.apply_columns(row, columns, f"{path}:{lineno}")  # a missing column fails before any work
         return records.detect_format(row, f"{path}:{lineno}") if fmt == "auto" else fmt
     raise DataError(f"{path}: no rows (empty file)")
 

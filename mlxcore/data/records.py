@@ -21,7 +21,8 @@ detected from a file's first row:
                  {"labels": [int | -100, ...]}: pretokenized, used as they are
 Every chat-like format becomes a message list (+ `system_prompt` when the row has none),
 rendered later through the tokenizer's chat template with loss on assistant tokens only. For
-pretraining, a chat-like row is rendered whole and every token is learned.
+pretraining, a chat-like row is rendered whole and every token is learned. A mixture source's
+`columns` ({our field: its column}) renames a row's columns before all of this (`apply_columns`).
 """
 
 from __future__ import annotations
@@ -220,6 +221,20 @@ def decode_row(path: str, lineno: int, payload: Any, text_file: bool = False) ->
 # ---------------------------------------------------------------- formats
 
 
+def apply_columns(row: dict, columns: dict | None, where: str) -> dict:
+    """The row with a source's columns renamed to our field names: `columns` maps our field <- its
+    column ({"text": "body"}); the row's other columns stay. DataError naming a column it lacks."""
+    if not columns:
+        return row
+    for ours, theirs in columns.items():
+        if theirs not in row:
+            raise DataError(f"{where}: no column {theirs!r} (columns maps it to {ours!r}); "
+                            f"the row's columns: {sorted(row)[:12]}")
+    out = {k: v for k, v in row.items() if k not in columns.values()}
+    out.update({ours: row[theirs] for ours, theirs in columns.items()})
+    return out
+
+
 def detect_format(row: dict, where: str) -> str:
     """The format of a row, from its keys."""
     if "ids" in row:
@@ -368,7 +383,7 @@ def iter_examples(path: str | Path, kind: str, fmt: str = "auto", opts: dict | N
     for chunk, _ in read_chunks(path):
         for lineno, payload in chunk_items(chunk):
             where = f"{path}:{lineno}"
-            row = decode_row(str(path), lineno, payload, text_file)
+            row = apply_columns(decode_row(str(path), lineno, payload, text_file), opts.get("columns"), where)
             if fmt == "auto":
                 fmt = detect_format(row, where)
             yield where, to_example(row, fmt, kind, opts, where)

@@ -1,13 +1,22 @@
-"""Deterministic synthetic tasks: copy, sort, integer arithmetic, small JSON.
+"""Deterministic synthetic tasks: the seven bench suites' formats, integer arithmetic, small JSON.
 
-`copy` and `sort` are drawn in the bench suites' own formats (`mlxcore.bench.suites.sample`),
-so the demo model is trained on what its bench report then measures (other questions: the
-bench's are seeded apart).
+`copy`, `sort`, `math_mcq`, `qa`, `logic`, `knowledge` and `json_calc` (the bench's json suite)
+are drawn in the bench suites' own formats (`mlxcore.bench.suites.sample`), so the demo model is
+trained on what its bench report then measures, never on the bench's own questions: those are
+seeded apart, and a drawn prompt that equals one of the first `BENCH_HELD_OUT` questions of a bench
+seed 0..`BENCH_HELD_OUT_SEEDS`-1 is drawn again. `knowledge` is the exception: the bench asks about a
+fixed list of facts, and training on those facts is memorising them, which is what the suite measures.
+`math_mcq` answers show their working before the letter ("82, so B"; the bench's scorer reads the
+letter). `arithmetic` and `json` are in their own formats ("Compute: 3 + 4", "JSON: age=3, city=rome").
 
-Each example is a pure function of (seed, split, index), so any slice of a dataset can be
-regenerated exactly, by any process, in any order. The same examples appear as plain text for
-pretraining ("<prompt>\n<answer>") and as user/assistant conversations for SFT, so a model
-pretrained on the text learns the skills and SFT teaches it the chat format.
+`tasks` is a list (a task listed twice comes twice as often) or {task: weight}; either way the
+examples of a split are dealt to the tasks in exact proportion to the weights, as a weighted
+mixture deals sequences to its sources (`mlxcore.data.mixture.deal`: example i goes to the task
+furthest behind its share), so example i's task is a pure function of (weights, i). Each example is a pure function of (seed, tasks, split, index), so any
+slice of a dataset can be regenerated exactly, by any process, in any order. The same examples
+appear as plain text for pretraining ("<prompt>\n<answer>", 1-4 to a document) and as
+user/assistant conversations for SFT, so a model pretrained on the text learns the skills and SFT
+teaches it the chat format.
 """
 
 from __future__ import annotations
@@ -15,20 +24,60 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Callable
 
 from mlxcore.bench import suites as bench_suites
 from mlxcore.config import SyntheticConfig
+from mlxcore.data.mixture import deal, quotas
 from mlxcore.io import atomic_dir, write_manifest
+
+BENCH_HELD_OUT = 1000      # never train on the first 1,000 questions of a bench suite ...
+BENCH_HELD_OUT_SEEDS = 4   # ... under bench seeds 0-3 (the bench asks 40 by default, seed 0)
+SMALL_OPERAND = 12         # json_calc: half its examples have a factor in -12..12
+BENCH_TASKS = {"copy": "copy", "sort": "sort", "math_mcq": "math_mcq", "qa": "qa", "logic": "logic",
+               "knowledge": "knowledge", "json_calc": "json"}  # task -> the bench suite whose format it has
 
 _WORDS = ["ada", "bo", "cyd", "dee", "eli", "fay", "gus", "hal", "ivy", "jo", "kai", "lu"]
 _CITIES = ["oslo", "lima", "rome", "kyiv", "doha", "bern", "riga", "baku", "nuuk", "apia"]
 
 
+@lru_cache(maxsize=None)
+def bench_prompts(suite: str) -> frozenset[str]:
+    """The bench questions training never shows (see the module docstring)."""
+    return frozenset(bench_suites.example(suite, seed, i).prompt
+                     for seed in range(BENCH_HELD_OUT_SEEDS) for i in range(BENCH_HELD_OUT))
+
+
+def _small_operand(ex: bench_suites.Example) -> bool:
+    out = json.loads(ex.answer)
+    a, b = (out["sum"] + out["diff"]) // 2, (out["sum"] - out["diff"]) // 2
+    return min(abs(a), abs(b)) <= SMALL_OPERAND
+
+
+def draw_bench(suite: str, r: random.Random) -> bench_suites.Example:
+    """A bench-format item from `r`: never one of the bench's questions (knowledge aside); for
+    json, half the time one with a factor in -12..12, whose product is learnable."""
+    small = suite == "json" and r.random() < 0.5
+    while True:
+        ex = bench_suites.sample(suite, r)
+        if (suite == "knowledge" or ex.prompt not in bench_prompts(suite)) and (not small or _small_operand(ex)):
+            return ex
+
+
+def bench_answer(ex: bench_suites.Example) -> str:
+    """The training answer: the gold, but math_mcq shows its working first ("82, so B")."""
+    if ex.suite == "math_mcq":
+        return f"{ex.options[bench_suites.LETTERS.index(ex.answer)]}, so {ex.answer}"
+    return ex.answer
+
+
 def _bench_task(suite: str) -> Callable[[random.Random], tuple[str, str]]:
     def draw(r: random.Random) -> tuple[str, str]:
-        ex = bench_suites.sample(suite, r)
-        return ex.prompt, ex.answer
+        ex = draw_bench(suite, r)
+        return ex.prompt, bench_answer(ex)
     return draw
 
 
@@ -47,25 +96,61 @@ def _json(r: random.Random) -> tuple[str, str]:
 
 
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "copy": _bench_task("copy"),
-    "sort": _bench_task("sort"),
+    **{task: _bench_task(suite) for task, suite in BENCH_TASKS.items()},
     "arithmetic": _arithmetic,
     "json": _json,
 }
 
 
-def example(seed: int, split: str, index: int, tasks: list[str]) -> dict:
-    """One example; identical for identical (seed, split, index, tasks)."""
-    r = random.Random(f"mlxflow/{seed}/{split}/{index}")
-    task = tasks[r.randrange(len(tasks))]
-    prompt, answer = TASKS[task](r)
+def weights(tasks: Sequence[str] | Mapping[str, float]) -> dict[str, float]:
+    """{task: weight}: a mapping as given, a list as counts (a task listed twice weighs 2)."""
+    return dict(tasks) if isinstance(tasks, Mapping) else dict(Counter(tasks))
+
+
+_DEALT: dict[tuple, list[int]] = {}
+
+
+def task_of(index: int, tasks: Sequence[str] | Mapping[str, float]) -> str:
+    """The task of example `index`: `mixture.deal` over the weights, from no example drawn."""
+    w = weights(tasks)
+    names = [k for k, v in w.items() if v > 0]
+    quota = quotas([w[k] for k in names])
+    dealt = _DEALT.setdefault(tuple(quota), [])
+    if index >= len(dealt):  # extend the cached prefix, continuing the deal where it stopped
+        counts = [dealt.count(i) for i in range(len(quota))]
+        dealt += deal(quota, counts, max(index + 1 - len(dealt), 4096))
+    return names[dealt[index]]
+
+
+def example(seed: int, split: str, index: int, tasks: Sequence[str] | Mapping[str, float]) -> dict:
+    """Example `index` of a split: its task is `task_of(index, tasks)`, its content a function of
+    (seed, split, index); identical for identical arguments."""
+    task = task_of(index, tasks)
+    prompt, answer = TASKS[task](random.Random(f"mlxflow/{seed}/{split}/{index}"))
     return {"task": task, "prompt": prompt, "answer": answer, "id": f"{split}-{index}"}
 
 
-def pretrain_doc(seed: int, split: str, index: int, tasks: list[str]) -> str:
+def bench_item(seed: int, split: str, index: int, tasks: Sequence[str] | Mapping[str, float]) -> bench_suites.Example | None:
+    """The bench item behind `example(...)` (for scoring it as the bench would); None: an own-format task."""
+    task = task_of(index, tasks)
+    if task not in BENCH_TASKS:
+        return None
+    return draw_bench(BENCH_TASKS[task], random.Random(f"mlxflow/{seed}/{split}/{index}"))
+
+
+def _doc_slots(seed: int, split: str, index: int) -> range:
+    """Document `index`'s example slots: the documents of each block of four hold 1, 2, 3 and 4
+    examples (in a seeded order), so document i starts at a slot computed in O(1) and every slot
+    is used once: the examples of n documents follow the tasks' proportions exactly."""
+    block, pos = divmod(index, 4)
+    sizes = random.Random(f"mlxflow-doc/{seed}/{split}/{block}").sample((1, 2, 3, 4), 4)
+    start = 10 * block + sum(sizes[:pos])
+    return range(start, start + sizes[pos])
+
+
+def pretrain_doc(seed: int, split: str, index: int, tasks: Sequence[str] | Mapping[str, float]) -> str:
     """A document of 1-4 solved examples separated by blank lines."""
-    r = random.Random(f"mlxflow-doc/{seed}/{split}/{index}")
-    parts = [example(seed, f"{split}-doc{index}", j, tasks) for j in range(r.randint(1, 4))]
+    parts = [example(seed, f"doc-{split}", j, tasks) for j in _doc_slots(seed, split, index)]
     return "\n\n".join(f"{p['prompt']}\n{p['answer']}" for p in parts)
 
 
@@ -88,7 +173,7 @@ def _write_jsonl(path: Path, rows) -> None:
 
 def write_dataset(cfg: SyntheticConfig, out_dir: str | Path) -> dict:
     """Write pretrain/{train,val}.jsonl ({"text"}) and sft/{train,val}.jsonl ({"conversations"})."""
-    s, tasks = cfg.seed, list(cfg.tasks)
+    s, tasks = cfg.seed, cfg.tasks
     sizes = {"train": (cfg.pretrain_docs, cfg.sft_examples), "val": (cfg.val_examples, cfg.val_examples)}
     with atomic_dir(out_dir) as tmp:
         for split, (n_docs, n_conv) in sizes.items():

@@ -112,24 +112,40 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir
 
 
 def _corpus(corpus, max_bytes: int) -> Iterable[str]:
-    """Training text: the train files of every (kind, inputs, format) source, up to `max_bytes`."""
-    from mlxcore.data.inputs import resolve_inputs
+    """Training text: the train files of every (kind, inputs, format) source, up to `max_bytes`; the
+    sources of a mixture take turns, a row each, so a large first source does not fill the budget."""
+    from mlxcore.data.inputs import source_parts
 
     if isinstance(corpus, (str, Path)):  # a synthetic raw-dataset dir: both kinds
         corpus = [{"kind": kind, "inputs": corpus} for kind in ("pretrain", "sft")]
     used = 0
     for part in corpus:
-        opts = dict(part.get("source") or {})
-        for path in resolve_inputs(part["inputs"], part["kind"])["train"]:
-            for row in read_rows(path, part["kind"], opts.get("format", "auto"), opts):
-                if isinstance(row, tuple):  # pretokenized ids: nothing to learn a vocabulary from
-                    break
-                # role names too, so the chat template's words become tokens
-                text = row if isinstance(row, str) else "\n".join(f"{m['role']}\n{m['content']}" for m in row)
-                yield text
-                used += len(text.encode())
-                if used >= max_bytes:
-                    return
+        streams = [_texts(sub["inputs"], part["kind"], sub["opts"]) for sub in source_parts(part["inputs"], part.get("source"))]
+        for text in _taking_turns(streams):
+            yield text
+            used += len(text.encode())
+            if used >= max_bytes:
+                return
+
+
+def _texts(inputs, kind: str, opts: dict) -> Iterable[str]:
+    from mlxcore.data.inputs import resolve_inputs
+
+    for path in resolve_inputs(inputs, kind)["train"]:
+        for row in read_rows(path, kind, opts.get("format", "auto"), opts):
+            if isinstance(row, tuple):  # pretokenized ids: nothing to learn a vocabulary from
+                break
+            # role names too, so the chat template's words become tokens
+            yield row if isinstance(row, str) else "\n".join(f"{m['role']}\n{m['content']}" for m in row)
+
+
+def _taking_turns(streams: list) -> Iterable[str]:
+    while streams:
+        for stream in list(streams):
+            try:
+                yield next(stream)
+            except StopIteration:
+                streams.remove(stream)
 
 
 def planned_size(cfg: TokenizerConfig) -> tuple[int, bool]:

@@ -238,6 +238,7 @@ class StudentJob(BaseModel):
     stream: StreamConfig = StreamConfig()
     model: ModelConfig | None = None
     init_from: str | None = None
+    lineage: dict | None = None  # where the rows come from (the teacher: mlxcore.lineage.teacher_source)
 
     @model_validator(mode="after")
     def _one_process(self) -> "StudentJob":
@@ -248,7 +249,7 @@ class StudentJob(BaseModel):
 
 def run(job: StudentJob, callback: TrainingCallback | None = None) -> dict:
     """Build the student (fresh or from init_from) and `fit()` it on the growing rows."""
-    from mlxcore.train.loop import build_model, fit
+    from mlxcore.train.loop import build_model, fit, job_lineage
 
     tok = read_manifest(job.tokenizer_dir, "tokenizer")
     model, config, adapter_config = build_model(job, tok["vocab_size"], tok["special_ids"])
@@ -258,7 +259,7 @@ def run(job: StudentJob, callback: TrainingCallback | None = None) -> dict:
                        seed=job.train.seed, pad_id=tok["special_ids"]["pad"] or 0, pad_multiple=job.train.pad_multiple,
                        on_wait=lambda info: cb.on_event("wait", info))
     return fit(model, config, job.train, rows, rows.val(), job.out_dir, tokenizer_dir=job.tokenizer_dir,
-               callback=cb, adapter_config=adapter_config)
+               callback=cb, adapter_config=adapter_config, lineage=job_lineage(None, job.init_from, job.lineage))
 
 
 EXPECTED_ERRORS = (GenerationFailed,)  # mlxcore.train.launch reports these in one line, like bad data

@@ -4,6 +4,7 @@ and for sampling (categorical sampling with temperature / top-p, log-softmax).
     from mlxcore.kernels import cross_entropy, attention, swiglu
     losses = cross_entropy(logits, targets)          # [..., V], [...] -> float32 [...]
     out = attention(q, k, v, scale=D**-0.5)          # [B,H,T,D], [B,Hkv,S,D] x2 -> [B,H,T,D]
+    out = attention(q, k, v, scale, segments=ids)    # packed rows: ids [B,T], attend within runs
     h = swiglu(gate, up)                             # silu(gate) * up, same shapes
     tok, lp = categorical_sample(logits, u, temperature=1.0, top_p=1.0)  # [..., V], [...] uniforms
     logp = log_softmax(logits)                       # logits - logsumexp(logits, -1), float32
@@ -28,7 +29,7 @@ from mlxcore.kernels import _build
 
 __all__ = ["attention", "available", "categorical_sample", "cross_entropy", "log_softmax",
            "reference_attention", "reference_categorical_sample", "reference_cross_entropy",
-           "reference_log_softmax", "reference_swiglu", "status", "swiglu"]
+           "reference_log_softmax", "reference_swiglu", "segment_starts", "status", "swiglu"]
 
 
 def _ext():
@@ -87,9 +88,22 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
 
 
 # ---------------------------------------------------------------------------- attention
-def reference_attention(q, k, v, scale: float, causal: bool = True) -> mx.array:
-    return mx.fast.scaled_dot_product_attention(
-        q, k, v, scale=scale, mask="causal" if causal else None)
+def segment_starts(segments: mx.array) -> mx.array:
+    """int32 [..., T]: the index where each token's run of equal segment ids begins."""
+    idx = mx.arange(segments.shape[-1], dtype=mx.int32)
+    first = mx.ones((*segments.shape[:-1], 1), dtype=mx.bool_)
+    new_run = mx.concatenate([first, segments[..., 1:] != segments[..., :-1]], axis=-1)
+    return mx.cummax(mx.where(new_run, idx, 0), axis=-1)
+
+
+def reference_attention(q, k, v, scale: float, causal: bool = True, segments: mx.array | None = None) -> mx.array:
+    if segments is None:
+        return mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=scale, mask="causal" if causal else None)
+    # block-diagonal causal: key j is visible to query i iff start(i) <= j <= i
+    idx = mx.arange(q.shape[2])
+    visible = (idx[None, :] <= idx[:, None]) & (idx[None, None, :] >= segment_starts(segments)[..., None])
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=visible[:, None])
 
 
 def _attention_supported(q, k, v) -> bool:
@@ -101,19 +115,30 @@ def _attention_supported(q, k, v) -> bool:
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
-              causal: bool = True) -> mx.array:
+              causal: bool = True, segments: mx.array | None = None) -> mx.array:
     """softmax(scale * q k^T [+ causal mask]) v with grouped-query heads.
 
     q [B, H, T, D], k/v [B, Hkv, S, D], H a multiple of Hkv. The causal mask is aligned
     bottom-right (query i sees keys j <= i + S - T), as mx.fast.scaled_dot_product_attention
     with mask="causal". Computed in float32; the result has q's dtype.
+
+    `segments` (packed sequences; causal, S == T): integer ids [B, T]; query i then sees only
+    the keys j <= i of its own run of equal ids (block-diagonal causal). The fused kernel
+    skips the other runs' keys; the fallback passes the equivalent boolean mask to
+    mx.fast.scaled_dot_product_attention.
     """
+    if segments is not None and (not causal or tuple(segments.shape) != (q.shape[0], q.shape[2])
+                                 or k.shape[2] != q.shape[2]):
+        raise ValueError(f"attention: segment ids {segments.shape} need causal attention with "
+                         f"ids [B, T] for q {q.shape} and as many keys as queries (k {k.shape})")
     ext = _ext()
     if ext is None or not _attention_supported(q, k, v):
-        return reference_attention(q, k, v, scale, causal)
+        return reference_attention(q, k, v, scale, causal, segments)
     dtype = q.dtype
     f32 = [a.astype(mx.float32) for a in (q, k, v)]
-    return ext.attention(*f32, float(scale), bool(causal)).astype(dtype)
+    if segments is None:
+        return ext.attention(*f32, float(scale), bool(causal)).astype(dtype)
+    return ext.attention(*f32, float(scale), True, segments.astype(mx.int32)).astype(dtype)
 
 
 # ------------------------------------------------------------------------------- swiglu

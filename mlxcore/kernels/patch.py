@@ -7,6 +7,8 @@ names in the module that defines `model`'s class to wrappers that take the fast 
 when it applies (CPU default device, no KV cache, causal or no mask, no attention sinks) and
 call mlx-lm's original otherwise, so generation with a cache, GPUs and Metal are unchanged.
 The arithmetic is the same function; tests hold the results to float32 rounding.
+Inside `mlxcore.models.segments.packed(...)` (packed SFT batches) the attention wrapper computes
+attention within each packed row instead, on every device; `use_segments(model)` sets that up.
 
 This rebinds mlx-lm internals, so an upstream rename would only make training slower. Hence:
 `use_fast_kernels` warns (`KernelPatchWarning`) when a module in `EXPECTED` lacks a name it
@@ -25,6 +27,7 @@ import warnings
 import mlx.nn as nn
 
 from mlxcore import kernels
+from mlxcore.models import segments
 
 ATTENTION, SWIGLU = "scaled_dot_product_attention", "swiglu"
 # The parameters each wrapper takes and passes on: those of mlx_lm.models.base /.activations.
@@ -42,6 +45,8 @@ class KernelPatchWarning(UserWarning):
 
 def _wrap_attention(original):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if segments.current() is not None:  # a packed batch: each row attends to itself only
+            return segments.attention(queries, keys, values, scale, mask, cache, sinks)
         plain_mask = mask is None or (isinstance(mask, str) and mask == "causal")
         if cache is None and sinks is None and plain_mask and kernels.available():
             return kernels.attention(queries, keys, values, scale, causal=mask is not None)
@@ -93,15 +98,20 @@ def _mlx_lm_version() -> str:
         return "?"
 
 
+def _model_module(model: nn.Module) -> str:
+    name = type(model).__module__
+    if not name.startswith("mlx_lm.models.") and hasattr(model, "model"):  # a wrapper (a reward model's decoder)
+        name = type(model.model).__module__
+    return name
+
+
 def use_fast_kernels(model: nn.Module) -> bool:
     """Patch the model's mlx-lm module (once per process); True if anything was patched.
 
     Warns (`KernelPatchWarning`) when a module of `EXPECTED` lacks a name, or a name's
     signature is not mlx-lm's as the wrappers know it.
     """
-    name = type(model).__module__
-    if not name.startswith("mlx_lm.models.") and hasattr(model, "model"):  # a wrapper (a reward model's decoder)
-        name = type(model.model).__module__
+    name = _model_module(model)
     module = sys.modules.get(name)
     if module is None or name in _PATCHED or not name.startswith("mlx_lm.models."):
         return name in _PATCHED
@@ -112,6 +122,19 @@ def use_fast_kernels(model: nn.Module) -> bool:
         setattr(module, SWIGLU, _wrap_swiglu(originals[1]))
     _PATCHED[name] = originals
     return any(o is not None for o in originals)
+
+
+def use_segments(model: nn.Module) -> None:
+    """Make `model` compute packed batches row by row (`mlxcore.models.segments`): the attention
+    wrapper bound in its mlx-lm module and per-token RoPE positions. Cheap when already done.
+    Raises ValueError for a model whose attention the wrapper cannot reach (packing would
+    silently mix rows)."""
+    use_fast_kernels(model)
+    name = _model_module(model)
+    if name not in EXPECTED or _PATCHED.get(name, (None,))[0] is None:
+        raise ValueError(f"packing needs mlx-lm's attention hook, bound for {', '.join(sorted(EXPECTED))}; "
+                         f"{name} is not one of them (or its attention could not be patched)")
+    segments.enable(model)
 
 
 def restore_all() -> None:

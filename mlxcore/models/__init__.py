@@ -8,4 +8,5 @@ attach LoRA/DoRA/QLoRA adapters, save/load/fuse checkpoints, recompute activatio
     layout.py      what makes a dir a model dir or an adapter dir (the one place)
     generate.py    chat-template loading, sampling, replies
     remat.py       gradient checkpointing every N layers
+    segments.py    packed SFT rows in mlx-lm's decoders: attention within each row, positions from 0
 """

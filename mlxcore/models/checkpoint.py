@@ -24,7 +24,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxcore.models import adapters
+from mlxcore import lineage as lineages
+from mlxcore.models import adapters, card
 from mlxcore.data.tokenizer import copy_files
 from mlxcore.io import atomic_dir, write_json, write_manifest
 from mlxcore.models.model import load as load_model
@@ -86,10 +87,12 @@ def save(
     return Path(path)
 
 
-def finalize(src: str | Path, final: str | Path, extra_state: dict) -> Path:
-    """Publish checkpoint `src` as the final model dir, atomically, with a manifest.
+def finalize(src: str | Path, final: str | Path, extra_state: dict, lineage: dict | None = None) -> Path:
+    """Publish checkpoint `src` as the final model dir, atomically, with a manifest and a model card.
 
     Files are hard-linked (copied across filesystems), so a 400 MB model is not written twice.
+    `lineage` ({"sources", "licenses", "base_model"}: `mlxcore.lineage`) goes into the manifest;
+    the README.md model card is written after it (not part of the digest; `mlxcore.models.card`).
     """
     src = Path(src)
     with atomic_dir(final, replace=True) as tmp:
@@ -102,7 +105,9 @@ def finalize(src: str | Path, final: str | Path, extra_state: dict) -> Path:
         state = json.loads((src / TRAINER_STATE).read_text()) | extra_state
         write_json(tmp / TRAINER_STATE, state)
         kind, cfg_file = ("adapter", adapters.ADAPTER_CONFIG) if adapters.is_adapter_dir(src) else ("checkpoint", "config.json")
-        write_manifest(tmp, kind, json.loads((src / cfg_file).read_text()), step=state["step"])
+        write_manifest(tmp, kind, json.loads((src / cfg_file).read_text()), step=state["step"],
+                       **(lineages.fields(lineage) if lineage is not None else {}))
+        card.write_card(tmp, title=Path(final).parent.name)
     return Path(final)
 
 

@@ -10,7 +10,9 @@ The segment's first layer is given a call that runs the whole segment, and the o
 the segment pass their input through; this is done by swapping each instance's class for a
 subclass, so parameter names, saving and loading are untouched. The layers' trainable
 parameters are explicit inputs of the checkpointed function, because a recomputation only
-differentiates with respect to its inputs.
+differentiates with respect to its inputs. A packed batch's segment ids (`segments`) are read when
+the graph is built; the recomputation happens after the forward's context has closed, so it
+re-enters the forward's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlxcore.models import segments
 
 
 def _segment_call(segment: list[nn.Module], base_calls: list):
@@ -31,7 +35,16 @@ def _segment_call(segment: list[nn.Module], base_calls: list):
 
     def call(self, x, *args, **kwargs):
         outer = [layer.trainable_parameters() for layer in segment]
-        out = checkpointed(outer, x, *args, **kwargs)
+        state = segments.current()
+        if state is None:
+            out = checkpointed(outer, x, *args, **kwargs)
+        else:  # a packed batch: the backward's recomputation must see the same rows
+
+            def run_packed(*a, **k):
+                with segments.restored(state):
+                    return run(*a, **k)
+
+            out = mx.checkpoint(run_packed)(outer, x, *args, **kwargs)
         for layer, p in zip(segment, outer):  # leave the outer (traced) params in place
             layer.update(p)
         return out

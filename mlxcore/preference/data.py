@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mlxcore import lineage
 from mlxcore.data import records
 from mlxcore.data import tokenizer as tokenizers
 from mlxcore.data.inputs import SPLITS, resolve_inputs
@@ -205,7 +206,8 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, out_dir: str | Path, *, 
                                   splits=counts, stats={"rows": 0, "truncated": 0, **stats},
                                   skipped={"identical": 0, "no_prompt": 0, **skipped}, skipped_examples=skipped_where,
                                   formats={Path(k).name: v for k, v in file_formats.items()},
-                                  pad_id=tokenizers.special_ids(tok)["pad"] or 0)
+                                  pad_id=tokenizers.special_ids(tok)["pad"] or 0,
+                                  **lineage.fields(lineage.of_inputs(inputs)))
     finally:
         if bar is not None:
             bar.close()

@@ -27,7 +27,7 @@ from mlxcore.preference.batches import PreferenceBatches
 from mlxcore.preference.losses import PreferenceLoss, RewardLoss, sequence_logprobs
 from mlxcore.train import distributed
 from mlxcore.train.callbacks import TrainingCallback
-from mlxcore.train.loop import TrainJob, build_model, fit
+from mlxcore.train.loop import TrainJob, build_model, fit, job_lineage
 
 
 class _Job(BaseModel):
@@ -99,7 +99,8 @@ def run(job: PreferenceJob, callback: TrainingCallback | None = None) -> dict:
     model, config, adapter_config = build_model(base, tok["vocab_size"], tok["special_ids"])
     train, val = _batches(job, data["pad_id"], rank, refs)
     return fit(model, config, job.train, train, val, job.out_dir, loss=loss, tokenizer_dir=job.tokenizer_dir,
-               callback=callback, adapter_config=adapter_config, group=group)
+               callback=callback, adapter_config=adapter_config, group=group,
+               lineage=job_lineage(job.data_dir, job.init_from))
 
 
 def run_reward(job: RewardJob, callback: TrainingCallback | None = None) -> dict:
@@ -113,7 +114,8 @@ def run_reward(job: RewardJob, callback: TrainingCallback | None = None) -> dict
     train, val = _batches(job, data["pad_id"], rank, None)
     return fit(model, config, job.train, train, val, job.out_dir,
                loss=RewardLoss(data["rows"], job.margin, job.dense_weight),
-               tokenizer_dir=job.tokenizer_dir, callback=callback, group=group)
+               tokenizer_dir=job.tokenizer_dir, callback=callback, group=group,
+               lineage=job_lineage(job.data_dir, job.init_from))
 
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, *, reference_dir: str | Path | None = None,

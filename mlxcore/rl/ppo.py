@@ -38,6 +38,16 @@ trainer, whose conventions are followed where the papers leave a choice):
   in the run's state file between iterations.
 
 Changed, and why:
+- The first critic's head starts at zero (`critic_zero_head`, what `iteration.run_update` passes
+  for the first iteration), on the reward model's decoder and on the policy's alike: the reward
+  model's prefix scores are not values of the final reward, and a fresh random head's values
+  (std ~0.2 on the sums' 128-wide model) are noise in every advantage of the first update.
+- Reward scale: a learned reward model's logits (here spread ~3.4, margins of 6+) are put on a
+  unit scale by the `reward_model` term's `normalize` (its mean and std on the starting policy's
+  samples) before they reach PPO, so `kl_coef` and `cliprange_value` mean the same whatever the
+  model. TRL's value clip of 0.2 lets a value move at most 0.2 per update towards returns of order
+  1; the sums' tests use `cliprange_value: 10` (in effect unclipped) so that the critic can follow
+  within their 5 iterations.
 - Old log-probs come from the rollout (the rows' `old_logprobs`: a forward pass of the rollout
   weights over the sampled tokens, as in `loop.py`), not from a second forward pass here: the
   ratio is exactly 1 on the first step without recomputing them.
@@ -103,9 +113,10 @@ def load_critic(critic_or_reward_dir: str | Path | None, policy_dir: str | Path,
     from mlxcore.preference import reward
 
     if critic_or_reward_dir is None:
-        return reward.from_base(policy_dir, pad_id, seed=seed)
-    model, config = reward.load(critic_or_reward_dir)
-    if zero_head:
+        model, config = reward.from_base(policy_dir, pad_id, seed=seed)
+    else:
+        model, config = reward.load(critic_or_reward_dir)
+    if zero_head:  # also the fresh head: its random values (std ~0.2 here) would be noise in every advantage
         model.score.weight = mx.zeros_like(model.score.weight)
     model.train()
     return model, config

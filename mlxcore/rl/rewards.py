@@ -44,7 +44,12 @@ fields) is the weighted sum of the terms of `RLConfig.rewards` (`RewardSpec`: na
   judge            the LLM judge (`mlxcore.rl.judge`, configured by `RLConfig.judge`): score / max_score.
                    A sample the judge could not score gets None (and so does its total reward).
   reward_model     the learned reward model of `RLConfig.reward_model` (mlxcore.preference.reward):
-                   its score of (prompt messages, completion). args: batch_size (16).
+                   its score of (prompt messages, completion). args: batch_size (16); normalize
+                   ({mean, std}: the score becomes (score - mean) / std, e.g. the model's statistics
+                   on the starting policy's samples, so the reward, the KL coefficient and a PPO
+                   critic's value clipping work on a unit scale whatever the model's logit scale);
+                   clip (c > 0: the (normalized) score is clipped to [-c, c], so samples far outside
+                   what the model was trained on cannot earn unbounded reward).
 
 A name may appear twice (e.g. two `format` patterns): the second term's key in `rewards` is
 "format:2", the third "format:3", and so on.
@@ -559,9 +564,11 @@ class Scorer:
                 term.kind, term.file = "reward_model", f"reward model {self.reward_model}"
                 if self.reward_model is None:
                     raise RewardError("rewards: a `reward_model` term needs `reward_model:` (a reward model dir)")
-                unknown = sorted(set(args) - {"batch_size"})
+                unknown = sorted(set(args) - {"batch_size", "normalize", "clip"})
                 if unknown:
-                    raise RewardError(f"reward 'reward_model': unknown args {unknown} (it takes: batch_size)")
+                    raise RewardError(f"reward 'reward_model': unknown args {unknown} (it takes: batch_size, "
+                                      "normalize, clip)")
+                _check_reward_model_args(args)
             elif name in user:
                 term.kind, term.fn, term.file = "user", user[name], str(self.rewards_file)
                 _user_term(term)
@@ -716,7 +723,34 @@ class Scorer:
                                   f"{samples[0].id} .. {samples[-1].id} from {samples[0].where}",
                                   file=term.file, function="reward_model", sample_id=samples[0].id,
                                   where=samples[0].where) from e
-        return [self._checked(term, s, v) for s, v in zip(samples, scores)]
+        return [self._checked(term, s, _transform_score(v, term.args)) for s, v in zip(samples, scores)]
+
+
+def _check_reward_model_args(args: Mapping[str, Any]) -> None:
+    """`normalize: {mean, std > 0}` and `clip > 0` of a `reward_model` term, checked when the scorer is built."""
+    norm = args.get("normalize")
+    if norm is not None:
+        if not isinstance(norm, Mapping) or set(norm) != {"mean", "std"}:
+            raise RewardError(f"reward 'reward_model': normalize must be {{mean: ..., std: ...}}, got {norm!r}")
+        if not all(_finite(norm[k]) for k in ("mean", "std")) or norm["std"] <= 0:
+            raise RewardError(f"reward 'reward_model': normalize needs a finite mean and std > 0, got {dict(norm)}")
+    clip = args.get("clip")
+    if clip is not None and (not _finite(clip) or clip <= 0):
+        raise RewardError(f"reward 'reward_model': clip must be a number > 0, got {clip!r}")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _transform_score(score: float, args: Mapping[str, Any]) -> float:
+    """A reward model's score through the term's `normalize` and `clip` (see the module doc)."""
+    norm, clip = args.get("normalize"), args.get("clip")
+    if norm is not None:
+        score = (score - norm["mean"]) / norm["std"]
+    if clip is not None:
+        score = min(max(score, -clip), clip)
+    return score
 
 
 def _spec_fields(spec: Any) -> tuple[str, Any, Mapping[str, Any]]:

@@ -28,12 +28,14 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from pydantic import BaseModel, ConfigDict
 
+from mlxcore import lineage as lineages
 from mlxcore.models import adapters
 from mlxcore.train import distributed, losses, optimizers
 from mlxcore.models import checkpoint as ckpt, remat
 from mlxcore.train.callbacks import TrainingCallback
 from mlxcore.config import ModelConfig, TrainConfig
 from mlxcore.data.loader import open_batches
+from mlxcore.data.packing import open_packed
 from mlxcore.train.losses import Loss
 from mlxcore.io import clean_stale_tmp, dir_digest, is_complete, read_manifest, sha256_file
 from mlxcore.models.model import from_config, hf_config, num_params
@@ -81,6 +83,7 @@ def fit(
     callback: TrainingCallback | None = None,
     adapter_config: dict | None = None,
     group=None,
+    lineage: dict | None = None,
 ) -> dict:
     """Train `model` (its trainable parameters) for `cfg.steps` optimizer steps; resume if possible.
 
@@ -90,7 +93,8 @@ def fit(
     carry state, which is kept), and the batches come from `train_batches.next(cursor)`. Every
     objective gets the same schedule, clipping, accumulation, checkpoints and exact resume.
     With a data-parallel `group` every rank runs this with its own slice of each batch; only
-    rank 0 reports and writes checkpoints.
+    rank 0 reports and writes checkpoints. `lineage` (`job_lineage`: the data's sources and licenses,
+    the base model) goes into the final model's manifest and model card.
     """
     out = Path(out_dir)
     final_dir, ckpt_root = out / "model", out / "checkpoints"
@@ -204,7 +208,7 @@ def fit(
         return _result(final_dir, state | {"final_val_loss": val, "final_train_loss": train_loss},
                        num_params(model), trainable, resumed_from=str(resumed) if resumed else None)
     ckpt.finalize(last, final_dir, {"final_val_loss": val, "final_train_loss": train_loss,
-                                    "params": num_params(model), "trainable_params": trainable})
+                                    "params": num_params(model), "trainable_params": trainable}, lineage=lineage)
     state = json.loads((final_dir / ckpt.TRAINER_STATE).read_text())
     result = _result(final_dir, state, num_params(model), trainable, resumed_from=str(resumed) if resumed else None)
     cb.on_event("end", result)
@@ -237,7 +241,17 @@ def _result(final_dir: Path, state: dict, params: int | None, trainable: int | N
         "elapsed_s": state["elapsed_s"],
         "tok_per_s": state["tokens"] / max(state["elapsed_s"], 1e-9),
         "resumed_from": resumed_from,
+        **({"mixture": state["cursor"]["sources"]} if "sources" in (state.get("cursor") or {}) else {}),
     }
+
+
+def job_lineage(data_dir: str | Path | None, init_from: str | Path | None, extra: dict | None = None) -> dict:
+    """What a training job's model comes from: its data's lineage, its starting model's, `extra`'s."""
+    lin = lineages.merge(lineages.of_dir(data_dir) if data_dir else None,
+                         lineages.of_model(init_from) if init_from else None, extra)
+    if init_from:
+        lin["base_model"] = lineages.model_name(init_from)
+    return lin
 
 
 def _check_same_tokenizer(init_from: Path, tokenizer_dir: Path) -> None:
@@ -283,15 +297,23 @@ def run(job: TrainJob, callback: TrainingCallback | None = None) -> dict:
     data = read_manifest(job.data_dir, "tokens")
     if data["vocab_size"] != tok["vocab_size"]:
         raise ValueError(f"{job.data_dir} was tokenized with {data['vocab_size']} tokens, the tokenizer has {tok['vocab_size']}")
+    if cfg.pack and "mixture" in data:  # packing draws from one dataset: it would ignore the weights
+        raise ValueError(f"{job.data_dir} is a weighted mixture: pack is not available on a mixture yet; set pack: false")
     group = distributed.init(cfg.world_size)
     rank = group.rank() if group is not None else 0
     model, config, adapter_config = build_model(job, tok["vocab_size"], tok["special_ids"])
     pad = tok["special_ids"]["pad"] or 0
     buckets = dict(bucket=cfg.bucket, bucket_window=cfg.bucket_window, pad_multiple=cfg.pad_multiple)
-    train = open_batches(job.data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, pad_id=pad,
-                         rank=rank, world=cfg.world_size, **buckets)
+    if cfg.pack:  # SFT rows packed into seq_len sequences (mlxcore.data.packing)
+        train = open_packed(job.data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, pad_id=pad,
+                            rank=rank, world=cfg.world_size)
+    else:
+        train = open_batches(job.data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, pad_id=pad,
+                             rank=rank, world=cfg.world_size, **buckets)
+    if hasattr(train, "check_budget"):  # a mixture: fail before the first step if a source's epochs run out
+        train.check_budget(cfg.steps * cfg.grad_accum)
     # held-out batches are global batches (the same data whatever the world size); ranks share them out
     val = open_batches(job.data_dir, "val", cfg.batch_size * cfg.world_size, cfg.seq_len, shuffle=False, pad_id=pad,
                        pad_multiple=cfg.pad_multiple, shrink=True)
     return fit(model, config, cfg, train, val, job.out_dir, tokenizer_dir=tok_dir, callback=callback,
-               adapter_config=adapter_config, group=group)
+               adapter_config=adapter_config, group=group, lineage=job_lineage(job.data_dir, job.init_from))

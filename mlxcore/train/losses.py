@@ -16,6 +16,10 @@ trainer divides by the token count of the whole step, so every token weighs the 
 
 All three give the same loss and gradients up to float32 summation order (tests hold them to
 1e-5 relative).
+
+A packed SFT batch (`mlxcore.data.packing`) carries segment ids as a fourth array; the model
+then runs inside `segments.packed(ids)`, so every row attends to itself only with positions
+from 0, and each row's loss is its unpacked loss.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxcore import kernels
+from mlxcore.kernels.patch import use_segments
+from mlxcore.models import segments as packing
 
 
 def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
@@ -119,7 +125,7 @@ class Loss:
 
     `prepare` turns a host batch `(inputs, targets, mask)` of numpy arrays into the arrays the
     loss takes: the same three when dense, `(inputs, positions, targets_at, weights)` when
-    sparse.
+    sparse; a packed batch's segment ids (a fourth host array) come last in both.
     """
 
     chunk: int = 0
@@ -130,10 +136,10 @@ class Loss:
         """Positions a host batch feeds the model (padding included): what tok/s counts."""
         return batch[0].size
 
-    def prepare(self, batch: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
-        inputs, targets, mask = batch
+    def prepare(self, batch: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        inputs, targets, mask, *segment_ids = batch
         if not self.sparse:
-            return inputs, targets, mask
+            return inputs, targets, mask, *segment_ids
         flat_mask = np.asarray(mask, dtype=np.float32).reshape(-1)
         where = np.flatnonzero(flat_mask)
         size = max(self.pad_multiple, -(-len(where) // self.pad_multiple) * self.pad_multiple)
@@ -141,9 +147,19 @@ class Loss:
         positions[: len(where)] = where
         weights = np.zeros(size, dtype=np.float32)
         weights[: len(where)] = flat_mask[where]
-        return inputs, positions, np.asarray(targets).reshape(-1)[positions].astype(np.int32), weights
+        return inputs, positions, np.asarray(targets).reshape(-1)[positions].astype(np.int32), weights, *segment_ids
 
-    def __call__(self, model: nn.Module, inputs: mx.array, a: mx.array, b: mx.array, c: mx.array | None = None):
+    def __call__(self, model: nn.Module, inputs: mx.array, *arrays: mx.array):
+        n = 3 if self.sparse else 2  # (positions, targets, weights) or (targets, mask)
+        if len(arrays) not in (n, n + 1):
+            raise TypeError(f"Loss(sparse={self.sparse}) takes inputs and {n} arrays (+ segment ids), got {1 + len(arrays)}")
+        segment_ids = arrays[n] if len(arrays) > n else None
+        if segment_ids is not None:
+            use_segments(model)
+        with packing.packed(segment_ids):
+            return self._sum(model, inputs, *arrays[:n])
+
+    def _sum(self, model: nn.Module, inputs: mx.array, a: mx.array, b: mx.array, c: mx.array | None = None):
         if not self.sparse:
             targets, mask = a, b
             if not self.chunk:

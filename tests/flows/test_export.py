@@ -133,3 +133,6 @@ def test_the_export_flow_pushes_gguf_and_mlx_to_the_hub_with_the_token_from_the_
     assert remote["mlx-8bit/model.safetensors"] == (mlx / "model.safetensors").read_bytes()
     assert {c["authorization"] for c in hub.api_calls} == {"Bearer hf_write_token_for_tests"}
     assert len(out["pushed"]["commits"]) == 2 and not any(p.endswith("manifest.json") for p in remote)  # ours stay home
+    # the model card travels with the weights: the GGUF's at the top, the MLX export's beside it
+    assert b"library_name: gguf" in remote["README.md"] and b"license: mit" in remote["README.md"]
+    assert b"library_name: mlx" in remote["mlx-8bit/README.md"]

@@ -41,7 +41,8 @@ def _config(tmp_path, *sets):
     return load_config(REPO / "configs/smoke.yaml", [
         f"out_dir={tmp_path / 'runs'}", "data.sft.train=[gsm8k:train]", "data.sft.val_max_rows=16", "sft.seq_len=64",
         "pretrain.steps=5", "pretrain.eval_every=0", "pretrain.save_every=0", "sft.steps=4", "sft.eval_every=0",
-        "sft.save_every=0", "sft.warmup_steps=1", "sample.num_prompts=1", "sample.max_tokens=4", "bench=null", *sets],
+        "sft.save_every=0", "sft.warmup_steps=1", "sample.num_prompts=1", "sample.max_tokens=4", "bench=null",
+        "export=null", *sets],
         cls=PipelineConfig)
 
 
@@ -55,6 +56,15 @@ def test_pipeline_downloads_gsm8k_from_the_hub_then_runs_offline_from_its_cache(
     dl, = (tmp_path / "runs/smoke").glob("download-*")
     source = read_manifest(dl)["source"]
     assert source["revision"] == commit and source["size"] == len(data) and source["repo"] == GSM8K_REPO
+    assert read_manifest(dl)["license"] == "mit"  # gsm8k:train is the catalog's gsm8k-train
+    # the final model's card: GSM8K (MIT) and the synthetic pretraining text (mlxflow's own, MIT)
+    from huggingface_hub import ModelCard
+
+    final = state.result()["checkpoint"]
+    card = ModelCard.load(f"{final}/README.md")
+    assert card.data.license == "mit" and card.data.datasets == [GSM8K_REPO] and card.data.library_name == "mlx"
+    assert {s["name"] for s in read_manifest(final)["sources"]} == {"gsm8k-train", "mlxflow-synthetic"}
+    assert "## Held-out evaluation" in card.text
     pre = next(d for d in (tmp_path / "runs/smoke").glob("pretokenize-*") if read_manifest(d)["task"] == "sft")
     m = read_manifest(pre)
     assert m["formats"] == {"train-00000-of-00001.parquet": "gsm8k"} and m["stats"]["rows"] == 300

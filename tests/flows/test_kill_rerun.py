@@ -31,17 +31,16 @@ def _writing(run: Path, pattern: str) -> bool:
     return any(run.glob(pattern))
 
 
-MOMENTS = [  # (name, predicate on <out>/smoke), in pipeline order
+MOMENTS = [  # (name, predicate on <out>/smoke), in pipeline order; one of each kind per stage family
+    # (the other finalized stages -- the second pretokenize, sample -- go through the same code as eval's)
     ("data being written", lambda r: _writing(r, ".tmp-data-*")),
     ("tokenizer finalized", lambda r: _done(r, "tokenizer-*")),
     ("pretokenize being written", lambda r: _writing(r, ".tmp-pretokenize-*")),
-    ("both pretokenize finalized", lambda r: len(list(r.glob("pretokenize-*/manifest.json"))) == 2),
     ("pretrain mid-training", lambda r: any(r.glob("pretrain-*/checkpoints/step-*/trainer_state.json"))),
     ("pretrain finalized", lambda r: _done(r, "pretrain-*/model")),
     ("sft checkpoint being written", lambda r: _writing(r, "sft-*/checkpoints/.tmp-*")),
     ("sft finalized", lambda r: _done(r, "sft-*/model")),
     ("eval finalized", lambda r: _done(r, "eval-*")),
-    ("sample finalized", lambda r: _done(r, "sample-*")),
     ("bench answers finalized", lambda r: any(p.parent.name.split("-")[1] != "report"
                                               for p in r.glob("bench-*/manifest.json"))),
     ("bench report finalized", lambda r: _done(r, "bench-report-*")),
@@ -61,7 +60,7 @@ def test_killed_at_every_stage_and_rerun_ends_identical_with_nothing_stale(smoke
         if r["killed"]:
             killed.append(name)
         print(f"{name:28s} {'killed' if r['killed'] else 'ran to the end'} after {r['seconds']:.1f} s")
-    assert len(killed) >= 8, killed  # a moment missed (a temp dir too brief to see) is tolerated, not many
+    assert len(killed) >= 7, killed  # a moment missed (a temp dir too brief to see) is tolerated, not many
     final = run_pipeline(out, {**base, "PREFECT_HOME": str(tmp_path / "fresh-home-final")}, log=log)
     assert final["rc"] == 0 and not final["killed"], log.read_text()[-3000:]
     assert "training failed" not in log.read_text()

@@ -68,6 +68,13 @@ def test_pipeline_trains_and_reports(first_run):
     ckpt = result["checkpoint"]
     assert read_manifest(ckpt)["kind"] == "checkpoint" and ckpt.startswith(str(root / config.name / "sft-"))
     assert len(result["samples"]["samples"]) == config.sample.num_prompts
+    # the final model's card: the synthetic data's license, the held-out losses and the bench beside random
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(Path(ckpt) / "README.md")
+    assert card.data.license == "mit" and card.data.library_name == "mlx" and "mlxflow-synthetic" in card.text
+    assert "## Held-out evaluation" in card.text and "| overall |" in card.text and "random" in card.text
+    assert "README.md" not in read_manifest(ckpt)["files"]
 
 
 def test_data_and_training_tasks_publish_progress_and_metrics_artifacts(first_run):

@@ -199,10 +199,13 @@ def test_the_same_iterations_without_the_update_stay_flat(arithmetic, warm, tmp_
 @pytest.mark.parametrize("loss,update", [
     ("dapo", {}), ("dr_grpo", {}), ("gspo", {}), ("rloo", {})])
 def test_each_grpo_variant_raises_held_out_reward_by_20_points(arithmetic, warm, tmp_path, loss, update):
-    """DAPO, Dr. GRPO, GSPO and RLOO on the GSM8K-format sums, from the warm policy. The control
-    (the same iterations with the update off) is test_the_same_iterations_without_the_update_stay_flat."""
-    config = rl_config(arithmetic, tmp_path, policy=warm, warmup=None, update={"loss": loss, **update})
-    history = _iterate(config, 5)[-1]["history"]
+    """DAPO, Dr. GRPO, GSPO and RLOO on the GSM8K-format sums, from the warm policy, in 4 iterations
+    (grpo's test runs 5; at 3 the measured gains were +0.32 dapo, +0.25 dr_grpo, +0.21 gspo, +0.23
+    rloo: too close to the bar for a test). The control (the same iterations with the update off) is
+    test_the_same_iterations_without_the_update_stay_flat: its policy never changes, so it is flat
+    after 4 iterations as after 5."""
+    config = rl_config(arithmetic, tmp_path, policy=warm, warmup=None, iterations=4, update={"loss": loss, **update})
+    history = _iterate(config, 4)[-1]["history"]
     start, end = held_out_reward(arithmetic, warm, tmp_path), held_out_reward(arithmetic, history[-1]["checkpoint"], tmp_path)
     print(f"{loss}: held-out mean reward {start:.3f} -> {end:.3f}")
     assert end - start >= 0.20 and all(h["steps"] > 0 for h in history)

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from mlxcore.config import (MODEL_PRESETS, BenchRunConfig, BenchTarget, ConfigError, DistillConfig, EvalConfig,
-                            ExportRunConfig, FinetuneConfig, HubPushConfig, ModelConfig, PipelineConfig, PreferenceRunConfig, RewardModelRunConfig, RLConfig, load_config, spec,
+                            ExportRunConfig, FinetuneConfig, HubPushConfig, ModelConfig, SourceConfig, PipelineConfig, PreferenceRunConfig, RewardModelRunConfig, RLConfig, load_config, spec,
                             with_overrides)
 
 from tests.conftest import REPO
@@ -121,6 +121,8 @@ def _example(t):
         return {"kind": "random", "name": "another"}
     if t is HubPushConfig:
         return {"repo_id": "owner/name"}
+    if t is SourceConfig:  # train or sources, one of the two: neither is required alone
+        return {"train": ["x.jsonl"]}
     if isinstance(t, type) and issubclass(t, BaseModel):
         return {name: _example(f.annotation) for name, f in t.model_fields.items() if f.is_required()}
     if typing.get_origin(t) is typing.Literal:
@@ -140,6 +142,8 @@ def _context(key: str, model_dir: Path, distill: bool = False) -> list[str]:
         return [f"{section}.{'alpha' if key.endswith('scale') else 'scale'}=null"]
     if key == "train.fine_tune_type" and distill:  # distill: adapters need a base model
         return [f"student.init_from={model_dir}"]
+    if key.endswith(".sources"):  # a mixture replaces train / val: one instead of them, in both runs
+        return [f"{section}.train=[]", f"{section}.val=[]", f"{section}.sources=[{{spec: other.jsonl}}]"]
     return []
 
 

@@ -21,7 +21,7 @@ def _rows(path):
 
 def test_synthetic_examples_are_correct():
     for i in range(400):
-        ex = synthetic.example(0, "t", i, list(synthetic.TASKS))
+        ex = synthetic.example(0, "t", i, ["copy", "sort", "arithmetic", "json"])  # the rest: test_synthetic_mix.py
         body = ex["prompt"].split(":", 1)[1].strip()  # copy: the string on its own line
         if ex["task"] == "copy":
             assert ex["answer"] == body

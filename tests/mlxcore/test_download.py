@@ -75,6 +75,48 @@ def test_hf_spec_downloads_into_the_real_hf_cache_layout(hub, cache, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["hf-cache", "out"]  # no temp dirs left over
 
 
+def test_the_license_comes_from_the_repo_card_else_unknown(hub, cache, tmp_path, monkeypatch):
+    hub.add_file(REPO, "data/train.jsonl", DATA)
+    m = fetch(SPEC, tmp_path / "no-card", backoff_s=0.001)
+    assert m["license"] == "unknown" and m["sources"][0]["license"] == "unknown"
+    commit = hub.add_file(REPO, "README.md", b"---\nlicense: cc-by-sa-4.0\n---\n# data\n", commit="cd" * 20,
+                          lfs=False)  # a new commit: the first fetch cached "no card" for the old one
+    m = fetch(SPEC, tmp_path / "card", backoff_s=0.001)
+    assert m["license"] == "cc-by-sa-4.0" and m["licenses"] == ["cc-by-sa-4.0"]
+    assert m["sources"] == [{"name": REPO, "kind": "dataset", "license": "cc-by-sa-4.0", "spec": SPEC, "repo": REPO,
+                             "path": "data/train.jsonl", "revision": commit}]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: the card from the cache
+    hub.clear_log()
+    assert fetch(SPEC, tmp_path / "offline", backoff_s=0.001)["license"] == "cc-by-sa-4.0" and hub.log == []
+    local = tmp_path / "mine.jsonl"
+    local.write_bytes(DATA)
+    m = fetch(str(local), tmp_path / "local")
+    assert m["license"] == "unknown" and m["sources"] == [{"name": str(local), "kind": "file", "license": "unknown",
+                                                           "files": 1}]
+
+
+def test_a_catalog_hub_file_with_a_column_mapping_is_rewritten_to_our_fields(hub, cache, tmp_path, monkeypatch):
+    from mlxcore.data import catalog
+
+    rows = b"".join(b'{"q": "question %d", "a": "answer %d", "id": %d}\n' % (i, i, i) for i in range(5))
+    hub.add_file(REPO, "qa.jsonl", rows)
+    text = (f"datasets:\n  qa:\n    description: d\n    kind: sft\n    spec: hf:{REPO}/qa.jsonl\n    repo: {REPO}\n"
+            "    format: instruction\n    columns: {prompt: q, response: a}\n    license: cc-by-4.0\n"
+            "  bad:\n    description: d\n    kind: sft\n    spec: hf:owner/name/qa.jsonl\n    repo: owner/name\n"
+            "    format: instruction\n    columns: {prompt: question, response: a}\n    license: mit\n")
+    monkeypatch.setattr(catalog, "load", lambda: catalog.parse(text))
+    m = fetch("catalog:qa", tmp_path / "out", backoff_s=0.001)
+    (path,) = data_files(tmp_path / "out")
+    assert path.name == "qa.jsonl" and m["data_files"] == ["qa.jsonl"] and m["license"] == "cc-by-4.0"
+    assert [__import__("json").loads(x) for x in path.read_text().splitlines()] == [
+        {"prompt": f"question {i}", "response": f"answer {i}"} for i in range(5)]
+    assert (m["catalog"], m["format"], m["columns"]) == ("qa", "instruction", {"prompt": "q", "response": "a"})
+    with pytest.raises(DownloadError) as e:
+        fetch("catalog:bad", tmp_path / "bad", backoff_s=0.001)
+    assert "'catalog:bad'" in str(e.value) and "qa.jsonl: row 1: no column 'question'" in str(e.value)
+    assert "['a', 'id', 'q']" in str(e.value) and not (tmp_path / "bad").exists()
+
+
 def test_refetch_uses_the_cache_online_and_offline(hub, cache, tmp_path, monkeypatch):
     commit = hub.add_file(REPO, "data/train.jsonl", DATA)
     first = fetch(SPEC, tmp_path / "a", backoff_s=0.001)
@@ -282,6 +324,10 @@ def test_gsm8k_from_a_hand_built_cache_offline(cache, tmp_path, monkeypatch):
     table = pq.read_table(path)
     assert table.column_names == ["question", "answer"] and table.to_pylist() == rows
     assert blob.read_bytes() == data  # the cache is untouched
+    # gsm8k:train is the catalog's gsm8k-train: its license and name travel in the manifest
+    assert m["license"] == "mit" and m["licenses"] == ["mit"]
+    assert m["sources"] == [{"name": "gsm8k-train", "kind": "dataset", "license": "mit", "spec": "gsm8k:train",
+                             "repo": GSM8K_REPO, "path": "main/train-00000-of-00001.parquet", "revision": commit}]
 
 
 def test_corrupt_cached_blob_is_refused_and_evicted(cache, tmp_path, monkeypatch):
@@ -359,7 +405,7 @@ def test_unknown_prefix(hub, cache, tmp_path, spec, monkeypatch):
     with pytest.raises(DownloadError) as e:
         fetch(spec, tmp_path / "out")
     prefix = spec.split(":")[0]
-    assert f"unknown spec prefix '{prefix}:'; use minimind:, gsm8k:, hf: or a local path" in str(e.value)
+    assert f"unknown spec prefix '{prefix}:'; use minimind:, gsm8k:, hf:, hfds:, catalog: or a local path" in str(e.value)
     assert hub.log == []
 
 

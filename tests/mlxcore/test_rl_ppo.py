@@ -145,6 +145,17 @@ def test_first_ppo_step_has_ratio_one_and_the_loss_is_minus_the_mean_advantage(p
     assert total.item() / n == pytest.approx((aux["policy_loss"].item() + 0.1 * aux["value_loss"].item()) / n, rel=1e-5)
 
 
+def test_a_zero_head_critic_starts_at_zero_values_with_or_without_a_reward_model(policy_dir, reward_dir, rows):
+    """`zero_head` zeroes the head of a reward model's decoder and of a fresh one alike: a fresh
+    random head's values would be noise in every advantage of the first iteration."""
+    prompts, responses = [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows]
+    for source in (None, reward_dir):
+        plain, _ = load_critic(source, policy_dir, 0)
+        assert np.abs(np.concatenate(sequence_values(plain, prompts, responses))).max() > 1e-3
+        zeroed, _ = load_critic(source, policy_dir, 0, zero_head=True)
+        assert np.abs(np.concatenate(sequence_values(zeroed, prompts, responses))).max() == 0.0
+
+
 def test_adaptive_kl_follows_the_target_and_its_state_round_trips():
     ctl = AdaptiveKL(0.2, target=6.0, horizon=10000)
     assert ctl.update(12.0, 256) == pytest.approx(0.2 * (1 + 0.2 * 256 / 10000))  # error clipped to +0.2

@@ -355,6 +355,19 @@ def test_reward_model_term_scores_like_reward_score(test_data, tmp_path):
     model_once = scorer._rm[0]
     scorer.score(samples[:1])
     assert scorer._rm[0] is model_once  # loaded once
+    # normalize: (score - mean) / std; clip bounds it (to [-c, c], after normalizing)
+    mean, std = float(np.mean(want)), float(np.std(want)) / 10
+    normed = Scorer([RewardSpec(name="reward_model", args={"normalize": {"mean": mean, "std": std}})],
+                    reward_model=rm_dir).score(samples)
+    z = [(w - mean) / std for w in want]
+    assert [g["reward"] for g in normed] == pytest.approx(z, abs=1e-3) and max(map(abs, z)) > 1.5
+    clipped = Scorer([RewardSpec(name="reward_model", args={"normalize": {"mean": mean, "std": std}, "clip": 1.5})],
+                     reward_model=rm_dir).score(samples)
+    assert [g["reward"] for g in clipped] == pytest.approx([min(max(v, -1.5), 1.5) for v in z], abs=1e-3)
+    for bad, match in (({"normalize": {"mean": 0.0}}, "normalize must be"), ({"normalize": {"mean": 0, "std": 0}},
+                       "std > 0"), ({"clip": -1}, "clip must be"), ({"scale": 2}, "unknown args")):
+        with pytest.raises(RewardError, match=match):
+            Scorer([RewardSpec(name="reward_model", args=bad)], reward_model=rm_dir)
 
 
 def test_async_rewards_also_run_from_inside_an_event_loop(tmp_path):

@@ -6,6 +6,13 @@
 // kv head h / (H / Hkv). Causal: query i sees keys j <= i + (S - T) (bottom-right aligned,
 // as mx.fast.scaled_dot_product_attention with mask="causal").
 //
+// Segments (packed sequences, causal only, T == S): int32 ids [B, T]; a run of equal ids is
+// one segment, and query i sees only keys j <= i of its own run. Runs are contiguous, so a
+// query's visible keys are one interval [start(i), i], and start(i) never decreases along a
+// row: every block below works on the key columns [start of its first row, limit of its
+// last row), with each row's probabilities zero outside its own interval, so all the
+// reduction-range skipping of the causal case carries over unchanged.
+//
 // The forward processes blocks of BQ query rows: scores for the keys the block can see
 // (S = Q K^T, with K pre-transposed so gemm.h streams contiguous rows), a masked softmax
 // in place, then O = P V. Only the per-row log-sum-exp is saved; the backward recomputes
@@ -14,6 +21,7 @@
 // query heads that share it, so no two threads ever write the same gradient row.
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 
 #include "gemm.h"
@@ -31,11 +39,32 @@ struct Dims {
   int64_t B, H, Hkv, G, T, S, D, Spad, off;
   float scale;
   bool causal;
+  const int32_t* start = nullptr;  // [B, T] first visible key of each query (segments), or null
   // Number of keys query row i may attend (can be <= 0 when T > S and causal).
   int64_t lim(int64_t i) const {
     return causal ? std::min(S, i + off + 1) : S;
   }
+  // First key query row i of batch b may attend.
+  int64_t lo(int64_t b, int64_t i) const {
+    return start ? start[b * T + i] : 0;
+  }
+  // First key column of a block starting at query row i0: its first row's start, rounded
+  // down to a vector boundary so key rows stay at the same offsets modulo W.
+  int64_t first_col(int64_t b, int64_t i0) const {
+    return lo(b, i0) / W * W;
+  }
 };
+
+// start[b, i] = the first index of the run of equal ids that contains i.
+std::vector<int32_t> segment_starts(const int32_t* seg, int64_t B, int64_t T) {
+  std::vector<int32_t> start(B * T);
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t* s = seg + b * T;
+    int32_t* st = start.data() + b * T;
+    for (int64_t i = 0; i < T; ++i) st[i] = (i > 0 && s[i] == s[i - 1]) ? st[i - 1] : int32_t(i);
+  }
+  return start;
+}
 
 Dims make_dims(const mx::array& q, const mx::array& k, float scale, bool causal) {
   Dims d;
@@ -116,29 +145,33 @@ void forward_block(const Dims& d, const float* q, const float* kt, const float* 
   float* O = o + (bh * d.T + i0) * d.D;
   float* L = lse + bh * d.T + i0;
 
-  int64_t kend = std::max<int64_t>(0, d.lim(i0 + bq - 1));
-  int64_t kpad = (kend + W - 1) / W * W;
+  // sbuf holds key columns [kb, kb + width) of the block's score rows.
+  int64_t kb = d.first_col(b, i0);
+  int64_t kend = std::max<int64_t>(kb, d.lim(i0 + bq - 1));
+  int64_t width = (kend - kb + W - 1) / W * W;
   auto all_d = [&](int64_t, int) { return std::pair<int64_t, int64_t>(0, d.D); };
-  if (kpad > 0) gemm(bq, kpad, Q, d.D, 1, Kt, d.Spad, sbuf, kpad, false, all_d);
+  if (width > 0) gemm(bq, width, Q, d.D, 1, Kt + kb, d.Spad, sbuf, width, false, all_d);
 
   float inv[BQ];
   for (int64_t r = 0; r < bq; ++r) {
-    float* row = sbuf + r * kpad;
-    int64_t n = std::max<int64_t>(0, d.lim(i0 + r));
-    if (n == 0) {  // no visible key: output 0, lse -inf (backward treats P as 0)
-      std::fill(row, row + kpad, 0.0f);
+    float* row = sbuf + r * width;
+    int64_t a = d.lo(b, i0 + r) - kb, n = std::max<int64_t>(a, d.lim(i0 + r) - kb);
+    if (n == a) {  // no visible key: output 0, lse -inf (backward treats P as 0)
+      std::fill(row, row + width, 0.0f);
       L[r] = -std::numeric_limits<float>::infinity();
       inv[r] = 0.0f;
       continue;
     }
-    float m = scale_and_max(row, n, d.scale);
-    float sum = exp_and_sum(row, n, kpad, m);
+    std::fill(row, row + a, 0.0f);  // keys of earlier segments
+    float m = scale_and_max(row + a, n - a, d.scale);
+    float sum = exp_and_sum(row + a, n - a, width - a, m);
     L[r] = m + std::log(sum);
     inv[r] = 1.0f / sum;
   }
-  // O = P V over the keys each 4-row group can see (P is 0 beyond a row's own limit).
-  gemm(bq, d.D, sbuf, kpad, 1, V, d.D, O, d.D, false, [&](int64_t i, int mr) {
-    return std::pair<int64_t, int64_t>(0, std::max<int64_t>(0, d.lim(i0 + i + mr - 1)));
+  // O = P V over the keys each 4-row group can see (P is 0 outside a row's own interval).
+  gemm(bq, d.D, sbuf, width, 1, V + kb * d.D, d.D, O, d.D, false, [&](int64_t i, int mr) {
+    int64_t first = d.lo(b, i0 + i) - kb;
+    return std::pair<int64_t, int64_t>(first, std::max<int64_t>(first, d.lim(i0 + i + mr - 1) - kb));
   });
   for (int64_t r = 0; r < bq; ++r) {
     vf s = splat(inv[r]);
@@ -168,21 +201,24 @@ void backward_task(const Dims& d, const float* q, const float* k, const float* k
       const float *Q = q + off_rows, *O = o + off_rows, *dO = dout + off_rows;
       const float* L = lse + bh * d.T + i0;
       float* dQ = dq + off_rows;
-      int64_t kend = std::max<int64_t>(0, d.lim(i0 + bq - 1));
-      int64_t kpad = (kend + W - 1) / W * W;
-      if (kend == 0) {
+      int64_t kb = d.first_col(b, i0);  // the block's key columns: [kb, kend)
+      int64_t kend = std::max<int64_t>(kb, d.lim(i0 + bq - 1));
+      int64_t width = (kend - kb + W - 1) / W * W;
+      if (kend == kb) {
         std::fill(dQ, dQ + bq * d.D, 0.0f);
         continue;
       }
-      gemm(bq, kpad, Q, d.D, 1, Kt, d.Spad, pbuf, kpad, false, all_d);    // scores
-      gemm(bq, kpad, dO, d.D, 1, Vt, d.Spad, dpbuf, kpad, false, all_d);  // dP = dO V^T
+      gemm(bq, width, Q, d.D, 1, Kt + kb, d.Spad, pbuf, width, false, all_d);    // scores
+      gemm(bq, width, dO, d.D, 1, Vt + kb, d.Spad, dpbuf, width, false, all_d);  // dP = dO V^T
       for (int64_t r = 0; r < bq; ++r) {
-        float* p = pbuf + r * kpad;
-        float* dp = dpbuf + r * kpad;
-        int64_t n = std::max<int64_t>(0, d.lim(i0 + r));
+        float* p = pbuf + r * width;
+        float* dp = dpbuf + r * width;
+        int64_t a = d.lo(b, i0 + r) - kb, n = std::max<int64_t>(a, d.lim(i0 + r) - kb);
         float di = dot(dO + r * d.D, O + r * d.D, d.D);  // = sum_j P_ij dP_ij
         vf vs = splat(d.scale), vl = splat(L[r]), vdi = splat(di);
-        int64_t j = 0;
+        std::fill(p, p + a, 0.0f);
+        std::fill(dp, dp + a, 0.0f);
+        int64_t j = a;
         for (; j + W <= n; j += W) {  // P = exp(scale*s - lse), dS = scale * P * (dP - Di)
           vf pv = vexp(load(p + j) * vs - vl);
           store(p + j, pv);
@@ -192,19 +228,20 @@ void backward_task(const Dims& d, const float* q, const float* k, const float* k
           p[j] = sexp(p[j] * d.scale - L[r]);
           dp[j] = p[j] * (dp[j] - di) * d.scale;
         }
-        std::fill(p + n, p + kpad, 0.0f);
-        std::fill(dp + n, dp + kpad, 0.0f);
+        std::fill(p + n, p + width, 0.0f);
+        std::fill(dp + n, dp + width, 0.0f);
       }
       // dV += P^T dO and dK += dS^T Q: rows are keys; key group j0 only gets
       // contributions from query rows i >= j0 - off (the others are masked to 0).
       auto key_rows = [&](int64_t j0, int) {
-        int64_t first = d.causal ? std::clamp<int64_t>(j0 - d.off - i0, 0, bq) : 0;
+        int64_t first = d.causal ? std::clamp<int64_t>(kb + j0 - d.off - i0, 0, bq) : 0;
         return std::pair<int64_t, int64_t>(first, bq);
       };
-      gemm(kend, d.D, pbuf, 1, kpad, dO, d.D, dV, d.D, true, key_rows);
-      gemm(kend, d.D, dpbuf, 1, kpad, Q, d.D, dK, d.D, true, key_rows);
-      gemm(bq, d.D, dpbuf, kpad, 1, K, d.D, dQ, d.D, false, [&](int64_t i, int mr) {  // dQ = dS K
-        return std::pair<int64_t, int64_t>(0, std::max<int64_t>(0, d.lim(i0 + i + mr - 1)));
+      gemm(kend - kb, d.D, pbuf, 1, width, dO, d.D, dV + kb * d.D, d.D, true, key_rows);
+      gemm(kend - kb, d.D, dpbuf, 1, width, Q, d.D, dK + kb * d.D, d.D, true, key_rows);
+      gemm(bq, d.D, dpbuf, width, 1, K + kb * d.D, d.D, dQ, d.D, false, [&](int64_t i, int mr) {  // dQ = dS K
+        int64_t first = d.lo(b, i0 + i) - kb;
+        return std::pair<int64_t, int64_t>(first, std::max<int64_t>(first, d.lim(i0 + i + mr - 1) - kb));
       });
     }
   }
@@ -216,10 +253,11 @@ void check_contiguous(const std::vector<mx::array>& in) {
       throw std::runtime_error("[mlxflow kernels] attention input is not row-contiguous");
 }
 
+// Inputs: (q, k, v, out, lse, dout[, segments]).
 class AttentionVJP : public mx::Primitive {
  public:
-  AttentionVJP(mx::Stream s, float scale, bool causal)
-      : mx::Primitive(s), scale_(scale), causal_(causal) {}
+  AttentionVJP(mx::Stream s, float scale, bool causal, bool segmented)
+      : mx::Primitive(s), scale_(scale), causal_(causal), segmented_(segmented) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
     check_contiguous(in);
@@ -227,8 +265,11 @@ class AttentionVJP : public mx::Primitive {
     Dims d = make_dims(in[0], in[1], scale_, causal_);
     enc.dispatch([d, q = in[0].data<float>(), k = in[1].data<float>(), v = in[2].data<float>(),
                   o = in[3].data<float>(), lse = in[4].data<float>(), dout = in[5].data<float>(),
+                  seg = segmented_ ? in[6].data<int32_t>() : nullptr,
                   dq = outs[0].data<float>(), dk = outs[1].data<float>(),
-                  dv = outs[2].data<float>()]() {
+                  dv = outs[2].data<float>()]() mutable {
+      std::vector<int32_t> starts;
+      if (seg) d.start = (starts = segment_starts(seg, d.B, d.T)).data();
       std::vector<float> kt(d.B * d.Hkv * d.D * d.Spad), vt(kt.size());
       transpose_heads(k, kt.data(), d);
       transpose_heads(v, vt.data(), d);
@@ -247,7 +288,7 @@ class AttentionVJP : public mx::Primitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const AttentionVJP&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_;
+    return scale_ == o.scale_ && causal_ == o.causal_ && segmented_ == o.segmented_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
     return {in[0].shape(), in[1].shape(), in[2].shape()};
@@ -255,20 +296,24 @@ class AttentionVJP : public mx::Primitive {
 
  private:
   float scale_;
-  bool causal_;
+  bool causal_, segmented_;
 };
 
+// Inputs: (q, k, v[, segments]).
 class Attention : public mx::Primitive {
  public:
-  Attention(mx::Stream s, float scale, bool causal)
-      : mx::Primitive(s), scale_(scale), causal_(causal) {}
+  Attention(mx::Stream s, float scale, bool causal, bool segmented)
+      : mx::Primitive(s), scale_(scale), causal_(causal), segmented_(segmented) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
     check_contiguous(in);
     auto& enc = begin_eval(stream(), in, outs);
     Dims d = make_dims(in[0], in[1], scale_, causal_);
     enc.dispatch([d, q = in[0].data<float>(), k = in[1].data<float>(), v = in[2].data<float>(),
-                  o = outs[0].data<float>(), lse = outs[1].data<float>()]() {
+                  seg = segmented_ ? in[3].data<int32_t>() : nullptr,
+                  o = outs[0].data<float>(), lse = outs[1].data<float>()]() mutable {
+      std::vector<int32_t> starts;
+      if (seg) d.start = (starts = segment_starts(seg, d.B, d.T)).data();
       std::vector<float> kt(d.B * d.Hkv * d.D * d.Spad);
       transpose_heads(k, kt.data(), d);
       int64_t items = d.B * d.H * ((d.T + BQ - 1) / BQ);
@@ -289,13 +334,15 @@ class Attention : public mx::Primitive {
     auto s = stream();
     // The lse output is internal (never returned to Python), so its cotangent is zero.
     auto dout = mx::contiguous(mx::astype(cotangents[0], mx::float32, s), false, s);
+    std::vector<mx::array> in = {primals[0], primals[1], primals[2], outputs[0], outputs[1], dout};
+    if (segmented_) in.push_back(primals[3]);
     auto grads = mx::array::make_arrays(
         {primals[0].shape(), primals[1].shape(), primals[2].shape()},
         {mx::float32, mx::float32, mx::float32},
-        std::make_shared<AttentionVJP>(s, scale_, causal_),
-        {primals[0], primals[1], primals[2], outputs[0], outputs[1], dout});
+        std::make_shared<AttentionVJP>(s, scale_, causal_, segmented_), in);
     std::vector<mx::array> res;
-    for (int a : argnums) res.push_back(grads[a]);
+    for (int a : argnums)  // segment ids are integers: no gradient
+      res.push_back(a < 3 ? grads[a] : mx::zeros_like(primals[a], s));
     return res;
   }
   const char* name() const override {
@@ -303,7 +350,7 @@ class Attention : public mx::Primitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const Attention&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_;
+    return scale_ == o.scale_ && causal_ == o.causal_ && segmented_ == o.segmented_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
     auto& q = in[0];
@@ -312,13 +359,15 @@ class Attention : public mx::Primitive {
 
  private:
   float scale_;
-  bool causal_;
+  bool causal_, segmented_;
 };
 
 }  // namespace
 
 std::vector<mx::array> attention(const mx::array& q, const mx::array& k, const mx::array& v,
-                                 float scale, bool causal, mx::StreamOrDevice s) {
+                                 float scale, bool causal,
+                                 const std::optional<mx::array>& segments,
+                                 mx::StreamOrDevice s) {
   auto st = mx::to_stream(s);
   if (st.device != mx::Device::cpu) no_gpu("attention");
   for (const auto* a : {&q, &k, &v})
@@ -330,9 +379,19 @@ std::vector<mx::array> attention(const mx::array& q, const mx::array& k, const m
         "[mlxflow kernels] attention: need q [B,H,T,D], k=v [B,Hkv,S,D], H % Hkv == 0, D % 8 == 0");
   std::vector<mx::array> in = {mx::contiguous(q, false, st), mx::contiguous(k, false, st),
                                mx::contiguous(v, false, st)};
+  if (segments) {
+    const auto& sg = *segments;
+    if (!causal || q.shape(2) != k.shape(2) || sg.ndim() != 2 || sg.dtype() != mx::int32 ||
+        sg.shape(0) != q.shape(0) || sg.shape(1) != q.shape(2))
+      throw std::invalid_argument(
+          "[mlxflow kernels] attention: segments need causal attention with T == S and int32 "
+          "ids [B, T]");
+    in.push_back(mx::contiguous(sg, false, st));
+  }
   auto lse_shape = mx::Shape{q.shape(0), q.shape(1), q.shape(2)};
   return mx::array::make_arrays({q.shape(), lse_shape}, {mx::float32, mx::float32},
-                                std::make_shared<Attention>(st, scale, causal), in);
+                                std::make_shared<Attention>(st, scale, causal, segments.has_value()),
+                                in);
 }
 
 }  // namespace mlxk

@@ -4,6 +4,7 @@
 // converts to `const mlx::core::array&`: same nanobind internals ABI (the version mlx was
 // built with; _build.py checks it) and the same NB_DOMAIN ("mlx", passed by _build.py).
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/vector.h>
 
 #include "kernels.h"
@@ -26,9 +27,12 @@ NB_MODULE(_mlxflow_kernels, m) {
   m.def(
       "attention",
       [](const mlxk::mx::array& q, const mlxk::mx::array& k, const mlxk::mx::array& v,
-         float scale, bool causal) { return mlxk::attention(q, k, v, scale, causal)[0]; },
-      "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a = true,
-      "Grouped-query attention, q [B,H,T,D], k/v [B,Hkv,T',D] float32 -> [B,H,T,D].");
+         float scale, bool causal, std::optional<mlxk::mx::array> segments) {
+        return mlxk::attention(q, k, v, scale, causal, segments)[0];
+      },
+      "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a = true, "segments"_a = nb::none(),
+      "Grouped-query attention, q [B,H,T,D], k/v [B,Hkv,T',D] float32 -> [B,H,T,D]; "
+      "optional int32 segment ids [B,T] (causal, T' == T): attend within runs of equal ids.");
 
   m.def(
       "swiglu",

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "mlx/array.h"
@@ -27,10 +28,12 @@ std::vector<mx::array> cross_entropy(
 
 // Causal-optional grouped-query attention. q [B, H, T, D], k/v [B, Hkv, T', D] float32,
 // H a multiple of Hkv. With causal=true, query i attends keys j <= i + (T' - T).
+// With int32 `segments` [B, T] (causal, T' == T: packed sequences) query i attends only
+// keys j <= i of its own run of equal ids.
 // Returns {out [B, H, T, D], lse [B, H, T]} (lse kept for the backward pass).
 std::vector<mx::array> attention(
     const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
-    mx::StreamOrDevice s = {});
+    const std::optional<mx::array>& segments = std::nullopt, mx::StreamOrDevice s = {});
 
 // silu(a) * b for float32 a, b of one shape (the SwiGLU gate of LLaMA MLPs).
 mx::array swiglu(const mx::array& a, const mx::array& b, mx::StreamOrDevice s = {});
