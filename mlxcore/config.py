@@ -400,13 +400,8 @@ class SampleConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
 
 
-def _default_sft() -> TrainConfig:  # rows of similar length batched together: less padding
-    return TrainConfig(steps=250, batch_size=32, lr=5e-4, warmup_steps=10, eval_every=100, bucket="length")
-
-
-# The demo's synthetic mixture: every bench suite's format (configs/demo.yaml says why these weights).
-DEMO_TASKS = {"copy": 3.0, "sort": 1.0, "math_mcq": 2.0, "qa": 2.0, "logic": 2.0, "knowledge": 1.0,
-              "json_calc": 2.0, "arithmetic": 2.0}
+def _default_sft() -> TrainConfig:
+    return TrainConfig(steps=200, batch_size=32, lr=5e-4, warmup_steps=10, eval_every=100)
 
 
 class _Run:
@@ -700,12 +695,12 @@ class PipelineConfig(_Run, _Strict):
 
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     out_dir: str = Field("runs", description="Stage outputs go to <out_dir>/<name>/<stage>-<key>.")
-    data: DataConfig = DataConfig(synthetic=SyntheticConfig(tasks=DEMO_TASKS, pretrain_docs=16000))
+    data: DataConfig = DataConfig()
     # The demo's BPE merges only pairs seen 500+ times: the task words, not the letters of random
     # strings, so a string to copy is the same tokens in the prompt and in the answer.
     tokenizer: TokenizerConfig = TokenizerConfig(min_frequency=500)
     model: ModelConfig = ModelConfig()
-    pretrain: TrainConfig = TrainConfig(steps=650, batch_size=8, seq_len=256)  # 256: a whole reading passage per window
+    pretrain: TrainConfig = TrainConfig(steps=500)  # the tiny model learns to copy at ~300 steps
     sft: TrainConfig = Field(default_factory=_default_sft)
     sample: SampleConfig = SampleConfig()
     bench: BenchConfig | None = Field(BenchConfig(), description="The last stage: bench suites vs `targets`; null: skip.")
