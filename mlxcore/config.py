@@ -404,6 +404,10 @@ def _default_sft() -> TrainConfig:
     return TrainConfig(steps=200, batch_size=32, lr=5e-4, warmup_steps=10, eval_every=100)
 
 
+# The demo's synthetic mixture: copy and sort as before, one share for each other bench suite.
+DEMO_TASKS = {"copy": 4.0, "sort": 2.0, "knowledge": 1.0, "qa": 1.0, "math_mcq": 1.0, "logic": 1.0, "json_calc": 1.0}
+
+
 class _Run:
     """What a flow's config has: a run dir, and the token limit pretokenize applies per kind."""
 
@@ -695,7 +699,7 @@ class PipelineConfig(_Run, _Strict):
 
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     out_dir: str = Field("runs", description="Stage outputs go to <out_dir>/<name>/<stage>-<key>.")
-    data: DataConfig = DataConfig()
+    data: DataConfig = DataConfig(synthetic=SyntheticConfig(tasks=DEMO_TASKS))  # configs/demo.yaml says why
     # The demo's BPE merges only pairs seen 500+ times: the task words, not the letters of random
     # strings, so a string to copy is the same tokens in the prompt and in the answer.
     tokenizer: TokenizerConfig = TokenizerConfig(min_frequency=500)

@@ -86,14 +86,8 @@ def check_columns(spec: str, kind: str, columns: dict, field: str) -> None:
     if not isinstance(parsed, download.LocalFiles):
         return
     for path in download.match_local(spec, parsed.pattern):
-        for chunk, _ in records.read_chunks(path, rows=1):
-            items = records.chunk_items(chunk)
-            if not items:
-                continue
-            lineno, payload = items[0]
-            row = records.decode_row(str(path), lineno, payload, records.file_kind(path) == "txt")
-            for ours, theirs in columns.items():
-                if theirs not in row:
-                    raise DataError(f"{path}:{lineno}: {field}.{ours}: no column {theirs!r} in the row "
-                                    f"(its columns: {sorted(row)[:12]})")
-            break
+        lineno, row = records.first_row(path) or (0, None)
+        for ours, theirs in columns.items() if row is not None else ():
+            if theirs not in row:
+                raise DataError(f"{path}:{lineno}: {field}.{ours}: no column {theirs!r} in the row "
+                                f"(its columns: {sorted(row)[:12]})")

@@ -378,15 +378,12 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, kind: str, out_dir: str 
 
 def _file_format(path: Path, fmt: str, kind: str, columns: dict | None = None) -> str:
     """The declared format, or the one the file's first row shows; an empty file is an error."""
-    for chunk, _ in records.read_chunks(path, rows=1):
-        items = records.chunk_items(chunk)
-        if not items:
-            continue
-        lineno, payload = items[0]
-        row = records.decode_row(str(path), lineno, payload, records.file_kind(path) == "txt")
-        row = records.apply_columns(row, columns, f"{path}:{lineno}")  # a missing column fails before any work
-        return records.detect_format(row, f"{path}:{lineno}") if fmt == "auto" else fmt
-    raise DataError(f"{path}: no rows (empty file)")
+    first = records.first_row(path)
+    if first is None:
+        raise DataError(f"{path}: no rows (empty file)")
+    lineno, row = first
+    row = records.apply_columns(row, columns, f"{path}:{lineno}")  # a missing column fails before any work
+    return records.detect_format(row, f"{path}:{lineno}") if fmt == "auto" else fmt
 
 
 class _Pool:

@@ -221,6 +221,16 @@ def decode_row(path: str, lineno: int, payload: Any, text_file: bool = False) ->
 # ---------------------------------------------------------------- formats
 
 
+def first_row(path: str | Path) -> tuple[int, dict] | None:
+    """The first row of a file, decoded, with its line number; None for a file without rows."""
+    for chunk, _ in read_chunks(path, rows=1):
+        items = chunk_items(chunk)
+        if items:
+            lineno, payload = items[0]
+            return lineno, decode_row(str(path), lineno, payload, file_kind(Path(path)) == "txt")
+    return None
+
+
 def apply_columns(row: dict, columns: dict | None, where: str) -> dict:
     """The row with a source's columns renamed to our field names: `columns` maps our field <- its
     column ({"text": "body"}); the row's other columns stay. DataError naming a column it lacks."""

@@ -137,7 +137,10 @@ def test_the_pipeline_ends_with_a_preference_stage_on_its_sft_model(smoke_pipeli
     sft = smoke_pipeline["result"]["train"]["sft"]["checkpoint"]
     assert out["train"]["sft"]["checkpoint"] == sft and out["checkpoint"] == out["preference"]["checkpoint"] != sft
     assert out["preference"]["eval"]["start"]["accuracy"] == 0.5
-    assert out["preference"]["eval"]["trained"]["accuracy"] >= 0.55  # 30 steps of a 2-layer micro model: wiring
+    # 30 steps of a 2-layer micro model: wiring. Its held-out DPO loss falls and the mean margin turns
+    # positive (held-out accuracy is too coarse a measure at this size: 0.47-0.6 across data seeds)
+    start, trained = out["preference"]["eval"]["start"], out["preference"]["eval"]["trained"]
+    assert trained["loss"] < start["loss"] - 0.01 and trained["margin"] > 0
     assert set(out["bench"]["overall"]) == {"smoke", "smoke-sft", "smoke-q8_0", "random"}  # the aligned model's GGUF
     assert out["export"]["gates"]["q8_0"]["passed"]
     assert Path(out["model"]).resolve() == Path(out["checkpoint"]).resolve()
