@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from mlxcore.config import BenchTarget, PipelineConfig, with_overrides
 from mlxcore.data.tokenizer import planned_size
@@ -52,7 +52,9 @@ def pipeline(config: PipelineConfig = PipelineConfig(), overrides: list[str] = [
     samples = sample(final, chats["path"], config.sample, run)
     model = publish(final, run)
     shipped = None
-    if config.export is not None:  # the gate also tokenizes the text the model was trained on
+    if config.export is not None and config.model.arch == "retention":  # GGUF / llama.cpp has no such model
+        get_run_logger().warning("export skipped: GGUF / llama.cpp has no Power Retention (model.arch=retention)")
+    elif config.export is not None:  # the gate also tokenizes the text the model was trained on
         shipped = ship(config.export, final, run, config.name, text=_files(text_in) + _files(chat_in))
         own += shipped.pop("targets")
     bench = None

@@ -316,7 +316,7 @@ def _csv_ints(text: str) -> list[int]:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=["tiny", "200mb", "custom"], default="tiny")
+    p.add_argument("--preset", choices=["tiny", "200mb", "tiny-moe", "200mb-moe", "custom"], default="tiny")
     p.add_argument("--model-dir", help="a local Hugging Face / mlx-lm model dir instead of a preset")
     p.add_argument("--vocab-size", type=int, default=6400)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")

@@ -43,15 +43,45 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         head_dim=64,
         intermediate_size=2048,
     ),
+    # Mixtures of experts (mlx-lm's / transformers' qwen3_moe): tiny's attention, 8 experts of which
+    # each token uses 2; 2 x 352 = tiny's 704, so its active parameters are tiny's (~4.6M; 11.1M in all).
+    "tiny-moe": dict(
+        hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=704,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=352,
+    ),
+    # 200mb's attention, 8 experts of 256 (top-2): ~98M parameters in all (200 MB in fp16), ~45M active.
+    "200mb-moe": dict(
+        hidden_size=768, num_layers=15, num_heads=12, num_kv_heads=3, head_dim=64, intermediate_size=2048,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+    ),
+}
+# Power Retention (`arch: retention`, mlxcore/models/retention.py; README "Power Retention"): head_dim 64
+# (state D x 64 per head, D = C(64 + p - 1, p)), as many key/value heads as heads. Sizes with a 6400 vocab.
+MODEL_PRESETS |= {
+    "retention-tiny": dict(arch="retention", hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=8,
+                           head_dim=64, intermediate_size=1408),  # ~22.6M
+    "retention-small": dict(arch="retention", hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
+                            head_dim=64, intermediate_size=3072),  # ~118M
+    "retention-medium": dict(arch="retention", hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16,
+                             head_dim=64, intermediate_size=2816),  # ~315M
+    "retention-large": dict(arch="retention", hidden_size=1536, num_layers=24, num_heads=24, num_kv_heads=24,
+                            head_dim=64, intermediate_size=4096),  # ~690M
+    "retention-7b": dict(arch="retention", hidden_size=4096, num_layers=32, num_heads=64, num_kv_heads=64,
+                         head_dim=64, intermediate_size=11008),  # ~6.5B
 }
 _ARCH_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
 _PRESET_KEYS = {k for preset in MODEL_PRESETS.values() for k in preset}
 
 
 class ModelConfig(_Strict):
-    """A LLaMA-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings."""
+    """A LLaMA-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings.
 
-    preset: Literal["tiny", "200mb", "custom"] = Field("tiny", description="Named size; fields below override it.")
+    With `num_experts` > 0 a mixture of experts (qwen3_moe: every MLP a routed set of SwiGLU experts)."""
+
+    preset: Literal["tiny", "200mb", "tiny-moe", "200mb-moe",
+                    "retention-tiny", "retention-small", "retention-medium", "retention-large", "retention-7b",
+                    "custom"] = Field(
+        "tiny", description="Named size; fields below override it.")
     hidden_size: int = Field(0, gt=0)
     num_layers: int = Field(0, gt=0)
     num_heads: int = Field(0, gt=0)
@@ -64,6 +94,35 @@ class ModelConfig(_Strict):
     max_position_embeddings: int = Field(4096, gt=0)
     tie_embeddings: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # -- Power Retention (arch: retention); README "Power Retention"
+    arch: Literal["llama", "retention"] = Field("llama", description="Attention: llama (softmax, RoPE) or "
+                                                "retention (symmetric power retention, a fixed-size state).")
+    retention_degree: int = Field(2, description="retention: the power p of (q.k)^p; even, >= 2.")
+    retention_chunk: int = Field(64, gt=0, description="retention: tokens per chunk in training and prefill; "
+                                                       "divides pretrain.seq_len.")
+    retention_gating: bool = Field(True, description="retention: a learned per-head, per-token decay.")
+
+    @field_validator("retention_degree")
+    @classmethod
+    def _even_degree(cls, value: int) -> int:
+        if value < 1 or value % 2:
+            raise ValueError(f"retention_degree={value}: the symmetric power expansion needs an even degree >= 2")
+        return value
+
+    @model_validator(mode="after")
+    def _check_retention(self) -> "ModelConfig":
+        if self.arch != "retention" and self.preset.startswith("retention-"):
+            raise ValueError(f"arch={self.arch} with preset {self.preset!r}: a retention preset needs arch=retention")
+        return self
+    # -- mixture of experts (qwen3_moe: every layer's MLP is a routed SwitchGLU); README "Mixture of experts"
+    num_experts: int = Field(0, ge=0, description="Experts per MoE layer; 0: a dense model (llama).")
+    num_experts_per_tok: int | None = Field(None, gt=0, description="Experts each token is routed to (top-k); "
+                                                                   "default: min(2, num_experts).")
+    moe_intermediate_size: int | None = Field(None, gt=0, description="SwiGLU inner width of one expert; "
+                                                                     "default: intermediate_size // top-k.")
+    norm_topk_prob: bool = Field(True, description="Renormalise the top-k routing weights to sum to 1.")
+    router_aux_loss_coef: float = Field(0.001, ge=0, description="Weight of the router's load-balancing loss "
+                                                                 "in training; 0: off.")
 
     @model_validator(mode="wrap")
     @classmethod
@@ -94,6 +153,18 @@ class ModelConfig(_Strict):
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if not self.num_experts:
+            if self.preset.endswith("-moe"):
+                raise ValueError(f"num_experts=0 with preset {self.preset!r} (a mixture of experts): "
+                                 "set num_experts >= 1, or a dense preset")
+            for key in ("num_experts_per_tok", "moe_intermediate_size"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}={getattr(self, key)} needs num_experts >= 1 (this model is dense)")
+        elif getattr(self, "arch", None) == "retention":
+            raise ValueError(f"num_experts={self.num_experts}: a mixture of experts is a qwen3_moe, not arch "
+                             "'retention'; set num_experts: 0 or another arch")
+        elif self.num_experts_per_tok is not None and self.num_experts_per_tok > self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} exceeds num_experts={self.num_experts}")
         return self
 
     def check_vocab(self, tokens: int, exact: bool = True, tokenizer: str = "the tokenizer") -> None:
@@ -110,9 +181,27 @@ class ModelConfig(_Strict):
         v = vocab_size or self.vocab_size or 0
         h, d = self.hidden_size, self.resolved_head_dim
         attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
-        layer = attn + 3 * h * self.intermediate_size + 2 * h
+        if self.num_experts:  # qwen3_moe: q/k norms, a router and `num_experts` SwiGLUs
+            layer = attn + 2 * d + h * self.num_experts + 3 * h * self.resolved_moe_intermediate_size * self.num_experts + 2 * h
+        else:
+            layer = attn + 3 * h * self.intermediate_size + 2 * h
+        if self.arch == "retention":  # q/k norms and the gate's projection
+            layer += 2 * d + ((h + 1) * self.num_heads if self.retention_gating else 0)
         head = 0 if self.tie_embeddings else v * h
         return v * h + self.num_layers * layer + h + head
+
+    @property
+    def resolved_experts_per_tok(self) -> int:
+        return self.num_experts_per_tok or min(2, self.num_experts)
+
+    @property
+    def resolved_moe_intermediate_size(self) -> int:
+        return self.moe_intermediate_size or max(1, self.intermediate_size // max(self.resolved_experts_per_tok, 1))
+
+    def num_active_params(self, vocab_size: int | None = None) -> int:
+        """Parameters one token uses: num_params less the experts it is not routed to."""
+        idle = self.num_experts - self.resolved_experts_per_tok if self.num_experts else 0
+        return self.num_params(vocab_size) - self.num_layers * idle * 3 * self.hidden_size * self.resolved_moe_intermediate_size
 
 
 # copy, sort and the bench suites' formats (json_calc: the bench's json suite); arithmetic, json: own formats
@@ -712,6 +801,18 @@ class PipelineConfig(_Run, _Strict):
                                                                   "synthetic pairs or given files; null: none.")
     export: ExportConfig | None = Field(ExportConfig(), description="The final model as GGUF q8_0 (+ Modelfile), "
                                                                    "gated on llama.cpp parity; null: none.")
+
+    @model_validator(mode="after")
+    def _check_retention(self) -> "PipelineConfig":
+        m = self.model
+        if m.arch == "retention":
+            if self.pretrain.seq_len % m.retention_chunk:
+                raise ValueError(f"model.retention_chunk={m.retention_chunk} does not divide pretrain.seq_len="
+                                 f"{self.pretrain.seq_len}: training sequences must be whole chunks")
+            if self.sft.pack:
+                raise ValueError("sft.pack: packed rows need a per-row attention mask, which model.arch=retention "
+                                 "does not take; set sft.pack: false")
+        return self
 
 
 def _default_finetune() -> TrainConfig:

@@ -95,6 +95,13 @@ def _pdeathsig():  # runs in the child between fork and exec
         pass
 
 
+def _model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
 class serve_model:
     """A running `mlx_lm server` (see the module doc); a context manager, or call start() / stop()."""
 
@@ -167,7 +174,9 @@ class serve_model:
         return self
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(self.served_model),
+        # our retention checkpoints: mlx-lm's CLI with that model type registered (models/mlx_lm_cli.py)
+        cli = "mlxcore.models.mlx_lm_cli" if _model_type(Path(self.served_model)) == "retention" else "mlx_lm"
+        cmd = [sys.executable, "-m", cli, "server", "--model", str(self.served_model),
                "--host", self.host, "--port", str(self.port), "--log-level", self.log_level]
         if self.adapter is not None and not self.fuse:
             cmd += ["--adapter-path", str(self.adapter)]

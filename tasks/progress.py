@@ -51,8 +51,10 @@ def progress_bar(total: int, description: str, unit: str) -> Iterator[Callable[[
         yield update
 
 
-# Sums a loss reports beside its value (GRPO, preference objectives, reward models): metrics columns.
-REPORTED = ("accuracy", "margin", "reward_chosen", "reward_rejected", "kl", "clip_fraction", "abs_error")
+# Sums a loss reports beside its value (GRPO, preference objectives, reward models): metrics columns;
+# a mixture of experts' router statistics (mlxcore.models.moe) too, with one expert_usage_<e> per expert.
+REPORTED = ("accuracy", "margin", "reward_chosen", "reward_rejected", "kl", "clip_fraction", "abs_error",
+            "router_aux_loss", "router_entropy", "expert_usage_max", "expert_usage_min", "expert_usage_cv")
 
 
 class PrefectProgress(TrainingCallback):
@@ -82,7 +84,8 @@ class PrefectProgress(TrainingCallback):
         return {"rows": info["rows"]} if "rows" in info else {}
 
     def on_train(self, info: dict) -> None:
-        reported = {k: round(info[k], 4) for k in REPORTED if k in info}  # what the loss reports (DPO, GRPO)
+        experts = sorted((k for k in info if k.startswith("expert_usage_") and k not in REPORTED), key=lambda k: (len(k), k))
+        reported = {k: round(info[k], 4) for k in (*REPORTED, *experts) if k in info}  # what the loss reports (DPO, GRPO, MoE)
         self.rows.append({"step": info["step"], "loss": round(info["loss"], 4), "val_loss": None,
                           "lr": f"{info['lr']:.2e}", "grad_norm": round(info["grad_norm"], 3),
                           "tok_per_s": round(info["tok_per_s"])} | reported | self._rows(info))

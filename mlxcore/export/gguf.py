@@ -2,7 +2,7 @@
 
     export_gguf(model_dir, out_path, qtype="f16", *, name=None, on_progress=None) -> dict
 
-`model_dir` is a checkpoint / model dir (llama, qwen2 or qwen3), or an adapter dir (LoRA/DoRA,
+`model_dir` is a checkpoint / model dir (llama, qwen2, qwen3 or qwen3_moe), or an adapter dir (LoRA/DoRA,
 fused in memory; QLoRA: the quantized base is dequantized first), so the quantizer always starts
 from full precision. Tensors, per llama.cpp's names:
 
@@ -35,7 +35,8 @@ from mlxcore.export import vocab as vocab_mod
 from mlxcore.io import fsync_dir, tmp_path, writing
 
 QTYPES = ("f16", "q8_0", "q4_0")
-ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # config model_type -> llama.cpp architecture
+# config model_type -> llama.cpp architecture
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe"}
 
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _LAYER = {
@@ -43,6 +44,9 @@ _LAYER = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    # a mixture of experts (qwen3_moe): the router, and the experts stacked [E, out, in] as llama.cpp keeps them
+    "mlp.gate": "ffn_gate_inp", "mlp.switch_mlp.gate_proj": "ffn_gate_exps",
+    "mlp.switch_mlp.up_proj": "ffn_up_exps", "mlp.switch_mlp.down_proj": "ffn_down_exps",
 }
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
@@ -110,11 +114,23 @@ def _hparams(config: dict, arch: str, weights: dict) -> dict:
         "head_count": heads,
         "head_count_kv": config.get("num_key_value_heads") or heads,
         "head_dim": head_dim,
-        "explicit_head_dim": head_dim != hidden // heads or arch == "qwen3",
+        "explicit_head_dim": head_dim != hidden // heads or arch in ("qwen3", "qwen3moe"),
         "rms_eps": config.get("rms_norm_eps", 1e-6),
         "rope_theta": config.get("rope_theta", 10000.0),
         "vocab_size": weights["model.embed_tokens.weight"].shape[0],
-    }
+    } | (_moe_hparams(config) if arch == "qwen3moe" else {})
+
+
+def _moe_hparams(config: dict) -> dict:
+    """llama.cpp's qwen3moe: every layer sparse, softmax routing, top-k weights renormalised."""
+    if not config.get("norm_topk_prob", False):
+        raise ValueError("norm_topk_prob=false: llama.cpp's qwen3moe renormalises the top-k routing weights; "
+                         "this checkpoint cannot be exported as GGUF")
+    if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+        raise ValueError("dense layers in a qwen3_moe (mlp_only_layers / decoder_sparse_step) are not supported "
+                         "by the GGUF export")
+    return {"expert_count": config["num_experts"], "expert_used_count": config["num_experts_per_tok"],
+            "expert_feed_forward_length": config["moe_intermediate_size"]}
 
 
 def _plan(weights: dict, hp: dict, arch: str, qtype: str):
@@ -129,7 +145,7 @@ def _plan(weights: dict, hp: dict, arch: str, qtype: str):
             w = rope_interleave(w, hp["head_count"])
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = rope_interleave(w, hp["head_count_kv"])
-        if w.ndim == 1:
+        if w.ndim == 1 or out.endswith("ffn_gate_inp.weight"):  # a MoE router stays exact (as llama.cpp's converter)
             t = Q.F32
         elif target == Q.F16 or w.shape[-1] % GGML_QUANT_SIZES[target][0] == 0:
             t = target
@@ -203,6 +219,10 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, qtype: str = "f16",
     w.add_layer_norm_rms_eps(hp["rms_eps"])
     w.add_rope_freq_base(hp["rope_theta"])
     w.add_vocab_size(hp["vocab_size"])
+    if "expert_count" in hp:
+        w.add_expert_count(hp["expert_count"])
+        w.add_expert_used_count(hp["expert_used_count"])
+        w.add_expert_feed_forward_length(hp["expert_feed_forward_length"])
     vocab_mod.add_to(w, vocab)
     for out, arr, t in plan:
         block, type_size = gguf.GGML_QUANT_SIZES[t]

@@ -13,9 +13,10 @@ attention within each packed row instead, on every device; `use_segments(model)`
 This rebinds mlx-lm internals, so an upstream rename would only make training slower. Hence:
 `use_fast_kernels` warns (`KernelPatchWarning`) when a module in `EXPECTED` lacks a name it
 should bind, or when an original's parameters are not the ones the wrapper passes on (that
-name is then left alone), and tests/kernels/test_patch.py checks, for llama / qwen2 / qwen3,
-the names, the signatures, that every layer reaches the fused kernels and that the outputs
-match. pyproject.toml caps mlx-lm below the next minor version for the same reason.
+name is then left alone), and tests/kernels/test_patch.py checks, for llama / qwen2 / qwen3 /
+qwen3_moe, the names, the signatures, that every layer reaches the fused kernels and that the outputs
+match (a qwen3_moe's experts call `swiglu` in `mlx_lm.models.switch_layers`, patched beside it:
+`COMPANIONS`). pyproject.toml caps mlx-lm below the next minor version for the same reason.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ ATTENTION, SWIGLU = "scaled_dot_product_attention", "swiglu"
 PARAMETERS = {ATTENTION: ("queries", "keys", "values", "cache", "scale", "mask", "sinks"),
               SWIGLU: ("gate", "x")}
 # mlx-lm model modules whose layers call both names (the families trained here; checked by tests).
-EXPECTED = {f"mlx_lm.models.{arch}": (ATTENTION, SWIGLU) for arch in ("llama", "qwen2", "qwen3")}
+EXPECTED = {f"mlx_lm.models.{arch}": (ATTENTION, SWIGLU) for arch in ("llama", "qwen2", "qwen3", "qwen3_moe")}
+# Modules a model module's layers call into: a mixture of experts' SwitchGLU calls `swiglu` in switch_layers.
+EXPECTED["mlx_lm.models.switch_layers"] = (SWIGLU,)
+COMPANIONS = {"mlx_lm.models.qwen3_moe": ("mlx_lm.models.switch_layers",)}
 
 _PATCHED: dict[str, tuple] = {}
 
@@ -112,6 +116,13 @@ def use_fast_kernels(model: nn.Module) -> bool:
     signature is not mlx-lm's as the wrappers know it.
     """
     name = _model_module(model)
+    patched = _patch_module(name)
+    for companion in COMPANIONS.get(name, ()):
+        _patch_module(companion)
+    return patched
+
+
+def _patch_module(name: str) -> bool:
     module = sys.modules.get(name)
     if module is None or name in _PATCHED or not name.startswith("mlx_lm.models."):
         return name in _PATCHED
@@ -132,7 +143,7 @@ def use_segments(model: nn.Module) -> None:
     use_fast_kernels(model)
     name = _model_module(model)
     if name not in EXPECTED or _PATCHED.get(name, (None,))[0] is None:
-        raise ValueError(f"packing needs mlx-lm's attention hook, bound for {', '.join(sorted(EXPECTED))}; "
+        raise ValueError(f"packing needs mlx-lm's attention hook, bound for {', '.join(sorted(k for k, v in EXPECTED.items() if ATTENTION in v))}; "
                          f"{name} is not one of them (or its attention could not be patched)")
     segments.enable(model)
 

@@ -9,4 +9,7 @@ attach LoRA/DoRA/QLoRA adapters, save/load/fuse checkpoints, recompute activatio
     generate.py    chat-template loading, sampling, replies
     remat.py       gradient checkpointing every N layers
     segments.py    packed SFT rows in mlx-lm's decoders: attention within each row, positions from 0
+    moe.py         mixtures of experts (qwen3_moe): router load-balancing loss and statistics, HF expert layout
+    retention.py   Power Retention (model_type `retention`): quadratic / chunked / recurrent forms, its cache
+    mlx_lm_cli.py  mlx-lm's CLI (server) able to open retention checkpoints
 """

@@ -26,6 +26,7 @@ import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import dequantize_model
@@ -36,12 +37,19 @@ from mlxcore.models.model import load as load_model
 
 
 
+_ADAPTABLE = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
+
+
 def resolve_keys(model: nn.Module, keys: list[str]) -> list[str]:
-    """Module paths inside a decoder layer for `keys`; `q_proj` matches `self_attn.q_proj`."""
-    names = [n for n, m in model.layers[0].named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    """Module paths inside a decoder layer for `keys`; `q_proj` matches `self_attn.q_proj`.
+
+    In a mixture of experts the experts' stacked projections (`mlp.switch_mlp.gate_proj`, mlx-lm's
+    SwitchLinear: LoRASwitchLinear adapts every expert) are what `mlp.gate_proj` (and `gate_proj`)
+    name; the router is `mlp.gate`."""
+    names = [n for n, m in model.layers[0].named_modules() if isinstance(m, _ADAPTABLE)]
     resolved = []
     for key in keys:
-        hits = [n for n in names if n == key or n.endswith("." + key)]
+        hits = [n for n in names if n == key or n.endswith("." + key) or n == key.replace("mlp.", "mlp.switch_mlp.", 1)]
         if not hits:
             raise ValueError(f"lora.target_modules: {key!r} matches no linear layer; a layer has {', '.join(sorted(names))}")
         resolved += [h for h in hits if h not in resolved]
@@ -151,6 +159,7 @@ def prepare(model: nn.Module, cfg: TrainConfig) -> dict | None:
         quantize_base(model, cfg.quantize)
     use_cpu_quantized_matmuls(model)
     params = lora_parameters(cfg.lora, model)
+    _check_dora(model, params["keys"], cfg.fine_tune_type)
     linear_to_lora_layers(model, cfg.lora.num_layers, params, use_dora=cfg.fine_tune_type == "dora")
     _autocast_adapters(model)
     return {
@@ -159,6 +168,18 @@ def prepare(model: nn.Module, cfg: TrainConfig) -> dict | None:
         "lora_parameters": params,
         "quantize": cfg.quantize.model_dump() if cfg.quantize else None,
     }
+
+
+def _check_dora(model: nn.Module, keys: list[str], fine_tune_type: str) -> None:
+    """mlx-lm has no DoRA for a mixture of experts' SwitchLinear: say so before it fails inside."""
+    if fine_tune_type != "dora":
+        return
+    modules = dict(model.layers[0].named_modules())
+    experts = [k for k in keys if isinstance(modules.get(k), (SwitchLinear, QuantizedSwitchLinear))]
+    if experts:
+        raise ValueError(f"train.fine_tune_type dora: mlx-lm has no DoRA for experts ({', '.join(experts)}); "
+                         "use fine_tune_type lora, or leave the experts out of lora.target_modules "
+                         "(e.g. [q_proj, k_proj, v_proj, o_proj])")
 
 
 def trainable_weights(model: nn.Module) -> dict[str, mx.array]:

@@ -25,7 +25,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxcore import lineage as lineages
-from mlxcore.models import adapters, card
+from mlxcore.models import adapters, card, moe
 from mlxcore.data.tokenizer import copy_files
 from mlxcore.io import atomic_dir, write_json, write_manifest
 from mlxcore.models.model import load as load_model
@@ -134,7 +134,8 @@ def restore(path: str | Path, model: nn.Module, optimizer: optim.Optimizer | Non
                              f"(e.g. {sorted(set(saved) ^ expected)[:3]})")
         model.load_weights(list(saved.items()), strict=False)
     else:
-        model.load_weights(str(path / "model.safetensors"), strict=True)
+        saved = moe.from_hf_layout(mx.load(str(path / "model.safetensors")))  # a MoE's experts restacked
+        model.load_weights(list(saved.items()), strict=True)
     if optimizer is not None:
         optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_STATE)).items()))
     mx.eval(model.parameters(), optimizer.state if optimizer is not None else [])

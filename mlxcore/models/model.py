@@ -27,7 +27,8 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int | None] | None = None) -> dict:
-    """The `config.json` of a checkpoint: readable by mlx-lm and transformers' LlamaForCausalLM."""
+    """The `config.json` of a checkpoint: readable by mlx-lm and transformers' LlamaForCausalLM
+    (Qwen3MoeForCausalLM when `cfg.num_experts` > 0)."""
     if cfg.vocab_size is not None and cfg.vocab_size != vocab_size:
         raise ValueError(
             f"model.vocab_size={cfg.vocab_size} does not match the tokenizer's {vocab_size} tokens"
@@ -54,13 +55,50 @@ def hf_config(cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int | No
         "bos_token_id": ids.get("bos"),
         "eos_token_id": ids.get("eos"),
         "pad_token_id": ids.get("pad"),
+    } | (_moe_fields(cfg) if cfg.num_experts else {}) | (_retention_fields(cfg) if cfg.arch == "retention" else {})
+
+
+def _retention_fields(cfg: ModelConfig) -> dict:
+    """Power Retention: our own `model_type` (mlxcore/models/retention.py, found by `get_model_classes`)."""
+    return {
+        "architectures": ["PowerRetentionForCausalLM"],
+        "model_type": "retention",
+        "retention_degree": cfg.retention_degree,
+        "retention_chunk": cfg.retention_chunk,
+        "retention_gating": cfg.retention_gating,
+    }
+
+
+def get_model_classes(config: dict):
+    """(Model, ModelArgs) for a config: `retention` is ours, any other `model_type` mlx-lm's own module."""
+    if config.get("model_type") == "retention":
+        from mlxcore.models import retention
+
+        return retention.Model, retention.ModelArgs
+    return _get_classes(config)
+
+
+def _moe_fields(cfg: ModelConfig) -> dict:
+    """A mixture of experts is a qwen3_moe (mlx-lm and transformers' Qwen3MoeForCausalLM), every layer sparse."""
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.resolved_experts_per_tok,
+        "moe_intermediate_size": cfg.resolved_moe_intermediate_size,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "router_aux_loss_coef": cfg.router_aux_loss_coef,
+        "output_router_logits": False,
+        "use_sliding_window": False,
     }
 
 
 def from_config(config: dict, seed: int = 0) -> nn.Module:
     """A freshly initialised model for an HF-style config dict (any mlx-lm `model_type`)."""
     mx.random.seed(seed)
-    model_class, args_class = _get_classes(config)  # mlx_lm.models.<model_type>; never a file of ours
+    model_class, args_class = get_model_classes(config)  # mlx_lm.models.<model_type>, or our retention
     model = model_class(args_class.from_dict(config))
     dtype = DTYPES.get(config.get("torch_dtype") or "float32", mx.float32)
     if dtype != mx.float32:
@@ -77,13 +115,16 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
     if not is_model_dir(path, adapters=False):
         raise FileNotFoundError(f"{path}: not a checkpoint or model dir (no config.json)")
     try:
-        return load_model(path, trust_remote_code=False)  # strict: every weight must match
+        return load_model(path, get_model_classes=get_model_classes, trust_remote_code=False)  # strict: every weight must match
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
-    weights = dict(sorted(tree_flatten(model.parameters())))  # sorted: same bytes for same weights
+    """The model's weights in Hugging Face layout (a MoE's stacked experts one by one: `moe.to_hf_layout`)."""
+    from mlxcore.models import moe
+
+    weights = dict(sorted(moe.to_hf_layout(dict(tree_flatten(model.parameters()))).items()))  # sorted: same bytes
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
 
 

@@ -47,7 +47,7 @@ MIB = 1 << 20
 
 class SpeedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    preset: Literal["tiny", "200mb", "custom"] = "tiny"
+    preset: Literal["tiny", "200mb", "tiny-moe", "200mb-moe", "custom"] = "tiny"
     model: dict = Field(default_factory=dict, description="ModelConfig overrides (custom shapes).")
     model_dir: str | None = Field(None, description="A local HF / mlx-lm model dir instead of a preset.")
     vocab_size: int = 6400

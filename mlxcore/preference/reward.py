@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxcore.models import checkpoint
+from mlxcore.models import checkpoint, moe
 from mlxcore.models.model import from_config
 
 HEAD = "score"
@@ -90,7 +90,7 @@ def load(path: str | Path) -> tuple[RewardModel, dict]:
     lm_config = config | {"architectures": [config["architectures"][0].replace("ForSequenceClassification", "ForCausalLM")]}
     lm = from_config(lm_config)
     model = RewardModel(lm.model, config["hidden_size"], config.get("model_type", "llama"))
-    model.load_weights(str(path / "model.safetensors"), strict=True)
+    model.load_weights(list(moe.from_hf_layout(mx.load(str(path / "model.safetensors"))).items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
     return model, config

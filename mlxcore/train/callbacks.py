@@ -3,7 +3,8 @@
 `fit()` calls `callback.on_event(event, info)` with these events (info is a flat JSON-able dict):
   begin       total_steps, start_step, params, resumed_from
   train       step, loss, lr, grad_norm, tokens, tok_per_s, elapsed_s (+ what the loss reports,
-              token means: GRPO's kl and clip_fraction)
+              token means: GRPO's kl and clip_fraction; a mixture of experts' router_aux_loss,
+              router_entropy, expert_usage_<e|max|min|cv>: mlxcore.models.moe)
   eval        step, val_loss, val_ppl
   checkpoint  step, path
   end         the FitResult fields

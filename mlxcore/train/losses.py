@@ -149,6 +149,14 @@ class Loss:
         weights[: len(where)] = flat_mask[where]
         return inputs, positions, np.asarray(targets).reshape(-1)[positions].astype(np.int32), weights, *segment_ids
 
+    def router_weights(self, inputs: mx.array, *arrays: mx.array) -> mx.array:
+        """`[B*T]` weights of the positions whose loss counts: the tokens a MoE router's statistics
+        and load-balancing loss are taken over (`mlxcore.models.moe`)."""
+        if not self.sparse:
+            return arrays[1].reshape(-1)
+        positions, weights = arrays[0], arrays[2]
+        return mx.zeros((inputs.size,), dtype=mx.float32).at[positions].add((weights > 0).astype(mx.float32))
+
     def __call__(self, model: nn.Module, inputs: mx.array, *arrays: mx.array):
         n = 3 if self.sparse else 2  # (positions, targets, weights) or (targets, mask)
         if len(arrays) not in (n, n + 1):

@@ -11,6 +11,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from mlxcore.kernels.patch import use_fast_kernels
+from mlxcore.models import moe
 from mlxcore.train.losses import Loss
 
 
@@ -44,14 +45,15 @@ class Stepper:
 
     Gradients of the summed masked loss are added over micro-batches (and all-reduced across
     data-parallel ranks), divided by the step's total token count, clipped to `grad_clip`
-    (0: off) and applied. Normally the whole step is one compiled graph. With `profile=True`
-    the phases (forward+backward, all-reduce, clip, optimizer) are compiled and evaluated one
+    (0: off) and applied. A mixture of experts adds `router_aux_loss_coef` x its routers'
+    load-balancing loss and reports their statistics (`mlxcore.models.moe.router_loss`).
+    Normally the whole step is one compiled graph. With `profile=True` the phases (forward+backward, all-reduce, clip, optimizer) are compiled and evaluated one
     by one so each can be timed (`timings`, ms); the arithmetic is the same, only slower.
     `state` is what the compiled graph reads and writes: evaluate it after each step.
     """
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, grad_clip: float = 0.0, compile: bool = True,
-                 loss: Loss | None = None, group=None, profile: bool = False):
+                 loss: Loss | None = None, group=None, profile: bool = False, router_aux_loss_coef: float = 0.0):
         self.model, self.optimizer, self.loss, self.profile = model, optimizer, loss or Loss(), profile
         self.group = group if group is not None and group.size() > 1 else None
         self.world = self.group.size() if self.group else 1
@@ -63,7 +65,9 @@ class Stepper:
             # MLX's CPU buffer cache defaults to 32 MB: every vocab-sized array would come fresh
             # from the OS (page faults cost ~5% of a small model's step). Keep 1 GB of buffers.
             mx.set_cache_limit(max(mx.set_cache_limit(1 << 30), 1 << 30))
-        loss_and_grad = nn.value_and_grad(model, self.loss)
+        # a mixture of experts: + the routers' load-balancing loss, and their statistics reported
+        objective = moe.router_loss(self.loss, router_aux_loss_coef) if moe.is_moe(model) else self.loss
+        loss_and_grad = nn.value_and_grad(model, objective)
         max_norm = grad_clip if grad_clip > 0 else float("inf")
 
         def grads_fn(*arrays):
@@ -139,7 +143,7 @@ class Stepper:
 
 
 def make_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float = 0.0, compile: bool = True,
-              loss: Loss | None = None, group=None, profile: bool = False):
+              loss: Loss | None = None, group=None, profile: bool = False, router_aux_loss_coef: float = 0.0):
     """(step, state): a `Stepper` and the arrays to evaluate after each call."""
-    stepper = Stepper(model, optimizer, grad_clip, compile, loss, group, profile)
+    stepper = Stepper(model, optimizer, grad_clip, compile, loss, group, profile, router_aux_loss_coef)
     return stepper, stepper.state

@@ -283,3 +283,35 @@ def test_no_compiler_falls_back_in_a_fresh_process(tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "plain MLX ops" in r.stdout and "no C++ compiler" in r.stdout
+
+
+_THREADED = """
+import mlxcore, mlx.core as mx, numpy as np
+from mlxcore import kernels
+mx.random.seed(3)
+q, k, v = (mx.random.normal((2, 4, 96, 32)) for _ in range(3))
+logits, targets = mx.random.normal((300, 517)), mx.random.randint(0, 517, (300,))
+gate, x = mx.random.normal((64, 700)), mx.random.normal((64, 700))
+outs = [kernels.attention(q, k, v, 32 ** -0.5), kernels.cross_entropy(logits, targets), kernels.swiglu(gate, x),
+        mx.grad(lambda a: kernels.attention(a, k, v, 32 ** -0.5).sum())(q)]
+np.savez(OUT, *[np.array(o) for o in outs])
+"""
+
+
+def test_kernels_give_the_same_bits_on_one_thread_and_on_four(fast, tmp_path):
+    """The suite runs its workers with MLXFLOW_KERNEL_THREADS=1; the threaded split (rows and heads
+    across threads) is checked here, in fresh processes, against one thread."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    results = []
+    for threads in ("1", "4"):
+        out = tmp_path / f"t{threads}.npz"
+        env = {**os.environ, "MLXFLOW_KERNEL_THREADS": threads}
+        subprocess.run([sys.executable, "-c", f"OUT = {str(out)!r}\n" + _THREADED], env=env, check=True)
+        results.append(np.load(out))
+    one, four = results
+    assert len(one.files) == 4 and all(np.array_equal(one[f], four[f]) for f in one.files)

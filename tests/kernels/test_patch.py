@@ -1,5 +1,5 @@
 """mlxcore.kernels.patch against the installed mlx-lm: the real `use_fast_kernels` routes every
-layer of llama, qwen2 and qwen3 through the fused CPU kernels, with mlx-lm's results.
+layer of llama, qwen2, qwen3 and qwen3_moe through the fused CPU kernels, with mlx-lm's results.
 
 The patch rebinds mlx-lm internals (`scaled_dot_product_attention`, `swiglu` in each
 `mlx_lm.models.<arch>`); an upstream rename would only make training slower, so these tests
@@ -22,10 +22,11 @@ import pytest
 
 from mlxcore import kernels
 from mlxcore.kernels import _build, patch
+from mlxcore.config import ModelConfig
 from mlxcore.models.model import from_config, hf_config
 from tests.conftest import micro_model, tiny_hf_config
 
-ARCHS = ("llama", "qwen2", "qwen3")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe")
 LAYERS = 3  # not 2 = the batch size, so a per-layer count cannot match by accident
 VOCAB = 300
 # both paths compute in float32; they sum in different orders (see test_kernels.py)
@@ -35,6 +36,9 @@ OUT_TOL = dict(rtol=1e-5, atol=1e-5)
 def _config(arch: str) -> dict:
     if arch == "llama":
         config = hf_config(micro_model(), VOCAB)  # what mlxcore trains
+    elif arch == "qwen3_moe":  # what mlxcore trains as a mixture of experts (every layer sparse)
+        moe = micro_model().model_dump() | dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        config = hf_config(ModelConfig(**moe), VOCAB)
     else:
         config = tiny_hf_config(arch, VOCAB)  # what finetune / distill load from the Hub
     return {**config, "num_hidden_layers": LAYERS, "torch_dtype": "float32"}
@@ -114,6 +118,20 @@ def test_arch_modules_bind_the_patched_names(arch):
     assert patch.EXPECTED[module.__name__] == (patch.ATTENTION, patch.SWIGLU)
     # the model's layers live in that module (the one use_fast_kernels patches)
     assert type(from_config(_config(arch))).__module__ == module.__name__
+
+
+def test_experts_swiglu_is_patched_beside_qwen3_moe(fast, spy):
+    """A qwen3_moe's experts (SwitchGLU) call `swiglu` in switch_layers: patched with the model
+    module, restored with it; a dense model leaves switch_layers alone."""
+    from mlx_lm.models import activations, switch_layers
+
+    assert switch_layers.swiglu is activations.swiglu
+    patch.use_fast_kernels(from_config(_config("qwen3")))
+    assert switch_layers.swiglu is activations.swiglu
+    patch.use_fast_kernels(from_config(_config("qwen3_moe")))
+    assert switch_layers.swiglu.__module__ == patch.__name__
+    patch.restore_all()
+    assert switch_layers.swiglu is activations.swiglu
 
 
 def _shape(sig: inspect.Signature):

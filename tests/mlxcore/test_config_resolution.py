@@ -144,6 +144,8 @@ def _context(key: str, model_dir: Path, distill: bool = False) -> list[str]:
         return [f"student.init_from={model_dir}"]
     if key.endswith(".sources"):  # a mixture replaces train / val: one instead of them, in both runs
         return [f"{section}.train=[]", f"{section}.val=[]", f"{section}.sources=[{{spec: other.jsonl}}]"]
+    if key.endswith(("model.num_experts_per_tok", "model.moe_intermediate_size")):  # a dense model has no experts
+        return [f"{section}.num_experts=8"]
     return []
 
 

@@ -68,6 +68,12 @@ def models(tok_dir, tmp_path_factory):
     for name, extra in (("qwen2", 0), ("qwen3", 8)):
         config = tiny_hf_config(name, len(tok) + extra)
         dirs[name] = checkpoint.save_model_dir(root / name, from_config(config, seed=2), config, tokenizer_dir=tok_dir)
+    # a mixture of experts (qwen3_moe: llama.cpp's qwen3moe), 4 experts, top-2, in both layers
+    cfg = ModelConfig(preset="custom", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+    config = hf_config(cfg, len(tok), special_ids(tok))
+    dirs["qwen3_moe"] = checkpoint.save_model_dir(root / "qwen3_moe", from_config(config, seed=3), config,
+                                                  tokenizer_dir=tok_dir)
     return dirs
 
 
@@ -182,11 +188,11 @@ def _prompt_ids(tok_dir):
 F16_ATOL = 1e-2
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_untied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "llama_untied", "qwen2", "qwen3", "qwen3_moe"])
 def test_f16_logits_match_mlx(exported, models, tok_dir, name):
     ids = _prompt_ids(tok_dir)
     result = exported(name)
-    assert result["tied"] == (name in ("llama", "qwen2"))
+    assert result["tied"] == (name in ("llama", "qwen2", "qwen3_moe"))
     ours, theirs = _mlx_logits(models[name], ids), _gguf_logits(result["path"], ids)
     assert theirs.shape == ours.shape
     diff = np.abs(ours - theirs).max()
@@ -207,7 +213,7 @@ def test_llama_without_the_rope_permutation_is_wrong(exported, models, tok_dir, 
     assert np.abs(ours[1:] - theirs[1:]).max() > 10 * F16_ATOL
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "qwen3_moe"])
 def test_quantized_exports_stay_close(exported, models, tok_dir, name):
     ids = _prompt_ids(tok_dir)
     ours = _mlx_logits(models[name], ids)
@@ -217,7 +223,11 @@ def test_quantized_exports_stay_close(exported, models, tok_dir, name):
     assert q4["bytes"] < q8["bytes"] < f16["bytes"]
     assert q8["f16_fallback"] == [] and q8["n_params"] == f16["n_params"]
     theirs = _gguf_logits(q8["path"], ids)
-    assert np.abs(ours - theirs).max() < 0.15  # measured 0.04..0.08
+    per_token = np.abs(ours - theirs).max(-1)
+    if name == "qwen3_moe":  # q8_0 attention can tip a near-tie of the router to another expert at a few tokens
+        assert np.quantile(per_token, 0.9) < 0.15 and (per_token < 0.15).mean() >= 0.9
+    else:
+        assert per_token.max() < 0.15  # measured 0.04..0.08
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
     theirs4 = _gguf_logits(q4["path"], ids)
     assert np.isfinite(theirs4).all() and np.abs(ours - theirs4).mean() < 0.3  # measured 0.09..0.18
@@ -300,3 +310,17 @@ def test_metadata_for_llama_cpp(exported):
     assert types[-1] == gguf.TokenType.UNUSED and types[:3] == [gguf.TokenType.CONTROL] * 3
     assert fields["tokenizer.ggml.add_bos_token"].contents() is False
     assert "<|im_start|>" in value["tokenizer.chat_template"]
+
+
+def test_moe_metadata_and_tensors_for_llama_cpp(exported):
+    """qwen3_moe is llama.cpp's qwen3moe: expert counts, the experts stacked, the router kept in f32."""
+    reader = gguf.GGUFReader(exported("qwen3_moe", "q8_0")["path"])
+    value = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    assert value["general.architecture"] == "qwen3moe"
+    assert (value["qwen3moe.expert_count"], value["qwen3moe.expert_used_count"],
+            value["qwen3moe.expert_feed_forward_length"]) == (4, 2, 64)
+    tensors = {t.name: t for t in reader.tensors}
+    assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert list(tensors["blk.1.ffn_gate_exps.weight"].shape) == [64, 64, 4]  # ne: n_embd, n_ff_exp, n_expert
+    assert list(tensors["blk.1.ffn_down_exps.weight"].shape) == [64, 64, 4]
+    assert tensors["blk.1.ffn_up_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0

@@ -1,0 +1,48 @@
+"""The pipeline flow with a mixture of experts: the smoke config's shapes with 4 experts (top-2)
+through pretrain and SFT under the session's Prefect server; the metrics tables carry expert usage."""
+
+import json
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+from mlxcore.config import load_config
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def test_moe_pipeline_trains_and_reports_expert_usage(tmp_path):
+    from flows.pipeline import pipeline
+
+    config = load_config(REPO / "configs/smoke.yaml", [
+        f"out_dir={tmp_path}", "name=smoke-moe", "model.num_experts=4", "model.num_experts_per_tok=2",
+        "model.moe_intermediate_size=176", "data.synthetic.pretrain_docs=1000", "data.synthetic.sft_examples=300",
+        "data.synthetic.val_examples=40", "pretrain.steps=16", "pretrain.seq_len=64", "pretrain.eval_every=8",
+        "pretrain.eval_batches=2", "pretrain.save_every=0", "sft.steps=6", "sft.seq_len=64", "sft.batch_size=8",
+        "sft.eval_every=3", "sft.eval_batches=2", "sft.save_every=0", "sample.num_prompts=1", "sample.max_tokens=8",
+        "bench=null", "export=null"])
+    state = pipeline(config, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    for stage in ("pretrain", "sft"):
+        train = result["train"][stage]
+        assert train["val_loss"] < train["initial_val_loss"], (stage, train)
+    assert result["train"]["pretrain"]["val_loss"] < 0.6 * result["train"]["pretrain"]["initial_val_loss"]
+    ckpt = json.loads((Path(result["checkpoint"]) / "config.json").read_text())
+    assert ckpt["model_type"] == "qwen3_moe" and ckpt["num_experts"] == 4
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    tables = {a.key: json.loads(a.data) for a in arts if a.type == "table"}
+    for stage in ("pretrain", "sft"):
+        rows = [r for r in tables[f"smoke-moe-{stage}-metrics"] if r.get("loss") is not None]
+        assert rows, stage
+        for r in rows:
+            usage = [r[f"expert_usage_{e}"] for e in range(4)]
+            assert sum(usage) == pytest.approx(1.0, abs=1e-3) and min(usage) >= 0, (stage, r)
+            assert 0 < r["router_entropy"] <= 1.3863 + 1e-3 and r["router_aux_loss"] >= 2 - 1e-3
