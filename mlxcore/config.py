@@ -98,7 +98,7 @@ class ModelConfig(_Strict):
     arch: Literal["llama", "retention"] = Field("llama", description="Attention: llama (softmax, RoPE) or "
                                                 "retention (symmetric power retention, a fixed-size state).")
     retention_degree: int = Field(2, description="retention: the power p of (q.k)^p; even, >= 2.")
-    retention_chunk: int = Field(64, gt=0, description="retention: tokens per chunk in training and prefill; "
+    retention_chunk: int = Field(128, gt=0, description="retention: tokens per chunk in training and prefill; "
                                                        "divides pretrain.seq_len.")
     retention_gating: bool = Field(True, description="retention: a learned per-head, per-token decay.")
 

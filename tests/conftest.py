@@ -136,6 +136,14 @@ def run_deployment(deployment: str, args: list[str], config_dir: Path | None = N
         return done
 
 
+# configs/smoke.yaml cut to a few seconds a stage: enough for a new architecture to show that
+# every stage runs and its held-out loss falls (tests/flows/test_moe_pipeline.py, test_retention_pipeline.py).
+SMOKE_MINI = ["data.synthetic.pretrain_docs=1000", "data.synthetic.sft_examples=300", "data.synthetic.val_examples=40",
+              "pretrain.steps=16", "pretrain.seq_len=64", "pretrain.eval_every=8", "pretrain.eval_batches=2",
+              "pretrain.save_every=0", "sft.steps=6", "sft.seq_len=64", "sft.batch_size=8", "sft.eval_every=3",
+              "sft.eval_batches=2", "sft.save_every=0", "sample.num_prompts=1", "sample.max_tokens=8"]
+
+
 def tiny_hf_config(model_type: str = "qwen3", vocab_size: int = 512) -> dict:
     """The config.json of a tiny 2-layer qwen2 / qwen3 model (float32)."""
     common = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,

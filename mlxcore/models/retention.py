@@ -126,10 +126,13 @@ def retention_recurrent(q, k, v, log_g, p: int, state=None) -> tuple[mx.array, t
     return mx.concatenate(outs, axis=2), (S, z)
 
 
-def retention_chunked(q, k, v, log_g, p: int, chunk: int, state=None) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+def retention_chunked(q, k, v, log_g, p: int, chunk: int, state=None,
+                      need_state: bool = True) -> tuple[mx.array, tuple[mx.array, mx.array] | None]:
     """Intra-chunk quadratic attention plus the carried state of all earlier chunks: (y, final state).
 
-    The normaliser rides along as an extra value column of ones: [S | z] = sum decay * phi(k) [v | 1]^T."""
+    The normaliser rides along as an extra value column of ones: [S | z] = sum decay * phi(k) [v | 1]^T.
+    `need_state=False` (training: no cache) returns no final state, and a sequence that fits in one
+    chunk then never expands phi at all: the quadratic form within it is the whole answer."""
     check_degree(p)
     if chunk < 1:
         raise ValueError(f"retention chunk size must be >= 1, got {chunk}")
@@ -155,6 +158,9 @@ def retention_chunked(q, k, v, log_g, p: int, chunk: int, state=None) -> tuple[m
     w = (q @ k.swapaxes(-1, -2)).astype(mx.float32) ** p
     w = mx.where(causal, w * mx.exp(mx.where(causal, Gc[..., :, None] - Gc[..., None, :], 0.0)), 0.0)
     out = w @ v1  # [B, H, n, C, e + 1]: numerator | denominator
+    if n == 1 and state is None and not need_state:
+        y = (out[..., :e] / (out[..., e:] + EPS)).astype(v.dtype).reshape(B, H, C, e)
+        return (y[:, :, :T] if pad else y), None
 
     # each chunk's own state [S | z], decayed to the chunk's end
     fk = sympow(k, p).astype(mx.float32) * mx.exp(a[..., None] - Gc)[..., None]  # [B, H, n, C, D]
@@ -287,7 +293,7 @@ class ModelArgs(BaseModelArgs):
     num_key_value_heads: Optional[int] = None
     tie_word_embeddings: bool = True
     retention_degree: int = 2
-    retention_chunk: int = 64
+    retention_chunk: int = 128
     retention_gating: bool = True
     max_position_embeddings: Optional[int] = None
 
@@ -331,7 +337,7 @@ class Retention(nn.Module):
             if log_g is not None:
                 log_g = mx.where(valid[:, None, :], log_g, 0.0)
         if cache is None:
-            y, _ = retention_chunked(q, k, v, log_g, self.degree, self.chunk)
+            y, _ = retention_chunked(q, k, v, log_g, self.degree, self.chunk, need_state=False)
         else:
             state = None if cache.empty() else cache.state
             if T == 1 and state is not None:

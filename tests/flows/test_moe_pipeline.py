@@ -10,7 +10,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from mlxcore.config import load_config
 
-from tests.conftest import REPO
+from tests.conftest import REPO, SMOKE_MINI
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -20,10 +20,7 @@ def test_moe_pipeline_trains_and_reports_expert_usage(tmp_path):
 
     config = load_config(REPO / "configs/smoke.yaml", [
         f"out_dir={tmp_path}", "name=smoke-moe", "model.num_experts=4", "model.num_experts_per_tok=2",
-        "model.moe_intermediate_size=176", "data.synthetic.pretrain_docs=1000", "data.synthetic.sft_examples=300",
-        "data.synthetic.val_examples=40", "pretrain.steps=16", "pretrain.seq_len=64", "pretrain.eval_every=8",
-        "pretrain.eval_batches=2", "pretrain.save_every=0", "sft.steps=6", "sft.seq_len=64", "sft.batch_size=8",
-        "sft.eval_every=3", "sft.eval_batches=2", "sft.save_every=0", "sample.num_prompts=1", "sample.max_tokens=8",
+        "model.moe_intermediate_size=176", *SMOKE_MINI,
         "bench=null", "export=null"])
     state = pipeline(config, return_state=True)
     assert state.is_completed(), state.message

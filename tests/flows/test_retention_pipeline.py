@@ -9,7 +9,7 @@ import pytest
 
 from mlxcore.config import BenchTarget, load_config
 
-from tests.conftest import REPO
+from tests.conftest import REPO, SMOKE_MINI
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -19,10 +19,7 @@ def test_retention_pipeline_trains_and_benches_beside_llama(tmp_path, smoke_pipe
 
     config = load_config(REPO / "configs/smoke.yaml", [
         f"out_dir={tmp_path}", "name=smoke-retention", "model.arch=retention", "model.retention_chunk=32",
-        "data.synthetic.pretrain_docs=1000", "data.synthetic.sft_examples=300", "data.synthetic.val_examples=40",
-        "pretrain.steps=16", "pretrain.seq_len=64", "pretrain.eval_every=8", "pretrain.eval_batches=2",
-        "pretrain.save_every=0", "sft.steps=6", "sft.seq_len=64", "sft.batch_size=8", "sft.eval_every=3",
-        "sft.eval_batches=2", "sft.save_every=0", "sample.num_prompts=1", "sample.max_tokens=8",
+        *SMOKE_MINI,
         'bench.suites=["copy","sort"]', "bench.examples=5", "bench.max_tokens=16"])
     llama = BenchTarget(kind="checkpoint", path=smoke_pipeline["result"]["checkpoint"], name="llama")
     config = config.model_copy(update={"bench": config.bench.model_copy(update={"targets": [llama, *config.bench.targets]})})

@@ -120,6 +120,16 @@ def test_ungated_and_split_prefill_match_the_whole_sequence():
     assert state[0].shape == (B, H, expanded_dim(D_HEAD, 2), D_HEAD)
 
 
+def test_training_without_a_state_in_one_chunk_is_the_quadratic_form_and_keeps_no_state():
+    """The model trains with `need_state=False`: a sequence within one chunk skips the expansion."""
+    q, k, v, g = (mx.array(a, dtype=mx.float32) if a is not None else None for a in _inputs(seed=6))
+    y, state = retention_chunked(q, k, v, g, 2, T, need_state=False)
+    assert state is None
+    _close(np.array(y), np.array(retention_quadratic(q, k, v, g, 2)), "one chunk, no state")
+    y_many, state = retention_chunked(q, k, v, g, 2, CHUNK, need_state=False)  # several chunks: the state form
+    _close(np.array(y_many), np.array(y), "several chunks, no state kept")
+
+
 def test_symmetric_power_features_give_the_powered_dot_product():
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((5, 8)), rng.standard_normal((5, 8))
