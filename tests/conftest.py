@@ -144,6 +144,22 @@ SMOKE_MINI = ["data.synthetic.pretrain_docs=1000", "data.synthetic.sft_examples=
               "sft.eval_batches=2", "sft.save_every=0", "sample.num_prompts=1", "sample.max_tokens=8"]
 
 
+def run_learning_pipeline(config) -> tuple:
+    """The pipeline flow in this process (the session's Prefect server): it completes and each
+    training stage's held-out loss falls. (flow run id, result, the final checkpoint's config.json)."""
+    import json
+
+    from flows.pipeline import pipeline
+
+    state = pipeline(config, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    for stage in ("pretrain", "sft"):
+        train = result["train"][stage]
+        assert train["val_loss"] < train["initial_val_loss"], (stage, train)
+    return state.state_details.flow_run_id, result, json.loads((Path(result["checkpoint"]) / "config.json").read_text())
+
+
 def tiny_hf_config(model_type: str = "qwen3", vocab_size: int = 512) -> dict:
     """The config.json of a tiny 2-layer qwen2 / qwen3 model (float32)."""
     common = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,

@@ -2,7 +2,6 @@
 through pretrain and SFT under the session's Prefect server; the metrics tables carry expert usage."""
 
 import json
-from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -10,31 +9,23 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from mlxcore.config import load_config
 
-from tests.conftest import REPO, SMOKE_MINI
+from tests.conftest import REPO, SMOKE_MINI, run_learning_pipeline
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
 def test_moe_pipeline_trains_and_reports_expert_usage(tmp_path):
-    from flows.pipeline import pipeline
-
     config = load_config(REPO / "configs/smoke.yaml", [
         f"out_dir={tmp_path}", "name=smoke-moe", "model.num_experts=4", "model.num_experts_per_tok=2",
         "model.moe_intermediate_size=176", *SMOKE_MINI,
         "bench=null", "export=null"])
-    state = pipeline(config, return_state=True)
-    assert state.is_completed(), state.message
-    result = state.result()
-    for stage in ("pretrain", "sft"):
-        train = result["train"][stage]
-        assert train["val_loss"] < train["initial_val_loss"], (stage, train)
+    run_id, result, ckpt = run_learning_pipeline(config)
     assert result["train"]["pretrain"]["val_loss"] < 0.6 * result["train"]["pretrain"]["initial_val_loss"]
-    ckpt = json.loads((Path(result["checkpoint"]) / "config.json").read_text())
     assert ckpt["model_type"] == "qwen3_moe" and ckpt["num_experts"] == 4
 
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
     tables = {a.key: json.loads(a.data) for a in arts if a.type == "table"}
     for stage in ("pretrain", "sft"):
         rows = [r for r in tables[f"smoke-moe-{stage}-metrics"] if r.get("loss") is not None]

@@ -2,34 +2,23 @@
 SFT, sample and bench under the session's Prefect server (GGUF export skipped); its bench report has llama's
 smoke model beside it."""
 
-import json
-from pathlib import Path
-
 import pytest
 
 from mlxcore.config import BenchTarget, load_config
 
-from tests.conftest import REPO, SMOKE_MINI
+from tests.conftest import REPO, SMOKE_MINI, run_learning_pipeline
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
 def test_retention_pipeline_trains_and_benches_beside_llama(tmp_path, smoke_pipeline):
-    from flows.pipeline import pipeline
-
     config = load_config(REPO / "configs/smoke.yaml", [
         f"out_dir={tmp_path}", "name=smoke-retention", "model.arch=retention", "model.retention_chunk=32",
         *SMOKE_MINI,
         'bench.suites=["copy","sort"]', "bench.examples=5", "bench.max_tokens=16"])
     llama = BenchTarget(kind="checkpoint", path=smoke_pipeline["result"]["checkpoint"], name="llama")
     config = config.model_copy(update={"bench": config.bench.model_copy(update={"targets": [llama, *config.bench.targets]})})
-    state = pipeline(config, return_state=True)
-    assert state.is_completed(), state.message
-    result = state.result()
-    for stage in ("pretrain", "sft"):
-        train = result["train"][stage]
-        assert train["val_loss"] < train["initial_val_loss"], (stage, train)
-    ckpt = json.loads((Path(result["checkpoint"]) / "config.json").read_text())
+    _, result, ckpt = run_learning_pipeline(config)
     assert ckpt["model_type"] == "retention" and ckpt["retention_degree"] == 2
     assert result["export"] is None  # GGUF / llama.cpp has no such model: the export stage is skipped
 

@@ -85,7 +85,7 @@ def rl_config(arithmetic, out, **over) -> RLConfig:
            "warmup": WARMUP,
            "rollout": {"prompts": 128, "k": 8, "max_tokens": 16},
            "update": {"lr": 5e-5, "epochs": 4, "batch_size": 32},
-           "iterations": 5, "eval_prompts": 64, "eval_max_tokens": 16}
+           "iterations": 5, "eval_prompts": 16, "eval_max_tokens": 16}  # the flow's own report; tests score held_out_terms
     for key, value in over.items():
         cfg[key] = {**(cfg.get(key) or {}), **value} if isinstance(value, dict) else value
     return RLConfig.model_validate(cfg)
@@ -297,7 +297,7 @@ def test_ppo_with_a_learned_reward_model_raises_held_out_accuracy_and_its_score(
     ppo = {"loss": "ppo", "lr": 5e-5, "epochs": 4, "batch_size": 32, "kl_coef": 0.05, "critic_lr": 3e-4,
            "cliprange_value": 10.0}
     learned = {"name": "ppo", "policy": warm, "warmup": None, "reward_model": rm["checkpoint"], "iterations": 4,
-               "rollout": {"prompts": 128, "k": 8, "max_tokens": 16}, "eval_prompts": 100, "update": ppo,
+               "rollout": {"prompts": 128, "k": 8, "max_tokens": 16}, "eval_prompts": 16, "update": ppo,
                "rewards": [{"name": "reward_model", "args": {"normalize": rm["normalize"], "clip": 3.0}},
                            {"name": "gsm8k_format"}, {"name": "numeric_match", "weight": 0.0}]}
     runs = {"learned": learned, "control": {**learned, "update": {**ppo, "epochs": 0}}}
