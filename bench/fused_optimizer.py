@@ -1,0 +1,75 @@
+"""Clip + AdamW alone, per tensor vs fused (`mlxcore.train.fused`), on a preset's parameters.
+
+    python bench/fused_optimizer.py --preset 200mb --dtype bfloat16 --reps 30
+
+Builds the model, draws one random gradient tree, compiles two functions, each taking
+(gradients) -> new parameters and optimizer state with global-norm clipping to 1.0 and
+AdamW(state float32, as `optimizer_state_dtype: float32`): `optim.clip_grad_norm` +
+`optimizer.apply_gradients` per tensor, and `fused.clip` + `fused.apply`. The two alternate,
+`--reps` evaluated calls each after a warmup; prints median and min ms and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+from mlxcore.config import ModelConfig
+from mlxcore.models.model import from_config, hf_config
+from mlxcore.train import fused, optimizers
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=["tiny", "200mb"], default="tiny")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--reps", type=int, default=20)
+    args = p.parse_args(argv)
+
+    model = from_config(hf_config(ModelConfig(preset=args.preset, dtype=args.dtype), 6400), seed=0)
+    params = model.trainable_parameters()
+    grads = tree_map(lambda w: mx.random.normal(w.shape).astype(w.dtype) * 1e-2, params)
+    flat_params = dict(tree_flatten(params))
+    mx.eval(grads)
+    runs = {}
+    for name in ("per-tensor", "fused"):
+        opt = optimizers.AdamWFloat32State(1e-3, betas=[0.9, 0.95], weight_decay=0.01)
+        opt.init(params)
+
+        def step(grads, opt=opt, name=name):
+            if name == "fused":
+                packed, norm = fused.clip(fused.Packed.pack(grads, flat_params), mx.array(1.0), 1.0)
+                return fused.apply(opt, packed, flat_params, grads), norm
+            clipped, norm = optim.clip_grad_norm(grads, 1.0)
+            return opt.apply_gradients(clipped, params), norm
+
+        fn = mx.compile(step, inputs=opt.state, outputs=opt.state)
+        runs[name] = (fn, opt, [])
+    for _ in range(3):
+        for fn, opt, _ in runs.values():
+            mx.eval(fn(grads), opt.state)
+    for _ in range(args.reps):
+        for fn, opt, times in runs.values():
+            t0 = time.perf_counter()
+            mx.eval(fn(grads), opt.state)
+            times.append(1e3 * (time.perf_counter() - t0))
+    n = sum(v.size for _, v in tree_flatten(params))
+    print(f"mlx {mx.__version__} on {mx.default_device()}; {args.preset} {args.dtype}: "
+          f"{len(flat_params)} tensors, {n / 1e6:.1f}M parameters; {args.reps} alternating reps")
+    out = {}
+    for name, (_, _, times) in runs.items():
+        out[name] = {"median_ms": statistics.median(times), "min_ms": min(times)}
+        print(f"{name:<11} median {out[name]['median_ms']:8.2f} ms  min {out[name]['min_ms']:8.2f} ms")
+    print(f"fused / per-tensor: median {out['fused']['median_ms'] / out['per-tensor']['median_ms']:.2f}x, "
+          f"min {out['fused']['min_ms'] / out['per-tensor']['min_ms']:.2f}x")
+    return out
+
+
+if __name__ == "__main__":
+    main()

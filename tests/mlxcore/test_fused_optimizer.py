@@ -1,0 +1,166 @@
+"""The fused optimizer step (mlxcore.train.fused) against the per-tensor path, and resume across both."""
+
+import shutil
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from mlxcore.models.model import from_config, hf_config
+from mlxcore.train import fused, loop as train, optimizers
+from mlxcore.train.loop import TrainJob
+from mlxcore.train.step import Stepper
+
+from tests.conftest import micro_model, quick_train
+
+# CPU kernels are deterministic, so the two paths are compared bit for bit there; MLX's CUDA
+# kernels are not bitwise reproducible even run to run (see test_train.py), hence a tolerance.
+ON_CPU = mx.default_device() == mx.cpu
+VOCAB = 96
+
+
+def _bits(a: mx.array) -> np.ndarray:
+    a = a.astype(mx.float32) if a.dtype == mx.bfloat16 else a  # bf16 -> f32 is exact
+    return np.array(a)
+
+
+def _assert_same(xs: dict, ys: dict, exact: bool, rtol: float = 0.0):
+    assert xs.keys() == ys.keys()
+    for k in xs:
+        assert xs[k].dtype == ys[k].dtype and xs[k].shape == ys[k].shape, k
+        if exact:
+            assert np.array_equal(_bits(xs[k]), _bits(ys[k])), k
+        else:
+            np.testing.assert_allclose(_bits(xs[k]), _bits(ys[k]), rtol=rtol, atol=rtol, err_msg=k)
+
+
+def _model(dtype: str):
+    cfg = micro_model().model_copy(update={"dtype": dtype})
+    return from_config(hf_config(cfg, VOCAB), seed=0)
+
+
+def _batches(n: int):
+    rng = np.random.default_rng(1)
+    return [(rng.integers(0, VOCAB, (4, 16)), rng.integers(0, VOCAB, (4, 16)), np.ones((4, 16), np.float32))
+            for _ in range(n)]
+
+
+def _train(fused_mode: str, dtype: str, make_opt, grad_clip: float, steps: int = 4, profile: bool = False):
+    model, opt = _model(dtype), make_opt()
+    stepper = Stepper(model, opt, grad_clip=grad_clip, compile=True, fused=fused_mode, profile=profile)
+    norms = []
+    for b in _batches(steps):
+        _, _, norm = stepper([b])
+        mx.eval(stepper.state, norm)
+        norms.append(norm.item())
+    return stepper, dict(tree_flatten(model.parameters())), dict(tree_flatten(opt.state)), norms
+
+
+OPTIMIZERS = {
+    "adamw_f32_state": lambda: optimizers.AdamWFloat32State(optimizers.optim.cosine_decay(3e-2, 10),
+                                                            betas=[0.9, 0.95], weight_decay=0.1),
+    "adamw": lambda: optim.AdamW(3e-2, betas=[0.9, 0.95], weight_decay=0.1),
+    "lion": lambda: optim.Lion(1e-3, weight_decay=0.1),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_fused_update_equals_the_per_tensor_update(dtype, name):
+    """Clipping off (its scale is exactly 1): parameters, moments and the step are the same bits."""
+    s_fused, p_fused, st_fused, n_fused = _train("on", dtype, OPTIMIZERS[name], grad_clip=0.0)
+    s_plain, p_plain, st_plain, n_plain = _train("off", dtype, OPTIMIZERS[name], grad_clip=0.0)
+    assert s_fused.fused and not s_plain.fused
+    tol = 0.0 if ON_CPU else (1e-5 if dtype == "float32" else 2e-2)
+    _assert_same(p_fused, p_plain, exact=ON_CPU, rtol=tol)
+    _assert_same(st_fused, st_plain, exact=ON_CPU, rtol=tol)
+    assert st_fused["step"].item() == 4
+    # the reported norm sums in another order: float32 agrees to 1e-6, bfloat16 to its rounding
+    np.testing.assert_allclose(n_fused, n_plain, rtol=1e-6 if dtype == "float32" else 2e-2)
+
+
+@pytest.mark.gpu
+def test_fused_clip_matches_clip_grad_norm_and_then_the_update_is_identical():
+    model = _model("float32")
+    rng = np.random.default_rng(0)
+    grads = {k: mx.array(rng.standard_normal(v.shape).astype(np.float32)) for k, v in tree_flatten(model.parameters())}
+    grads = tree_unflatten(list(grads.items()))
+    params = dict(tree_flatten(model.parameters()))
+    scale = mx.array(0.5)
+    plain, norm = optim.clip_grad_norm(tree_map_scale(grads, scale), 1.0)
+    packed, fnorm = fused.clip(fused.Packed.pack(grads, params), scale, 1.0)
+    mx.eval(plain, norm, packed.flats(), fnorm)
+    assert norm.item() > 1.0  # clipping is active
+    assert abs(fnorm.item() - norm.item()) <= 1e-6 * norm.item()
+    # the normalizers may differ in the last bits (they divide by the norm); given the same scale
+    # (recompute the plain path's with the fused norm) the clipped gradients are identical
+    normalizer = mx.minimum(1.0 / (fnorm + 1e-6), 1.0)
+    same_scale = dict(tree_flatten(tree_map_scale(tree_map_scale(grads, scale), normalizer)))
+    flat = fused.Packed.pack(tree_unflatten(list(same_scale.items())), params)
+    _assert_same({"g": flat.flats()[0]}, {"g": packed.flats()[0]}, exact=ON_CPU, rtol=1e-6)
+
+    # and the update of those gradients equals AdamW's per tensor
+    a, b = optimizers.AdamWFloat32State(1e-2, weight_decay=0.1), optimizers.AdamWFloat32State(1e-2, weight_decay=0.1)
+    new_plain = dict(tree_flatten(a.apply_gradients(tree_unflatten(list(same_scale.items())), model.parameters())))
+    new_fused = dict(tree_flatten(fused.apply(b, packed, params, grads)))
+    mx.eval(new_plain, new_fused, a.state, b.state)
+    _assert_same(new_fused, new_plain, exact=ON_CPU, rtol=1e-6)
+    _assert_same(dict(tree_flatten(b.state)), dict(tree_flatten(a.state)), exact=ON_CPU, rtol=1e-6)
+
+
+def tree_map_scale(tree, s):
+    return tree_map(lambda g: g * s.astype(g.dtype), tree)
+
+
+@pytest.mark.gpu
+def test_profiled_fused_step_equals_the_compiled_one_and_reports_phases():
+    s_prof, p_prof, st_prof, n_prof = _train("on", "float32", OPTIMIZERS["adamw_f32_state"], 0.5, steps=3, profile=True)
+    _, p_full, st_full, n_full = _train("on", "float32", OPTIMIZERS["adamw_f32_state"], 0.5, steps=3)
+    assert set(s_prof.timings) == {"fwd_bwd", "clip", "optimizer"}
+    assert n_prof[0] > 0.5  # clipping is active
+    tol = 1e-6 if ON_CPU else 1e-4
+    _assert_same(p_prof, p_full, exact=False, rtol=tol)
+    _assert_same(st_prof, st_full, exact=False, rtol=tol)
+    np.testing.assert_allclose(n_prof, n_full, rtol=tol)
+
+
+def test_optimizers_without_elementwise_updates_stay_per_tensor():
+    assert fused.supports(optim.AdamW(1e-3)) and fused.supports(optimizers.AdamWFloat32State(1e-3))
+    for opt in (optim.Adafactor(1e-3), optim.Muon(1e-3), optim.Adam(1e-3, bias_correction=True),
+                optim.MultiOptimizer([optim.Muon(1e-3), optim.AdamW(1e-3)], [lambda p, w: w.ndim == 2])):
+        assert not fused.supports(opt)
+        assert not Stepper(_model("float32"), opt, fused="on", compile=False).fused
+    with pytest.raises(ValueError, match="fused must be"):
+        Stepper(_model("float32"), optim.AdamW(1e-3), fused="yes")
+
+
+def _job(small_data, out, **overrides):
+    return TrainJob(data_dir=str(small_data["pretrain"]), tokenizer_dir=str(small_data["tok"]), out_dir=str(out),
+                    model=micro_model(), train=quick_train(**{"steps": 10, "save_every": 5, "eval_every": 10, **overrides}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("first, then", [("on", "on"), ("off", "on"), ("on", "off")])
+def test_resume_is_exact_within_and_across_the_fused_and_per_tensor_paths(small_data, tmp_path, first, then):
+    """Train 10 steps straight; copy its step-5 checkpoint into a fresh run dir and resume there
+    (with the other path for the cross cases): the same weights and optimizer.safetensors.
+    Clipping is off across paths (its norm's summation order differs), on within one."""
+    clip = dict(grad_clip=1.0 if first == then else 0.0)
+    straight = train.run(_job(small_data, tmp_path / "a", fused_optimizer=first, **clip))
+    resumed_dir = tmp_path / "b"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a/checkpoints/step-00000005", resumed_dir / "checkpoints/step-00000005")
+    resumed = train.run(_job(small_data, resumed_dir, fused_optimizer=then, **clip))
+    assert resumed["resumed_from"]
+    a, b = tmp_path / "a/model", resumed_dir / "model"
+    sa, sb = mx.load(str(a / "optimizer.safetensors")), mx.load(str(b / "optimizer.safetensors"))
+    assert sa.keys() == sb.keys() and any(k.endswith(".m") for k in sa)  # the per-tensor layout either way
+    if ON_CPU:
+        assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+        assert (a / "optimizer.safetensors").read_bytes() == (b / "optimizer.safetensors").read_bytes()
+        assert resumed["val_loss"] == straight["val_loss"]
+    else:
+        _assert_same(mx.load(str(a / "model.safetensors")), mx.load(str(b / "model.safetensors")), exact=False, rtol=1e-3)
