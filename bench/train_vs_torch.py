@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile for torch; auto: on for CUDA, on CPU time both and use the faster")
     p.add_argument("--peak-tflops", type=float, help="the device peak for MFU (default: a measured torch matmul "
                    "in the training dtype, the same denominator for both frameworks)")
+    p.add_argument("--fused-optimizer", choices=["auto", "on", "off"], default="auto",
+                   help="our clip + AdamW as a few ops over concatenated buffers (mlxcore.train.fused)")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -102,16 +104,16 @@ def model_config(args) -> ModelConfig:
         raise SystemExit(f"train_vs_torch: bad model shape: {'; '.join(msgs)}") from None
 
 
-def mlx_runner(model, batch) -> dict:
+def mlx_runner(model, batch, fused: str = "auto") -> dict:
     optimizer = optim.AdamW(LR, betas=list(BETAS), weight_decay=WEIGHT_DECAY)
-    step, state = make_step(model, optimizer, grad_clip=GRAD_CLIP, compile=True)
+    step, state = make_step(model, optimizer, grad_clip=GRAD_CLIP, compile=True, fused=fused)
 
     def once():
         loss, n, norm = step([batch])
         mx.eval(state, loss, n, norm)  # the step is done when weights and optimizer state are
         return loss, n
 
-    return {"framework": "mlx", "once": once, "loss": lambda out: out[0].item() / max(out[1].item(), 1.0),
+    return {"framework": "mlx fused step" if step.fused else "mlx", "once": once, "loss": lambda out: out[0].item() / max(out[1].item(), 1.0),
             "peak": mx.get_peak_memory}
 
 
@@ -230,7 +232,7 @@ def main(argv=None) -> dict:
     matmul = match_tf32(device) if args.dtype == "float32" else args.dtype
     print(f"matmul precision: {matmul}")
 
-    runners = [mlx_runner(mlx_model, batch_np)]
+    runners = [mlx_runner(mlx_model, batch_np, args.fused_optimizer)]
     runners += [torch_runner(config, init_state, batch_t, device, compiled) for compiled in compile_modes]
     rows = measure(runners, args.warmup, args.steps, args.rounds)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else torch_matmul_peak(device, args.dtype)

@@ -1,6 +1,6 @@
 """`mlxflow`: run flows (Prefect), plus the library's own commands (`mlxcore/cli.py`, also `mlxcore ...`).
 
-  mlxflow run pipeline|finetune|distill|preference|reward-model|rl|export|bench|eval [--config configs/X.yaml] [--set sft.lr=1e-4 ...]
+  mlxflow run pipeline|finetune|distill|preference|reward-model|rl|export|bench|eval|vlm [--config configs/X.yaml] [--set sft.lr=1e-4 ...]
   mlxflow serve [CONFIG_DIR]      # deployments: pipeline/demo, distill/default, bench/demo, eval/demo, one per config
   mlxflow deploy --pool NAME [CONFIG_DIR]   # the same deployments on a work pool (prefect worker start --pool NAME)
   mlxflow doctor                  # from here on: the library's commands, the same as `mlxcore doctor` ...
@@ -12,6 +12,7 @@
   mlxflow pretokenize SPEC... --kind sft --tokenizer DIR --out DIR [--format alpaca] [--max-tokens 513]
   mlxflow clean [RUN_DIR ...] [--dry-run]   # temp files left by killed writers (every stage also removes its own)
   mlxflow export --model DIR --out DIR [--format q8_0 ...]   # GGUF + Modelfile, MLX 4/8-bit, llama.cpp parity gate
+  mlxflow compare RUN_DIR RUN_DIR... [--out DIR]             # loss curves, bench deltas + intervals, config diff
   mlxflow serve-model --model DIR [--smoke]                   # mlx_lm.server on loopback (OpenAI API)
   mlxflow data list [--kind sft] | data show NAME             # the data catalog: datasets, licenses, mixes
 """
@@ -34,6 +35,7 @@ FLOWS = {  # name: (module, flow function, config class)
     "preference": ("flows.preference", "preference", "PreferenceRunConfig"),
     "reward-model": ("flows.preference", "reward_model", "RewardModelRunConfig"),
     "export": ("flows.export", "export", "ExportRunConfig"),
+    "vlm": ("flows.vlm", "vlm", "VLMRunConfig"),
 }
 
 
@@ -71,6 +73,10 @@ def format_rl(config, result: dict) -> str:
         lines.append(f"{h['iteration']:>4} {num(h.get('mean_reward'), 7)} {num(h.get('accuracy'), 11)} "
                      f"{num(h.get('eval_mean_reward'), 15)} {num(h.get('eval_accuracy'), 12)} {num(h.get('kl'), 7, 4)} "
                      f"{num(h.get('clip_fraction'), 6)} {num(h.get('response_tokens'), 6, 1)}")
+    metrics = result.get("metrics") or {}
+    if "promoted" in metrics:  # champion / challenger (promotion.json has the whole history)
+        lines += ["", f"promotion:  iteration {result['iteration']} {'promoted' if metrics['promoted'] else 'kept, not promoted'}"
+                      f" ({metrics['promotion']}); champion: iteration {metrics['champion']} (<run>/model)"]
     lines += ["", f"checkpoint: {result['checkpoint']}", "next:       run the same command again (or schedule it: mlxflow serve)"]
     return "\n".join(lines)
 
@@ -145,7 +151,20 @@ def format_data(data: dict, train: dict) -> list[str]:
     return [""] + lines if lines else []
 
 
+def format_vlm(config, result: dict) -> str:
+    """The VLM flow's held-out metrics beside their baselines (the bench rows)."""
+    t = result["train"]
+    lines = [f"vlm '{config.name}' finished: {t['step']} steps, held-out loss {t['initial_val_loss']:.3f} -> "
+             f"{t['val_loss']:.3f}", "", f"{'suite':<20} {'metric':<12} {'model':>8} {'baseline':>9}"]
+    for r in result["bench"]:
+        base = "" if r["baseline"] is None else f"{r['baseline']:.3f}"
+        lines.append(f"{r['suite']:<20} {r['metric']:<12} {r['model']:>8.3f} {base:>9}  {r['baseline_kind']}")
+    return "\n".join(lines + ["", f"checkpoint: {result['checkpoint']}"])
+
+
 def format_summary(flow: str, config, result: dict) -> str:
+    if flow == "vlm":
+        return format_vlm(config, result)
     if flow == "export":
         return "\n\n".join(filter(None, [f"export '{config.name}' of {config.model} finished", format_export(result),
                                           format_bench(result.get("bench"))]))
@@ -202,7 +221,12 @@ def cmd_run(args) -> int:
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         return _err(f"flow {args.flow} {state.name.lower()}: {error}", 1)
-    print(format_summary(args.flow, config, state.result()))
+    result = state.result()
+    print(format_summary(args.flow, config, result))
+    if isinstance(result, dict) and result.get("report"):  # tasks/report.py: the card and the trackers' deliveries
+        from tasks.report import report_lines
+
+        print("\n" + report_lines(result["report"]))
     return 0
 
 

@@ -11,11 +11,16 @@ from flows.preference import align
 from flows.export import ship
 from tasks.bench import run_bench
 from tasks.data import tokenizer
+from tasks.report import reported
 from tasks.distill import check_teacher, compare, generate_rows, prompt_corpus, rows_dir, student_dir, train_student
+from tasks.promotion import bench_outcomes, metric_of, promote
+from tasks.record import record_run
 from tasks.train import model_card, publish
+from mlxcore.tracking import promotion
 
 
 @flow(name="distill")
+@reported
 def distill(config: DistillConfig = DistillConfig(), overrides: list[str] = []) -> dict:
     """`overrides`: KEY=VALUE settings on top of `config`, e.g. ["target_rows=500", "teacher.workers=8"]."""
     config = with_overrides(config, overrides)
@@ -44,7 +49,9 @@ def distill(config: DistillConfig = DistillConfig(), overrides: list[str] = []) 
         aligned = align(config.preference, model["checkpoint"], tok["path"], run, inputs=pairs)
         final = aligned["checkpoint"]
     samples = compare(final, rows, config.prompts, config.verify, config.stream, config.sample, run)
-    publish(final, run)
+    promo = config.promotion
+    if not promo.enabled:
+        publish(final, run)
     shipped, exports = None, []
     if config.export is not None:
         shipped = ship(config.export, final, run, "student")
@@ -56,6 +63,13 @@ def distill(config: DistillConfig = DistillConfig(), overrides: list[str] = []) 
                BenchTarget(kind=t.api, url=t.url, model=t.model, api_key_env=t.api_key_env,
                            api_key_secret=t.api_key_secret, workers=t.workers, timeout_s=t.timeout_s, name="teacher")]
         bench = run_bench(own, config.bench, run, title=f"bench {config.name}: student vs teacher")
+    decision = None
+    if promo.enabled:  # <run>/model moves to this student only if it beats the champion (an earlier run's)
+        outcomes = (bench_outcomes(bench, "student") if metric_of(promo, bench is not None) == "bench"
+                    else promotion.eval_outcomes(samples.get("per_prompt") or []))
+        decision = promote(run, final, final, outcomes, promo, config.name)
     model_card(final, {"bench": bench, "student pass rate": samples["student_pass_rate"]}, run)
+    record_run("distill", config, {"student": model["checkpoint"], "preference": aligned and aligned["train"]["checkpoint"]},
+               final, bench, "student")
     return {"checkpoint": final, "rows": generated, "train": model, "teacher": health,
-            "samples": samples, "bench": bench, "preference": aligned, "export": shipped}
+            "samples": samples, "bench": bench, "preference": aligned, "export": shipped, "promotion": decision}

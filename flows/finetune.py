@@ -7,11 +7,13 @@ from prefect import flow
 from mlxcore.config import FinetuneConfig, TokenizerConfig, with_overrides
 from tasks.data import prepare_data, pretokenize, sources, tokenizer
 from tasks.evaluate import evaluate, sample
+from tasks.report import reported
 from tasks.train import model_card, sft
 from flows.export import ship
 
 
 @flow(name="finetune")
+@reported
 def finetune(config: FinetuneConfig, overrides: list[str] = []) -> dict:
     """`overrides`: KEY=VALUE settings on top of `config`, e.g. ["sft.lr=1e-4", "sft.lora.rank=16"]."""
     config = with_overrides(config, overrides)

@@ -12,6 +12,8 @@ from tasks.data import prepare_data, pretokenize, sources, tokenizer
 from flows.export import ship
 from flows.preference import align
 from tasks.evaluate import evaluate, sample
+from tasks.report import reported
+from tasks.record import record_run
 from tasks.train import model_card, pretrain, publish, sft
 
 
@@ -25,6 +27,7 @@ def _files(inputs) -> list[str]:
 
 
 @flow(name="pipeline")
+@reported
 def pipeline(config: PipelineConfig = PipelineConfig(), overrides: list[str] = []) -> dict:
     """`overrides`: KEY=VALUE settings on top of `config`, e.g. ["sft.lr=1e-4", "model.preset=200mb"]."""
     config = with_overrides(config, overrides)
@@ -63,5 +66,6 @@ def pipeline(config: PipelineConfig = PipelineConfig(), overrides: list[str] = [
         bench = run_bench([ours, *own], config.bench, run, title=f"bench {config.name}")
     model_card(final, {"eval": evals, "bench": bench, "sample exact match": samples["exact_match"]}, run)
     train = {"pretrain": base, "sft": chat} | ({"preference": aligned["train"]} if aligned else {})
+    record_run("pipeline", config, {stage: t.get("checkpoint") for stage, t in train.items()}, final, bench, config.name)
     return {"checkpoint": final, "model": model, "train": train, "eval": evals, "samples": samples, "bench": bench,
             "preference": aligned, "export": shipped, "data": {"pretrain": text, "sft": chats}}

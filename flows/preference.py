@@ -15,6 +15,7 @@ from mlxcore.preference.losses import USES_REFERENCE
 from flows.export import ship
 from tasks.bench import run_bench
 from tasks.data import tokenizer
+from tasks.report import reported
 from tasks.preference import (evaluate_preference, pretokenize, reference, report, sources, train_preference,
                               train_reward)
 from tasks.train import model_card, publish
@@ -52,6 +53,7 @@ def _start(config, overrides: list[str]):
 
 
 @flow(name="preference")
+@reported
 def preference(config: PreferenceRunConfig, overrides: list[str] = []) -> dict:
     """`overrides`: KEY=VALUE settings on top of `config`, e.g. ["objective.name=ipo", "objective.beta=0.5"]."""
     config, run, tok = _start(config, overrides)

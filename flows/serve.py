@@ -14,6 +14,7 @@
   reward-model/<name> one per configs/reward-<name>.yaml
   export/demo         runs/demo/model as GGUF q8_0 + Modelfile, gated on llama.cpp parity
   export/<name>       one per configs/export-<name>.yaml
+  vlm/<name>          one per configs/vlm-<name>.yaml (vision-language: data, preprocess, train, vlm-eval, bench)
 
 Every deployment takes `overrides` too (KEY=VALUE settings on top of its config):
 
@@ -32,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from mlxcore.config import (BenchRunConfig, ConfigError, DistillConfig, EvalConfig, ExportRunConfig, PipelineConfig,
-                            PreferenceRunConfig, RewardModelRunConfig, RLConfig, load_config)
+                            PreferenceRunConfig, RewardModelRunConfig, RLConfig, VLMRunConfig, load_config)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -47,11 +48,13 @@ def deployments(config_dir: str | Path = CONFIGS, **common) -> list:
     `common`: more `Flow.to_deployment` arguments for all of them (work pool, entrypoint type).
     """
     from flows.bench import bench, eval_flow
+    from flows.compare import compare
     from flows.distill import distill
     from flows.export import export
     from flows.pipeline import pipeline
     from flows.preference import preference, reward_model
     from flows.rl import rl
+    from flows.vlm import vlm
 
     out = [pipeline.to_deployment(name="demo", description="The whole pipeline on its embedded defaults.", **common),
            distill.to_deployment(name="default", description="Distill from Ollama's qwen3:0.6b on 127.0.0.1:11434.",
@@ -61,10 +64,12 @@ def deployments(config_dir: str | Path = CONFIGS, **common) -> list:
                                    **common),
            export.to_deployment(name="demo", description="runs/demo/model as GGUF q8_0 + Modelfile, parity-gated.",
                                 parameters={"config": ExportRunConfig(model="runs/demo/model").model_dump(mode="json")},
-                                **common)]
+                                **common),
+           compare.to_deployment(name="runs", description="Runs side by side: give `runs` (run dirs or records).",
+                                 **common)]
     by_prefix = {"distill-": (distill, DistillConfig), "bench-": (bench, BenchRunConfig), "eval-": (eval_flow, EvalConfig),
                  "preference-": (preference, PreferenceRunConfig), "reward-": (reward_model, RewardModelRunConfig),
-                 "export-": (export, ExportRunConfig)}
+                 "export-": (export, ExportRunConfig), "vlm-": (vlm, VLMRunConfig)}
     for path in sorted(Path(config_dir).glob("*.yaml")):
         prefix = next((p for p in by_prefix if path.stem.startswith(p)), None)
         if path.stem.startswith("rl-"):

@@ -9,6 +9,7 @@
   mlxcore pretokenize SPEC... --kind sft --tokenizer DIR --out DIR [--format alpaca] [--max-tokens 513]
   mlxcore clean [RUN_DIR ...] [--dry-run]   # temp files left by killed writers (every stage also removes its own)
   mlxcore export --model DIR --out DIR [--format q8_0 --format mlx-4bit ...] [--no-gate]   # GGUF + Modelfile, MLX; gated
+  mlxcore compare RUN_DIR RUN_DIR... [--out DIR] [--confidence 0.95]   # curves, bench deltas + intervals, config diff
   mlxcore serve-model --model DIR [--adapter DIR] [--port N] [--smoke [--prompt TEXT]]   # mlx_lm.server, OpenAI API
   mlxcore data list [--kind pretrain|sft|preference|rl|eval]   # the data catalog: name, kind, size, license
   mlxcore data show NAME                   # one dataset (spec, columns, license, terms, mixes) or a mix
@@ -258,6 +259,21 @@ def cmd_clean(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    """Runs side by side: compare.md, compare.json, loss-curves.png in --out; the markdown printed."""
+    from mlxcore.bench.compare import CompareError, compare
+
+    first = Path(args.runs[0])
+    out = args.out or str((first.parent.parent if first.is_file() else first.parent) / "compare")
+    try:
+        result = compare(args.runs, out, confidence=args.confidence, resamples=args.resamples, seed=args.seed)
+    except CompareError as e:
+        return error(getattr(args, "prog", "mlxcore"), str(e), 2)
+    print((Path(result["out"]) / "compare.md").read_text())
+    print(f"written: {result['out']}/compare.md, compare.json, loss-curves.png")
+    return 0
+
+
 def cmd_serve_model(args) -> int:
     """Serve a checkpoint with mlx_lm.server on loopback; --smoke: one chat completion, print it, stop."""
     import signal
@@ -351,6 +367,8 @@ def library_commands(sub) -> None:
     sp.add_argument("--sparse-loss", action="store_true")
     sp.add_argument("--mask-density", type=float, default=1.0, help="fraction of positions with loss (SFT-like)")
     sp.add_argument("--optimizer", choices=["adamw", "adafactor", "lion", "muon"], default="adamw")
+    sp.add_argument("--fused-optimizer", choices=["auto", "on", "off"], default="auto",
+                    help="clip + optimizer over concatenated buffers (mlxcore.train.fused)")
     sp.add_argument("--no-compile", dest="compile", action="store_false")
     sp.add_argument("--profile-timing", action="store_true", help="per-phase ms (data, fwd+bwd, clip, optimizer)")
     sp.add_argument("--decode-tokens", type=int, default=0, help="also time greedy decoding of N tokens after --prefill")
@@ -420,6 +438,17 @@ def library_commands(sub) -> None:
     cl.add_argument("run_dirs", nargs="*", default=["runs"], metavar="RUN_DIR", help="default: runs")
     cl.add_argument("--dry-run", action="store_true", help="only list (stale / writing / unknown: another host)")
     cl.set_defaults(func=cmd_clean)
+
+    cmp = sub.add_parser("compare", help="runs side by side: loss curves, bench deltas with paired bootstrap "
+                         "intervals, config differences")
+    cmp.add_argument("runs", nargs="+", metavar="RUN", help="run dirs (their latest run) or run records "
+                     "(RUN_DIR/records/*.json); the first is the baseline")
+    cmp.add_argument("--out", help="where compare.md / compare.json / loss-curves.png go (default: compare/ beside "
+                     "the first run dir)")
+    cmp.add_argument("--confidence", type=float, default=0.95, help="of the bootstrap intervals")
+    cmp.add_argument("--resamples", type=int, default=10_000)
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.set_defaults(func=cmd_compare)
 
     sv = sub.add_parser("serve-model", help="serve a checkpoint with mlx_lm.server (OpenAI API) on loopback")
     sv.add_argument("--model", required=True, help="a model dir, or an adapter dir (served on its base_model)")

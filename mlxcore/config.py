@@ -427,6 +427,43 @@ class QuantizeConfig(_Strict):
     group_size: Literal[32, 64, 128] = 64
 
 
+class HostConfig(_Strict):
+    """One host of an `mlx.launch` hostfile (what `mlx.distributed_config` writes)."""
+
+    ssh: str = Field(min_length=1, description="The name to reach it by: ssh's host, exec_prefix's {ssh}.")
+    ips: list[str] = Field(default_factory=list, description="Addresses the ring backend listens on (one port per "
+                           "rank and address); nccl / jaccl use the first host's first one as the coordinator.")
+    rdma: list[str | list[str] | None] = Field(default_factory=list, description="jaccl: RDMA device to each host.")
+
+
+class DistributedConfig(_Strict):
+    """Where the `world_size` ranks run: this machine (no hosts), or hosts started over ssh / a command prefix."""
+
+    backend: Literal["ring", "mpi", "nccl", "jaccl"] = Field(
+        "ring", description="mx.distributed backend: ring (TCP), mpi (through mpirun), nccl (CUDA GPUs), jaccl (RDMA).")
+    hosts: str | list[HostConfig] = Field(
+        default_factory=list, description="An mlx.launch hostfile (JSON list of {ssh, ips}, or {hosts: [...], envs, "
+        "backend}) or the same list inline; empty: every rank on this machine.")
+    ranks_per_host: int = Field(1, gt=0, description="Ranks started on each host (one per GPU with nccl).")
+    exec_prefix: str = Field("", description="Command that starts a rank on a host, with {ssh} {ip} {rank} "
+                             "{local_rank}; empty: `ssh -o BatchMode=yes {ssh}`. A prefix that runs ssh gets the rank's "
+                             "command as one quoted string, any other `sh -c COMMAND`, e.g. `ip netns exec {ssh}`.")
+    python: str = Field("", description="Python on the hosts; empty: this one's path (the same venv on every host).")
+    threads_per_rank: int = Field(0, ge=0, description="BLAS / OpenMP threads of a rank; 0: the host's cores / ranks_per_host.")
+    starting_port: int = Field(32323, gt=0, lt=65536, description="ring: first port, +1 per rank and address; jaccl: "
+                               "the coordinator's port (as mlx.launch).")
+    nccl_port: int = Field(12345, gt=0, lt=65536, description="nccl: the coordinator's port (as mlx.launch).")
+
+    @field_validator("exec_prefix")
+    @classmethod
+    def _known_fields(cls, v: str) -> str:
+        try:
+            v.format(ssh="h", ip="0.0.0.0", rank=0, local_rank=0)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"{v!r}: only {{ssh}} {{ip}} {{rank}} {{local_rank}} can be filled in ({e})") from None
+        return v
+
+
 class TrainConfig(_Strict):
     """One optimisation run: optimizer, schedule (linear warmup, cosine to a floor), memory knobs."""
 
@@ -459,6 +496,8 @@ class TrainConfig(_Strict):
     optimizer_state_dtype: Literal["float32", "param"] = Field(
         "float32", description="AdamW moments in float32, or in the parameters' dtype (halves state for bf16).")
     muon_lr: float = Field(0.02, gt=0, description="Peak learning rate of the Muon part (optimizer: muon).")
+    fused_optimizer: Literal["auto", "on", "off"] = Field(
+        "auto", description="Clip + update over concatenated buffers (adamw/lion); auto: where measured faster.")
     # -- memory
     grad_checkpoint: int = Field(0, ge=0, description="Recompute activations in segments of N layers; 0: off.")
     loss_chunk: int = Field(0, ge=0, description="Tokens per logits chunk in the loss (never the full [B,T,V]); 0: off.")
@@ -471,6 +510,8 @@ class TrainConfig(_Strict):
                        "to itself with positions from 0; batch_size counts packs; bucket is then unused.")
     # -- scale and diagnostics
     world_size: int = Field(1, gt=0, description="Data-parallel ranks (mx.distributed); batch_size is per rank.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Where the ranks run "
+                                           "(README: Scale out); the job dir must be on a filesystem every host shares.")
     profile_timing: bool = Field(False, description="Time data, forward+backward, clip and optimizer separately.")
 
     @model_validator(mode="after")
@@ -510,6 +551,27 @@ class _Run:
         if source is not None and source.max_tokens is not None:
             return source.max_tokens
         return getattr(self, kind).seq_len + 1 if kind == "sft" else None
+
+
+class TrackingConfig(_Strict):
+    """Where `report_to` trackers send a run (mlxcore/tracking; README "Tracking and report cards")."""
+
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, "
+                                                     "else sqlite:///<run dir>/mlflow.db.")
+    experiment: str | None = Field(None, description="Experiment / project name; default: the run's name.")
+    run_name: str | None = Field(None, description="The tracker run's name; default: <name>-<UTC time>.")
+    retries: int = Field(2, ge=0, description="Retries of a failed tracker call (after the first try).")
+    backoff_s: float = Field(0.5, ge=0, description="Wait before the first retry; doubles at each next one.")
+    timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one tracker request (MLflow).")
+    system_metrics: bool = Field(True, description="CPU / memory metrics where the tracker records them.")
+
+
+class _Tracked(_Strict):
+    """What every training flow's config has: the experiment trackers it reports to."""
+
+    report_to: list[Literal["mlflow", "wandb", "trackio", "tensorboard"]] = Field(
+        default_factory=list, description="Experiment trackers: any of mlflow, wandb, trackio, tensorboard.")
+    tracking: TrackingConfig = TrackingConfig()
 
 
 BENCH_SUITES = ("math_mcq", "qa", "logic", "knowledge", "sort", "json", "copy")
@@ -745,7 +807,7 @@ class PreferenceStage(_Strict):
         return self.data.max_tokens if self.data is not None and self.data.max_tokens else self.train.seq_len + 1
 
 
-class PreferenceRunConfig(_Run, PreferenceStage):
+class PreferenceRunConfig(_Run, _Tracked, PreferenceStage):
     """The `preference` flow: data -> pretokenize pairs -> reference log-probs -> train -> eval -> bench."""
 
     name: str = Field("preference", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -783,7 +845,7 @@ class RewardModelRunConfig(_Run, _Strict):
         return self.data.max_tokens if self.data is not None and self.data.max_tokens else self.train.seq_len + 1
 
 
-class PipelineConfig(_Run, _Strict):
+class PipelineConfig(_Run, _Tracked):
     """The whole DAG: data -> tokenizer -> pretokenize -> pretrain -> sft -> eval -> sample."""
 
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -819,7 +881,7 @@ def _default_finetune() -> TrainConfig:
     return TrainConfig(steps=200, batch_size=16, lr=2e-4, warmup_steps=10, eval_every=100, fine_tune_type="lora")
 
 
-class FinetuneConfig(_Run, _Strict):
+class FinetuneConfig(_Run, _Tracked):
     """Fine-tune a local Hugging Face / mlx-lm model dir on chat data (its own tokenizer)."""
 
     name: str = Field("finetune", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -836,6 +898,28 @@ class FinetuneConfig(_Run, _Strict):
         if not is_model_dir(value, adapters=False):
             raise ValueError(f"{value!r} is not a local model dir (no config.json); set base_model=/path/to/model")
         return value
+
+
+class PromotionConfig(_Strict):
+    """Champion / challenger (mlxcore/tracking/promotion.py): `<run>/model` moves to a new iteration's model only when
+    it beats the champion on the same questions (paired bootstrap) and no suite loses more than `tolerance`."""
+
+    enabled: bool = Field(True, description="Gate `<run>/model`; false: every iteration's model is published.")
+    metric: Literal["auto", "bench", "eval"] = Field(
+        "auto", description="bench: per-question bench correctness; eval: the held-out prompts' accuracy (their "
+                            "reward without an accuracy term); auto: bench when `bench` is set, else eval.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Promote only when the lower end of this paired "
+                                                            "bootstrap interval of (challenger - champion) is above 0.")
+    tolerance: float = Field(0.02, ge=0, description="No suite may lose more than this (accuracy, 0-1) vs the champion.")
+    resamples: int = Field(10_000, gt=0)
+    start_from: Literal["auto", "latest", "champion"] = Field(
+        "latest", description="RL: the policy the next iteration starts from. latest: the last iteration's (the "
+                              "gate only decides what `<run>/model` links); auto: the latest, unless it was "
+                              "significantly worse than the champion or a suite regressed past `tolerance` (then "
+                              "the champion); champion: always the champion.")
+    registry_uri: str | None = Field(None, description="MLflow tracking URI whose model registry records each "
+                                                       "champion (alias `champion`); null: $MLFLOW_TRACKING_URI or none.")
+    registry_model: str | None = Field(None, description="The registered model's name (null: the run's name).")
 
 
 class StreamConfig(_Strict):
@@ -872,7 +956,7 @@ def _default_distill_train() -> TrainConfig:
                        save_every=50, log_every=5)
 
 
-class DistillConfig(_Run, _Strict):
+class DistillConfig(_Run, _Tracked):
     """A teacher writes verified SFT rows while the student trains on the growing file.
 
     `train.steps` is the most steps; the run plans `stream.epochs` passes over `target_rows`.
@@ -895,6 +979,8 @@ class DistillConfig(_Run, _Strict):
                                                                   "teacher's verified right vs wrong replies (pairs.jsonl) "
                                                                   "or on `preference.data`; null: none.")
     export: ExportConfig | None = Field(None, description="Ship the final model (GGUF, Modelfile, MLX 4/8-bit, gate); null: none.")
+    promotion: PromotionConfig = Field(PromotionConfig(), description="Champion / challenger: when a run's student "
+                                                                      "becomes <run>/model.")
 
     @model_validator(mode="after")
     def _check(self) -> "DistillConfig":
@@ -1010,7 +1096,7 @@ class RLDataConfig(_Strict):
                                                                      "{prompt: question, answer: solution}.")
 
 
-class RLConfig(_Run, _Strict):
+class RLConfig(_Run, _Tracked):
     """RL on any prompt set: every flow run is one iteration (rollout -> update -> eval) continuing the last."""
 
     name: str = Field("rl", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -1043,6 +1129,8 @@ class RLConfig(_Run, _Strict):
     schedule_minutes: float | None = Field(None, gt=0, description="Deployments only: start an iteration this often "
                                                                      "(never two at once).")
     export: ExportConfig | None = Field(None, description="Ship the final model (GGUF, Modelfile, MLX 4/8-bit, gate); null: none.")
+    promotion: PromotionConfig = Field(PromotionConfig(), description="Champion / challenger: when an iteration's "
+                                                                      "policy becomes <run>/model.")
 
     @model_validator(mode="after")
     def _check(self) -> "RLConfig":
@@ -1226,3 +1314,78 @@ def with_overrides(config: BaseModel, overrides: list[str]) -> BaseModel:
         return type(config).model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, "<config>", None, list(overrides), "overrides:")) from None
+
+
+# ----------------------------------------------------------------- vision-language (README "Vision-language")
+class VLMModelConfig(_Strict):
+    """`tiny-vlm`: a small ViT + MLP projector + a llama decoder (mlxcore/vlm/model.py)."""
+
+    preset: Literal["tiny-vlm"] = Field("tiny-vlm", description="The named size; fields below override it.")
+    vision_hidden_size: int = Field(64, gt=0)
+    vision_layers: int = Field(2, gt=0)
+    vision_heads: int = Field(4, gt=0)
+    vision_mlp_ratio: float = Field(2.0, gt=0)
+    hidden_size: int = Field(96, gt=0, description="The decoder's width.")
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    embed_dim: int = Field(64, gt=0, description="The joint image-text space of the contrastive loss.")
+
+
+class VLMLossConfig(_Strict):
+    """The weighted multimodal objective (mlxcore/vlm/losses.py); a weight of 0 turns a component off."""
+
+    lm_weight: float = Field(1.0, ge=0, description="Token cross-entropy on text / assistant tokens.")
+    contrastive_weight: float = Field(1.0, ge=0, description="Symmetric InfoNCE over the batch.")
+    itm_weight: float = Field(0.5, ge=0, description="Image-text matching with in-batch hard negatives.")
+    temperature: float = Field(0.07, gt=0, description="InfoNCE temperature (the start value when learned).")
+    learn_temperature: bool = Field(True, description="Learn the temperature (as a log inverse scale) or keep it fixed.")
+
+
+class VLMDataConfig(_Strict):
+    """Image-text rows: JSONL files (`text` + `images`, or chat `messages` with image parts), else
+    the synthetic set (scikit-learn's digits + generated shape scenes with captions and QA)."""
+
+    train: list[str] = Field(default_factory=list, description="JSONL files; empty: the synthetic set.")
+    val: list[str] = Field(default_factory=list, description="Held-out JSONL files (needed with train).")
+    digits: bool = Field(True, description="Synthetic: scikit-learn's 1,797 handwritten digits, captioned.")
+    scenes: int = Field(600, ge=0, description="Synthetic: generated two-shape scenes (a caption + a QA row each).")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Synthetic: the held-out share.")
+    seed: int = 0
+    image_size: int = Field(16, gt=0, description="Images are resized to image_size x image_size.")
+    patch_size: int = Field(4, gt=0, description="ViT patch side; divides image_size.")
+    max_images_per_sample: int = Field(4, gt=0, description="A row with more images is an error (file:line).")
+    max_tokens: int = Field(128, gt=1, description="Tokens per row, image tokens included; longer is an error.")
+    vocab_size: int = Field(400, gt=0, description="The BPE trained on the rows (when there is no init_from).")
+
+
+class VLMEvalConfig(_Strict):
+    max_new_tokens: int = Field(16, gt=0, description="Greedy decoding budget for captions and VQA answers.")
+    batch_size: int = Field(64, gt=0)
+    samples: int = Field(8, ge=0, description="Held-out images shown with their generated captions in the report.")
+
+
+def _default_vlm_train() -> TrainConfig:
+    return TrainConfig(steps=600, batch_size=32, lr=2e-3, warmup_steps=30, eval_every=200, save_every=100,
+                       eval_batches=4, log_every=10)
+
+
+class VLMRunConfig(_Run, _Strict):
+    """The `vlm` flow: data -> preprocess -> train -> vlm-eval -> bench report."""
+
+    name: str = Field("vlm", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    out_dir: str = Field("runs", description="Stage outputs go to <out_dir>/<name>/<stage>-<key>.")
+    data: VLMDataConfig = VLMDataConfig()
+    model: VLMModelConfig = VLMModelConfig()
+    loss: VLMLossConfig = VLMLossConfig()
+    train: TrainConfig = Field(default_factory=_default_vlm_train)
+    init_from: str | None = Field(None, description="A VLM model dir (config.json model_type mlxflow_vlm) to "
+                                                    "fine-tune (e.g. with train.fine_tune_type: lora); null: a fresh model.")
+    eval: VLMEvalConfig = VLMEvalConfig()
+
+    @model_validator(mode="after")
+    def _check_patches(self) -> "VLMRunConfig":
+        if self.data.image_size % self.data.patch_size:
+            raise ValueError(f"data.patch_size={self.data.patch_size} does not divide data.image_size={self.data.image_size}")
+        return self

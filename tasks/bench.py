@@ -100,4 +100,5 @@ def run_bench(own: list[BenchTarget], config: BenchConfig, run_dir: str, title: 
         raise ConfigError(f"bench targets need distinct names, got {labels}: set name= on the targets")
     questions = config.model_copy(update={"targets": []})  # a target's answers do not depend on the others
     answers = [bench_answers(t.label, t, questions, run_dir)["path"] for t in targets]
-    return bench_report(answers, labels, run_dir, title)
+    # each target's answers dir: the per-question outcomes `mlxflow compare` and promotion pair up
+    return bench_report(answers, labels, run_dir, title) | {"answers": dict(zip(labels, answers))}

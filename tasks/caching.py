@@ -55,6 +55,7 @@ from prefect.exceptions import MissingContextError
 from pydantic import BaseModel
 
 from mlxcore.io import clean_stale_tmp, is_complete, path_digest, sha256_json
+from tasks.runlog import HOOKS
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("mlxcore", "tasks")
@@ -255,7 +256,7 @@ class Stage:
                 return fn(*args, **kw)
 
             return task(name=self.name, cache_policy=CachePolicy.from_cache_key_fn(key_fn),
-                        persist_result=True, result_serializer="json", **kwargs)(swept)
+                        persist_result=True, result_serializer="json", **(HOOKS | kwargs))(swept)
 
         return decorate
 

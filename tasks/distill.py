@@ -39,6 +39,7 @@ from mlxcore.io import atomic_dir, dir_digest, is_complete, read_manifest, sha25
 from mlxcore.train.launch import run_in_subprocess
 from tasks.caching import Stage, code_version, sweep
 from tasks.progress import PrefectProgress, StageProgress, artifact_key
+from tasks.runlog import HOOKS, stage_callback
 from tasks.secrets import prefect_secret
 from tasks.train import crashed
 
@@ -83,7 +84,7 @@ def _unreachable(task, task_run, state) -> bool:
     return False
 
 
-@task(name="teacher-health", retries=2, retry_delay_seconds=3, retry_condition_fn=_unreachable)
+@task(name="teacher-health", retries=2, retry_delay_seconds=3, retry_condition_fn=_unreachable, **HOOKS)
 def check_teacher(teacher: TeacherConfig) -> dict:
     """Fail fast, with the fix, when the teacher is not running or lacks the model."""
     with Teacher(teacher, resolve_secret=prefect_secret) as t:
@@ -140,7 +141,7 @@ def _publish_generation(stats: dict, run_name: str) -> None:
                   f"| teacher | {json.dumps(t, default=str)} |\n| torn tail repaired | {stats['repaired_bytes']} bytes |\n"))
 
 
-@task(name="distill-generate")
+@task(name="distill-generate", **HOOKS)
 def generate_rows(rows_dir: str, teacher: TeacherConfig, prompts: PromptConfig, verify: VerifyPolicy,
                   target_rows: int, max_prompts: int | None) -> dict:
     """Ask the teacher until `rows_dir` holds `target_rows` verified rows; resumes after any crash."""
@@ -197,7 +198,7 @@ def teacher_lineage(teacher: TeacherConfig) -> dict:
     return lineage.of_sources(lineage.teacher_source(teacher.model, teacher.api, teacher.url))
 
 
-@task(name="distill-student", retries=1, retry_condition_fn=crashed)
+@task(name="distill-student", retries=1, retry_condition_fn=crashed, **HOOKS)
 def train_student(rows_dir: str, tokenizer_dir: str, student: StudentConfig, train: TrainConfig,
                   stream: StreamConfig, target_rows: int, out_dir: str, run_dir: str,
                   teacher: TeacherConfig | None = None) -> dict:
@@ -214,7 +215,8 @@ def train_student(rows_dir: str, tokenizer_dir: str, student: StudentConfig, tra
                      stream=stream, model=None if student.init_from else student.model, init_from=student.init_from,
                      lineage=teacher_lineage(teacher) if teacher is not None else None)
     run_name = Path(run_dir).name
-    callback = CallbackList(ProgressBar("student"), PrefectProgress("student", run_name), _WaitProgress(run_name))
+    callback = CallbackList(ProgressBar("student"), PrefectProgress("student", run_name), _WaitProgress(run_name),
+                            stage_callback("student", run_dir))
     return run_in_subprocess(job, callback)
 
 
@@ -229,20 +231,23 @@ def held_out_prompts(rows_dir: str, stream: StreamConfig, n: int) -> list[dict]:
     return out
 
 
-@task(name="distill-compare")
+@task(name="distill-compare", **HOOKS)
 def compare(checkpoint: str, rows_dir: str, prompts: PromptConfig, verify: VerifyPolicy, stream: StreamConfig,
             sample: SampleConfig, run_dir: str) -> dict:
     """The student's replies to held-out prompts beside the teacher's, through the same checks."""
     from mlxcore.models.generate import load_chat, reply
 
     model, tok = load_chat(checkpoint)
-    table = []
+    table, per_prompt = [], []  # per_prompt: what champion / challenger promotion pairs up without a bench
     for h in held_out_prompts(rows_dir, stream, sample.num_prompts):
         text = reply(model, tok, h["messages"], sample.max_tokens, sample.temperature, sample.top_p)
         p = prompt_gen.prompt(prompts, int(h["id"].rsplit("-", 1)[1]))
         table.append({"category": h["category"], "prompt": h["messages"][-1]["content"][:200],
                       "teacher": h["teacher"][:300], "student": text[:300], "student_passes": check(p, text, verify).ok})
+        per_prompt.append({"id": h["id"], "reward": float(table[-1]["student_passes"]),
+                           "correct": float(table[-1]["student_passes"])})
     if table:
         create_table_artifact(table=table, key=artifact_key(Path(run_dir).name, "distill", "samples"),
                               description="Held-out prompts: the teacher's kept reply and the student's")
-    return {"samples": table, "student_pass_rate": sum(r["student_passes"] for r in table) / max(len(table), 1)}
+    return {"samples": table, "student_pass_rate": sum(r["student_passes"] for r in table) / max(len(table), 1),
+            "per_prompt": per_prompt}

@@ -23,6 +23,7 @@ from mlxcore.io import atomic_dir, read_manifest, write_json, write_manifest
 from mlxcore.models import card
 from tasks.caching import Stage
 from tasks.progress import artifact_key, progress_bar
+from tasks.runlog import HOOKS
 from tasks.secrets import prefect_secret
 
 GGUF = Stage("export-gguf", inputs=("model_dir",))
@@ -92,7 +93,7 @@ def parity_gate(model_dir: str, gguf_dir: str, gguf_file: str, qtype: str, gate:
     return result | {"path": str(out)}
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, **HOOKS)
 def push_exports(uploads: list[tuple[str, str]], push: HubPushConfig, run_dir: str) -> dict:
     """Upload (folder, path in the repo) pairs to one hub model repo: the GGUF files and Modelfile at
     the top, each MLX export in `mlx-<bits>bit/`."""

@@ -54,7 +54,8 @@ def progress_bar(total: int, description: str, unit: str) -> Iterator[Callable[[
 # Sums a loss reports beside its value (GRPO, preference objectives, reward models): metrics columns;
 # a mixture of experts' router statistics (mlxcore.models.moe) too, with one expert_usage_<e> per expert.
 REPORTED = ("accuracy", "margin", "reward_chosen", "reward_rejected", "kl", "clip_fraction", "abs_error",
-            "router_aux_loss", "router_entropy", "expert_usage_max", "expert_usage_min", "expert_usage_cv")
+            "router_aux_loss", "router_entropy", "expert_usage_max", "expert_usage_min", "expert_usage_cv",
+            "lm_loss", "contrastive_loss", "itm_loss", "itm_accuracy", "temperature")  # the VLM loss (mlxcore/vlm)
 
 
 class PrefectProgress(TrainingCallback):

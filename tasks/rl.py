@@ -26,6 +26,7 @@ from mlxcore.rl.rewards import Scorer
 from mlxcore.bench.plots import line_chart, markdown_image
 from tasks.caching import sweep
 from tasks.progress import PrefectProgress, artifact_key, progress_bar
+from tasks.runlog import HOOKS, stage_callback
 from tasks.secrets import prefect_secret
 from tasks.train import crashed
 
@@ -38,7 +39,7 @@ def iter_dir(run_dir: str, iteration: int) -> Path:
     return Path(run_dir) / f"iter-{iteration:04d}"
 
 
-@task(name="rl-state")
+@task(name="rl-state", **HOOKS)
 def rl_state(run_dir: str) -> dict:
     sweep(run_dir)  # temp files of an iteration that was killed
     s = RLState(run_dir)
@@ -54,7 +55,7 @@ def scorer_of(config: RLConfig) -> Scorer:
     return Scorer.from_config(config, resolve_secret=prefect_secret)
 
 
-@task(name="rl-rollout")
+@task(name="rl-rollout", **HOOKS)
 def rl_rollout(policy: str, train: list[str], iteration: int, config: RLConfig) -> dict:
     """K samples of this iteration's prompts with the current policy, rewarded (resumes a partial buffer)."""
     cfg, run_dir = config.rollout, str(config.run_dir)
@@ -67,22 +68,27 @@ def rl_rollout(policy: str, train: list[str], iteration: int, config: RLConfig) 
     return {"buffer": str(buffer), **stats}
 
 
-@task(name="rl-update", retries=1, retry_condition_fn=crashed)  # a killed update resumes
-def rl_update(policy: str, buffer: str, iteration: int, config: RLConfig, reference: str) -> dict:
+@task(name="rl-update", retries=1, retry_condition_fn=crashed, **HOOKS)  # a killed update resumes
+def rl_update(policy: str, buffer: str, iteration: int, config: RLConfig, reference: str,
+              previous: str | None = None) -> dict:
     """The iteration's update (GRPO family or PPO); the new policy is `iter-<i>/update/model`.
-    `reference`: the starting policy (after the warmup), what the KL terms hold the policy to."""
+    `reference`: the starting policy (after the warmup), what the KL terms hold the policy to.
+    `previous`: the update dir whose optimizer moments (critic, KL coefficient) carry over (default:
+    the previous iteration's; promotion's roll-back to the champion passes the champion's)."""
     run_dir = str(config.run_dir)
     out = iter_dir(run_dir, iteration) / "update"
     if not is_complete(out):  # AdamW's moments (PPO: the critic, the KL coefficient) carry over
         job = UpdateJob(policy_dir=policy, buffer=buffer, update_dir=str(out), update=config.update,
                         seed=config.seed + iteration, reference_dir=reference, reward_model=config.reward_model,
-                        previous=str(iter_dir(run_dir, iteration - 1) / "update"), max_tokens=config.rollout.max_tokens)
+                        previous=previous or str(iter_dir(run_dir, iteration - 1) / "update"),
+                        max_tokens=config.rollout.max_tokens)
         stage = f"rl-update {iteration}"
-        run_in_subprocess(job, CallbackList(ProgressBar(stage), PrefectProgress(stage, Path(run_dir).name)))
+        run_in_subprocess(job, CallbackList(ProgressBar(stage), PrefectProgress(stage, Path(run_dir).name),
+                                            stage_callback(stage, run_dir)))
     return {"checkpoint": str(out / "model"), **read_manifest(out, "rl-update")["metrics"]}
 
 
-@task(name="rl-eval")
+@task(name="rl-eval", **HOOKS)
 def rl_eval(checkpoint: str, test: list[str], iteration: int, config: RLConfig) -> dict:
     """The new policy's greedy answers to the first `eval_prompts` held-out prompts, rewarded."""
     out = iter_dir(str(config.run_dir), iteration) / "eval.json"
@@ -94,11 +100,12 @@ def rl_eval(checkpoint: str, test: list[str], iteration: int, config: RLConfig) 
                 result = greedy_eval(checkpoint, prompts, config.eval_max_tokens, scorer)
         else:
             result = {"mean_reward": None, "accuracy": None, "n": 0}
+        out.parent.mkdir(parents=True, exist_ok=True)  # iteration 0 (the starting policy) has no rollout dir
         write_json(out, result)
     return json.loads(out.read_text())
 
 
-@task(name="rl-commit")
+@task(name="rl-commit", **HOOKS)
 def rl_commit(run_dir: str, iteration: int, checkpoint: str, metrics: dict) -> dict:
     """Move the run's state on to this iteration; reward history as artifacts."""
     state = RLState(run_dir)

@@ -13,6 +13,7 @@ from mlxcore.train.launch import TrainingCrashed, run_in_subprocess
 from mlxcore.train.loop import TrainJob, finished
 from tasks.caching import Stage
 from tasks.progress import PrefectProgress
+from tasks.runlog import stage_callback
 
 PRETRAIN = Stage("pretrain", inputs=("data_dir", "tokenizer_dir"), product="model")
 SFT = Stage("sft", inputs=("data_dir", "tokenizer_dir", "init_from"), product="model")
@@ -32,7 +33,7 @@ def crashed(task, task_run, state) -> bool:
 def run_training(stage: str, job, run_dir: str) -> dict:
     if (done := finished(job.out_dir)) is not None:  # complete on disk, whatever Prefect remembers
         return done
-    callback = CallbackList(ProgressBar(stage), PrefectProgress(stage, Path(run_dir).name))
+    callback = CallbackList(ProgressBar(stage), PrefectProgress(stage, Path(run_dir).name), stage_callback(stage, run_dir))
     return run_in_subprocess(job, callback)
 
 

@@ -21,6 +21,10 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
 os.environ["HF_HUB_OFFLINE"] = "1"
+# `mlxflow serve` and `prefect worker start` look for due runs every 10 s by default; the deployment
+# tests wait on that, so their processes look every 2 s (what the runs do is the same).
+os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
+os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
 # Equivalence tests compare float32 results: on CUDA, MLX would run float32 matmuls in TF32.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 # Under pytest-xdist (`-n 2`: one worker per core) each worker, and every process it starts, uses
@@ -126,7 +130,7 @@ def run_deployment(deployment: str, args: list[str], config_dir: Path | None = N
                     break
                 time.sleep(1)
             done = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", deployment, *args, "--watch",
-                                   "--watch-timeout", str(int(timeout))],
+                                   "--watch-timeout", str(int(timeout)), "--watch-interval", "1"],
                                   env=env, capture_output=True, text=True, timeout=timeout + 60)
         finally:
             stop_group(serve)
@@ -309,8 +313,8 @@ def sort_reward_model(sort_sft, prefect_server, tmp_path_factory) -> dict:
     cfg = RewardModelRunConfig.model_validate({
         "name": "rm", "out_dir": str(tmp_path_factory.mktemp("sort-rm")), "init_from": sort_sft,
         "synthetic": {"train_examples": 8000, "val_examples": 200}, "dense_weight": 5.0,
-        "train": {"steps": 1000, "batch_size": 16, "seq_len": 64, "lr": 3e-4, "warmup_steps": 10, "eval_every": 500,
-                  "eval_batches": 2, "save_every": 500, "weight_decay": 0.0, "pad_multiple": 16}})
+        "train": {"steps": 750, "batch_size": 16, "seq_len": 64, "lr": 3e-4, "warmup_steps": 10, "eval_every": 375,
+                  "eval_batches": 2, "save_every": 375, "weight_decay": 0.0, "pad_multiple": 16}})
     state = reward_model(cfg, [], return_state=True)
     assert state.is_completed(), state.message
     return state.result()

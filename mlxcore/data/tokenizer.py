@@ -25,6 +25,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "vocab.json",
     "merges.txt",
+    "preprocessor_config.json",  # a vision-language model's image processor (mlxcore/vlm)
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2's pre-tokenizer split (its tokenizer.json; digits one by one): llama.cpp implements it as pre-tokenizer "qwen2"

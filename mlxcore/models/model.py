@@ -75,6 +75,10 @@ def get_model_classes(config: dict):
         from mlxcore.models import retention
 
         return retention.Model, retention.ModelArgs
+    if config.get("model_type") == "mlxflow_vlm":  # tiny-vlm: our ViT + projector + llama (mlxcore/vlm)
+        from mlxcore.vlm import model as vlm
+
+        return vlm.Model, vlm.ModelArgs
     return _get_classes(config)
 
 

@@ -65,6 +65,7 @@ class SpeedConfig(BaseModel):
     sparse_loss: bool = False
     mask_density: float = Field(1.0, gt=0, le=1)
     optimizer: Literal["adamw", "adafactor", "lion", "muon"] = "adamw"
+    fused_optimizer: Literal["auto", "on", "off"] = "auto"
     compile: bool = True
     profile_timing: bool = False
     decode_tokens: int = Field(0, ge=0, description="Tokens to generate after the prefill; 0: skip decode.")
@@ -77,6 +78,7 @@ class SpeedConfig(BaseModel):
                            lr=1e-4, warmup_steps=0, fine_tune_type=self.fine_tune_type, lora=LoRAConfig(rank=self.lora_rank),
                            quantize=q, grad_checkpoint=self.grad_checkpoint, loss_chunk=self.loss_chunk,
                            sparse_loss=self.sparse_loss, optimizer=self.optimizer, compile=self.compile,
+                           fused_optimizer=self.fused_optimizer,
                            profile_timing=self.profile_timing, seed=self.seed)
 
 
@@ -120,7 +122,7 @@ def measure(cfg: SpeedConfig) -> dict:
     remat.checkpoint_layers(model, tcfg.grad_checkpoint)
     optimizer = optimizers.build(tcfg)
     step, state = make_step(model, optimizer, tcfg.grad_clip, tcfg.compile, Loss(tcfg.loss_chunk, tcfg.sparse_loss),
-                            profile=tcfg.profile_timing)
+                            profile=tcfg.profile_timing, fused=tcfg.fused_optimizer)
     batch = _batch(cfg, config["vocab_size"])
     mx.eval(model.parameters())
     mx.reset_peak_memory()
@@ -145,7 +147,7 @@ def measure(cfg: SpeedConfig) -> dict:
         "step_ms": 1e3 * step_s, "tok_per_s": tokens / step_s, "warmup_s": warmup_s,
         "loss": (out[0] / mx.maximum(out[1], 1)).item(),
         "active_mib": mx.get_active_memory() / MIB, "peak_mib": mx.get_peak_memory() / MIB,
-        "device": str(mx.default_device()),
+        "device": str(mx.default_device()), "fused_optimizer": step.fused,
     }
     result |= {f"ms_{k}": v for k, v in phases.items()}
     st = stats.report(config, cfg.seq_len, cfg.dtype, result["tok_per_s"], adapters=cfg.fine_tune_type != "full")

@@ -188,7 +188,8 @@ def run_job(job: UpdateJob, callback=None) -> dict:
 
 def greedy_eval(model_dir: str | Path, prompts: list[RLPrompt], max_tokens: int, scorer, batch_size: int = 32) -> dict:
     """The greedy answers to held-out `prompts`, rewarded by `scorer`: mean reward, accuracy (the
-    accuracy term's mean; None without one), each term's mean and a few samples."""
+    accuracy term's mean; None without one), each term's mean, a few samples, and `per_prompt`: each
+    prompt's id, reward and correctness (what champion / challenger promotion pairs up)."""
     from mlx_lm.generate import batch_generate
 
     from mlxcore.models.generate import load_chat
@@ -196,7 +197,7 @@ def greedy_eval(model_dir: str | Path, prompts: list[RLPrompt], max_tokens: int,
     from mlxcore.rl.rewards import Sample
 
     model, tok = load_chat(model_dir)
-    scored, shown = [], []
+    scored, shown, per_prompt = [], [], []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo: lo + batch_size]
         ids = [tok.apply_chat_template(p.messages, add_generation_prompt=True) for p in chunk]
@@ -205,15 +206,16 @@ def greedy_eval(model_dir: str | Path, prompts: list[RLPrompt], max_tokens: int,
                           completion=text, reference=p.reference, completion_tokens=len(t),
                           truncated=len(t) >= max_tokens, max_tokens=max_tokens)
                    for p, text, t in zip(chunk, res.texts, res.token_ids)]
-        for sample, sc in zip(samples, scorer.score(samples)):
+        for p, sample, sc in zip(chunk, samples, scorer.score(samples)):
             scored.append(sc)
+            per_prompt.append({"id": p.id, "reward": sc["reward"], "correct": sc["correct"]})
             if len(shown) < 8:
                 shown.append({"prompt": sample.prompt[:200], "answer": sample.reference.get("answer"),
                               "reward": sc["reward"], "correct": sc["correct"], "response": sample.completion[:300]})
     terms = sorted({t for sc in scored for t in sc["rewards"]})
     return {"mean_reward": mean_of(sc["reward"] for sc in scored), "accuracy": mean_of(sc["correct"] for sc in scored),
             "rewards": {t: mean_of(sc["rewards"].get(t) for sc in scored) for t in terms},
-            "n": len(prompts), "samples": shown}
+            "n": len(prompts), "samples": shown, "per_prompt": per_prompt}
 
 
 class RLState:

@@ -13,6 +13,13 @@ trainer never takes the caller with it. The child writes JSON-lines events to a 
 gets SIGTERM if this process dies, so no orphan keeps training. A data-parallel job
 (`train.world_size > 1`) starts one child per rank (see `distributed.py`); rank 0 sends the
 events, and when any rank dies the others are stopped instead of waiting in an all-reduce.
+
+Ranks on other hosts (`train.distributed.hosts`) start through ssh or a command prefix
+(`ip netns exec {ssh}`), which passes no file descriptors but stdin / stdout / stderr, so there:
+rank 0's events come on its stdout (the child moves its own prints to stderr: the stream holds
+events only), and stdin is a lifeline — closing it (the launcher stopping the job, or the launcher
+or its ssh connection dying) makes the rank's `_lifeline` watcher SIGTERM it. A rank's exit
+status 128+N (its script's report of signal N) counts as killed by signal N.
 """
 
 from __future__ import annotations
@@ -31,7 +38,17 @@ from mlxcore.train import distributed
 from mlxcore.train.callbacks import JsonLinesCallback, ProgressBar, TrainingCallback, replay
 from mlxcore.io import WriteError
 
-EVENTS_FD = "MLXFLOW_EVENTS_FD"
+EVENTS_FD = "MLXFLOW_EVENTS_FD"  # a pipe's fd number, or "stdout" (a rank started through ssh / a prefix)
+LIFELINE = "MLXFLOW_LIFELINE"  # "stdin": stop when stdin closes
+STOP_GRACE_S = 10.0  # a remote rank told to stop (stdin closed) gets this long before its local end is killed
+
+
+# Packages a trainer never uses but would import because they are installed: transformers imports
+# PyTorch when it finds it (mlx-lm's tokenizer loads transformers), mlx-lm's tuner imports W&B.
+# A None entry in sys.modules makes `import torch` raise ImportError and transformers' availability
+# check answer no, so a child starts in 1.4 s instead of 3.4 s of CPU (measured with both installed,
+# as the [test,bench,tracking] extras install them). Trackers run in the parent (mlxcore.tracking).
+NOT_IN_THE_TRAINER = ("torch", "wandb")
 
 
 class TrainingFailed(RuntimeError):
@@ -48,20 +65,50 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec (Linu
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _watch(procs: list[subprocess.Popen], codes: list[int | None]) -> None:
-    """Wait for every rank; when one fails, stop the others (they would block in an all-reduce)."""
+def _stop(p: subprocess.Popen) -> None:
+    """Local rank: SIGTERM. Remote rank: close its lifeline (stdin); `_wait` SIGTERMs our end (ssh, the
+    prefix) if it has not ended within STOP_GRACE_S."""
+    if p.stdin is None:
+        p.terminate()
+        return
+    try:
+        p.stdin.close()
+    except OSError:
+        pass
+
+
+def _wait(p: subprocess.Popen) -> int:
+    if p.stdin is not None:  # remote: it stops itself once its stdin closed; else end our side of it
+        try:
+            return p.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            p.terminate()
+    return p.wait()
+
+
+def _watch(procs: list[subprocess.Popen], codes: list[int | None], stopped: set[int] | None = None) -> None:
+    """Wait for every rank; when one fails, stop the others (they would block in an all-reduce).
+
+    `stopped` gets the ranks it stopped (so their SIGTERM is not mistaken for a crash)."""
+    stopped = set() if stopped is None else stopped
     while any(c is None for c in codes):
         for i, p in enumerate(procs):
             if codes[i] is None:
                 codes[i] = p.poll()
         if any(c not in (None, 0) for c in codes):
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
             for i, p in enumerate(procs):
-                codes[i] = p.wait()
+                if p.poll() is None:
+                    stopped.add(i)
+                    _stop(p)
+            for i, p in enumerate(procs):
+                codes[i] = _wait(p)
             return
         time.sleep(0.05)
+
+
+def _signal_of(code: int, remote: bool) -> int:
+    """A remote rank's script reports signal N as exit status 128+N: read it as -N, like a local child's."""
+    return -(code - 128) if remote and 128 < code < 128 + 65 else code
 
 
 # kind -> (module, job class, run function); imported by name in the child only, so launch
@@ -72,6 +119,7 @@ JOBS = {
     "rl-update": ("mlxcore.rl.iteration", "UpdateJob", "run_job"),
     "preference": ("mlxcore.preference.train", "PreferenceJob", "run"),
     "reward-model": ("mlxcore.preference.train", "RewardJob", "run_reward"),
+    "vlm": ("mlxcore.vlm.train", "VLMJob", "run"),
 }
 
 
@@ -85,39 +133,58 @@ def run_in_subprocess(job, callback: TrainingCallback | None = None) -> dict:
     job_path = out / "job.json"
     job_path.write_text(job.model_dump_json(indent=2))
     callback = callback or TrainingCallback()
-    world = getattr(job, "train", None).world_size if getattr(job, "train", None) is not None else 1
-    rank_envs = distributed.local_ring(world, out) if world > 1 else [{}]
-    read_fd, write_fd = os.pipe()
+    train_cfg = getattr(job, "train", None)
+    world = train_cfg.world_size if train_cfg is not None else 1
+    if train_cfg is not None:
+        commands = distributed.plan(job_path, world, train_cfg.distributed, out)
+    else:
+        commands = [distributed.RankCommand(0, [sys.executable, "-m", "mlxcore.train.launch", str(job_path)])]
+    remote = commands[0].remote  # rank 0's events on its stdout, stdin the lifeline (see the module doc)
+    read_fd, write_fd = (None, None) if remote else os.pipe()
     tail: collections.deque[str] = collections.deque(maxlen=40)
     procs = []
-    for rank, extra in enumerate(rank_envs):
-        env = {**os.environ, **extra, "PYTHONUNBUFFERED": "1"}
-        if rank == 0:
-            env[EVENTS_FD] = str(write_fd)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "mlxcore.train.launch", str(job_path)],
-            env=env,
-            pass_fds=(write_fd,) if rank == 0 else (),
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=_die_with_parent,
-        ))
-    os.close(write_fd)
+    try:
+        for cmd in commands:
+            env = {**os.environ, **cmd.env, "PYTHONUNBUFFERED": "1"}
+            if cmd.rank == 0 and not remote:
+                env[EVENTS_FD] = str(write_fd)
+            if cmd.remote:
+                env[LIFELINE] = "stdin"  # for a prefix that keeps our environment (ip netns exec, sh)
+            procs.append(subprocess.Popen(
+                cmd.argv,
+                env=env,
+                pass_fds=(write_fd,) if cmd.rank == 0 and not remote else (),
+                stdin=subprocess.PIPE if cmd.remote else None,
+                stdout=subprocess.PIPE if cmd.remote and cmd.rank == 0 else (subprocess.DEVNULL if cmd.remote else None),
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=_die_with_parent,
+            ))
+    except BaseException:
+        for p in procs:
+            _stop(p)
+            _wait(p)
+        raise
+    finally:
+        if write_fd is not None:
+            os.close(write_fd)
 
     def pump_stderr(proc, prefix: str) -> None:
         for line in proc.stderr:
             tail.append(prefix + line)
             sys.stderr.write(prefix + line)
 
-    pumps = [threading.Thread(target=pump_stderr, args=(p, f"[rank {r}] " if world > 1 else ""), daemon=True)
-             for r, p in enumerate(procs)]
+    pumps = [threading.Thread(target=pump_stderr, args=(p, f"[rank {c.rank} {c.host}] " if remote else
+                                                        f"[rank {r}] " if world > 1 else ""), daemon=True)
+             for r, (p, c) in enumerate(zip(procs, commands))]
     codes: list[int | None] = [None] * len(procs)
-    watcher = threading.Thread(target=_watch, args=(procs, codes), daemon=True)
+    stopped: set[int] = set()
+    watcher = threading.Thread(target=_watch, args=(procs, codes, stopped), daemon=True)
     for t in [*pumps, watcher]:
         t.start()
     result = error = None
     try:
-        with os.fdopen(read_fd) as events:  # ends when rank 0 exits (or is stopped by the watcher)
+        with (procs[0].stdout if remote else os.fdopen(read_fd)) as events:  # ends when rank 0 exits (or is stopped)
             for line in events:
                 msg = replay(line, callback)
                 if msg and msg["event"] == "result":  # the job's return value, sent once it is all done
@@ -127,14 +194,19 @@ def run_in_subprocess(job, callback: TrainingCallback | None = None) -> dict:
         watcher.join()
     except BaseException:
         for p in procs:
-            p.terminate()
+            _stop(p)
         for p in procs:
-            p.wait()
+            _wait(p)
         raise
+    for p in procs:  # remote ranks: their lifeline watchers may outlive them until stdin closes
+        if p.stdin is not None:
+            _stop(p)
     for t in pumps:
         t.join(timeout=5)
-    signals = [-c for c in codes if c < 0]
-    if codes[0] < 0 or any(sig != signal.SIGTERM for sig in signals):  # SIGTERM alone: stopped by _watch
+    codes = [_signal_of(c, cmd.remote) for c, cmd in zip(codes, commands)]
+    # a signal that ended a rank nobody here stopped: a crash (OOM killer, preemption), which a re-run resumes
+    signals = [-c for i, c in enumerate(codes) if c < 0 and (i not in stopped or c != -signal.SIGTERM)]
+    if signals:
         sig = next((s_ for s_ in signals if s_ != signal.SIGTERM), signal.SIGTERM)
         raise TrainingCrashed(f"training process killed by signal {sig}; re-running resumes from {out}/checkpoints")
     exits = ", ".join(map(str, codes))
@@ -167,11 +239,21 @@ def main(argv: list[str] | None = None) -> int:
     if kind not in JOBS:
         print(f"mlxcore.train.launch: error: {argv[0]}: unknown job kind {kind!r} (known: {', '.join(JOBS)})", file=sys.stderr)
         return 2
+    if os.environ.get(LIFELINE) == "stdin":  # before the job's (slow) imports: a stop may come any time
+        _lifeline()
     module_name, job_cls, run_name = JOBS[kind]
+    for name in NOT_IN_THE_TRAINER:  # before the job's imports (see NOT_IN_THE_TRAINER)
+        sys.modules.setdefault(name, None)
     module = importlib.import_module(module_name)
     job = getattr(module, job_cls).model_validate_json(text)
     fd = os.environ.get(EVENTS_FD)
-    if fd:
+    if fd == "stdout":  # started through ssh / a prefix / mpirun: stdout carries rank 0's events, nothing else
+        events = os.dup(1)
+        os.dup2(2, 1)
+        callback = JsonLinesCallback(events) if distributed.env_rank() == 0 else TrainingCallback()
+        if distributed.env_rank() != 0:
+            os.close(events)
+    elif fd:
         callback = JsonLinesCallback(int(fd))
     else:  # started by hand or by mlx.launch: rank 0 draws the progress bar
         callback = ProgressBar(Path(job.out_dir).name) if distributed.env_rank() == 0 else TrainingCallback()
@@ -187,6 +269,32 @@ def main(argv: list[str] | None = None) -> int:
             callback.on_event("error", {"message": f"{type(e).__name__}: {e}".rstrip(": "), "kind": type(e).__name__})
         raise
     return 0
+
+
+_LIFELINE_CODE = """
+import os, signal, sys
+parent = int(sys.argv[1])
+while os.read(0, 65536):
+    pass
+if os.getppid() == parent:  # still ours (not a reused pid): stop it
+    os.kill(parent, signal.SIGTERM)
+"""
+
+
+def _lifeline() -> None:
+    """Stop this process (SIGTERM) when stdin closes: its launcher stopped the job, died, or lost the ssh link.
+
+    A separate small process waits on stdin, so the stop comes even while this one is busy in C (an
+    all-reduce waiting on a dead peer); our own stdin becomes /dev/null.
+    """
+    import atexit
+
+    watcher = subprocess.Popen([sys.executable, "-c", _LIFELINE_CODE, str(os.getpid())], stdin=0,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    atexit.register(watcher.kill)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ def fit(
         initial_val = run_eval(0)
 
     step_fn, state = make_step(model, optimizer, cfg.grad_clip, cfg.compile, loss, group, cfg.profile_timing,
-                               router_aux_loss_coef=config.get("router_aux_loss_coef", 0.0))  # MoE (config.json)
+                               router_aux_loss_coef=config.get("router_aux_loss_coef", 0.0),  # MoE (config.json)
+                               fused=cfg.fused_optimizer)
 
     def save(at: int) -> Path:
         path = ckpt.step_dir(ckpt_root, at)

@@ -8,10 +8,11 @@ import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from mlxcore.kernels.patch import use_fast_kernels
 from mlxcore.models import moe
+from mlxcore.train import fused as fused_step
 from mlxcore.train.losses import Loss
 
 
@@ -50,11 +51,19 @@ class Stepper:
     Normally the whole step is one compiled graph. With `profile=True` the phases (forward+backward, all-reduce, clip, optimizer) are compiled and evaluated one
     by one so each can be timed (`timings`, ms); the arithmetic is the same, only slower.
     `state` is what the compiled graph reads and writes: evaluate it after each step.
+    `fused` ("auto", "on", "off"): clip + update as a few ops over concatenated buffers
+    (`mlxcore.train.fused`) for elementwise optimizers (AdamW, Lion, SGD), the per-tensor path
+    otherwise; "auto" uses `fused_step.default_for_device()`.
     """
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, grad_clip: float = 0.0, compile: bool = True,
-                 loss: Loss | None = None, group=None, profile: bool = False, router_aux_loss_coef: float = 0.0):
+                 loss: Loss | None = None, group=None, profile: bool = False, router_aux_loss_coef: float = 0.0,
+                 fused: str = "auto"):
         self.model, self.optimizer, self.loss, self.profile = model, optimizer, loss or Loss(), profile
+        if fused not in ("auto", "on", "off"):
+            raise ValueError(f"fused must be auto, on or off, not {fused!r}")
+        wanted = fused == "on" or (fused == "auto" and fused_step.default_for_device())
+        self.fused = wanted and fused_step.supports(optimizer)
         self.group = group if group is not None and group.size() > 1 else None
         self.world = self.group.size() if self.group else 1
         self.state = [model.state, optimizer.state, mx.random.state]
@@ -84,10 +93,20 @@ class Stepper:
 
         def clip_fn(grads, n):
             scale = self.world / mx.maximum(n, 1)  # keep each gradient in its parameter's dtype
+            if self.fused:  # (flat clipped gradients, the tree for their layout), norm
+                params = dict(tree_flatten(model.parameters()))
+                packed, norm = fused_step.clip(fused_step.Packed.pack(grads, params), scale, max_norm)
+                return (packed.flats(), grads), norm
             grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
             return optim.clip_grad_norm(grads, max_norm)
 
         def update_fn(grads):
+            if self.fused:
+                flats, tree = grads
+                params = dict(tree_flatten(model.parameters()))
+                packed = fused_step.Packed(list(zip(fused_step.Packed.layout(tree, params), flats)))
+                model.update(fused_step.apply(optimizer, packed, params, tree))
+                return
             optimizer.update(model, grads)
 
         def apply_fn(loss_sum, n, aux, grads):
@@ -143,7 +162,8 @@ class Stepper:
 
 
 def make_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float = 0.0, compile: bool = True,
-              loss: Loss | None = None, group=None, profile: bool = False, router_aux_loss_coef: float = 0.0):
+              loss: Loss | None = None, group=None, profile: bool = False, router_aux_loss_coef: float = 0.0,
+              fused: str = "auto"):
     """(step, state): a `Stepper` and the arrays to evaluate after each call."""
-    stepper = Stepper(model, optimizer, grad_clip, compile, loss, group, profile, router_aux_loss_coef)
+    stepper = Stepper(model, optimizer, grad_clip, compile, loss, group, profile, router_aux_loss_coef, fused)
     return stepper, stepper.state

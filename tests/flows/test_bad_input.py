@@ -119,4 +119,6 @@ def test_a_vocab_size_the_trained_bpe_missed_fails_before_pretokenize(tmp_path, 
     code = _pipeline(tmp_path, "model.vocab_size=300")  # the BPE learns more than 300 tokens
     err = capsys.readouterr().err
     assert code == 1 and "model.vocab_size=300 does not match" in err and "tokens); unset it" in err, err
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "smoke").iterdir()) == ["data", "tokenizer"]
+    stages = [p.name.split("-")[0] for p in (tmp_path / "smoke").iterdir() if p.name not in ("report", "report.md")]
+    assert sorted(stages) == ["data", "tokenizer"]
+    assert "Failed" in (tmp_path / "smoke" / "report.md").read_text()  # the card of what ran, and how it ended

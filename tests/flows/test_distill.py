@@ -118,6 +118,13 @@ def test_distill_keeps_only_right_answers_while_the_student_trains(tmp_path):
     assert more["rows"]["path"] == out["rows"]["path"] and more["rows"]["new_rows"] == 30
     rows_after = TEACHER.assert_clean(rows_file, 150)
     assert open(rows_file, "rb").read().startswith(before) and len(rows_after) == 150
+    # champion / challenger: the first student is the champion; the 150-row one was judged against it on the
+    # same held-out prompts (no bench: the teacher's checks of their replies); <run>/model is the champion
+    book = json.loads((tmp_path / "t" / "promotion.json").read_text())
+    assert [h["key"] for h in book["history"]] == [out["checkpoint"], more["checkpoint"]]
+    assert book["history"][0]["promoted"] and book["history"][1]["metric"] == "eval_accuracy"
+    assert book["history"][1]["champion_score"] == book["history"][0]["score"] == out["samples"]["student_pass_rate"]
+    assert os.path.realpath(tmp_path / "t" / "model") == os.path.realpath(book["champion"]["checkpoint"])
 
 
 def test_distill_from_a_real_mlx_lm_server_into_a_lora_student(tmp_path, mlx_lm_server):

@@ -63,7 +63,8 @@ def test_dpo_learns_the_preference_and_sorts_better_than_the_sft_model_and_a_con
     assert again["data"]["path"] == out["data"]["path"] and again["checkpoint"] != out["checkpoint"]
 
     # control: the same run with no update stays at the reference (ties) and sorts the same
-    control = _run(preference, _config(tmp_path, sort_sft, train={"lr": 0.0}))  # same run dir: data, reference
+    # (10 steps stand for 150: at lr 0 every step leaves the weights as they were)
+    control = _run(preference, _config(tmp_path, sort_sft, train={"lr": 0.0, "steps": 10}))  # same run dir: data, reference
     assert control["reference"] == out["reference"]                                 # and the start's bench reused
     assert control["eval"]["trained"]["accuracy"] == 0.5 and control["eval"]["trained"]["margin"] == 0.0
     c = control["bench"]["accuracy"]["sort"]
@@ -108,7 +109,7 @@ def test_ipo_orpo_and_kto_move_held_out_accuracy_too(tmp_path, sort_sft, held_ou
 
 def test_reward_model_ranks_held_out_pairs(sort_reward_model):
     """A reward model on the SFT model's decoder learns which sort is right: from chance to >= 0.9 of
-    held-out pairs (measured 0.93). The rejected sorts mostly look sorted, one number miscounted; the
+    held-out pairs (measured 0.92 after 750 steps; 0.93 after 1000, 0.90 after 500). The rejected sorts mostly look sorted, one number miscounted; the
     dense term shows the head where the mistake is (see the README for the plain loss). The model is
     the session's `sort_reward_model` (conftest)."""
     out = sort_reward_model

@@ -13,7 +13,8 @@ def test_serve_registers_every_flow_the_readme_lists():
 
     deps = {f"{d.flow_name}/{d.name}": d for d in deployments(REPO / "configs")}
     assert {"pipeline/demo", "pipeline/smoke", "distill/default", "distill/qwen3", "rl/gsm8k", "bench/demo",
-            "bench/qwen3", "eval/demo", "preference/sort", "preference/minimind", "reward-model/sort"} <= set(deps)
+            "bench/qwen3", "eval/demo", "preference/sort", "preference/minimind", "reward-model/sort",
+            "compare/runs", "vlm/demo"} <= set(deps)
     rl = deps["rl/gsm8k"]
     assert rl.schedules and rl.concurrency_limit == 1  # one GRPO iteration at a time, on an interval
     assert [t["kind"] for t in deps["bench/qwen3"].parameters["config"]["targets"]] == ["checkpoint", "ollama", "random"]

@@ -45,6 +45,13 @@ def test_the_run_page_shows_progress_metrics_loss_curves_and_the_bench_beside_ra
     curves = {i["alt"]: i for i in found["images"] if i["src_prefix"].startswith("data:image/png;base64,")}
     for stage in ("pretrain", "sft"):
         assert (curves[f"{stage} loss curve"]["natural_width"], curves[f"{stage} loss curve"]["natural_height"]) == (700, 340)
+    # the report card (tasks/report.py): every stage of the run by name, its loss curves rendered
+    report = next(m["text"] for m in found["markdown"] if m["key"] == f"report-{name}")
+    stages = {t["name"] for t in smoke_pipeline["result"]["report"]["tasks"]}
+    assert {"pretrain", "sft", "bench-report"} <= stages and all(stage in report for stage in stages), stages
+    assert "Report card: " + name in report and "Model card: data and licence" in report
+    shown = {i["alt"] for i in found["images"] if i["artifact"] == f"report-{name}"}
+    assert {"pretrain loss curve", "sft loss curve"} <= shown, shown
     # the screenshots it took: the run's Artifacts tab, then every artifact's page
     paths = [Path(p) for p in found["screenshots"]]
     assert paths[0].name == "run-artifacts.png" and any(f"{name}-sft-loss-curve" in p.name for p in paths)

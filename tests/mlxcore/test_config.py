@@ -126,6 +126,10 @@ def test_every_config_in_the_repo_loads(path: Path, tmp_path):
         assert load_config(path, cls=PreferenceRunConfig).init_from.startswith("runs/")
     elif path.name.startswith("reward-"):
         assert load_config(path, cls=RewardModelRunConfig).init_from.startswith("runs/")
+    elif path.name.startswith("vlm-"):
+        from mlxcore.config import VLMRunConfig
+
+        assert isinstance(load_config(path, cls=VLMRunConfig), VLMRunConfig)
     elif path.name.startswith("export-"):
         config = load_config(path, cls=ExportRunConfig)
         assert config.model.startswith("runs/") and config.gguf and config.gate is not None

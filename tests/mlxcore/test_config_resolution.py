@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from mlxcore.config import (MODEL_PRESETS, BenchRunConfig, BenchTarget, ConfigError, DistillConfig, EvalConfig,
-                            ExportRunConfig, FinetuneConfig, HubPushConfig, ModelConfig, SourceConfig, PipelineConfig, PreferenceRunConfig, RewardModelRunConfig, RLConfig, load_config, spec,
+                            ExportRunConfig, FinetuneConfig, HubPushConfig, ModelConfig, SourceConfig, PipelineConfig, PreferenceRunConfig, RewardModelRunConfig, RLConfig, VLMRunConfig, load_config, spec,
                             with_overrides)
 
 from tests.conftest import REPO
@@ -38,7 +38,8 @@ def _required(cls, model_dir: Path) -> list[str]:
 
 
 CLASS_OF = {"finetune": FinetuneConfig, "distill": DistillConfig, "rl": RLConfig, "bench": BenchRunConfig,
-            "eval": EvalConfig, "preference": PreferenceRunConfig, "reward": RewardModelRunConfig, "export": ExportRunConfig}
+            "eval": EvalConfig, "preference": PreferenceRunConfig, "reward": RewardModelRunConfig, "export": ExportRunConfig,
+            "vlm": VLMRunConfig}
 YAMLS = sorted((REPO / "configs").glob("*.yaml"))
 
 
@@ -188,7 +189,7 @@ def _check_every_leaf(base: BaseModel, load, model_dir: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("cls", [PipelineConfig, FinetuneConfig, DistillConfig, RLConfig, BenchRunConfig, EvalConfig,
-                                 PreferenceRunConfig, RewardModelRunConfig, ExportRunConfig],
+                                 PreferenceRunConfig, RewardModelRunConfig, ExportRunConfig, VLMRunConfig],
                          ids=lambda c: c.__name__)
 def test_one_set_changes_exactly_its_key_from_the_defaults(cls, model_dir):
     req = _required(cls, model_dir)

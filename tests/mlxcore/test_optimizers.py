@@ -54,6 +54,7 @@ def test_adamw_state_dtype_for_bfloat16_parameters(small_data, tmp_path):
         assert {v.dtype for v in weights.values()} == {mx.bfloat16}
 
 
+@pytest.mark.gpu
 def test_float32_state_adamw_equals_mlx_adamw_on_float32_params():
     params = {"w": mx.random.normal((8, 8))}
     grads = {"w": mx.random.normal((8, 8))}
@@ -71,6 +72,7 @@ def test_float16_parameters_train(small_data, tmp_path):
     assert result["val_loss"] < 0.8 * result["initial_val_loss"]
 
 
+@pytest.mark.gpu
 def test_profile_timing_reports_phases_and_trains_the_same(small_data, tmp_path):
     plain = _run(small_data, tmp_path / "plain", steps=10, log_every=5)
     profiled = _run(small_data, tmp_path / "prof", steps=10, log_every=5, profile_timing=True)
