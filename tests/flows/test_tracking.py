@@ -30,7 +30,8 @@ from tests.conftest import REPO, SMOKE_MINI, stop_group
 from tests.flows.test_pipeline import _run  # the pipeline run, asserted completed: (flow run id, result)
 
 mlflow = pytest.importorskip("mlflow")
-pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.xdist_group("mlflow")]
+pytestmark = pytest.mark.usefixtures("prefect_server")
+ONE_SERVER = pytest.mark.xdist_group("mlflow")  # the tests of the module's mlflow server: one worker, one server
 
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -114,6 +115,7 @@ def tracked_run(mlflow_server, tmp_path_factory):
     return {"root": root, "config": config, "flow_run_id": flow_run_id, "result": result}
 
 
+@ONE_SERVER
 def test_mlflow_run_holds_the_config_the_metrics_table_and_the_artifacts(mlflow_server, tracked_run):
     from mlflow.tracking import MlflowClient
 
@@ -158,6 +160,7 @@ def test_mlflow_run_holds_the_config_the_metrics_table_and_the_artifacts(mlflow_
     assert "**mlflow**: everything delivered" in text and run.info.run_id in text
 
 
+@ONE_SERVER
 def test_a_dead_tracker_server_loses_metrics_not_the_training(mlflow_server, tracked_run):
     """The server dies once the second run exists in it (pretrain is cached; sft trains with the server
     gone): the flow completes, sft trains every step, and the report card counts the points it lost."""
