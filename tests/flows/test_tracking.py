@@ -210,13 +210,18 @@ def test_smoke_run_report_card_has_every_stage_with_its_prefect_state(smoke_pipe
     Prefect API has for it (Cached for the reused bench answers), both trainings with curves, the bench,
     the parity gate and the model card's licence."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey,
+                                                FlowRunFilter, FlowRunFilterId)
 
     result = smoke_pipeline["result"]
-    text = Path(result["report"]["path"]).read_text()
     assert Path(result["report"]["path"]) == smoke_pipeline["config"].run_dir.resolve() / "report.md"
+    assert Path(result["report"]["path"]).is_file()  # rewritten by every later run in the run dir (other smoke tests)
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[smoke_pipeline["flow_run_id"]])))
+        cards = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[smoke_pipeline["flow_run_id"]]), key=ArtifactFilterKey(any_=["report-smoke"])))
+    assert len(cards) == 1  # this run's card, as the UI shows it
+    text = cards[0].data
     tasks = result["report"]["tasks"]
     assert {t["id"]: t["state"] for t in tasks} == {str(tr.id): tr.state.name for tr in runs}
     assert {"pretrain", "sft", "eval", "sample", "bench-report", "parity-gate-q8_0"} <= {t["name"] for t in tasks}
