@@ -156,7 +156,8 @@ def format_vlm(config, result: dict) -> str:
     t = result["train"]
     lines = [f"vlm '{config.name}' finished: {t['step']} steps, held-out loss {t['initial_val_loss']:.3f} -> "
              f"{t['val_loss']:.3f}", "", f"{'suite':<20} {'metric':<12} {'model':>8} {'baseline':>9}"]
-    for r in result["bench"]:
+    bench = result["bench"]
+    for r in bench["rows"] if isinstance(bench, dict) else bench:
         base = "" if r["baseline"] is None else f"{r['baseline']:.3f}"
         lines.append(f"{r['suite']:<20} {r['metric']:<12} {r['model']:>8.3f} {base:>9}  {r['baseline_kind']}")
     return "\n".join(lines + ["", f"checkpoint: {result['checkpoint']}"])

@@ -5,11 +5,13 @@ from __future__ import annotations
 from prefect import flow
 
 from mlxcore.config import VLMRunConfig, with_overrides
+from tasks.report import reported
 from tasks.train import publish
-from tasks.vlm import bench, evaluate, preprocess, sources, train_vlm
+from tasks.vlm import bench_report, evaluate, preprocess, sources, train_vlm
 
 
 @flow(name="vlm")
+@reported
 def vlm(config: VLMRunConfig, overrides: list[str] = []) -> dict:
     """`overrides`: KEY=VALUE settings on top of `config`, e.g. ["loss.contrastive_weight=0", "train.steps=200"]."""
     config = with_overrides(config, overrides)
@@ -19,6 +21,6 @@ def vlm(config: VLMRunConfig, overrides: list[str] = []) -> dict:
                       config.init_from, run)
     trained = train_vlm(data["path"], config.init_from, config.model, config.loss, config.train, run)
     held_out = evaluate(trained["checkpoint"], data["path"], config.eval, run)
-    rows = bench(held_out["metrics"], run)
+    bench = bench_report(held_out["path"], run, f"vlm bench {config.name}")
     return {"checkpoint": trained["checkpoint"], "train": trained, "data": data, "eval": held_out["metrics"],
-            "bench": rows, "model": publish(trained["checkpoint"], run)}
+            "bench": bench, "model": publish(trained["checkpoint"], run)}

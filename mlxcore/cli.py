@@ -11,7 +11,7 @@
   mlxcore export --model DIR --out DIR [--format q8_0 --format mlx-4bit ...] [--no-gate]   # GGUF + Modelfile, MLX; gated
   mlxcore compare RUN_DIR RUN_DIR... [--out DIR] [--confidence 0.95]   # curves, bench deltas + intervals, config diff
   mlxcore serve-model --model DIR [--adapter DIR] [--port N] [--smoke [--prompt TEXT]]   # mlx_lm.server, OpenAI API
-  mlxcore data list [--kind pretrain|sft|preference|rl|eval]   # the data catalog: name, kind, size, license
+  mlxcore data list [--kind pretrain|sft|preference|rl|eval|vlm]   # the data catalog: name, kind, size, license
   mlxcore data show NAME                   # one dataset (spec, columns, license, terms, mixes) or a mix
 """
 
@@ -429,7 +429,7 @@ def library_commands(sub) -> None:
     da = sub.add_parser("data", help="the data catalog: datasets with their licenses, and recommended mixes")
     dsub = da.add_subparsers(dest="data_command", required=True)
     dli = dsub.add_parser("list", help="every catalog dataset: name, kind, size, license, description")
-    dli.add_argument("--kind", choices=["pretrain", "sft", "preference", "rl", "eval"])
+    dli.add_argument("--kind", choices=["pretrain", "sft", "preference", "rl", "eval", "vlm"])
     dli.set_defaults(func=cmd_data_list)
     dsh = dsub.add_parser("show", help="everything about one dataset (or a mix: its entries, weights and why)")
     dsh.add_argument("name", help="a catalog dataset (catalog:NAME) or mix (recommended-10B)")

@@ -1347,8 +1347,12 @@ class VLMDataConfig(_Strict):
     """Image-text rows: JSONL files (`text` + `images`, or chat `messages` with image parts), else
     the synthetic set (scikit-learn's digits + generated shape scenes with captions and QA)."""
 
-    train: list[str] = Field(default_factory=list, description="JSONL files; empty: the synthetic set.")
-    val: list[str] = Field(default_factory=list, description="Held-out JSONL files (needed with train).")
+    train: list[str] = Field(default_factory=list, description="JSONL files, or hfds: / catalog: specs of image-text "
+                                                                 "datasets (mlxcore.vlm.hub); empty: the synthetic set.")
+    val: list[str] = Field(default_factory=list, description="Held-out JSONL files or specs (needed with train).")
+    columns: dict[str, str] = Field(default_factory=dict, description="hfds:/catalog: specs: our field <- the dataset's "
+                                    "column (image, text, label, question, answer); empty: the catalog's, else guessed.")
+    max_download_mb: float = Field(2048, gt=0, description="Refuse hub splits larger than this (images included).")
     digits: bool = Field(True, description="Synthetic: scikit-learn's 1,797 handwritten digits, captioned.")
     scenes: int = Field(600, ge=0, description="Synthetic: generated two-shape scenes (a caption + a QA row each).")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Synthetic: the held-out share.")
@@ -1371,7 +1375,7 @@ def _default_vlm_train() -> TrainConfig:
                        eval_batches=4, log_every=10)
 
 
-class VLMRunConfig(_Run, _Strict):
+class VLMRunConfig(_Run, _Tracked):
     """The `vlm` flow: data -> preprocess -> train -> vlm-eval -> bench report."""
 
     name: str = Field("vlm", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -1380,8 +1384,11 @@ class VLMRunConfig(_Run, _Strict):
     model: VLMModelConfig = VLMModelConfig()
     loss: VLMLossConfig = VLMLossConfig()
     train: TrainConfig = Field(default_factory=_default_vlm_train)
-    init_from: str | None = Field(None, description="A VLM model dir (config.json model_type mlxflow_vlm) to "
-                                                    "fine-tune (e.g. with train.fine_tune_type: lora); null: a fresh model.")
+    init_from: str | None = Field(None, description="A VLM model dir to fine-tune: ours (model_type mlxflow_vlm; "
+                                                    "full or train.fine_tune_type: lora|dora) or a local mlx-vlm llava "
+                                                    "dir (lora|dora, QLoRA with train.quantize; LM loss only: "
+                                                    "loss.contrastive_weight and loss.itm_weight 0; its tokenizer and "
+                                                    "image processor preprocess the rows); null: a fresh model.")
     eval: VLMEvalConfig = VLMEvalConfig()
 
     @model_validator(mode="after")

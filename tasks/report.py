@@ -74,10 +74,10 @@ def _card_parts(result: dict | None, run_dir: Path) -> dict:
     parts: dict = {}
     if not isinstance(result, dict):
         return parts
-    evals = result.get("eval")
-    if isinstance(evals, dict):
+    evals, bench = result.get("eval"), result.get("bench")
+    covered = isinstance(bench, dict) and bench.get("covers_eval")  # the bench report shows the eval metrics (vlm)
+    if isinstance(evals, dict) and not covered:
         parts["eval"] = {k: v for k, v in evals.items() if isinstance(v, dict)}
-    bench = result.get("bench")
     if isinstance(bench, dict) and bench.get("path") and (Path(bench["path"]) / "report.md").is_file():
         parts["bench"] = (Path(bench["path"]) / "report.md").read_text()
         parts["bench_file"] = str(Path(bench["path"]) / "report.md")

@@ -1,8 +1,12 @@
-"""Vision-language stages: synthetic image-text data, image preprocessing, training, `vlm-eval`, bench.
+"""Vision-language stages: synthetic image-text data or hub downloads, image preprocessing, training,
+`vlm-eval`, bench.
 
-Content-keyed like every stage: preprocessing is keyed on the JSONL files *and* the folders
-they sit in (their images), training on the preprocessed dir's digest (+ the start model's),
-evaluation on the checkpoint's and the data's. The trainer runs in a child process
+Content-keyed like every stage: a download (`vlm-download`, an `hfds:` / `catalog:` spec) is keyed
+on its spec and column mapping like a text download (pin a commit with `@revision`); preprocessing
+is keyed on the JSONL files *and* the folders they sit in (their images; a download dir by its
+manifest, which records the commit the split resolved to and the digest of its rows and images),
+training on the preprocessed dir's digest (+ the start model's), evaluation on the checkpoint's
+and the data's, the bench report on the evaluation's. The trainer runs in a child process
 (`mlxcore.train.launch`, job kind `vlm`), retried from its last checkpoint if killed.
 """
 
@@ -14,10 +18,11 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mlxcore.config import TrainConfig, VLMDataConfig, VLMEvalConfig, VLMLossConfig, VLMModelConfig
-from mlxcore.io import atomic_dir, dir_digest, read_manifest, write_manifest
+from mlxcore.data.download import data_files
+from mlxcore.io import atomic_dir, dir_digest, read_manifest, write_json, write_manifest, write_text
 from mlxcore.vlm import data as vlm_data
 from mlxcore.vlm import evaluate as vlm_eval
-from mlxcore.vlm import synthetic
+from mlxcore.vlm import hub, synthetic
 from mlxcore.vlm.train import VLMJob
 from tasks.caching import Stage
 from tasks.progress import artifact_key, progress_bar
@@ -31,9 +36,11 @@ def _image_dirs(params: dict) -> dict:
 
 
 SYNTHETIC = Stage("vlm-synthetic")
+DOWNLOAD = Stage("vlm-download", module="mlxcore.vlm.hub")  # versioned by the download code only
 PREPROCESS = Stage("vlm-preprocess", inputs=("files",), extra=_image_dirs)
 TRAIN = Stage("vlm-train", inputs=("data_dir", "init_from"), product="model")
 EVAL = Stage("vlm-eval", inputs=("checkpoint", "data_dir"))
+BENCH = Stage("vlm-bench", inputs=("eval_dir",))
 
 
 @SYNTHETIC.task()
@@ -51,13 +58,31 @@ def synthetic_data(digits: bool, scenes: int, val_fraction: float, seed: int, ru
             "counts": read_manifest(out)["counts"]}
 
 
+@DOWNLOAD.task(task_run_name="vlm-download-{spec}")  # fetch() retries transient errors itself
+def download(spec: str, columns: dict, max_download_mb: float, run_dir: str) -> dict:
+    """An image-text split of the hub (`hfds:` / `catalog:`) as JSONL + PNG files, size-guarded, its commit,
+    rows, digests and license in the manifest."""
+    out = DOWNLOAD.dir(locals())
+    if not DOWNLOAD.done(out):
+        hub.fetch(spec, out, columns, max_download_mb)
+    m = read_manifest(out)
+    return {"path": str(out), "files": [str(p) for p in data_files(out)], "digest": m["digest"],
+            "source": m["source"], "license": m.get("license", "unknown")}
+
+
 def sources(data: VLMDataConfig, run_dir: str) -> dict[str, list[str]]:
+    """{split: [JSONL files]}: local files as they are, hub specs downloaded; else the synthetic set."""
     if data.train:
         if not data.val:
             from mlxcore.config import ConfigError
 
             raise ConfigError("data.train is set: set data.val (held-out JSONL files) too; the metrics are held-out")
-        return {"train": [str(Path(f).resolve()) for f in data.train], "val": [str(Path(f).resolve()) for f in data.val]}
+        for spec in data.train + data.val:  # every spec checked before anything is fetched
+            hub.check_spec(spec)
+        return {split: [f for spec in specs for f in
+                        ([str(Path(spec).expanduser().resolve())] if hub.is_local(spec) else
+                         download(spec, dict(data.columns), data.max_download_mb, run_dir)["files"])]
+                for split, specs in (("train", data.train), ("val", data.val))}
     return synthetic_data(data.digits, data.scenes, data.val_fraction, data.seed, run_dir)["files"]
 
 
@@ -126,12 +151,31 @@ def bench_rows(metrics: dict) -> list[dict]:
     return rows
 
 
-def bench(metrics: dict, run_dir: str) -> list[dict]:
-    """The VLM bench report: a table artifact and `<run>/vlm-bench.json`."""
-    rows = bench_rows(metrics)
-    create_table_artifact(table=rows, key=artifact_key(Path(run_dir).name, "vlm-bench"),
-                          description="vlm bench: the trained model vs chance / majority baselines (held-out)")
-    from mlxcore.io import write_json
+def bench_markdown(rows: list[dict], title: str = "vlm bench") -> str:
+    """The bench rows as the text bench report's markdown: a heading, then one table (metric beside baseline)."""
+    fmt = lambda v: "–" if v is None else f"{v:.4g}"  # noqa: E731
+    lines = [f"### {title}", "", "| suite | metric | model | baseline | baseline kind |", "|---|---|---|---|---|"]
+    lines += [f"| {r['suite']} | {r['metric']} | {fmt(r['model'])} | {fmt(r['baseline'])} | {r['baseline_kind'] or '–'} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
 
+
+@BENCH.task()
+def bench_report(eval_dir: str, run_dir: str, title: str = "vlm bench") -> dict:
+    """Each held-out metric beside its baseline: `report.json` / `report.md` in the stage dir (as the text
+    bench report), `<run>/vlm-bench.json`, a table and a markdown artifact."""
+    out = BENCH.dir(locals())
+    rows = bench_rows(json.loads((Path(eval_dir) / "metrics.json").read_text()))
+    md = bench_markdown(rows, title)
+    if not BENCH.done(out):
+        with atomic_dir(out, replace=True) as tmp:
+            write_json(tmp / "report.json", rows)
+            write_text(tmp / "report.md", md)
+            write_manifest(tmp, "vlm-bench-report", {"eval": str(eval_dir)}, rows=len(rows))
     write_json(Path(run_dir) / "vlm-bench.json", rows)
-    return rows
+    name = Path(run_dir).name
+    create_table_artifact(table=rows, key=artifact_key(name, "vlm-bench"),
+                          description="vlm bench: the trained model vs chance / majority baselines (held-out)")
+    create_markdown_artifact(markdown=md, key=artifact_key(name, "vlm-bench-report"), description=f"{title} report")
+    # covers_eval: the card shows this table, not the eval section's wide one
+    return {"path": str(out), "rows": rows, "covers_eval": True}

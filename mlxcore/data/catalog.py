@@ -24,9 +24,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CATALOG_FILE = "catalog.yaml"
-KINDS = ("pretrain", "sft", "preference", "rl", "eval")
+KINDS = ("pretrain", "sft", "preference", "rl", "eval", "vlm")
 FORMATS = ("text", "conversations", "instruction", "alpaca", "gsm8k", "ids",  # SourceConfig.format
-           "pairs", "pair-messages", "kto", "scored")  # PreferenceSourceConfig.format
+           "pairs", "pair-messages", "kto", "scored",  # PreferenceSourceConfig.format
+           "image-text")  # vlm: an image column + text / label / question+answer (mlxcore.vlm.hub)
 SPEC_PREFIXES = ("hf:", "hfds:")
 
 
@@ -52,7 +53,7 @@ class Entry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
     description: str = Field(min_length=1)
-    kind: tuple[Literal["pretrain", "sft", "preference", "rl", "eval"], ...] = Field(min_length=1)
+    kind: tuple[Literal["pretrain", "sft", "preference", "rl", "eval", "vlm"], ...] = Field(min_length=1)
     spec: str | None = None
     repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
     format: Literal[FORMATS] | None = None  # type: ignore[valid-type]

@@ -679,10 +679,13 @@ def _hfds_builder(spec: str, ds: hfds.HfDataset, env: _HubEnv, cache: Path, offl
 
 
 def _hfds_write(spec: str, ds: hfds.HfDataset, builder, streamed: bool, path: Path, limit: float,
-                env: _HubEnv) -> tuple[int, int, str]:
+                env: _HubEnv, convert=None) -> tuple[int, int, str, dict]:
     try:
-        n, nbytes, digest = hfds.write_jsonl(hfds.rows(ds, builder, streamed), path, dict(ds.columns),
-                                             f"{ds.repo} {ds.split_expr}", limit if streamed else None)
+        rows = hfds.rows(ds, builder, streamed)
+        conv = convert(path.parent, getattr(rows, "features", None) or builder.info.features, dict(ds.columns),
+                       f"{ds.repo} {ds.split_expr}") if convert is not None else None
+        n, nbytes, digest = hfds.write_jsonl(rows, path, {} if conv is not None else dict(ds.columns),
+                                             f"{ds.repo} {ds.split_expr}", limit if streamed else None, conv)
     except hfds.RowError as e:
         more = f"; take fewer rows ({ds.split}[:N]) or raise data.max_download_mb" if "limit" in str(e) else ""
         raise _bad(spec, f"{e}{more}") from None
@@ -690,11 +693,11 @@ def _hfds_write(spec: str, ds: hfds.HfDataset, builder, streamed: bool, path: Pa
         raise _hfds_not_cached(spec, ds, env, "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set") from e
     if n == 0:
         raise _bad(spec, f"split {ds.split_expr!r} of {ds.repo} has no rows")
-    return n, nbytes, digest
+    return n, nbytes, digest, conv.summary() if conv is not None else {}
 
 
 def _fetch_hfds(spec: str, kind: str | None, ds: hfds.HfDataset, out_dir: Path, max_download_mb: float,
-                retries: int, backoff_s: float) -> dict:
+                retries: int, backoff_s: float, convert=None) -> dict:
     """One split of a hub dataset through `datasets`, as JSONL (see the module docstring)."""
     env = _HubEnv.from_environ()
     hf = HubFile(ds.repo, f"{ds.config or 'default'}:{ds.split}", ds.revision)  # names the split in errors
@@ -727,12 +730,14 @@ def _fetch_hfds(spec: str, kind: str | None, ds: hfds.HfDataset, out_dir: Path, 
         card = repo_card_license(ds.repo, "dataset", commit, env, online=False)  # datasets fetched the card
         license_id, origin = _origin(spec, ds, commit, card)
         with atomic_dir(out_dir, replace=True) as tmp:
-            write = lambda: _hfds_write(spec, ds, builder, streamed, tmp / ds.file_name, limit, env)  # noqa: E731
-            n, nbytes, digest = retried(write, "streaming the rows") if streamed else write()
+            write = lambda: _hfds_write(spec, ds, builder, streamed, tmp / ds.file_name, limit, env,  # noqa: E731
+                                        convert)
+            n, nbytes, digest, written = retried(write, "streaming the rows") if streamed else write()
             source = {"repo": ds.repo, "repo_type": "dataset", "config": builder.config.name, "split": ds.split_expr,
                       "revision": commit, "rows": n, "bytes": nbytes, "sha256": digest, "endpoint": env.endpoint,
-                      "streamed": streamed}
-            return write_manifest(tmp, "download", {"spec": spec, "kind": kind}, source=source,
+                      "streamed": streamed, **written}
+            config = {"spec": spec, "kind": kind} | ({"columns": dict(ds.columns)} if convert and ds.columns else {})
+            return write_manifest(tmp, "download", config, source=source,
                                   data_files=[ds.file_name], license=license_id, **_catalog_fields(ds),
                                   **lineage.fields(lineage.of_sources(origin)))
 
@@ -766,21 +771,29 @@ def _fetch_local(spec: str, kind: str | None, local: LocalFiles, out_dir: Path) 
 
 
 def fetch(spec: str, out_dir: str | os.PathLike, kind: str | None = None, max_download_mb: float = 2048,
-          retries: int = 4, backoff_s: float = 1.0) -> dict:
+          retries: int = 4, backoff_s: float = 1.0, columns: dict[str, str] | None = None, convert=None) -> dict:
     """Fetch `spec` into `out_dir` (see the module docstring) and return its manifest.
 
     `kind` ("pretrain" / "sft") picks the file of `minimind:auto` and is recorded. On any error
-    `out_dir` is left as it was (absent if it was absent).
+    `out_dir` is left as it was (absent if it was absent). `columns` (hfds: and catalog: specs)
+    replaces the spec's column mapping. `convert` (hfds: splits only): `convert(out_dir, features,
+    columns, where)` returns the per-row rewrite `hfds.write_jsonl` applies (it maps the columns
+    itself), with `bytes` and `summary()` (merged into the manifest's source); the image-text rows
+    of `mlxcore.vlm.hub` are written this way.
     """
     if retries < 0 or backoff_s < 0 or not max_download_mb > 0:
         raise _bad(spec, f"need retries >= 0, backoff_s >= 0 and max_download_mb > 0 "
                          f"(got {retries}, {backoff_s}, {max_download_mb})")
     parsed = parse_spec(spec, kind)
     out = Path(out_dir)
+    if columns is not None and not isinstance(parsed, LocalFiles):
+        parsed = dataclasses.replace(parsed, columns=tuple(columns.items()))
+    if convert is not None and not isinstance(parsed, hfds.HfDataset):
+        raise _bad(spec, "only hfds: splits (or catalog: entries that name one) can be converted row by row")
     if isinstance(parsed, LocalFiles):
         return _fetch_local(spec, kind, parsed, out)
     if isinstance(parsed, hfds.HfDataset):
-        return _fetch_hfds(spec, kind, parsed, out, max_download_mb, retries, backoff_s)
+        return _fetch_hfds(spec, kind, parsed, out, max_download_mb, retries, backoff_s, convert)
     return _fetch_hub(spec, kind, parsed, out, max_download_mb, retries, backoff_s)
 
 

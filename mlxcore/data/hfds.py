@@ -208,19 +208,26 @@ def map_row(row: dict, columns: dict[str, str], where: str) -> dict:
 
 
 def write_jsonl(items: Iterable[dict], path: Path, columns: dict[str, str], where: str,
-                max_bytes: float | None = None) -> tuple[int, int, str]:
+                max_bytes: float | None = None, convert=None) -> tuple[int, int, str]:
     """Write rows as JSONL through `columns`; (rows, bytes, sha256 of the file). RowError when a row
-    lacks a mapped column, or (with `max_bytes`) when the file would grow past it."""
+    lacks a mapped column, or (with `max_bytes`) when the file would grow past it.
+
+    `convert(row, where) -> [rows]` (optional) rewrites each mapped row into the rows written, e.g.
+    saving its images as files beside `path` (`mlxcore.vlm.hub`); the bytes of those files (its
+    `bytes` attribute) count against `max_bytes` too."""
     sha, n, size = hashlib.sha256(), 0, 0
     with open(path, "wb") as f:
         for n, row in enumerate(items, 1):
-            line = orjson.dumps(map_row(dict(row), columns, f"{where}: row {n}"), default=str,
-                                option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
-            f.write(line)
-            sha.update(line)
-            size += len(line)
-            if max_bytes is not None and size > max_bytes:
-                raise RowError(f"{where}: {n:,} rows make {size:,} bytes and the split goes on, over the limit")
+            at = f"{where}: row {n}"
+            row = map_row(dict(row), columns, at)
+            for out in convert(row, at) if convert is not None else (row,):
+                line = orjson.dumps(out, default=str, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+                f.write(line)
+                sha.update(line)
+                size += len(line)
+            total = size + getattr(convert, "bytes", 0)
+            if max_bytes is not None and total > max_bytes:
+                raise RowError(f"{where}: {n:,} rows make {total:,} bytes and the split goes on, over the limit")
     return n, size, sha.hexdigest()
 
 

@@ -209,7 +209,13 @@ def load(adapter_dir: str | Path) -> tuple[nn.Module, dict]:
     base = acfg.get("base_model")
     if not base or not Path(base).is_dir():
         raise FileNotFoundError(f"{adapter_dir / ADAPTER_CONFIG}: base_model {base!r} is not a directory here")
-    model, config = load_model(base)
+    from mlxcore.vlm import mlxvlm  # (lazy: mlxcore.vlm imports this module)
+
+    if mlxvlm.is_mlxvlm_dir(base):  # an mlx-vlm base: its keys are full module paths (mlx-vlm's format)
+        model, config = mlxvlm.load(base)
+        acfg = mlxvlm.mlx_lm_adapter_config(acfg)
+    else:
+        model, config = load_model(base)
     apply(model, acfg)
     model.load_weights(str(adapter_dir / ADAPTER_WEIGHTS), strict=False)
     missing = set(trainable_weights(model)) - set(mx.load(str(adapter_dir / ADAPTER_WEIGHTS)))

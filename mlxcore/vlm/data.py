@@ -24,10 +24,12 @@ and manifest.json (kind `vlm-data`).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 
+from mlxcore import lineage
 from mlxcore.io import atomic_dir, read_manifest, write_json, write_jsonl, write_manifest
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -146,15 +148,25 @@ def read_jsonl(path: str | Path, max_images: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- images
-def load_image(path: Path, size: int, where: str) -> np.ndarray:
-    """[size, size, 3] float32, resized (bicubic) and normalised with MEAN / STD."""
+def load_image(path: Path, size: int, where: str, processor=None) -> np.ndarray:
+    """[size, size, 3] float32, resized (bicubic) and normalised with MEAN / STD; with `processor`
+    (an mlx-vlm model's own image processor, `mlxvlm.image_processor`) prepared by it instead."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            if processor is not None:
+                from mlxcore.vlm import mlxvlm
+
+                x = mlxvlm.pixels(processor, im.convert("RGB"))
+                if x.shape != (size, size, 3):
+                    raise RowError(f"{where}: the model's image processor made a {x.shape} image, not {size}x{size}")
+                return x
             im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
             x = np.asarray(im, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, RowError):
+            raise
         raise RowError(f"{where}: cannot read image {path}: {e}") from None
     return (x - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
 
@@ -178,11 +190,11 @@ def preprocessor_config(image_size: int) -> dict:
 
 
 class Encoder:
-    def __init__(self, tokenizer_dir: Path, tokens_per_image: int):
+    def __init__(self, tokenizer_dir: Path, tokens_per_image: int, image_token: str = IMAGE_TOKEN):
         from mlxcore.data import tokenizer as toks
 
         self.tok = toks.load(tokenizer_dir)
-        self.image_id = self.tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.image_id = self.tok.convert_tokens_to_ids(image_token)
         self.eos = self.tok.eos_token_id
         self.k = tokens_per_image
 
@@ -207,10 +219,21 @@ class Encoder:
 def preprocess(files: dict[str, list[str]], out_dir: str | Path, *, image_size: int, patch_size: int,
                max_images_per_sample: int, max_tokens: int, vocab_size: int = 512,
                tokenizer_dir: str | Path | None = None, on_progress=None) -> dict:
-    """Validate every row, then write the tokenizer and the shards of each split (atomically)."""
+    """Validate every row, then write the tokenizer and the shards of each split (atomically).
+
+    With `tokenizer_dir` an mlx-vlm model dir (`mlxvlm.is_mlxvlm_dir`: fine-tuning it) the model
+    decides: its tokenizer and image token, its image processor (size, normalisation) and its
+    tokens per image; `image_size` and `patch_size` are then the model's, not the arguments'."""
+    from mlxcore.vlm import mlxvlm
+
+    processor, image_token = None, IMAGE_TOKEN
     if image_size % patch_size:
         raise ValueError(f"patch_size={patch_size} does not divide image_size={image_size}")
     k = (image_size // patch_size) ** 2
+    if mlxvlm.is_mlxvlm_dir(tokenizer_dir):
+        spec = mlxvlm.data_spec(tokenizer_dir)
+        image_size, patch_size, image_token, k = (spec[x] for x in ("image_size", "patch_size", "image_token", "tokens_per_image"))
+        processor = mlxvlm.image_processor(tokenizer_dir)
     parsed = {s: [r for f in fs for r in read_jsonl(f, max_images_per_sample)] for s, fs in files.items()}
     total = sum(len(r["images"]) for rows in parsed.values() for r in rows)
     done = 0
@@ -221,11 +244,16 @@ def preprocess(files: dict[str, list[str]], out_dir: str | Path, *, image_size: 
             from mlxcore.data import tokenizer as toks
 
             toks.copy_files(tokenizer_dir, tok_dir)
-            write_json(tok_dir / "preprocessor_config.json", preprocessor_config(image_size))
+            if processor is not None:  # the model's own processor files travel with its tokenizer
+                for name in mlxvlm.PROCESSOR_FILES:
+                    if (Path(tokenizer_dir) / name).is_file():
+                        shutil.copy2(Path(tokenizer_dir) / name, tok_dir / name)
+            else:
+                write_json(tok_dir / "preprocessor_config.json", preprocessor_config(image_size))
         else:
             texts = [v for r in parsed.get("train", []) for kind, v, _ in r["segments"] if kind == "text"]
             build_tokenizer(texts, tok_dir, vocab_size, image_size)
-        enc = Encoder(tok_dir, k)
+        enc = Encoder(tok_dir, k, image_token)
         stats = {}
         for split, rows in parsed.items():
             shard = tmp / split / "shard-00000"
@@ -240,7 +268,7 @@ def preprocess(files: dict[str, list[str]], out_dir: str | Path, *, image_size: 
                 masks.append(mask)
                 caps.append(cap)
                 for p in r["images"]:
-                    pix.append(load_image(p, image_size, r["where"]).astype(np.float16))
+                    pix.append(load_image(p, image_size, r["where"], processor).astype(np.float16))
                     done += 1
                     if on_progress is not None and done % 64 == 0:
                         on_progress(done, total)
@@ -260,7 +288,8 @@ def preprocess(files: dict[str, list[str]], out_dir: str | Path, *, image_size: 
                "max_tokens": max_tokens}
         write_manifest(tmp, "vlm-data", cfg, splits=stats, tokens_per_image=k, image_token_id=enc.image_id,
                        vocab_size=len(enc.tok), eos_id=enc.eos, pad_id=enc.tok.pad_token_id or 0,
-                       inputs={s: [str(f) for f in fs] for s, fs in files.items()})
+                       inputs={s: [str(f) for f in fs] for s, fs in files.items()},
+                       **lineage.fields(lineage.of_inputs(files)))  # a download's sources + licenses
     return read_manifest(out_dir, "vlm-data")
 
 

@@ -106,10 +106,10 @@ def generate(model, prompts: list[list[int]], pixels: np.ndarray, stop: int, max
     return outs
 
 
-def _png(pixels: np.ndarray, scale: int = 4) -> str:
+def _png(pixels: np.ndarray, scale: int = 4, mean=MEAN, std=STD) -> str:
     from PIL import Image
 
-    x = np.clip(pixels.astype(np.float32) * np.array(STD) + np.array(MEAN), 0, 1)
+    x = np.clip(pixels.astype(np.float32) * np.array(std) + np.array(mean), 0, 1)
     im = Image.fromarray((x * 255).round().astype(np.uint8), mode="RGB")
     im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()
@@ -141,8 +141,9 @@ def _evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "val", *
     first_pix = np.stack([data.pixels[int(r[2])] if r[3] else np.zeros_like(data.pixels[0]) for r in idx])
     metrics: dict = {}
     # -- retrieval, per task
+    joint = hasattr(model, "image_embedding")  # an mlx-vlm model (mlxvlm.py) has no joint space: generation only
     paired = [i for i, r in enumerate(rows) if r.get("caption") and idx[i][3] > 0]
-    if paired:
+    if paired and joint:
         img = _embed_images(model, first_pix[paired])
         txt = _embed_texts(model, [data.captions[int(idx[i][4]):int(idx[i][4] + idx[i][5])].tolist() for i in paired], data.pad)
         for task in sorted({rows[i].get("task") or "all" for i in paired}):
@@ -151,7 +152,7 @@ def _evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "val", *
                 metrics[f"retrieval_{task}"] = retrieval(img[sel], txt[sel], [rows[paired[j]]["caption"] for j in sel])
     # -- zero-shot classification
     labelled = [i for i, r in enumerate(rows) if r.get("label") is not None and idx[i][3] > 0]
-    if labelled:
+    if labelled and joint:
         classes = sorted({rows[i]["label"] for i in labelled} | {r["label"] for r in train_rows if r.get("label") is not None})
         words = [DIGIT_WORDS[c] if 0 <= c < 10 else str(c) for c in classes]
         prompts = [tok.encode(ZERO_SHOT_TEMPLATE.format(w), add_special_tokens=False) + [eos] for w in words]
@@ -212,11 +213,14 @@ def _evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "val", *
         v = metrics["vqa"]
         lines.append(f"| VQA exact match | {v['accuracy']:.3f} | {v['baseline_accuracy']:.3f} (majority answer) |")
     shown = (caps or gen_rows)[:samples]
+    pc = Path(data_dir) / "tokenizer" / "preprocessor_config.json"  # the normalisation (an mlx-vlm model's own)
+    norm = json.loads(pc.read_text()) if pc.is_file() else {}
+    mean, std = norm.get("image_mean", MEAN), norm.get("image_std", STD)
     if shown:
         lines += ["", "#### Held-out images and generated text", "", "| image | generated | reference |", "|---|---|---|"]
         for i in shown:
             ref = rows[i].get("caption") or f"{rows[i].get('question')} → {rows[i].get('answer')}"
-            lines.append(f"| ![img]({_png(all_pix[i][0])}) | {texts.get(i, '')} | {ref} |")
+            lines.append(f"| ![img]({_png(all_pix[i][0], mean=mean, std=std)}) | {texts.get(i, '')} | {ref} |")
     return metrics, "\n".join(lines) + "\n"
 
 

@@ -62,8 +62,8 @@ class VLMLoss:
             ce = token_cross_entropy(model(inputs, pixels), targets) * mask
             lm = ce.sum() / mx.maximum(mask.sum(), 1.0)
         con = itm = acc = zero
-        scale = self.scale(model)
-        if self.contrastive_weight or self.itm_weight:
+        if self.contrastive_weight or self.itm_weight:  # (a model without the heads trains on the LM loss alone)
+            scale = self.scale(model)
             first = pixels[:, 0]
             img = model.image_embedding(first)
             txt = model.text_embedding(captions, caption_mask)
@@ -85,7 +85,7 @@ class VLMLoss:
         total = self.lm_weight * lm + self.contrastive_weight * con + self.itm_weight * itm
         # components with weight 0 are neither computed nor reported (identical zero outputs would also
         # trip mx.compile, which merges them into one)
-        aux = {"temperature": n / scale}
+        aux = {"temperature": n / scale} if self.contrastive_weight or self.itm_weight else {}
         if self.lm_weight:
             aux["lm_loss"] = lm * n
         if self.contrastive_weight:

@@ -1,10 +1,12 @@
 """The VLM training job (`kind: vlm`, run by `mlxcore.train.launch`): build or load the model, the
 batch streams of a preprocessed dir (`mlxcore.vlm.data`) and the weighted loss, then `train.fit`.
 
-`init_from` fine-tunes an existing VLM dir (ours: `model_type: mlxflow_vlm`); with
+`init_from` fine-tunes an existing VLM dir (ours: `model_type: mlxflow_vlm`, or an mlx-vlm
+`llava` dir: `mlxvlm.py`, LM loss only, lora/dora/QLoRA only); with
 `train.fine_tune_type: lora|dora` (QLoRA with `train.quantize`) only adapters on the language
 model's layers train (mlx-lm's LoRA layers; the vision tower and projector stay frozen), and the
-checkpoint is an mlx-lm adapter dir. Resume after a kill is exact, as for every `fit` job.
+checkpoint is an mlx-lm adapter dir (on an mlx-vlm base: one `mlx_vlm.load(base, adapter_path=...)`
+opens too). Resume after a kill is exact, as for every `fit` job.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mlxcore.models import checkpoint as ckpt
 from mlxcore.perf._blas import blas_threads
 from mlxcore.train.callbacks import TrainingCallback
 from mlxcore.train.loop import fit, job_lineage
+from mlxcore.vlm import mlxvlm
 from mlxcore.vlm import model as vlm_model
 from mlxcore.vlm import presets
 from mlxcore.vlm.data import Batches
@@ -60,12 +63,25 @@ def freeze_unused(model, loss: VLMLossConfig) -> None:
 
 def build_model(job: VLMJob, data: dict):
     cfg = job.train
+    foreign = False  # an mlx-vlm dir (mlxvlm.py): LM loss only, adapters in mlx-vlm's adapter format
     if job.init_from:
         src = Path(job.init_from)
+        if not src.is_dir():
+            raise FileNotFoundError(f"init_from {src}: no such directory")
         config = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
-        if not vlm_model.is_vlm_config(config):
+        foreign = mlxvlm.is_mlxvlm_config(config)
+        if not foreign and not vlm_model.is_vlm_config(config):
             raise ValueError(f"init_from {src}: not a vision-language model dir (config.json model_type "
-                             f"{config.get('model_type')!r}, expected {vlm_model.MODEL_TYPE!r})")
+                             f"{config.get('model_type')!r} and no vision_config; expected {vlm_model.MODEL_TYPE!r} "
+                             f"or an mlx-vlm layout: {', '.join(mlxvlm.SUPPORTED)})")
+    if foreign:
+        mlxvlm.check(src)
+        if cfg.fine_tune_type == "full":
+            raise ValueError(f"init_from {src} is an mlx-vlm {config['model_type']} model: set train.fine_tune_type "
+                             "to lora or dora (full fine-tuning of it is not supported)")
+        mlxvlm.check_for_training(config, src, data, job.loss.contrastive_weight, job.loss.itm_weight)
+        model, config = mlxvlm.load(src)
+    elif job.init_from:
         model, config = ckpt.load(src)
         for key in ("image_token_id", "tokens_per_image"):
             if config[key] != data[key]:
@@ -81,10 +97,14 @@ def build_model(job: VLMJob, data: dict):
         model = vlm_model.build(config, seed=cfg.seed)
     mx.random.seed(cfg.seed)
     adapter_config = adapters.prepare(model, cfg)
-    freeze_unused(model, job.loss)
+    if foreign:
+        adapter_config = mlxvlm.adapter_config(model, adapter_config)
+    else:
+        freeze_unused(model, job.loss)
     if adapter_config is not None:
         adapter_config |= {"base_model": str(Path(job.init_from).resolve()), "base_digest": dir_digest(job.init_from)}
-    use_fast_kernels(model.language_model)
+    if not foreign:
+        use_fast_kernels(model.language_model)
     return model, config, adapter_config
 
 

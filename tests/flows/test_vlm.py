@@ -85,11 +85,66 @@ def test_vlm_flow_end_to_end(prefect_server, tmp_path):
     assert {"retrieval_digits", "retrieval_caption", "zero_shot", "captioning", "vqa"} <= set(ev)
     assert ev["zero_shot"]["items"] == 359 and ev["vqa"]["items"] == 8 and ev["captioning"]["items"] == 8
     assert result["train"]["step"] == 20 and result["train"]["val_loss"] < result["train"]["initial_val_loss"]
-    suites = {r["suite"] for r in result["bench"]}
+    suites = {r["suite"] for r in result["bench"]["rows"]}
     assert {"zero_shot", "captioning", "vqa", "retrieval_digits"} <= suites
-    assert json.loads((tmp_path / "vlm-test/vlm-bench.json").read_text()) == result["bench"]
+    assert json.loads((tmp_path / "vlm-test/vlm-bench.json").read_text()) == result["bench"]["rows"]
+    assert_bench_report(tmp_path / "vlm-test", result)
     report = next((tmp_path / "vlm-test").glob("vlm-eval-*/report.md")).read_text()
     assert report.count("data:image/png;base64,") == 3
     # a second run is served from the stage caches: same checkpoint, nothing retrained
     again = vlm(config)
+    assert again["checkpoint"] == result["checkpoint"] and again["eval"] == ev
+
+
+def _md_rows(md: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("| ") and not line.startswith("| suite")]
+
+
+def assert_bench_report(run_dir: Path, result: dict) -> None:
+    """`vlm-bench-*/report.md` (and the report card's bench section) show vlm-bench.json's numbers."""
+    rows = json.loads((run_dir / "vlm-bench.json").read_text())
+    report = Path(result["bench"]["path"]) / "report.md"
+    assert report.parent.name.startswith("vlm-bench-") and report.parent.parent == run_dir
+    assert json.loads((report.parent / "report.json").read_text()) == rows
+    md_rows = _md_rows(report.read_text())
+    assert len(md_rows) == len(rows)
+    for r, (suite, metric, model, baseline, kind) in zip(rows, md_rows):
+        assert (suite, metric) == (r["suite"], r["metric"]) and float(model) == r["model"]
+        assert (baseline == "–") if r["baseline"] is None else float(baseline) == r["baseline"]
+    card = (run_dir / "report.md").read_text()  # @reported's report card
+    assert "## Bench" in card and "## Evaluation" not in card
+    assert all(line in card for line in report.read_text().splitlines() if line.startswith("| "))
+
+
+def test_vlm_flow_from_hub_image_splits_offline(prefect_server, tmp_path, monkeypatch):
+    """data.train / data.val as hfds: specs, read offline from a local HF cache: downloaded (JSONL + PNGs,
+    the commit in the manifest), preprocessed, trained, evaluated, reported."""
+    from flows.vlm import vlm
+    from tests.mlxcore.test_vlm_hub import ENV, N_TEST, N_TRAIN, REPO, image_dataset_cache
+
+    env, commit, _ = image_dataset_cache(tmp_path / "hf")
+    for k in ENV:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    config = load_config(None, [f"out_dir={tmp_path}", "name=vlm-hub", f"data.train=[hfds:{REPO}:train]",
+                                f"data.val=[hfds:{REPO}:test]", "data.image_size=8", "data.patch_size=4",
+                                "train.steps=4", "train.warmup_steps=1", "train.batch_size=16", "train.eval_every=0",
+                                "train.save_every=0", "eval.max_new_tokens=4", "eval.samples=2",
+                                *[f"model.{k}={v}" for k, v in TINY.items()]], cls=VLMRunConfig)
+    result = vlm(config)
+    run_dir = tmp_path / "vlm-hub"
+    from mlxcore.io import read_manifest
+
+    downloads = {read_manifest(d, "download")["source"]["split"]: read_manifest(d) for d in run_dir.glob("vlm-download-*")}
+    m = downloads["train"]
+    assert m["source"]["revision"] == commit and m["source"]["rows"] == N_TRAIN and m["source"]["images"] == N_TRAIN
+    assert result["data"]["splits"]["train"]["rows"] == 2 * N_TRAIN  # a caption row and a QA row per image
+    assert result["data"]["splits"]["val"]["rows"] == 2 * N_TEST
+    ev = result["eval"]
+    assert ev["zero_shot"]["items"] == N_TEST and ev["captioning"]["items"] == N_TEST and ev["vqa"]["items"] == N_TEST
+    assert_bench_report(run_dir, result)
+    assert "cc-by-4.0" in (Path(result["checkpoint"]) / "README.md").read_text()  # the dataset card's, carried on
+    again = vlm(config)  # every stage, the downloads too, served from its cache
     assert again["checkpoint"] == result["checkpoint"] and again["eval"] == ev

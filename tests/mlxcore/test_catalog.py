@@ -39,7 +39,7 @@ def test_every_entry_has_a_license_a_kind_and_a_spec_that_parses(entry):
     resolved = parse_spec(f"catalog:{entry.name}", entry.kind[0])
     assert (resolved.catalog, resolved.license, resolved.format) == (entry.name, entry.license, entry.format)
     assert dict(resolved.columns) == entry.columns
-    if entry.columns:  # the mapped rows are in the entry's format (so format: auto finds it)
+    if entry.columns and entry.format != "image-text":  # the mapped rows are in the entry's format (auto finds it)
         row = {ours: _sample(ours) for ours in entry.columns}
         detect = pref_formats.detect_format if entry.format in pref_formats.FORMATS else detect_format
         assert detect(row, "x") == entry.format
