@@ -215,6 +215,9 @@ class SyntheticConfig(_Strict):
         ["copy", "copy", "sort", "arithmetic", "json"],
         description="A list (a task listed twice comes twice as often) or {task: weight}: tasks come in exactly "
                     "these proportions (mlxcore/data/proportional.py).")
+    working: bool = Field(False, description="Reading (qa) and logic answers show their working in a <think> "
+                                             "block: the asked people's facts copied, a boolean expression "
+                                             "reduced a level at a time, an ordering as 'taller > shorter' pairs.")
     pretrain_docs: int = Field(24000, gt=0, description="Plain-text documents for pretraining.")
     sft_examples: int = Field(8000, gt=0, description="User/assistant conversations for SFT.")
     val_examples: int = Field(400, gt=0, description="Held-out documents and conversations each.")

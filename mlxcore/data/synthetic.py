@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -67,17 +68,77 @@ def draw_bench(suite: str, r: random.Random) -> bench_suites.Example:
             return ex
 
 
-def bench_answer(ex: bench_suites.Example) -> str:
-    """The training answer: the gold, but math_mcq shows its working first ("82, so B")."""
+def bench_answer(ex: bench_suites.Example, working: bool = False) -> str:
+    """The training answer: the gold; math_mcq shows its sum first ("82, so B"). With `working`
+    (`data.synthetic.working`), reading and logic answers show theirs in a `<think>` block:
+
+    qa       the passage's facts about the people asked, copied: "<think> Bob is 34 years old. </think> 34"
+    ordering each sentence as "taller > shorter": "<think> Emma > Carol. Carol > Alice. </think> Emma"
+    boolean  reduced a level at a time: "<think> (true or false) and not false = true and true </think> true"
+
+    Spaces around the tags keep the BPE from merging a tag into the name beside it. The bench's
+    scorer drops a closed `<think>` block, so the gold is what counts."""
     if ex.suite == "math_mcq":
         return f"{ex.options[bench_suites.LETTERS.index(ex.answer)]}, so {ex.answer}"
+    if working and ex.suite == "qa":
+        return f"<think> {_qa_working(ex)} </think> {ex.answer}"
+    if working and ex.suite == "logic":
+        steps = _ordering_working(ex) if ex.category == "ordering" else _boolean_working(ex)
+        return f"<think> {steps} </think> {ex.answer}" if steps else ex.answer
     return ex.answer
 
 
-def _bench_task(suite: str) -> Callable[[random.Random], tuple[str, str]]:
-    def draw(r: random.Random) -> tuple[str, str]:
+# How much of a person's sentence ("Bob is 34 years old, lives in Rome and works as a baker")
+# each qa question needs: through the age, through the city, or all of it.
+_QA_CUT = {"age": ",", "older": ",", "city": " and works", "same_city": " and works", "count": " and works", "job": None}
+
+
+def _qa_working(ex: bench_suites.Example) -> str:
+    passage, question = ex.prompt.split("\n")[:2]
+    facts = {s.split(" ", 1)[0]: s.rstrip(".") for s in re.split(r"(?<=\.) ", passage)}
+    if ex.category == "count":
+        names = list(facts)  # passage order
+    else:  # the people the question names, in its order
+        names = [w for w in re.findall(r"[A-Z][a-z]+", question) if w in facts]
+    cut = _QA_CUT[ex.category]
+    return " ".join((facts[n] if cut is None else facts[n].split(cut)[0]) + "." for n in names)
+
+
+_NOT = {"true": "false", "false": "true"}
+
+
+def _reduce_once(expr: str) -> str:
+    """One step: every `not <literal>` and every innermost `(a op b)` of literals becomes its value."""
+    before = None
+    while before != expr:  # "not not true" -> "true" within the step
+        before = expr
+        expr = re.sub(r"\bnot (true|false)\b", lambda m: _NOT[m.group(1)], expr)
+    return re.sub(r"\((true|false) (and|or) (true|false)\)",
+                  lambda m: str((m[1] == "true") & (m[3] == "true") if m[2] == "and"
+                                else (m[1] == "true") | (m[3] == "true")).lower(), expr)
+
+
+def _boolean_working(ex: bench_suites.Example) -> str:
+    """The expression reduced a level at a time, "(true or false) and not false = true and true";
+    empty when it is already flat ("true or false")."""
+    expr, steps = ex.prompt.split("\n")[0].split(": ", 1)[1], []
+    while "(" in expr or "not " in expr:
+        expr = _reduce_once(expr)
+        steps.append(expr)
+    return " = ".join(steps)
+
+
+def _ordering_working(ex: bench_suites.Example) -> str:
+    pairs = []
+    for taller, word, other in re.findall(r"(\w+) is (taller|shorter) than (\w+)\.", ex.prompt):
+        pairs.append((taller, other) if word == "taller" else (other, taller))
+    return " ".join(f"{a} > {b}." for a, b in pairs)
+
+
+def _bench_task(suite: str) -> Callable[..., tuple[str, str]]:
+    def draw(r: random.Random, working: bool = False) -> tuple[str, str]:
         ex = draw_bench(suite, r)
-        return ex.prompt, bench_answer(ex)
+        return ex.prompt, bench_answer(ex, working)
     return draw
 
 
@@ -122,11 +183,13 @@ def task_of(index: int, tasks: Sequence[str] | Mapping[str, float]) -> str:
     return names[dealt[index]]
 
 
-def example(seed: int, split: str, index: int, tasks: Sequence[str] | Mapping[str, float]) -> dict:
+def example(seed: int, split: str, index: int, tasks: Sequence[str] | Mapping[str, float],
+            working: bool = False) -> dict:
     """Example `index` of a split: its task is `task_of(index, tasks)`, its content a function of
     (seed, split, index); identical for identical arguments."""
     task = task_of(index, tasks)
-    prompt, answer = TASKS[task](random.Random(f"mlxflow/{seed}/{split}/{index}"))
+    r = random.Random(f"mlxflow/{seed}/{split}/{index}")
+    prompt, answer = TASKS[task](r, working) if task in BENCH_TASKS else TASKS[task](r)
     return {"task": task, "prompt": prompt, "answer": answer, "id": f"{split}-{index}"}
 
 
@@ -148,9 +211,10 @@ def _doc_slots(seed: int, split: str, index: int) -> range:
     return range(start, start + sizes[pos])
 
 
-def pretrain_doc(seed: int, split: str, index: int, tasks: Sequence[str] | Mapping[str, float]) -> str:
+def pretrain_doc(seed: int, split: str, index: int, tasks: Sequence[str] | Mapping[str, float],
+                 working: bool = False) -> str:
     """A document of 1-4 solved examples separated by blank lines."""
-    parts = [example(seed, f"doc-{split}", j, tasks) for j in _doc_slots(seed, split, index)]
+    parts = [example(seed, f"doc-{split}", j, tasks, working) for j in _doc_slots(seed, split, index)]
     return "\n\n".join(f"{p['prompt']}\n{p['answer']}" for p in parts)
 
 
@@ -177,6 +241,6 @@ def write_dataset(cfg: SyntheticConfig, out_dir: str | Path) -> dict:
     sizes = {"train": (cfg.pretrain_docs, cfg.sft_examples), "val": (cfg.val_examples, cfg.val_examples)}
     with atomic_dir(out_dir) as tmp:
         for split, (n_docs, n_conv) in sizes.items():
-            _write_jsonl(tmp / "pretrain" / f"{split}.jsonl", ({"text": pretrain_doc(s, split, i, tasks)} for i in range(n_docs)))
-            _write_jsonl(tmp / "sft" / f"{split}.jsonl", (conversation(example(s, f"sft-{split}", i, tasks)) for i in range(n_conv)))
+            _write_jsonl(tmp / "pretrain" / f"{split}.jsonl", ({"text": pretrain_doc(s, split, i, tasks, cfg.working)} for i in range(n_docs)))
+            _write_jsonl(tmp / "sft" / f"{split}.jsonl", (conversation(example(s, f"sft-{split}", i, tasks, cfg.working)) for i in range(n_conv)))
         return write_manifest(tmp, "raw-dataset", cfg.model_dump())

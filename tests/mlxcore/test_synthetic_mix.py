@@ -66,3 +66,38 @@ def test_tasks_take_a_list_or_weights():
     for bad in ("{qa: 0}", "{qa: -1, copy: 1}", "[]", "{nope: 1}"):
         with pytest.raises(ConfigError):
             load_config(None, [f"data.synthetic.tasks={bad}"])
+
+
+def _bool_value(expr: str) -> bool:
+    """Python's own reading of the bench's expressions (`not` binds tighter than `and` / `or`, as generated)."""
+    return eval(expr.replace("true", "True").replace("false", "False"))  # noqa: S307 (our own generated text)
+
+
+def test_the_working_before_an_answer_is_faithful_to_the_question(tmp_path):
+    """What the demo learns to write inside <think>: the facts it copies are the passage's, each boolean
+    reduction keeps the expression's value, an ordering's pairs single out the answer."""
+    for i in range(200):
+        qa = suites.sample("qa", random.Random(f"qa{i}"))
+        assert synthetic.bench_answer(qa) == qa.answer  # the working is opt-in (data.synthetic.working)
+        working = synthetic.bench_answer(qa, working=True).split("<think> ")[1].split(" </think>")[0]
+        for fact in working.split(". "):
+            assert fact.rstrip(".") in qa.prompt, (qa.prompt, working)
+        logic = suites.sample("logic", random.Random(f"logic{i}"))
+        answer = synthetic.bench_answer(logic, working=True)
+        if logic.category == "boolean" and "<think>" in answer:
+            expr = logic.prompt.split("\n")[0].split(": ", 1)[1]
+            steps = answer.split("<think> ")[1].split(" </think>")[0].split(" = ")
+            assert all(_bool_value(s) == _bool_value(expr) for s in steps) and "(" not in steps[-1]
+            assert answer.endswith(" " + logic.answer)
+        elif logic.category == "ordering":
+            pairs = answer.split("<think> ")[1].split(" </think>")[0].rstrip(".").split(". ")
+            taller = {a for a, _ in (p.split(" > ") for p in pairs)}
+            shorter = {b for _, b in (p.split(" > ") for p in pairs)}
+            assert logic.answer in (taller - shorter if "tallest" in logic.prompt else shorter - taller)
+    # data.synthetic.working reaches the written data (pretraining text and SFT answers), only there
+    cfg = SyntheticConfig(tasks={"qa": 1}, pretrain_docs=4, sft_examples=4, val_examples=4, working=True)
+    synthetic.write_dataset(cfg, tmp_path / "on")
+    synthetic.write_dataset(cfg.model_copy(update={"working": False}), tmp_path / "off")
+    for split in ("pretrain/train.jsonl", "sft/train.jsonl"):
+        assert "<think> " in (tmp_path / "on" / split).read_text()
+        assert "<think>" not in (tmp_path / "off" / split).read_text()
