@@ -22,6 +22,9 @@ give loss 0 and no gradient, on both paths. Numbers and design notes: README.md 
 
 from __future__ import annotations
 
+import os
+from functools import partial
+
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 
@@ -29,7 +32,7 @@ from mlxcore.kernels import _build
 
 __all__ = ["attention", "available", "categorical_sample", "cross_entropy", "log_softmax",
            "reference_attention", "reference_categorical_sample", "reference_cross_entropy",
-           "reference_log_softmax", "reference_swiglu", "segment_starts", "status", "swiglu"]
+           "lean_swiglu", "reference_log_softmax", "reference_swiglu", "segment_starts", "status", "swiglu"]
 
 
 def _ext():
@@ -146,13 +149,46 @@ def reference_swiglu(gate: mx.array, x: mx.array) -> mx.array:
     return mx.sigmoid(gate) * gate * x  # = nn.silu(gate) * x, without importing mlx.nn
 
 
+@mx.custom_function
+def lean_swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """silu(gate) * x whose backward keeps only `gate` and `x` alive (same shapes).
+
+    Autodiff of `silu(gate) * x` keeps sigmoid(gate) and silu(gate) from the forward until the
+    backward: two more [tokens, intermediate] arrays per layer, the largest activations of a
+    LLaMA layer. This vjp recomputes them from `gate` (elementwise, in float32), so a training
+    step holds 2 x intermediate fewer values per token and layer (bench/activation_memory.py)."""
+    return _silu_mul(gate, x)
+
+
+@partial(mx.compile, shapeless=True)  # one fused kernel when called outside a compiled step (decoding)
+def _silu_mul(gate: mx.array, x: mx.array) -> mx.array:
+    return gate * mx.sigmoid(gate) * x  # nn.silu(gate) * x, the forward mlx-lm computes
+
+
+@lean_swiglu.vjp
+def _lean_swiglu_vjp(primals, cotangent, output):
+    gate, x = primals
+    g = gate.astype(mx.float32)
+    # not mx.sigmoid(g): under mx.compile that would be merged with the forward's sigmoid(gate)
+    # (for float32 inputs), which would then be kept alive for the backward after all
+    s = mx.reciprocal(1.0 + mx.exp(-g))
+    c = cotangent.astype(mx.float32)
+    d_gate = c * x.astype(mx.float32) * (s * (1.0 + g * (1.0 - s)))  # d silu/dg = s + g s (1 - s)
+    return d_gate.astype(gate.dtype), (c * (g * s)).astype(x.dtype)
+
+
+def _lean_on() -> bool:
+    return os.environ.get("MLXFLOW_LEAN", "on").lower() not in ("0", "off", "false", "no")
+
+
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    """silu(gate) * x (the LLaMA MLP gate). Fast path: float32 arrays of one shape."""
+    """silu(gate) * x (the LLaMA MLP gate). Fast path: float32 arrays of one shape on the CPU;
+    elsewhere `lean_swiglu` (same shapes; `MLXFLOW_LEAN=off`: plain autodiff), else plain ops."""
+    same = tuple(gate.shape) == tuple(x.shape) and gate.dtype == x.dtype and gate.size > 0
     ext = _ext()
-    if (ext is None or gate.dtype != mx.float32 or x.dtype != mx.float32
-            or tuple(gate.shape) != tuple(x.shape) or gate.size == 0):
-        return reference_swiglu(gate, x)
-    return ext.swiglu(gate, x)
+    if ext is not None and same and gate.dtype == mx.float32:
+        return ext.swiglu(gate, x)
+    return lean_swiglu(gate, x) if same and _lean_on() else reference_swiglu(gate, x)
 
 
 # ----------------------------------------------------------------------------- sampling

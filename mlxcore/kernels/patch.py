@@ -5,7 +5,8 @@ mlx-lm's model files call two module-level functions per layer: `scaled_dot_prod
 module (`mlx_lm.models.llama`, `...qwen3`, ...). `use_fast_kernels(model)` rebinds those two
 names in the module that defines `model`'s class to wrappers that take the fast CPU kernel
 when it applies (CPU default device, no KV cache, causal or no mask, no attention sinks) and
-call mlx-lm's original otherwise, so generation with a cache, GPUs and Metal are unchanged.
+call mlx-lm's original otherwise, so generation with a cache, GPUs and Metal are unchanged;
+`swiglu` elsewhere is `kernels.lean_swiglu` (mlx-lm's forward, a backward that saves less).
 The arithmetic is the same function; tests hold the results to float32 rounding.
 Inside `mlxcore.models.segments.packed(...)` (packed SFT batches) the attention wrapper computes
 attention within each packed row instead, on every device; `use_segments(model)` sets that up.
@@ -61,7 +62,7 @@ def _wrap_attention(original):
 
 def _wrap_swiglu(original):
     def swiglu(gate, x):
-        return kernels.swiglu(gate, x) if kernels.available() else original(gate, x)
+        return kernels.swiglu(gate, x)  # the CPU kernel, else the lean-backward SwiGLU (same forward)
 
     return swiglu
 
