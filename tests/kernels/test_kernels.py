@@ -203,7 +203,7 @@ def test_swiglu_extremes_and_fallback_dtypes(fast):
     b = mx.ones_like(a)
     close(kernels.swiglu(a, b), nn.silu(a) * b, rtol=1e-6, atol=1e-6)
     ab = a.astype(mx.bfloat16)
-    assert kernels.swiglu(ab, ab).dtype == mx.bfloat16  # non-float32: plain MLX path
+    assert kernels.swiglu(ab, ab).dtype == mx.bfloat16  # non-float32: the lean-backward MLX path
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
