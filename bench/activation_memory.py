@@ -9,7 +9,8 @@ against the next): the step of bench/train_vs_torch.py (mlxcore's `make_step`, A
 median time. The knobs:
 
 - `plain`: MLX's autodiff everywhere (`MLXFLOW_LEAN=off`), what mlx-lm's trainer keeps;
-- `lean`: the default, `mlxcore.kernels.lean_swiglu`'s backward (keeps gate and up only);
+- `lean`: `mlxcore.kernels.lean_swiglu`'s backward (keeps gate and up only; `MLXFLOW_LEAN=on`,
+  the default on the CPU only);
 - `lean+ckpt1` / `lean+ckpt4`: also `train.grad_checkpoint` of every layer / every 4 layers.
 
 Each is also run with half the layers, so the table shows the activations one layer keeps per
@@ -30,7 +31,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-KNOBS = {"plain": ({"MLXFLOW_LEAN": "off"}, 0), "lean": ({}, 0), "lean+ckpt1": ({}, 1), "lean+ckpt4": ({}, 4)}
+KNOBS = {"plain": ({"MLXFLOW_LEAN": "off"}, 0), "lean": ({"MLXFLOW_LEAN": "on"}, 0),
+         "lean+ckpt1": ({"MLXFLOW_LEAN": "on"}, 1), "lean+ckpt4": ({"MLXFLOW_LEAN": "on"}, 4)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -292,6 +293,23 @@ def build_model(job: TrainJob, vocab_size: int, special_ids: dict) -> tuple[nn.M
     return model, config, adapter_config
 
 
+def _can_pack(model: nn.Module, data: dict) -> bool:
+    """`pack: auto`: whether this model and data can be packed (else one padded row per sequence);
+    says which on stderr, the job's log."""
+    from mlxcore.kernels.patch import use_segments
+
+    why = "a weighted mixture" if "mixture" in data else ""
+    if not why and data.get("task") != "sft":
+        why = f"{data.get('task')} data is already packed"
+    if not why:
+        try:
+            use_segments(model)
+        except ValueError as e:
+            why = str(e)
+    print(f"pack: auto -> {'rows (' + why + ')' if why else 'packs'}", file=sys.stderr, flush=True)
+    return not why
+
+
 def run(job: TrainJob, callback: TrainingCallback | None = None) -> dict:
     """Join the data-parallel group (if any), build the model and the batch streams, then `fit()`."""
     tok_dir, cfg = Path(job.tokenizer_dir), job.train
@@ -299,11 +317,13 @@ def run(job: TrainJob, callback: TrainingCallback | None = None) -> dict:
     data = read_manifest(job.data_dir, "tokens")
     if data["vocab_size"] != tok["vocab_size"]:
         raise ValueError(f"{job.data_dir} was tokenized with {data['vocab_size']} tokens, the tokenizer has {tok['vocab_size']}")
-    if cfg.pack and "mixture" in data:  # packing draws from one dataset: it would ignore the weights
+    if cfg.pack is True and "mixture" in data:  # packing draws from one dataset: it would ignore the weights
         raise ValueError(f"{job.data_dir} is a weighted mixture: pack is not available on a mixture yet; set pack: false")
     group = distributed.init(cfg.world_size)
     rank = group.rank() if group is not None else 0
     model, config, adapter_config = build_model(job, tok["vocab_size"], tok["special_ids"])
+    if cfg.pack == "auto":
+        cfg = cfg.model_copy(update={"pack": _can_pack(model, data)})
     pad = tok["special_ids"]["pad"] or 0
     buckets = dict(bucket=cfg.bucket, bucket_window=cfg.bucket_window, pad_multiple=cfg.pad_multiple)
     if cfg.pack:  # SFT rows packed into seq_len sequences (mlxcore.data.packing)

@@ -247,15 +247,25 @@ def test_lean_swiglu_has_autodiffs_value_and_gradients_and_keeps_less(dtype, mon
     assert saved >= 0.4 * 6 * 2 * 8 * 256 * 1024 * dt.size, saved
 
 
-def test_swiglu_off_the_fast_path_is_lean_unless_switched_off(monkeypatch):
+def test_swiglu_off_the_fast_path_is_lean_on_the_cpu_unless_switched(monkeypatch):
     ab = mx.ones((4, 8), dtype=mx.bfloat16)
     calls = []
     monkeypatch.setattr(kernels, "lean_swiglu", lambda g, x: calls.append(1) or kernels.reference_swiglu(g, x))
-    kernels.swiglu(ab, ab)
-    monkeypatch.setenv("MLXFLOW_LEAN", "off")
-    kernels.swiglu(ab, ab)
-    kernels.swiglu(ab, ab[:1])  # broadcasting: plain ops (the lean backward assumes one shape)
-    assert calls == [1]
+
+    def lean(setting, device=mx.Device(mx.cpu), b=ab):
+        calls.clear()
+        if setting is None:
+            monkeypatch.delenv("MLXFLOW_LEAN", raising=False)
+        else:
+            monkeypatch.setenv("MLXFLOW_LEAN", setting)
+        monkeypatch.setattr(kernels.mx, "default_device", lambda: device)
+        kernels.swiglu(ab, b)
+        return bool(calls)
+
+    assert lean(None) and lean("auto")  # the CPU: lean
+    assert not lean(None, mx.Device(mx.gpu))  # a GPU: autodiff (slower, no lower peak on an H100)
+    assert lean("on", mx.Device(mx.gpu)) and not lean("off") and not lean("off", mx.Device(mx.gpu))
+    assert not lean("on", b=ab[:1])     # broadcasting: plain ops (the lean backward assumes one shape)
 
 
 # ------------------------------------------------------- all three inside an mlx-lm LLaMA

@@ -256,3 +256,32 @@ def test_pack_is_off_by_default_and_refused_for_pretraining(small_data, tmp_path
                    model=micro_model(), train=quick_train(pack=True))
     with pytest.raises(ValueError, match="pack applies to SFT data"):
         train.run(job, None)
+
+
+def test_pack_auto_packs_what_it_can_and_falls_back_to_rows(small_data, tmp_path, capfd):
+    from mlxcore.config import ModelConfig
+    from mlxcore.io import read_manifest
+
+    sft = read_manifest(small_data["sft"], "tokens")
+    assert train._can_pack(_model("llama"), sft)
+    retention = from_config(hf_config(ModelConfig(preset="custom", arch="retention", hidden_size=64, num_layers=1, num_heads=2,
+                                                  num_kv_heads=2, intermediate_size=128, retention_chunk=32), VOCAB))
+    for model, data, why in [(retention, sft, "mlxcore.models.retention is not one of them"),
+                             (_model("llama"), {**sft, "mixture": {}}, "a weighted mixture"),
+                             (_model("llama"), read_manifest(small_data["pretrain"], "tokens"), "already packed")]:
+        assert not train._can_pack(model, data)
+        assert why in capfd.readouterr().err
+    # a run with auto: the packed run's batches and weights, and its state records what auto chose
+    runs = {}
+    for pack in ("auto", True):
+        job = TrainJob(data_dir=str(small_data["sft"]), tokenizer_dir=str(small_data["tok"]), out_dir=str(tmp_path / str(pack)),
+                       model=micro_model(), train=quick_train(steps=3, batch_size=4, pack=pack))
+        runs[pack] = train.run(job, None)
+    assert (tmp_path / "auto/model/model.safetensors").read_bytes() == (tmp_path / "True/model/model.safetensors").read_bytes()
+    assert "pack: auto -> packs" in capfd.readouterr().err
+    state = json.loads((tmp_path / "auto/model/trainer_state.json").read_text())
+    assert state["train_config"]["pack"] is True
+    # on the pretraining data auto trains rows where pack: true is refused
+    job = TrainJob(data_dir=str(small_data["pretrain"]), tokenizer_dir=str(small_data["tok"]), out_dir=str(tmp_path / "pre"),
+                   model=micro_model(), train=quick_train(steps=2, pack="auto"))
+    assert train.run(job, None)["step"] == 2
