@@ -45,12 +45,13 @@ def test_cross_entropy_log_softmax_and_swiglu_match_float64(dtype):
     a, b = (mx.array(RNG.standard_normal((4, 37))).astype(getattr(mx, dtype)) for _ in range(2))
     an, bn = _np(a), _np(b)
     np.testing.assert_allclose(_np(kernels.swiglu(a, b)), an / (1 + np.exp(-an)) * bn, rtol=tol, atol=tol)
-    # the gradients (on a GPU: lean_swiglu's own backward) against d/d(a,b) of silu(a) * b
+    # the gradients (the default path's and lean_swiglu's own backward) against d/d(a,b) of silu(a) * b
     c = RNG.standard_normal((4, 37))
-    ga, gb = mx.grad(lambda a, b: (kernels.swiglu(a, b) * mx.array(c).astype(a.dtype)).sum(), argnums=(0, 1))(a, b)
     sig = 1 / (1 + np.exp(-an))
-    np.testing.assert_allclose(_np(ga), c * bn * (sig + an * sig * (1 - sig)), rtol=tol, atol=tol * 4)
-    np.testing.assert_allclose(_np(gb), c * an * sig, rtol=tol, atol=tol * 4)
+    for swiglu in (kernels.swiglu, kernels.lean_swiglu):
+        ga, gb = mx.grad(lambda a, b: (swiglu(a, b) * mx.array(c).astype(a.dtype)).sum(), argnums=(0, 1))(a, b)
+        np.testing.assert_allclose(_np(ga), c * bn * (sig + an * sig * (1 - sig)), rtol=tol, atol=tol * 4)
+        np.testing.assert_allclose(_np(gb), c * an * sig, rtol=tol, atol=tol * 4)
 
 
 @pytest.mark.gpu
