@@ -272,11 +272,10 @@ def test_pack_auto_packs_what_it_can_and_falls_back_to_rows(small_data, tmp_path
         assert not train._can_pack(model, data)
         assert why in capfd.readouterr().err
     # a run with auto: the packed run's batches and weights, and its state records what auto chose
-    runs = {}
     for pack in ("auto", True):
         job = TrainJob(data_dir=str(small_data["sft"]), tokenizer_dir=str(small_data["tok"]), out_dir=str(tmp_path / str(pack)),
                        model=micro_model(), train=quick_train(steps=3, batch_size=4, pack=pack))
-        runs[pack] = train.run(job, None)
+        train.run(job, None)
     assert (tmp_path / "auto/model/model.safetensors").read_bytes() == (tmp_path / "True/model/model.safetensors").read_bytes()
     assert "pack: auto -> packs" in capfd.readouterr().err
     state = json.loads((tmp_path / "auto/model/trainer_state.json").read_text())
