@@ -171,7 +171,7 @@ def _lean_swiglu_vjp(primals, cotangent, output):
     return _lean_swiglu_grads(gate, x, cotangent)
 
 
-@partial(mx.compile, shapeless=True)  # one fused kernel: its float32 temporaries stay in registers
+@partial(mx.compile, shapeless=True)  # fusable: its float32 temporaries need not reach memory
 def _lean_swiglu_grads(gate: mx.array, x: mx.array, cotangent: mx.array) -> tuple[mx.array, mx.array]:
     g = gate.astype(mx.float32)
     # not mx.sigmoid(g): under mx.compile that would be merged with the forward's sigmoid(gate)
