@@ -195,12 +195,15 @@ def _lean_on() -> bool:
 
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     """silu(gate) * x (the LLaMA MLP gate). Fast path: float32 arrays of one shape on the CPU;
-    elsewhere `lean_swiglu` on the CPU (same shapes; `MLXFLOW_LEAN`: on, off, auto), else plain ops."""
+    elsewhere `lean_swiglu` on the CPU (same shapes; `MLXFLOW_LEAN`: on, off, auto), else mlx-lm's
+    own fused form (one kernel when decoding on a GPU), else plain ops (broadcasting shapes)."""
     same = tuple(gate.shape) == tuple(x.shape) and gate.dtype == x.dtype and gate.size > 0
     ext = _ext()
     if ext is not None and same and gate.dtype == mx.float32:
         return ext.swiglu(gate, x)
-    return lean_swiglu(gate, x) if same and _lean_on() else reference_swiglu(gate, x)
+    if not same:
+        return reference_swiglu(gate, x)
+    return lean_swiglu(gate, x) if _lean_on() else _silu_mul(gate, x)
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -6,7 +6,8 @@ module (`mlx_lm.models.llama`, `...qwen3`, ...). `use_fast_kernels(model)` rebin
 names in the module that defines `model`'s class to wrappers that take the fast CPU kernel
 when it applies (CPU default device, no KV cache, causal or no mask, no attention sinks) and
 call mlx-lm's original otherwise, so generation with a cache, GPUs and Metal are unchanged;
-`swiglu` elsewhere is `kernels.lean_swiglu` (mlx-lm's forward, a backward that saves less).
+`swiglu` elsewhere is mlx-lm's fused forward, with `kernels.lean_swiglu`'s backward (saves less)
+where `MLXFLOW_LEAN` says so (the CPU by default).
 The arithmetic is the same function; tests hold the results to float32 rounding.
 Inside `mlxcore.models.segments.packed(...)` (packed SFT batches) the attention wrapper computes
 attention within each packed row instead, on every device; `use_segments(model)` sets that up.
@@ -62,7 +63,7 @@ def _wrap_attention(original):
 
 def _wrap_swiglu(original):
     def swiglu(gate, x):
-        return kernels.swiglu(gate, x)  # the CPU kernel, else the lean-backward SwiGLU (same forward)
+        return kernels.swiglu(gate, x)  # the CPU kernel, else mlx-lm's forward (lean backward on the CPU)
 
     return swiglu
 

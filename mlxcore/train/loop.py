@@ -37,6 +37,7 @@ from mlxcore.train.callbacks import TrainingCallback
 from mlxcore.config import ModelConfig, TrainConfig
 from mlxcore.data.loader import open_batches
 from mlxcore.data.packing import open_packed
+from mlxcore.kernels.patch import use_segments
 from mlxcore.train.losses import Loss
 from mlxcore.io import clean_stale_tmp, dir_digest, is_complete, read_manifest, sha256_file
 from mlxcore.models.model import from_config, hf_config, num_params
@@ -296,8 +297,6 @@ def build_model(job: TrainJob, vocab_size: int, special_ids: dict) -> tuple[nn.M
 def _can_pack(model: nn.Module, data: dict) -> bool:
     """`pack: auto`: whether this model and data can be packed (else one padded row per sequence);
     says which on stderr, the job's log."""
-    from mlxcore.kernels.patch import use_segments
-
     why = "a weighted mixture" if "mixture" in data else ""
     if not why and data.get("task") != "sft":
         why = f"{data.get('task')} data is already packed"
