@@ -13,6 +13,12 @@ median time. The knobs:
   the default on the CPU only);
 - `lean+ckpt1` / `lean+ckpt4`: also `train.grad_checkpoint` of every layer / every 4 layers.
 
+Any knob takes suffixes that change what MLX's CUDA backend keeps in flight (each a `+`):
+`mb<N>` sets `MLX_MAX_MB_PER_BUFFER=N` (how many MB of inputs one CUDA graph gathers before it is
+launched; 1000 on an H100 by default), `ops<N>` sets `MLX_MAX_OPS_PER_BUFFER=N` (100 on an H100),
+and `lim<G>` calls `mx.set_memory_limit(G GiB)` (an evaluation over the limit waits for launched
+graphs to finish, which frees what they held). E.g. `plain+mb100`, `lean+lim16`.
+
 Each is also run with half the layers, so the table shows the activations one layer keeps per
 token (the difference, less the layer's weights, gradients and AdamW moments). PyTorch's row
 (`bench/torch_llama.py`, `torch.compile`) comes from `torch.cuda.max_memory_allocated`: on the
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -46,11 +53,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", type=Path)
     p.add_argument("--one", help=argparse.SUPPRESS)  # a child: "mlx:<knob>:<layers>" or "torch:<layers>"
+    p.add_argument("--no-half", action="store_true", help="skip the half-depth runs (no per-layer figure)")
     args = p.parse_args(argv)
-    bad = [k for k in args.knobs.split(",") if k not in KNOBS]
+    bad = [k for k in args.knobs.split(",") if knob(k) is None]
     if bad:
-        p.error(f"unknown knob(s) {bad}; choose from {list(KNOBS)}")
+        p.error(f"unknown knob(s) {bad}; choose from {list(KNOBS)}, each with optional +mb<N>, +ops<N>, +lim<GiB>")
     return args
+
+
+def knob(name: str) -> tuple[dict, int, float] | None:
+    """(environment, checkpoint interval, memory limit in GiB or 0) for a knob name, None if unknown."""
+    parts = name.split("+")
+    for cut in range(len(parts), 0, -1):  # the longest base name first: "lean+ckpt1+mb100"
+        base = "+".join(parts[:cut])
+        if base in KNOBS:
+            break
+    else:
+        return None
+    env, ckpt = dict(KNOBS[base][0]), KNOBS[base][1]
+    limit = 0.0
+    for suffix in parts[cut:]:
+        m = re.fullmatch(r"(mb|ops|lim)(\d+(?:\.\d+)?)", suffix)
+        if not m:
+            return None
+        if m[1] == "lim":
+            limit = float(m[2])
+        else:
+            env["MLX_MAX_MB_PER_BUFFER" if m[1] == "mb" else "MLX_MAX_OPS_PER_BUFFER"] = str(int(float(m[2])))
+    return env, ckpt, limit
 
 
 def _config(args, layers: int | None) -> dict:
@@ -78,7 +108,7 @@ def _time(once, steps: int) -> list[float]:
     return times
 
 
-def child_mlx(args, knob: str, layers: int) -> dict:
+def child_mlx(args, name: str, layers: int) -> dict:
     import mlxcore  # noqa: F401  (MKL before mlx.core)
     import mlx.core as mx
     import mlx.optimizers as optim
@@ -88,9 +118,12 @@ def child_mlx(args, knob: str, layers: int) -> dict:
     from mlxcore.models.model import from_config
     from mlxcore.train.step import make_step
 
+    _, ckpt, limit = knob(name)
+    if limit:
+        mx.set_memory_limit(int(limit * 2**30))
     model = from_config(_config(args, layers), seed=0)
-    if KNOBS[knob][1]:
-        remat.checkpoint_layers(model, KNOBS[knob][1])
+    if ckpt:
+        remat.checkpoint_layers(model, ckpt)
     step, state = make_step(model, optim.AdamW(1e-3, betas=[0.9, 0.95], weight_decay=0.01), grad_clip=1.0)
     batch = _batch(args)
 
@@ -155,11 +188,14 @@ def main(argv=None) -> dict:
     rows = []
     for name in (["pytorch compiled"] if use_torch else []) + args.knobs.split(","):
         one = (lambda n: f"torch:{n}") if name.startswith("pytorch") else (lambda n, k=name: f"mlx:{k}:{n}")
-        env = {} if name.startswith("pytorch") else KNOBS[name][0]
-        full, part = run_child(argv, one(layers), env), run_child(argv, one(half), env)
-        per_layer_params = (full["params"] - part["params"]) / (layers - half) if layers > half else 0
-        state_bytes = per_layer_params * 4 * (2 if args.dtype == "bfloat16" else 4)  # weight, grad, AdamW's 2 moments
-        per_token = ((full["peak"] - part["peak"]) / (layers - half) - state_bytes) / (args.batch * args.seq) if layers > half else float("nan")
+        env = {} if name.startswith("pytorch") else knob(name)[0]
+        full = run_child(argv, one(layers), env)
+        per_token = float("nan")
+        if layers > half and not args.no_half:
+            part = run_child(argv, one(half), env)
+            per_layer_params = (full["params"] - part["params"]) / (layers - half)
+            state_bytes = per_layer_params * 4 * (2 if args.dtype == "bfloat16" else 4)  # weight, grad, AdamW's 2 moments
+            per_token = ((full["peak"] - part["peak"]) / (layers - half) - state_bytes) / (args.batch * args.seq)
         rows.append({"knob": name, "peak_bytes": full["peak"], "step_ms": full["step_ms"], "device": full["device"],
                      "activation_bytes_per_token_layer": per_token})
         print(f"{name:<18} peak {full['peak'] / 2**20:>9.0f} MiB  step {full['step_ms']:>8.1f} ms  "

@@ -20,6 +20,8 @@ that is already quantized (an mlx-community 4-bit dir) is used as it is.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
@@ -116,6 +118,80 @@ def use_cpu_quantized_matmuls(model: nn.Module) -> None:
             m.__class__ = swaps[type(m)]
 
 
+# ------------------------------------------- quantized kernels checked on an accelerator
+# On an H100 with MLX-CUDA 0.32.4 the 8-bit (group 64) QuantizedEmbedding(96, 64) used as the
+# output head gave values unrelated to its own dequantized weights, with NaNs
+# (tests/mlxcore/test_gpu_subset.py), and QLoRA-8 on that model did not learn; 4 bits / group 32
+# were right. So before training on a GPU every distinct quantized layer shape is checked once:
+# the device's product and its transposed product (the backward's) against the CPU's product
+# with the CPU-dequantized weight. A shape whose kernel is wrong here keeps its base weight
+# dense (dequantized on the CPU, frozen, in the quantized layer's dtype), and the log says which
+# layers and by how much. `MLXFLOW_QUANT_CHECK=off` skips the check (it costs one kernel compile
+# per shape and direction on a cold MLX-CUDA cache). The CPU path above needs no check.
+
+log = logging.getLogger(__name__)
+CHECK_ROWS = (8, 512)  # a short batch and a training-sized one: they can take different kernels
+CHECK_RTOL = 2e-2
+
+
+def _quantized_error(module, dense_cpu: mx.array) -> float:
+    """The device's quantized products' largest error relative to the CPU's (inf where NaN)."""
+    rng = mx.random.key(0)
+    dtype = module.scales.dtype
+    worst = 0.0
+    for rows in CHECK_ROWS:
+        k1, k2, rng = mx.random.split(rng, 3)
+        x = mx.random.normal((rows, dense_cpu.shape[1]), key=k1).astype(dtype)
+        c = mx.random.normal((rows, dense_cpu.shape[0]), key=k2).astype(dtype)
+        kw = dict(group_size=module.group_size, bits=module.bits, mode=module.mode)
+        got = [mx.quantized_matmul(x, module.weight, module.scales, module.biases, transpose=True, **kw),
+               mx.quantized_matmul(c, module.weight, module.scales, module.biases, transpose=False, **kw)]
+        want = [mx.matmul(x.astype(mx.float32), dense_cpu.T, stream=mx.cpu),
+                mx.matmul(c.astype(mx.float32), dense_cpu, stream=mx.cpu)]
+        for g, w in zip(got, want):
+            g = g.astype(mx.float32)
+            err = (mx.abs(g - w).max() / mx.maximum(mx.abs(w).max(), 1e-30)).item()
+            worst = max(worst, err if err == err else float("inf"))  # NaN -> inf
+    return worst
+
+
+def check_quantized_kernels(model: nn.Module, on_cpu: bool = False) -> dict[str, float]:
+    """On a non-CPU device (or anywhere with `on_cpu`), replace quantized layers whose kernels are
+    wrong (see above) by dense frozen ones; returns {layer path: relative error} of those replaced."""
+    if (mx.default_device() == mx.cpu and not on_cpu) or os.environ.get("MLXFLOW_QUANT_CHECK", "on") == "off":
+        return {}
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and getattr(m, "mode", "affine") == "affine"]
+    verdict: dict[tuple, float] = {}
+    bad: dict[str, float] = {}
+    replace = []
+    for name, m in layers:
+        dense = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits, m.mode, stream=mx.cpu).astype(mx.float32)
+        key = (type(m).__name__, tuple(dense.shape), m.bits, m.group_size, str(m.scales.dtype))
+        if key not in verdict:
+            verdict[key] = _quantized_error(m, dense)
+        if verdict[key] <= CHECK_RTOL:
+            continue
+        bad[name] = verdict[key]
+        dtype = m.scales.dtype
+        if isinstance(m, nn.QuantizedEmbedding):
+            new = nn.Embedding(*dense.shape)
+        else:
+            new = nn.Linear(dense.shape[1], dense.shape[0], bias="bias" in m)
+            if "bias" in m:
+                new.bias = m.bias
+        new.weight = dense.astype(dtype)
+        new.freeze()
+        replace.append((name, new))
+    if replace:
+        model.update_modules(tree_unflatten(replace))
+        shapes = sorted({f"{k[0]} {k[1][0]}x{k[1][1]} {k[2]}-bit group {k[3]} ({v:.2g})"
+                         for k, v in verdict.items() if v > CHECK_RTOL})
+        log.warning("this device's quantized kernels are wrong for %s: %d layer(s) keep a dense frozen base weight "
+                    "instead (%s)", "; ".join(shapes), len(replace), ", ".join(sorted(n for n, _ in replace)))
+    return bad
+
+
 class _AutocastLoRALinear(LoRALinear):
     """mlx-lm's LoRALinear computing its low-rank branch in the input's dtype.
 
@@ -158,6 +234,7 @@ def prepare(model: nn.Module, cfg: TrainConfig) -> dict | None:
     if cfg.quantize is not None:
         quantize_base(model, cfg.quantize)
     use_cpu_quantized_matmuls(model)
+    check_quantized_kernels(model)
     params = lora_parameters(cfg.lora, model)
     _check_dora(model, params["keys"], cfg.fine_tune_type)
     linear_to_lora_layers(model, cfg.lora.num_layers, params, use_dora=cfg.fine_tune_type == "dora")
@@ -196,6 +273,7 @@ def apply(model: nn.Module, adapter_config: dict) -> nn.Module:
     if adapter_config.get("quantize"):
         quantize_base(model, QuantizeConfig(**adapter_config["quantize"]))
     use_cpu_quantized_matmuls(model)
+    check_quantized_kernels(model)
     linear_to_lora_layers(model, adapter_config["num_layers"], adapter_config["lora_parameters"],
                           use_dora=adapter_config["fine_tune_type"] == "dora")
     _autocast_adapters(model)

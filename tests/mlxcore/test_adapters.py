@@ -202,3 +202,41 @@ def test_adapter_branch_runs_in_the_input_dtype_and_float32_is_unchanged():
     auto.linear.update({"weight": lin.weight.astype(mx.bfloat16), "bias": lin.bias.astype(mx.bfloat16)})
     assert auto(xb).dtype == mx.bfloat16
     assert auto.lora_a.dtype == mx.float32  # the trained weights stay float32
+
+
+def test_a_quantized_kernel_that_is_wrong_on_the_device_leaves_that_layer_dense(monkeypatch, caplog):
+    """adapters.check_quantized_kernels: on the CPU (forced here) every kernel is right, so nothing
+    changes; with a kernel made wrong for the tied output head's shape (what MLX-CUDA 0.32.4 did
+    for 8 bits / group 64 on an H100), that layer alone becomes a dense frozen copy of its
+    CPU-dequantized weight, the log names it, and the model computes the dequantized product."""
+    from mlx.utils import tree_flatten
+    from mlxcore.models.model import hf_config
+
+    model = from_config(hf_config(micro_model(), 96), seed=0)
+    model.freeze()
+    adapters.quantize_base(model, QuantizeConfig(bits=8, group_size=64))
+    emb = model.model.embed_tokens
+    dense = mx.dequantize(emb.weight, emb.scales, emb.biases, 64, 8, stream=mx.cpu)
+    assert adapters.check_quantized_kernels(model, on_cpu=True) == {}
+    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+
+    real = mx.quantized_matmul
+
+    def wrong_for_the_head(x, w, *args, transpose=True, **kw):
+        y = real(x, w, *args, transpose=transpose, **kw)
+        return y + 1.0 if w.shape[0] == 96 else y  # the [96, 64] head only
+
+    monkeypatch.setattr(mx, "quantized_matmul", wrong_for_the_head)
+    with caplog.at_level("WARNING", logger="mlxcore.models.adapters"):
+        bad = adapters.check_quantized_kernels(model, on_cpu=True)
+    monkeypatch.undo()
+    assert list(bad) == ["model.embed_tokens"] and bad["model.embed_tokens"] > adapters.CHECK_RTOL
+    head = model.model.embed_tokens
+    assert type(head) is nn.Embedding and np.array_equal(np.array(head.weight), np.array(dense))
+    assert "model.embed_tokens" in caplog.text and "8-bit group 64" in caplog.text
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)  # its kernel was right
+    assert not dict(tree_flatten(model.trainable_parameters()))  # still frozen
+    h = mx.random.normal((3, 64))
+    np.testing.assert_allclose(np.array(head.as_linear(h)), np.array(h @ dense.T), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("MLXFLOW_QUANT_CHECK", "off")
+    assert adapters.check_quantized_kernels(model, on_cpu=True) == {}

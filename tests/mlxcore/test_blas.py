@@ -62,3 +62,19 @@ def test_doctor_reports_device_backend_blas_and_rate():
     assert fields["backend"] in {"cpu", "metal", "cuda"}
     assert fields["blas"] == mlxcore.BLAS.name
     assert float(fields["cpu_sgemm_gflops"]) > 0
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="Metal keeps its own default")
+def test_mlxcore_bounds_what_cuda_graphs_hold_in_flight_unless_the_user_chose():
+    """MLX_MAX_MB_PER_BUFFER is read when MLX makes its first CUDA stream: importing mlxcore sets
+    mlxcore's default before mlx.core loads (the CPU ignores it; bench/activation_memory.py
+    measures it on a GPU), and never overrides a value in the environment."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MLX_MAX_MB_PER_BUFFER"}
+    code = "import os, mlxcore, mlx.core; print(os.environ.get('MLX_MAX_MB_PER_BUFFER'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [mlxcore.CUDA_GRAPH_MB]
+    out = _python(code, MLX_MAX_MB_PER_BUFFER="25")
+    assert out.stdout.split() == ["25"], out.stderr

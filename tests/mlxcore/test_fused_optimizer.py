@@ -69,8 +69,33 @@ OPTIMIZERS = {
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_fused_update_rule_equals_the_per_tensor_rule_given_the_same_gradients(dtype, name):
+    """The update rule alone, on every device: the same parameters and the same gradients (three
+    steps of fixed random ones) through `fused.apply` and `optimizer.apply_gradients`. Bit for bit
+    on the CPU; within a rounding of the parameter dtype on a GPU (its elementwise kernels may
+    contract multiply-adds differently for a flat buffer than for each tensor)."""
+    rng = np.random.default_rng(2)
+    params = dict(tree_flatten(_model(dtype).parameters()))
+    opt_f, opt_p = OPTIMIZERS[name](), OPTIMIZERS[name]()
+    p_f, p_p = dict(params), dict(params)
+    for _ in range(3):
+        grads = tree_unflatten([(k, mx.array(rng.standard_normal(v.shape).astype(np.float32)).astype(v.dtype))
+                                for k, v in params.items()])
+        p_f = dict(tree_flatten(fused.apply(opt_f, fused.Packed.pack(grads, p_f), p_f, grads)))
+        p_p = dict(tree_flatten(opt_p.apply_gradients(grads, tree_unflatten(list(p_p.items())))))
+        mx.eval(p_f, p_p, opt_f.state, opt_p.state)
+    tol = 0.0 if ON_CPU else (1e-6 if dtype == "float32" else 2.0**-7)
+    _assert_same(p_f, p_p, exact=ON_CPU, rtol=tol)
+    _assert_same(dict(tree_flatten(opt_f.state)), dict(tree_flatten(opt_p.state)), exact=ON_CPU, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param("float32", marks=pytest.mark.gpu), "bfloat16"])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_fused_update_equals_the_per_tensor_update(dtype, name):
-    """Clipping off (its scale is exactly 1): parameters, moments and the step are the same bits."""
+    """Four trained steps, clipping off (its scale is exactly 1): parameters, moments and the step
+    are the same bits. Not in the GPU subset for bfloat16: MLX's CUDA forward and backward are not
+    bitwise reproducible run to run, and four Adam steps at lr 3e-2 turn a gradient that is ~0 in
+    one run and -0 in the other into a whole learning-rate step (seen on an H100: 1 of 2,048)."""
     s_fused, p_fused, st_fused, n_fused = _train("on", dtype, OPTIMIZERS[name], grad_clip=0.0)
     s_plain, p_plain, st_plain, n_plain = _train("off", dtype, OPTIMIZERS[name], grad_clip=0.0)
     assert s_fused.fused and not s_plain.fused

@@ -97,13 +97,28 @@ QSHAPES = [(64, 32), (64, 128), (128, 64)]
 @pytest.mark.parametrize("bits, group_size", [pytest.param(4, 32, marks=pytest.mark.gpu), (4, 64), (8, 32),
                                               pytest.param(8, 64, marks=pytest.mark.gpu)])
 def test_quantized_layers_match_their_dequantized_weights_in_value_and_input_gradient(bits, group_size):
-    """QLoRA's frozen base on this device: forward and d/dx of QuantizedLinear and of a
-    QuantizedEmbedding used as the output head, against float64 products with the same weights."""
+    """QLoRA's frozen base on this device, as mlxcore runs it (after `check_quantized_kernels`,
+    which keeps a layer dense where the device's kernel is wrong): forward and d/dx of the linear
+    layers and the embedding used as the output head, against float64 products with the weights
+    dequantized on the CPU. On an H100 (MLX-CUDA 0.32.4) the raw 8-bit / group-64 head of 96 rows
+    was wrong, NaNs included."""
+    from mlxcore.models.adapters import check_quantized_kernels
+
+    class Base(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lins = [nn.QuantizedLinear.from_linear(nn.Linear(fin, fout, bias=False), group_size, bits)
+                         for fin, fout in QSHAPES]
+            self.emb = nn.QuantizedEmbedding.from_embedding(nn.Embedding(96, 64), group_size, bits)
+
+    base = Base()
+    dense = [_np(mx.dequantize(q.weight, q.scales, q.biases, group_size, bits, stream=mx.cpu))
+             for q in (*base.lins, base.emb)]
+    replaced = check_quantized_kernels(base)
     failures = []
     for rows in (3, 40):  # one short and one longer batch of tokens
-        for fin, fout in QSHAPES:
-            lin = nn.QuantizedLinear.from_linear(nn.Linear(fin, fout, bias=False), group_size, bits)
-            w = _np(mx.dequantize(lin.weight, lin.scales, lin.biases, group_size, bits))
+        for lin, w in zip(base.lins, dense):
+            fin, fout = w.shape[1], w.shape[0]
             x = mx.array(RNG.standard_normal((rows, fin))).astype(mx.float32)
             cot = RNG.standard_normal((rows, fout))
             y = _np(lin(x))
@@ -113,10 +128,10 @@ def test_quantized_layers_match_their_dequantized_weights_in_value_and_input_gra
                 err = np.abs(got - want).max() / max(scale, np.abs(want).max())
                 if not err < 1e-3:
                     failures.append(f"{what} {rows}x{fin}->{fout}: rel err {err:.2e}")
-    emb = nn.QuantizedEmbedding.from_embedding(nn.Embedding(96, 64), group_size, bits)
-    w = _np(mx.dequantize(emb.weight, emb.scales, emb.biases, group_size, bits))
+    w = dense[-1]
     x = mx.array(RNG.standard_normal((5, 64))).astype(mx.float32)
-    np.testing.assert_allclose(_np(emb.as_linear(x)), _np(x) @ w.T, rtol=1e-3, atol=1e-3 * np.abs(_np(x) @ w.T).max())
+    np.testing.assert_allclose(_np(base.emb.as_linear(x)), _np(x) @ w.T, rtol=1e-3,
+                               atol=1e-3 * np.abs(_np(x) @ w.T).max(), err_msg=f"replaced: {replaced}")
     ids = mx.array([[0, 5, 95]])
-    np.testing.assert_allclose(_np(emb(ids)), w[[0, 5, 95]][None], rtol=1e-5, atol=1e-6)
-    assert not failures, failures
+    np.testing.assert_allclose(_np(base.emb(ids)), w[[0, 5, 95]][None], rtol=1e-5, atol=1e-6)
+    assert not failures, (failures, replaced)
