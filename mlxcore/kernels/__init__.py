@@ -206,6 +206,29 @@ def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     return lean_swiglu(gate, x) if _lean_on() else _silu_mul(gate, x)
 
 
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """`mx.fast.rms_norm(x, weight, eps)`. Fast path: float32 `x [..., D]` and `weight [D]` on the
+    CPU (one pass each way; MLX has no CPU kernel for it and composes five ops); elsewhere MLX's."""
+    ext = _ext()
+    if (ext is not None and x.dtype == mx.float32 and weight is not None and weight.dtype == mx.float32
+            and weight.ndim == 1 and x.ndim >= 1 and x.shape[-1] == weight.shape[0] and x.size > 0):
+        return ext.rms_norm(x, weight, float(eps))
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+def rope(x: mx.array, dims: int, *, traditional: bool, base: float | None, scale: float,
+         offset=0, freqs=None) -> mx.array:
+    """`mx.fast.rope(x, dims, ...)`. Fast path: mlx-lm's default RoPE on the CPU (float32 x [B, H,
+    T, D], all D dims, not traditional, a base, an int offset): one pass each way, the transposed
+    input read in place; elsewhere (per-sequence offsets of a packed batch too) MLX's."""
+    ext = _ext()
+    if (ext is not None and x.dtype == mx.float32 and x.ndim == 4 and dims == x.shape[-1] and dims % 2 == 0
+            and not traditional and freqs is None and base is not None and isinstance(offset, int)
+            and x.size > 0):
+        return ext.rope(x, float(base), float(scale), int(offset))
+    return mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs)
+
+
 # ----------------------------------------------------------------------------- sampling
 def _top_p_keep(logp: mx.array, top_p: float) -> mx.array:
     """mlx_lm.sample_utils.apply_top_p's kept set as a mask: sorted descending, a token is kept

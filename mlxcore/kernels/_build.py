@@ -41,7 +41,7 @@ from pathlib import Path
 
 MODULE_NAME = "_mlxflow_kernels"  # must match NB_MODULE(...) in csrc/bindings.cpp
 SRC_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ["cross_entropy.cpp", "attention.cpp", "swiglu.cpp", "sampling.cpp", "bindings.cpp"]
+SOURCES = ["cross_entropy.cpp", "attention.cpp", "swiglu.cpp", "rms_norm.cpp", "rope.cpp", "sampling.cpp", "bindings.cpp"]
 KERNEL_FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno"]  # no -ffast-math: see simd.h
 # nanobind internals versions of releases checked by hand (for the error message only)
 KNOWN_NANOBIND = {22: "3.1.0", 19: "2.12.0", 17: "2.10.2", 16: "2.9.2"}

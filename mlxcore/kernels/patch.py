@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
+import weakref
 
 import mlx.nn as nn
 
@@ -121,7 +122,34 @@ def use_fast_kernels(model: nn.Module) -> bool:
     patched = _patch_module(name)
     for companion in COMPANIONS.get(name, ()):
         _patch_module(companion)
+    for _, m in model.named_modules():  # any architecture's RMSNorm / default RoPE layers (mlx.nn's)
+        fast = _FAST_LAYERS.get(type(m))
+        if fast is not None:
+            m.__class__ = fast
+            _SWAPPED.append(weakref.ref(m))
     return patched
+
+
+_SWAPPED: list = []  # weak references to the layers given a Fast* class (restore_all undoes it)
+
+
+class FastRMSNorm(nn.RMSNorm):
+    """mlx.nn.RMSNorm through `kernels.rms_norm`: the CPU kernel for float32, MLX's op elsewhere."""
+
+    def __call__(self, x):
+        return kernels.rms_norm(x, self["weight"], self.eps)
+
+
+class FastRoPE(nn.RoPE):
+    """mlx.nn.RoPE through `kernels.rope`: the CPU kernel for float32 and an int offset, MLX's op
+    elsewhere (a packed batch's per-token positions included)."""
+
+    def __call__(self, x, offset=0):
+        return kernels.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale,
+                            offset=offset)
+
+
+_FAST_LAYERS = {nn.RMSNorm: FastRMSNorm, nn.RoPE: FastRoPE}
 
 
 def _patch_module(name: str) -> bool:
@@ -159,3 +187,8 @@ def restore_all() -> None:
         if swiglu is not None:
             setattr(module, SWIGLU, swiglu)
     _PATCHED.clear()
+    originals = {fast: base for base, fast in _FAST_LAYERS.items()}
+    for ref in _SWAPPED:
+        if (m := ref()) is not None and type(m) in originals:
+            m.__class__ = originals[type(m)]
+    _SWAPPED.clear()

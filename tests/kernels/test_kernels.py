@@ -206,6 +206,84 @@ def test_swiglu_extremes_and_fallback_dtypes(fast):
     assert kernels.swiglu(ab, ab).dtype == mx.bfloat16  # non-float32: the lean-backward MLX path
 
 
+# ----------------------------------------------------------------------------- rms_norm
+@pytest.mark.parametrize("shape", [(1, 8), (3, 37), (8, 33, 256), (2, 3, 5, 64)])
+def test_rms_norm_matches_mlx_in_value_and_both_gradients(fast, shape):
+    """The kernel is mx.fast.rms_norm's function: values, d/dx and d/dweight (rows of any width,
+    a tail past the 8 lanes included; any leading dims), also compiled."""
+    x = mx.random.normal(shape, key=mx.random.key(1)) * 3
+    w = mx.random.normal(shape[-1:], key=mx.random.key(2))
+    c = mx.random.normal(shape, key=mx.random.key(3))
+    close(kernels.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+    ours = mx.compile(mx.grad(lambda x, w: (kernels.rms_norm(x, w, 1e-5) * c).sum(), argnums=(0, 1)))(x, w)
+    ref = mx.grad(lambda x, w: (mx.fast.rms_norm(x, w, 1e-5) * c).sum(), argnums=(0, 1))(x, w)
+    scale = float(mx.abs(ref[1]).max())
+    close(ours[0], ref[0], rtol=1e-4, atol=1e-5)
+    close(ours[1], ref[1], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_rms_norm_takes_strided_input_and_falls_back_off_float32(fast):
+    x = mx.random.normal((4, 64, 6), key=mx.random.key(4)).transpose(0, 2, 1)  # rows not contiguous
+    w = mx.random.normal((64,), key=mx.random.key(5))
+    close(kernels.rms_norm(x, w, 1e-6), mx.fast.rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-6)
+    xb, wb = x.astype(mx.bfloat16), w.astype(mx.bfloat16)
+    assert kernels.rms_norm(xb, wb, 1e-6).dtype == mx.bfloat16  # MLX's op
+    close(kernels.rms_norm(xb, wb, 1e-6).astype(mx.float32), mx.fast.rms_norm(xb, wb, 1e-6).astype(mx.float32))
+
+
+# -------------------------------------------------------------------------------- rope
+def _rope_pair(x, **kw):
+    return kernels.rope(x, x.shape[-1], traditional=False, **kw), mx.fast.rope(x, x.shape[-1], traditional=False, **kw)
+
+
+@pytest.mark.parametrize("shape, offset", [((1, 1, 1, 2), 0), ((2, 3, 17, 12), 5), ((8, 4, 256, 64), 0)])
+def test_rope_matches_mx_fast_rope_in_value_and_gradient(fast, shape, offset):
+    """mlx-lm's default RoPE: the kernel equals mx.fast.rope on contiguous input and on the
+    [B, T, H, D] -> [B, H, T, D] transpose mlx-lm passes, for a position offset and a scale; its
+    gradient (the inverse rotation) equals MLX's. Angles agree to float32 cos/sin precision."""
+    B, H, T, D = shape
+    x = mx.random.normal(shape, key=mx.random.key(1))
+    xt = mx.random.normal((B, T, H, D), key=mx.random.key(2)).transpose(0, 2, 1, 3)
+    c = mx.random.normal(shape, key=mx.random.key(3))
+    for inp, kw in ((x, dict(base=1e6, scale=1.0, offset=offset)), (xt, dict(base=1e4, scale=0.5, offset=offset))):
+        ours, ref = _rope_pair(inp, **kw)
+        assert ours.shape == ref.shape and ours.dtype == mx.float32
+        close(ours, ref, rtol=1e-4, atol=1e-4)
+        g = mx.compile(mx.grad(lambda a: (kernels.rope(a, D, traditional=False, **kw) * c).sum()))(inp)
+        g_ref = mx.grad(lambda a: (mx.fast.rope(a, D, traditional=False, **kw) * c).sum())(inp)
+        close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_rope_off_its_fast_path_is_mlxs():
+    """bfloat16, traditional, partial dims, 3-D input and per-sequence offsets (a packed batch)
+    go to mx.fast.rope itself: the results are MLX's bit for bit."""
+    x = mx.random.normal((2, 3, 9, 16), key=mx.random.key(4))
+    cases = [(x.astype(mx.bfloat16), 16, False, 0), (x, 16, True, 0), (x, 8, False, 0), (x[:, 0], 16, False, 2),
+             (x, 16, False, mx.array([0, 4]))]
+    for inp, dims, trad, off in cases:
+        ours = kernels.rope(inp, dims, traditional=trad, base=1e4, scale=1.0, offset=off)
+        ref = mx.fast.rope(inp, dims, traditional=trad, base=1e4, scale=1.0, offset=off)
+        assert np.array_equal(np.array(ours.astype(mx.float32)), np.array(ref.astype(mx.float32)))
+
+
+def test_use_fast_kernels_routes_the_models_rms_norms_through_the_kernel(fast):
+    """use_fast_kernels turns every mlx.nn.RMSNorm / RoPE of a model into FastRMSNorm / FastRoPE
+    (same parameters, same outputs), which is what a training step calls."""
+    from mlxcore.kernels.patch import FastRMSNorm, FastRoPE
+    from mlxcore.models.model import from_config, hf_config
+    from tests.conftest import micro_model
+
+    model = from_config(hf_config(micro_model(), 300), seed=0)
+    x = mx.array(np.random.default_rng(0).integers(0, 300, (2, 17)))
+    before = model(x)
+    use_fast_kernels(model)
+    norms = [m for _, m in model.named_modules() if isinstance(m, nn.RMSNorm)]
+    assert norms and all(type(m) is FastRMSNorm for m in norms)
+    ropes = [m for _, m in model.named_modules() if isinstance(m, nn.RoPE)]
+    assert ropes and all(type(m) is FastRoPE for m in ropes)
+    close(model(x), before, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_lean_swiglu_has_autodiffs_value_and_gradients_and_keeps_less(dtype, monkeypatch):
     """The SwiGLU off the fast path (GPUs, bfloat16): mlx-lm's forward, the gradients of autodiff
@@ -355,8 +433,11 @@ mx.random.seed(3)
 q, k, v = (mx.random.normal((2, 4, 96, 32)) for _ in range(3))
 logits, targets = mx.random.normal((300, 517)), mx.random.randint(0, 517, (300,))
 gate, x = mx.random.normal((64, 700)), mx.random.normal((64, 700))
+w = mx.random.normal((700,))
 outs = [kernels.attention(q, k, v, 32 ** -0.5), kernels.cross_entropy(logits, targets), kernels.swiglu(gate, x),
-        mx.grad(lambda a: kernels.attention(a, k, v, 32 ** -0.5).sum())(q)]
+        mx.grad(lambda a: kernels.attention(a, k, v, 32 ** -0.5).sum())(q), kernels.rms_norm(gate, w, 1e-5),
+        *mx.grad(lambda a, w: (kernels.rms_norm(a, w, 1e-5) * x).sum(), argnums=(0, 1))(gate, w),
+        kernels.rope(q, 32, traditional=False, base=1e4, scale=1.0, offset=3)]
 np.savez(OUT, *[np.array(o) for o in outs])
 """
 
@@ -377,4 +458,4 @@ def test_kernels_give_the_same_bits_on_one_thread_and_on_four(fast, tmp_path):
         subprocess.run([sys.executable, "-c", f"OUT = {str(out)!r}\n" + _THREADED], env=env, check=True)
         results.append(np.load(out))
     one, four = results
-    assert len(one.files) == 4 and all(np.array_equal(one[f], four[f]) for f in one.files)
+    assert len(one.files) == 8 and all(np.array_equal(one[f], four[f]) for f in one.files)

@@ -40,6 +40,17 @@ NB_MODULE(_mlxflow_kernels, m) {
       "a"_a, "b"_a, "silu(a) * b for float32 arrays of one shape.");
 
   m.def(
+      "rms_norm",
+      [](const mlxk::mx::array& x, const mlxk::mx::array& w, float eps) { return mlxk::rms_norm(x, w, eps); },
+      "x"_a, "w"_a, "eps"_a, "x * rsqrt(mean(x^2, -1) + eps) * w for float32 x [..., D], w [D].");
+
+  m.def(
+      "rope",
+      [](const mlxk::mx::array& x, float base, float scale, int offset) { return mlxk::rope(x, base, scale, offset); },
+      "x"_a, "base"_a, "scale"_a, "offset"_a,
+      "mx.fast.rope(x, D, traditional=False, base, scale, offset) for float32 x [B, H, T, D].");
+
+  m.def(
       "categorical_sample",
       [](const mlxk::mx::array& logits, const mlxk::mx::array& uniforms, float temperature,
          float top_p) { return mlxk::categorical_sample(logits, uniforms, temperature, top_p); },

@@ -38,6 +38,14 @@ std::vector<mx::array> attention(
 // silu(a) * b for float32 a, b of one shape (the SwiGLU gate of LLaMA MLPs).
 mx::array swiglu(const mx::array& a, const mx::array& b, mx::StreamOrDevice s = {});
 
+// y = x * rsqrt(mean(x^2, -1) + eps) * w for float32 x [..., D] and w [D] (differentiable in
+// both; the backward recomputes the row norms from x).
+mx::array rms_norm(const mx::array& x, const mx::array& w, float eps, mx::StreamOrDevice s = {});
+
+// mlx-lm's default RoPE (non-traditional, all D dims rotated) of float32 x [B, H, T, D]: what
+// mx.fast.rope(x, D, traditional=false, base, scale, offset) returns, row-contiguous.
+mx::array rope(const mx::array& x, float base, float scale, int offset, mx::StreamOrDevice s = {});
+
 // One token per row of float32 logits [N, V] by inverse-CDF sampling with the given
 // uniforms u [N] in [0, 1): from softmax(logits / temperature), restricted to mlx-lm's top-p
 // set when 0 < top_p < 1. Returns {tokens [N] uint32, logprob [N] float32}, logprob being
