@@ -36,7 +36,7 @@ from mlxcore import kernels
 
 # Ropes whose call is `mx.fast.rope(..., offset=offset)` with nothing that depends on the
 # sequence length (mlx-lm's DynamicNTKScalingRoPE does: refused).
-POSITION_ONLY_ROPES = ("RoPE", "FastRoPE", "Llama3RoPE", "YarnRoPE", "SuScaledRoPE", "ProportionalRoPE")
+POSITION_ONLY_ROPES = ("RoPE", "Llama3RoPE", "YarnRoPE", "SuScaledRoPE", "ProportionalRoPE")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlxcore import kernels
+from mlxcore.kernels.patch import use_fast_kernels
 from mlxcore.data.loader import documents
 from mlxcore.data.packing import PackedSFTBatches, best_fit_decreasing, collate_packs, open_packed
 from mlxcore.kernels import patch
@@ -40,6 +41,7 @@ def _model(arch: str, seed: int = 0, **extra) -> nn.Module:
     config = hf_config(micro_model(), VOCAB) if arch == "llama" else tiny_hf_config(arch, VOCAB)
     model = from_config({**config, "torch_dtype": "float32", **extra}, seed=seed)
     mx.eval(model.parameters())
+    use_fast_kernels(model)  # as a training step does: the packed and the unpacked rows run the same layers
     return model
 
 
