@@ -266,10 +266,14 @@ def test_rope_off_its_fast_path_is_mlxs():
         assert np.array_equal(np.array(ours.astype(mx.float32)), np.array(ref.astype(mx.float32)))
 
 
-def test_use_fast_kernels_routes_the_models_rms_norms_through_the_kernel(fast):
-    """use_fast_kernels turns every mlx.nn.RMSNorm of a model into FastRMSNorm (same parameters,
-    same outputs), which is what a training step calls."""
+def test_use_fast_kernels_routes_the_models_rms_norms_through_the_kernel(fast, monkeypatch):
+    """With MLXFLOW_FAST_NORM=on (off by default: patch.py says why) use_fast_kernels turns every
+    mlx.nn.RMSNorm of a model into FastRMSNorm (same parameters, same outputs), and restore_all
+    turns them back."""
+    from mlxcore.kernels import patch
     from mlxcore.kernels.patch import FastRMSNorm
+
+    monkeypatch.setattr(patch, "_FAST_LAYERS", {nn.RMSNorm: FastRMSNorm})
     from mlxcore.models.model import from_config, hf_config
     from tests.conftest import micro_model
 
@@ -281,6 +285,8 @@ def test_use_fast_kernels_routes_the_models_rms_norms_through_the_kernel(fast):
     assert norms and all(type(m) is FastRMSNorm for m in norms)
 
     close(model(x), before, rtol=1e-4, atol=1e-4)
+    patch.restore_all()
+    assert all(type(m) is nn.RMSNorm for m in norms)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

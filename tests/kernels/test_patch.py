@@ -213,15 +213,12 @@ def test_every_layer_runs_the_fused_kernels_with_mlx_lm_results(fast, spy, arch)
     reference = model(x)
     mx.eval(reference)
     assert sum(spy.values()) == 0  # unpatched: mlx-lm's own functions only
-    norms = sum(type(m) is nn.RMSNorm for _, m in model.named_modules())  # each runs once a forward
 
     assert patch.use_fast_kernels(model) is True
     assert patch.use_fast_kernels(model) is True  # once per process; a second call is a no-op
     out = model(x)
     mx.eval(out)
-    assert norms >= 2 * LAYERS + 1
-    assert spy == {"attention": LAYERS, "swiglu": LAYERS, "ext.attention": LAYERS, "ext.swiglu": LAYERS,
-                   "ext.rms_norm": norms}
+    assert spy == {"attention": LAYERS, "swiglu": LAYERS, "ext.attention": LAYERS, "ext.swiglu": LAYERS}
     np.testing.assert_allclose(np.array(out), np.array(reference), **OUT_TOL)
 
     patch.restore_all()
