@@ -36,6 +36,17 @@ mx::cpu::CommandEncoder& begin_eval(const mx::Stream& s, const std::vector<mx::a
   return enc;
 }
 
+std::vector<mx::array> pair_vjp(const mx::Stream& s, const std::vector<mx::array>& primals,
+                                const mx::array& cotangent, std::shared_ptr<mx::Primitive> grad,
+                                const std::vector<int>& argnums) {
+  auto g = mx::contiguous(mx::astype(cotangent, mx::float32, s), false, s);
+  auto grads = mx::array::make_arrays({primals[0].shape(), primals[1].shape()}, {mx::float32, mx::float32},
+                                      std::move(grad), {primals[0], primals[1], g});
+  std::vector<mx::array> res;
+  for (int a : argnums) res.push_back(grads[a]);
+  return res;
+}
+
 namespace {
 
 // Rows per parallel chunk: at least ~256k elements per thread so thread start-up

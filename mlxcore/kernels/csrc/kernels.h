@@ -68,4 +68,11 @@ extern std::atomic<int64_t> ce_grad_donations;
 mx::cpu::CommandEncoder& begin_eval(const mx::Stream& s, const std::vector<mx::array>& in,
                                     std::vector<mx::array>& outs);
 
+// The vjp of a two-input primitive whose backward is one node `grad` of (x0, x1, g), g the
+// float32 row-contiguous cotangent, giving both inputs' float32 gradients (shapes of x0, x1):
+// the ones `argnums` asks for.
+std::vector<mx::array> pair_vjp(const mx::Stream& s, const std::vector<mx::array>& primals,
+                                const mx::array& cotangent, std::shared_ptr<mx::Primitive> grad,
+                                const std::vector<int>& argnums);
+
 }  // namespace mlxk

@@ -148,14 +148,7 @@ class RMSNorm : public mx::UnaryPrimitive {
                              const std::vector<int>& argnums,
                              const std::vector<mx::array>&) override {
     auto s = stream();
-    auto g = mx::contiguous(mx::astype(cotangents[0], mx::float32, s), false, s);
-    auto grads = mx::array::make_arrays({primals[0].shape(), primals[1].shape()},
-                                        {mx::float32, mx::float32},
-                                        std::make_shared<RMSNormVJP>(s, eps_),
-                                        {primals[0], primals[1], g});
-    std::vector<mx::array> res;
-    for (int a : argnums) res.push_back(grads[a]);
-    return res;
+    return pair_vjp(s, primals, cotangents[0], std::make_shared<RMSNormVJP>(s, eps_), argnums);
   }
   const char* name() const override {
     return "MlxflowRMSNorm";

@@ -103,14 +103,7 @@ class SwiGLU : public mx::UnaryPrimitive {
                              const std::vector<int>& argnums,
                              const std::vector<mx::array>&) override {
     auto s = stream();
-    auto g = mx::contiguous(mx::astype(cotangents[0], mx::float32, s), false, s);
-    auto grads = mx::array::make_arrays({primals[0].shape(), primals[0].shape()},
-                                        {mx::float32, mx::float32},
-                                        std::make_shared<SwiGLUVJP>(s),
-                                        {primals[0], primals[1], g});
-    std::vector<mx::array> res;
-    for (int a : argnums) res.push_back(grads[a]);
-    return res;
+    return pair_vjp(s, primals, cotangents[0], std::make_shared<SwiGLUVJP>(s), argnums);
   }
   const char* name() const override {
     return "MlxflowSwiGLU";
