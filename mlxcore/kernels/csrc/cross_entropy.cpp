@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <string>
 
 #include "kernels.h"
 #include "mlx/allocator.h"
@@ -34,6 +35,12 @@ mx::cpu::CommandEncoder& begin_eval(const mx::Stream& s, const std::vector<mx::a
   for (const auto& a : in) enc.set_input_array(a);
   for (auto& o : outs) enc.set_output_array(o);
   return enc;
+}
+
+void require_row_contiguous(const std::vector<mx::array>& in, const char* what) {
+  for (const auto& a : in)
+    if (!a.flags().row_contiguous)
+      throw std::runtime_error(std::string("[mlxflow kernels] ") + what + " input is not row-contiguous");
 }
 
 std::vector<mx::array> pair_vjp(const mx::Stream& s, const std::vector<mx::array>& primals,

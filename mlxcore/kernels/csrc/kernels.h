@@ -68,6 +68,9 @@ extern std::atomic<int64_t> ce_grad_donations;
 mx::cpu::CommandEncoder& begin_eval(const mx::Stream& s, const std::vector<mx::array>& in,
                                     std::vector<mx::array>& outs);
 
+// Throws unless every array of `in` is row-contiguous (`what` names the op in the message).
+void require_row_contiguous(const std::vector<mx::array>& in, const char* what);
+
 // The vjp of a two-input primitive whose backward is one node `grad` of (x0, x1, g), g the
 // float32 row-contiguous cotangent, giving both inputs' float32 gradients (shapes of x0, x1):
 // the ones `argnums` asks for.

@@ -76,9 +76,7 @@ void backward_rows(const float* x, const float* w, const float* g, float* dx, fl
 }
 
 void check(const std::vector<mx::array>& in) {
-  for (const auto& a : in)
-    if (!a.flags().row_contiguous)
-      throw std::runtime_error("[mlxflow kernels] rms_norm input is not row-contiguous");
+  require_row_contiguous(in, "rms_norm");
 }
 
 class RMSNormVJP : public mx::Primitive {

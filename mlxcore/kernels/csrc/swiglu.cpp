@@ -50,9 +50,7 @@ void backward(const float* a, const float* b, const float* g, float* da, float* 
 }
 
 void check(const std::vector<mx::array>& in) {
-  for (const auto& x : in)
-    if (!x.flags().row_contiguous)
-      throw std::runtime_error("[mlxflow kernels] swiglu input is not row-contiguous");
+  require_row_contiguous(in, "swiglu");
 }
 
 class SwiGLUVJP : public mx::Primitive {
