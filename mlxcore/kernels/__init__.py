@@ -219,12 +219,17 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
 def rope(x: mx.array, dims: int, *, traditional: bool, base: float | None, scale: float,
          offset=0, freqs=None) -> mx.array:
     """`mx.fast.rope(x, dims, ...)`. Fast path: mlx-lm's default RoPE on the CPU (float32 x [B, H,
-    T, D], all D dims, not traditional, a base, an int offset): one pass each way, the transposed
-    input read in place; elsewhere (per-sequence offsets of a packed batch too) MLX's."""
+    T, D], all D dims, not traditional, a base, an int offset or integer per-sequence offsets [B]
+    as a packed batch passes them): one pass each way, the transposed input read in place;
+    elsewhere MLX's."""
     ext = _ext()
+    per_sequence = (isinstance(offset, mx.array) and offset.ndim == 1 and x.ndim == 4
+                    and offset.shape[0] == x.shape[0] and mx.issubdtype(offset.dtype, mx.integer))
     if (ext is not None and x.dtype == mx.float32 and x.ndim == 4 and dims == x.shape[-1] and dims % 2 == 0
-            and not traditional and freqs is None and base is not None and isinstance(offset, int)
-            and x.size > 0):
+            and not traditional and freqs is None and base is not None
+            and (isinstance(offset, int) or per_sequence) and x.size > 0):
+        if per_sequence:
+            return ext.rope(x, float(base), float(scale), 0, offset)
         return ext.rope(x, float(base), float(scale), int(offset))
     return mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs)
 

@@ -142,14 +142,22 @@ class FastRMSNorm(nn.RMSNorm):
         return kernels.rms_norm(x, self["weight"], self.eps)
 
 
-# Which mlx.nn layers use_fast_kernels swaps: none yet, though FastRMSNorm is ready and tested.
-# With it the `tiny` step ran 0.95x PyTorch instead of 0.92x, but its last-bit differences from
-# MLX's op moved a reward model's held-out accuracy from >= 0.9 to 0.88 in
-# tests/flows/test_preference.py, and those learning bars need re-deriving with it on before it
-# becomes the default. `MLXFLOW_FAST_NORM=on` turns it on. mlx.nn.RoPE has no swap: a packed
-# batch rotates by per-token positions through MLX's op, and unpacked rows taking kernels.rope
-# (whose cos/sin differ from MLX's in the last bits) broke packed == unpacked to 1e-4.
-_FAST_LAYERS = {nn.RMSNorm: FastRMSNorm} if os.environ.get("MLXFLOW_FAST_NORM", "off") == "on" else {}
+class FastRoPE(nn.RoPE):
+    """mlx.nn.RoPE through `kernels.rope`: the CPU kernel for mlx-lm's default float32 RoPE (int
+    offsets, and the per-token offsets of a packed batch, so packed rows rotate exactly as
+    unpacked ones), MLX's op elsewhere."""
+
+    _position_only = True  # positions only, nothing length-dependent (mlxcore.models.segments)
+
+    def __call__(self, x, offset=0):
+        return kernels.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale,
+                            offset=offset)
+
+
+# The mlx.nn layers use_fast_kernels swaps (exact classes; subclasses such as mlx-lm's scaled
+# ropes keep theirs). MLXFLOW_FAST_NORM=off keeps MLX's ops for both.
+_FAST_LAYERS = ({nn.RMSNorm: FastRMSNorm, nn.RoPE: FastRoPE}
+                if os.environ.get("MLXFLOW_FAST_NORM", "on").strip().lower() != "off" else {})
 
 
 def _patch_module(name: str) -> bool:
@@ -187,7 +195,7 @@ def restore_all() -> None:
         if swiglu is not None:
             setattr(module, SWIGLU, swiglu)
     _PATCHED.clear()
-    originals = {FastRMSNorm: nn.RMSNorm}
+    originals = {FastRMSNorm: nn.RMSNorm, FastRoPE: nn.RoPE}
     for ref in _SWAPPED:
         if (m := ref()) is not None and type(m) in originals:
             m.__class__ = originals[type(m)]

@@ -12,9 +12,10 @@ qwen2 / qwen3 model of mlx-lm computes every row exactly as it would alone:
 - RoPE positions restart at 0 in every run. mlx-lm rotates with `self.rope(x)` (an offset-based
   rope: positions `offset + t`), so `enable(model)` gives each attention's rope instance a
   subclass whose call, in this context, lays the `[B, H, T, D]` input out as `B*T` one-token
-  sequences and passes the per-token positions as `mx.fast.rope`'s vector of per-sequence
-  offsets. The rope's own kernel and frequencies do the work, so a packed token is rotated
-  exactly as at that position of its unpacked row (tests compare bit for bit).
+  sequences and passes the per-token positions as the vector of per-sequence offsets
+  (`mx.fast.rope`'s; on the Linux CPU `kernels.rope` takes them too, through `FastRoPE`). The
+  rope's own call and frequencies do the work, so a packed token is rotated exactly as at that
+  position of its unpacked row (tests compare bit for bit).
 
 Both hooks read a context variable while the graph is built (also under `mx.compile`);
 `remat` re-enters the forward's context when a checkpointed segment is recomputed. Instance
@@ -112,7 +113,7 @@ def enable(model: nn.Module) -> int:
         base = getattr(type(rope), "_packed_base", None)
         if base is None:
             base = type(rope)
-            if base.__name__ not in POSITION_ONLY_ROPES:
+            if base.__name__ not in POSITION_ONLY_ROPES and not getattr(base, "_position_only", False):
                 raise ValueError(f"packing: {base.__name__} positions depend on the sequence length; "
                                  f"supported ropes: {', '.join(POSITION_ONLY_ROPES)}")
             rope.__class__ = type(f"{base.__name__}Packed", (base,), {"__call__": _rope_call, "_packed_base": base})

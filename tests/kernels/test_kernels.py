@@ -254,26 +254,51 @@ def test_rope_matches_mx_fast_rope_in_value_and_gradient(fast, shape, offset):
         close(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
+def test_rope_takes_per_sequence_offsets_as_a_packed_batch_passes_them(fast):
+    """Integer offsets [B] (mx.fast.rope's array offset): values and gradients equal MLX's, and
+    the packed layout (one sequence per token, offset = the token's position in its row) rotates
+    every token bit for bit as the unpacked row does from position 0."""
+    B, H, T, D = 3, 4, 16, 32
+    x = mx.random.normal((B, T, H, D), key=mx.random.key(6)).transpose(0, 2, 1, 3)
+    c = mx.random.normal((B, H, T, D), key=mx.random.key(7))
+    offs = mx.array([0, 5, 2], dtype=mx.int32)
+    kw = dict(base=1e4, scale=1.0, offset=offs)
+    ours, ref = _rope_pair(x, **kw)
+    close(ours, ref, rtol=1e-4, atol=1e-4)
+    g = mx.compile(mx.grad(lambda a: (kernels.rope(a, D, traditional=False, **kw) * c).sum()))(x)
+    g_ref = mx.grad(lambda a: (mx.fast.rope(a, D, traditional=False, **kw) * c).sum())(x)
+    close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+    rows = [(0, 4), (4, 13), (13, 16)]  # three packed rows per sequence
+    pos = mx.array([t - lo for lo, hi in rows for t in range(lo, hi)], dtype=mx.int32)
+    flat = x.transpose(0, 2, 1, 3).reshape(B * T, H, 1, D)
+    packed = kernels.rope(flat, D, traditional=False, base=1e4, scale=1.0, offset=mx.tile(pos, (B,)))
+    packed = packed.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+    for lo, hi in rows:
+        alone = kernels.rope(x[:, :, lo:hi], D, traditional=False, base=1e4, scale=1.0, offset=0)
+        assert np.array_equal(np.array(packed[:, :, lo:hi]), np.array(alone))
+
+
 def test_rope_off_its_fast_path_is_mlxs():
-    """bfloat16, traditional, partial dims, 3-D input and per-sequence offsets (a packed batch)
-    go to mx.fast.rope itself: the results are MLX's bit for bit."""
+    """bfloat16, traditional, partial dims, 3-D input and float or 2-D offsets go to mx.fast.rope
+    itself: the results are MLX's bit for bit."""
     x = mx.random.normal((2, 3, 9, 16), key=mx.random.key(4))
     cases = [(x.astype(mx.bfloat16), 16, False, 0), (x, 16, True, 0), (x, 8, False, 0), (x[:, 0], 16, False, 2),
-             (x, 16, False, mx.array([0, 4]))]
+             (x, 16, True, mx.array([0, 4]))]
     for inp, dims, trad, off in cases:
         ours = kernels.rope(inp, dims, traditional=trad, base=1e4, scale=1.0, offset=off)
         ref = mx.fast.rope(inp, dims, traditional=trad, base=1e4, scale=1.0, offset=off)
         assert np.array_equal(np.array(ours.astype(mx.float32)), np.array(ref.astype(mx.float32)))
 
 
-def test_use_fast_kernels_routes_the_models_rms_norms_through_the_kernel(fast, monkeypatch):
-    """With MLXFLOW_FAST_NORM=on (off by default: patch.py says why) use_fast_kernels turns every
-    mlx.nn.RMSNorm of a model into FastRMSNorm (same parameters, same outputs), and restore_all
-    turns them back."""
+def test_use_fast_kernels_routes_the_models_norms_and_ropes_through_the_kernels(fast):
+    """use_fast_kernels turns every mlx.nn.RMSNorm and mlx.nn.RoPE of a model into FastRMSNorm /
+    FastRoPE (same parameters, same outputs to float32 rounding), and restore_all turns them
+    back. MLXFLOW_FAST_NORM=off (read at import) keeps MLX's layers."""
     from mlxcore.kernels import patch
-    from mlxcore.kernels.patch import FastRMSNorm
+    from mlxcore.kernels.patch import FastRMSNorm, FastRoPE
 
-    monkeypatch.setattr(patch, "_FAST_LAYERS", {nn.RMSNorm: FastRMSNorm})
+    assert patch._FAST_LAYERS == {nn.RMSNorm: FastRMSNorm, nn.RoPE: FastRoPE}
     from mlxcore.models.model import from_config, hf_config
     from tests.conftest import micro_model
 
@@ -282,11 +307,16 @@ def test_use_fast_kernels_routes_the_models_rms_norms_through_the_kernel(fast, m
     before = model(x)
     use_fast_kernels(model)
     norms = [m for _, m in model.named_modules() if isinstance(m, nn.RMSNorm)]
+    ropes = [m for _, m in model.named_modules() if isinstance(m, nn.RoPE)]
     assert norms and all(type(m) is FastRMSNorm for m in norms)
+    assert ropes and all(type(m) is FastRoPE for m in ropes)
 
     close(model(x), before, rtol=1e-4, atol=1e-4)
     patch.restore_all()
-    assert all(type(m) is nn.RMSNorm for m in norms)
+    assert all(type(m) is nn.RMSNorm for m in norms) and all(type(m) is nn.RoPE for m in ropes)
+    code = ("import os; os.environ['MLXFLOW_FAST_NORM'] = 'off'; from mlxcore.kernels import patch; "
+            "assert patch._FAST_LAYERS == {}, patch._FAST_LAYERS")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

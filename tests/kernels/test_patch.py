@@ -213,12 +213,18 @@ def test_every_layer_runs_the_fused_kernels_with_mlx_lm_results(fast, spy, arch)
     reference = model(x)
     mx.eval(reference)
     assert sum(spy.values()) == 0  # unpatched: mlx-lm's own functions only
+    import mlx.nn as nn
+
+    norms = sum(isinstance(m, nn.RMSNorm) for _, m in model.named_modules())  # each runs once
+    ropes = 2 * sum(isinstance(m, nn.RoPE) for _, m in model.named_modules())  # queries and keys
+    assert norms > LAYERS and ropes == 2 * LAYERS
 
     assert patch.use_fast_kernels(model) is True
     assert patch.use_fast_kernels(model) is True  # once per process; a second call is a no-op
     out = model(x)
     mx.eval(out)
-    assert spy == {"attention": LAYERS, "swiglu": LAYERS, "ext.attention": LAYERS, "ext.swiglu": LAYERS}
+    assert spy == {"attention": LAYERS, "swiglu": LAYERS, "ext.attention": LAYERS, "ext.swiglu": LAYERS,
+                   "ext.rms_norm": norms, "ext.rope": ropes}
     np.testing.assert_allclose(np.array(out), np.array(reference), **OUT_TOL)
 
     patch.restore_all()

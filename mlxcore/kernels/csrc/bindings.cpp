@@ -46,9 +46,11 @@ NB_MODULE(_mlxflow_kernels, m) {
 
   m.def(
       "rope",
-      [](const mlxk::mx::array& x, float base, float scale, int offset) { return mlxk::rope(x, base, scale, offset); },
-      "x"_a, "base"_a, "scale"_a, "offset"_a,
-      "mx.fast.rope(x, D, traditional=False, base, scale, offset) for float32 x [B, H, T, D].");
+      [](const mlxk::mx::array& x, float base, float scale, int offset,
+         const std::optional<mlxk::mx::array>& offsets) { return mlxk::rope(x, base, scale, offset, offsets); },
+      "x"_a, "base"_a, "scale"_a, "offset"_a, "offsets"_a = nb::none(),
+      "mx.fast.rope(x, D, traditional=False, base, scale, offset) for float32 x [B, H, T, D]; offsets: "
+      "integer [B], sequence b starting at offsets[b].");
 
   m.def(
       "categorical_sample",

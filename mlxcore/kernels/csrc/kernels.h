@@ -43,8 +43,10 @@ mx::array swiglu(const mx::array& a, const mx::array& b, mx::StreamOrDevice s = 
 mx::array rms_norm(const mx::array& x, const mx::array& w, float eps, mx::StreamOrDevice s = {});
 
 // mlx-lm's default RoPE (non-traditional, all D dims rotated) of float32 x [B, H, T, D]: what
-// mx.fast.rope(x, D, traditional=false, base, scale, offset) returns, row-contiguous.
-mx::array rope(const mx::array& x, float base, float scale, int offset, mx::StreamOrDevice s = {});
+// mx.fast.rope(x, D, traditional=false, base, scale, offset) returns, row-contiguous. With
+// `offsets` (integer [B]) sequence b starts at position offsets[b] (mx.fast.rope's array offset).
+mx::array rope(const mx::array& x, float base, float scale, int offset,
+               const std::optional<mx::array>& offsets = std::nullopt, mx::StreamOrDevice s = {});
 
 // One token per row of float32 logits [N, V] by inverse-CDF sampling with the given
 // uniforms u [N] in [0, 1): from softmax(logits / temperature), restricted to mlx-lm's top-p

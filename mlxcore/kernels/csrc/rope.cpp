@@ -3,6 +3,10 @@
 //   Rope(x [B, H, T, D]) -> out [B, H, T, D] (row-contiguous), for dims == D, positions
 //   offset + t scaled by `scale`, frequencies base^(-i / (D/2)), exactly as mx.fast.rope computes
 //   them (float32 theta = position * exp(-i * log(base) / (D/2))).
+//   Rope(x, offsets [B] int32): per-sequence offsets (mx.fast.rope's array offset), positions
+//   offsets[b] + t. A packed batch passes one sequence per token ([B*T, H, 1, D], each token's
+//   position within its row); the angles come from the same table formula, so a token is rotated
+//   bit for bit as at that position of its unpacked row.
 // The input may be any strided view whose last axis is contiguous (mlx-lm rotates the
 // [B, T, H, D] -> [B, H, T, D] transpose of the projections): the copy is folded into the pass.
 //
@@ -81,20 +85,34 @@ class Rope : public mx::UnaryPrimitive {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
     enc.set_input_array(x);
+    const int32_t* offs = nullptr;
+    if (in.size() > 1) {
+      require_row_contiguous({in[1]}, "rope offsets");
+      enc.set_input_array(in[1]);
+      offs = in[1].data<int32_t>();
+    }
     enc.set_output_array(out);
     int64_t B = x.shape(0), H = x.shape(1), T = x.shape(2), D = x.shape(3);
     auto st = x.strides();
-    enc.dispatch([xp = x.data<float>(), o = out.data<float>(), B, H, T, D, sb = int64_t(st[0]),
+    enc.dispatch([xp = x.data<float>(), offs, o = out.data<float>(), B, H, T, D, sb = int64_t(st[0]),
                   sh = int64_t(st[1]), stt = int64_t(st[2]), sd = int64_t(st[3]), base = base_,
                   scale = scale_, offset = offset_, forward = forward_]() {
       const int64_t half = D / 2;
-      Tables tb = tables(T, half, base, scale, offset);
+      // Table rows cover positions lo .. lo + n - 1 (offset .. offset + T - 1 without offsets).
+      int64_t lo = offset, hi = int64_t(offset) + T - 1;
+      if (offs != nullptr) {
+        lo = offs[0], hi = offs[0];
+        for (int64_t b = 1; b < B; ++b) lo = std::min<int64_t>(lo, offs[b]), hi = std::max<int64_t>(hi, offs[b]);
+        hi += T - 1;
+      }
+      Tables tb = tables(hi - lo + 1, half, base, scale, int(lo));
       parallel_for(B * H * T, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(D, 1)),
                    [&](int64_t r0, int64_t r1) {
                      for (int64_t r = r0; r < r1; ++r) {
                        int64_t t = r % T, bh = r / T, h = bh % H, b = bh / H;
-                       rotate(xp + b * sb + h * sh + t * stt, sd, o + r * D, tb.cos.data() + t * half,
-                              tb.sin.data() + t * half, half, forward);
+                       int64_t row = (offs != nullptr ? int64_t(offs[b]) : int64_t(offset)) + t - lo;
+                       rotate(xp + b * sb + h * sh + t * stt, sd, o + r * D, tb.cos.data() + row * half,
+                              tb.sin.data() + row * half, half, forward);
                      }
                    });
     });
@@ -102,11 +120,20 @@ class Rope : public mx::UnaryPrimitive {
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     no_gpu(name());
   }
-  std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>& cotangents,
-                             const std::vector<int>&, const std::vector<mx::array>&) override {
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
     auto s = stream();
     auto g = mx::astype(cotangents[0], mx::float32, s);
-    return {mx::array(g.shape(), mx::float32, std::make_shared<Rope>(s, base_, scale_, offset_, !forward_), {g})};
+    std::vector<mx::array> inputs{g};
+    if (primals.size() > 1) inputs.push_back(primals[1]);
+    std::vector<mx::array> grads;
+    for (int a : argnums) {
+      if (a == 0)
+        grads.push_back(mx::array(g.shape(), mx::float32, std::make_shared<Rope>(s, base_, scale_, offset_, !forward_), inputs));
+      else  // integer offsets: no gradient
+        grads.push_back(mx::zeros_like(primals[a], s));
+    }
+    return grads;
   }
   const char* name() const override {
     return "MlxflowRope";
@@ -127,12 +154,20 @@ class Rope : public mx::UnaryPrimitive {
 
 }  // namespace
 
-mx::array rope(const mx::array& x, float base, float scale, int offset, mx::StreamOrDevice s) {
+mx::array rope(const mx::array& x, float base, float scale, int offset, const std::optional<mx::array>& offsets,
+               mx::StreamOrDevice s) {
   auto st = mx::to_stream(s);
   if (st.device != mx::Device::cpu) no_gpu("rope");
   if (x.ndim() != 4 || x.dtype() != mx::float32 || x.shape(3) % 2 != 0)
     throw std::invalid_argument("[mlxflow kernels] rope: x must be float32 [B, H, T, D] with D even");
-  return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(st, base, scale, offset, true), {x});
+  std::vector<mx::array> in{x};
+  if (offsets) {
+    if (offsets->ndim() != 1 || offsets->shape(0) != x.shape(0))
+      throw std::invalid_argument("[mlxflow kernels] rope: offsets must be [B] for x [B, H, T, D]");
+    in.push_back(mx::astype(*offsets, mx::int32, st));
+    offset = 0;
+  }
+  return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(st, base, scale, offset, true), in);
 }
 
 }  // namespace mlxk
