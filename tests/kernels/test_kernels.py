@@ -278,6 +278,14 @@ def test_rope_takes_per_sequence_offsets_as_a_packed_batch_passes_them(fast):
         alone = kernels.rope(x[:, :, lo:hi], D, traditional=False, base=1e4, scale=1.0, offset=0)
         assert np.array_equal(np.array(packed[:, :, lo:hi]), np.array(alone))
 
+    # offsets far apart (a table row per sequence and step instead of per position): each
+    # sequence as with its int offset
+    far = mx.array([3, 100_000, 7], dtype=mx.int32)
+    wide = kernels.rope(x, D, traditional=False, base=1e4, scale=0.5, offset=far)
+    for b, off in enumerate(far.tolist()):
+        alone = kernels.rope(x[b:b + 1], D, traditional=False, base=1e4, scale=0.5, offset=off)
+        assert np.array_equal(np.array(wide[b:b + 1]), np.array(alone))
+
 
 def test_rope_off_its_fast_path_is_mlxs():
     """bfloat16, traditional, partial dims, 3-D input and float or 2-D offsets go to mx.fast.rope

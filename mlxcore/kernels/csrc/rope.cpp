@@ -28,17 +28,20 @@ struct Tables {
   std::vector<float> cos, sin;  // [T, D/2]
 };
 
-Tables tables(int64_t T, int64_t half, float base, float scale, int offset) {
-  Tables tb{std::vector<float>(size_t(T * half)), std::vector<float>(size_t(T * half))};
+// cos / sin of every position pos(r), r < n: theta = float(pos) * scale * base^(-i / half). One
+// formula for every layout, so a token is rotated bit for bit alike at the same position.
+template <class Pos>
+Tables tables(int64_t n, int64_t half, float base, float scale, Pos pos) {
+  Tables tb{std::vector<float>(size_t(n * half)), std::vector<float>(size_t(n * half))};
   const float step = float(std::log(double(base)) / double(half));
   std::vector<float> inv(static_cast<size_t>(half));
   for (int64_t i = 0; i < half; ++i) inv[size_t(i)] = std::exp(float(-i) * step);
-  for (int64_t t = 0; t < T; ++t) {
-    const float pos = (float(t) + float(offset)) * scale;
+  for (int64_t r = 0; r < n; ++r) {
+    const float p = float(pos(r)) * scale;
     for (int64_t i = 0; i < half; ++i) {
-      const float th = pos * inv[size_t(i)];
-      tb.cos[size_t(t * half + i)] = std::cos(th);
-      tb.sin[size_t(t * half + i)] = std::sin(th);
+      const float th = p * inv[size_t(i)];
+      tb.cos[size_t(r * half + i)] = std::cos(th);
+      tb.sin[size_t(r * half + i)] = std::sin(th);
     }
   }
   return tb;
@@ -98,19 +101,24 @@ class Rope : public mx::UnaryPrimitive {
                   sh = int64_t(st[1]), stt = int64_t(st[2]), sd = int64_t(st[3]), base = base_,
                   scale = scale_, offset = offset_, forward = forward_]() {
       const int64_t half = D / 2;
-      // Table rows cover positions lo .. lo + n - 1 (offset .. offset + T - 1 without offsets).
+      // Table rows: positions lo .. hi when that span is at most B * T rows (always without
+      // offsets, and for a packed batch); else one row per (sequence, t).
       int64_t lo = offset, hi = int64_t(offset) + T - 1;
       if (offs != nullptr) {
         lo = offs[0], hi = offs[0];
         for (int64_t b = 1; b < B; ++b) lo = std::min<int64_t>(lo, offs[b]), hi = std::max<int64_t>(hi, offs[b]);
         hi += T - 1;
       }
-      Tables tb = tables(hi - lo + 1, half, base, scale, int(lo));
+      const bool by_position = hi - lo + 1 <= B * T;
+      Tables tb = by_position
+                      ? tables(hi - lo + 1, half, base, scale, [lo](int64_t r) { return lo + r; })
+                      : tables(B * T, half, base, scale, [offs, T](int64_t r) { return int64_t(offs[r / T]) + r % T; });
       parallel_for(B * H * T, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(D, 1)),
                    [&](int64_t r0, int64_t r1) {
                      for (int64_t r = r0; r < r1; ++r) {
                        int64_t t = r % T, bh = r / T, h = bh % H, b = bh / H;
-                       int64_t row = (offs != nullptr ? int64_t(offs[b]) : int64_t(offset)) + t - lo;
+                       int64_t row = by_position ? (offs != nullptr ? int64_t(offs[b]) : int64_t(offset)) + t - lo
+                                                 : b * T + t;
                        rotate(xp + b * sb + h * sh + t * stt, sd, o + r * D, tb.cos.data() + row * half,
                               tb.sin.data() + row * half, half, forward);
                      }
