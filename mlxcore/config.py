@@ -1402,4 +1402,12 @@ class VLMRunConfig(_Run, _Tracked):
     def _check_patches(self) -> "VLMRunConfig":
         if self.data.image_size % self.data.patch_size:
             raise ValueError(f"data.patch_size={self.data.patch_size} does not divide data.image_size={self.data.image_size}")
+        from mlxcore.vlm import image_geometry  # json only
+
+        model = image_geometry(self.init_from)  # fine-tuning: the model's geometry is used
+        for key in ("image_size", "patch_size"):
+            if model is not None and key in self.data.model_fields_set and getattr(self.data, key) != model[key]:
+                raise ValueError(f"data.{key}={getattr(self.data, key)}, but init_from {self.init_from} was built for "
+                                 f"{key} {model[key]} (its config.json) and preprocessing uses the model's: remove "
+                                 f"data.{key} or set it to {model[key]}")
         return self

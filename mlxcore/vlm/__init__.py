@@ -3,3 +3,28 @@ contrastive / matching / LM losses on the shared training loop, retrieval and ze
 
 README "Vision-language" describes the formats, the config keys and measured numbers.
 """
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MLXFLOW_VLM = "mlxflow_vlm"  # config.json model_type of ours
+
+
+def image_geometry(model_dir: str | Path | None) -> dict | None:
+    """{"image_size", "patch_size"} a VLM dir was built for (ours, or an mlx-vlm layout with a
+    `vision_config`), read from its config.json alone; None when `model_dir` is not a readable
+    VLM dir. Fine-tuning it, the model decides these, not `data.image_size` / `patch_size`."""
+    path = Path(model_dir) / "config.json" if model_dir else None
+    try:
+        config = json.loads(path.read_text()) if path is not None and path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    v = config.get("vision_config") if isinstance(config, dict) else None
+    if not isinstance(v, dict):
+        return None
+    if config.get("model_type") == MLXFLOW_VLM:
+        return {"image_size": int(v["image_size"]), "patch_size": int(v["patch_size"])}
+    return {"image_size": int(v.get("image_size", 336)), "patch_size": int(v.get("patch_size", 14))}
+

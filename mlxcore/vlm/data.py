@@ -223,10 +223,13 @@ def preprocess(files: dict[str, list[str]], out_dir: str | Path, *, image_size: 
 
     With `tokenizer_dir` an mlx-vlm model dir (`mlxvlm.is_mlxvlm_dir`: fine-tuning it) the model
     decides: its tokenizer and image token, its image processor (size, normalisation) and its
-    tokens per image; `image_size` and `patch_size` are then the model's, not the arguments'."""
-    from mlxcore.vlm import mlxvlm
+    tokens per image. With `tokenizer_dir` one of our VLM dirs, its image and patch size. Either
+    way `image_size` and `patch_size` are then the model's, not the arguments'."""
+    from mlxcore.vlm import image_geometry, mlxvlm
 
     processor, image_token = None, IMAGE_TOKEN
+    if (geometry := image_geometry(tokenizer_dir)) is not None:
+        image_size, patch_size = geometry["image_size"], geometry["patch_size"]
     if image_size % patch_size:
         raise ValueError(f"patch_size={patch_size} does not divide image_size={image_size}")
     k = (image_size // patch_size) ** 2

@@ -22,7 +22,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama
 
-MODEL_TYPE = "mlxflow_vlm"
+from mlxcore.vlm import MLXFLOW_VLM
+
+MODEL_TYPE = MLXFLOW_VLM
 
 
 class ViT(nn.Module):

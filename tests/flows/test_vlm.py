@@ -148,3 +148,30 @@ def test_vlm_flow_from_hub_image_splits_offline(prefect_server, tmp_path, monkey
     assert "cc-by-4.0" in (Path(result["checkpoint"]) / "README.md").read_text()  # the dataset card's, carried on
     again = vlm(config)  # every stage, the downloads too, served from its cache
     assert again["checkpoint"] == result["checkpoint"] and again["eval"] == ev
+
+
+def test_fine_tuning_uses_the_models_image_geometry_and_a_conflicting_setting_fails(scenes, tmp_path):
+    """init_from one of our VLM dirs (built for 8 px images, 4 px patches): preprocessing takes the
+    model's geometry whatever data.image_size / patch_size say by default, and a config that sets
+    either to something else fails at load time, naming the key, both values and the fix."""
+    from mlxcore.config import ConfigError
+    from mlxcore.io import read_manifest
+    from mlxcore.models import checkpoint
+    from mlxcore.vlm import data, image_geometry, model as vm, presets
+
+    m = read_manifest(scenes)
+    config = presets.config_for(VLMModelConfig(**TINY), m["vocab_size"], m["image_token_id"], m["tokens_per_image"], 8, 4)
+    base = checkpoint.save_model_dir(tmp_path / "base", vm.build(config, seed=3), config, tokenizer_dir=scenes / "tokenizer")
+    assert image_geometry(base) == {"image_size": 8, "patch_size": 4} and image_geometry(tmp_path) is None
+
+    raw = scenes.parent / "raw"
+    out = data.preprocess({"train": [raw / "train.jsonl"], "val": [raw / "val.jsonl"]}, tmp_path / "data",
+                          image_size=16, patch_size=2, max_images_per_sample=1, max_tokens=96, tokenizer_dir=base)
+    assert (out["config"]["image_size"], out["config"]["patch_size"], out["tokens_per_image"]) == (8, 4, 4)
+
+    common = [f"out_dir={tmp_path}", f"init_from={base}"]
+    assert load_config(None, common, cls=VLMRunConfig).data.image_size == 16  # the default: unused, not an error
+    assert load_config(None, common + ["data.image_size=8"], cls=VLMRunConfig).init_from == str(base)
+    for key, value, model in (("image_size", 32, 8), ("patch_size", 2, 4)):
+        with pytest.raises(ConfigError, match=rf"data\.{key}={value}, but init_from .* {key} {model} .* set it to {model}"):
+            load_config(None, common + [f"data.{key}={value}"], cls=VLMRunConfig)
