@@ -78,3 +78,29 @@ def test_mlxcore_bounds_what_cuda_graphs_hold_in_flight_unless_the_user_chose():
     assert out.stdout.split() == [mlxcore.CUDA_GRAPH_MB]
     out = _python(code, MLX_MAX_MB_PER_BUFFER="25")
     assert out.stdout.split() == ["25"], out.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU only")
+def test_mlxcore_makes_openmp_teams_wait_passively_unless_the_user_chose():
+    """OMP_WAIT_POLICY is read when an OpenMP runtime loads: importing mlxcore sets passive before
+    MKL (and its runtime) loads, so MKL's team that served a GEMM sleeps instead of spinning
+    through the next kernel. Where MKL runs on Intel's OpenMP (no PyTorch in the process, as in
+    the trainer) the runtime itself reports it: block time 0 (it spins for ever with `active`).
+    A value in the environment is never overridden."""
+    import os
+
+    from mlxcore.perf import _blas
+
+    code = ("import ctypes, os, mlxcore, mlx.core as mx; a = mx.ones((256, 256)); mx.eval(a @ a); "
+            "iomp = [l.split()[-1] for l in open('/proc/self/maps') if 'libiomp5' in l]; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), ctypes.CDLL(iomp[0]).kmp_get_blocktime() if iomp else '-')")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    policy, blocktime = out.stdout.split()
+    assert policy == _blas.OMP_WAIT_POLICY == "passive" and blocktime in ("0", "-")
+    out = _python(code, OMP_WAIT_POLICY="active")
+    policy, blocktime = out.stdout.split()
+    assert policy == "active" and blocktime in (str(2**31 - 1), "-"), out.stderr
+    if _blas.ensure_fast_blas().name == "mkl" and platform.machine() in ("x86_64", "AMD64"):
+        assert blocktime != "-"  # MKL on x86-64 runs on Intel's OpenMP here: the check above ran
