@@ -280,7 +280,7 @@ def test_rope_takes_per_sequence_offsets_as_a_packed_batch_passes_them(fast):
 
     # offsets far apart (a table row per sequence and step instead of per position): each
     # sequence as with its int offset
-    far = mx.array([3, 100_000, 7], dtype=mx.int32)
+    far = mx.array([3, 7, 100_000, 5], dtype=mx.int32)[::-1][1:]  # a reversed view: [100000, 7, 3]
     wide = kernels.rope(x, D, traditional=False, base=1e4, scale=0.5, offset=far)
     for b, off in enumerate(far.tolist()):
         alone = kernels.rope(x[b:b + 1], D, traditional=False, base=1e4, scale=0.5, offset=off)

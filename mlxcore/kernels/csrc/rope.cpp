@@ -172,7 +172,7 @@ mx::array rope(const mx::array& x, float base, float scale, int offset, const st
   if (offsets) {
     if (offsets->ndim() != 1 || offsets->shape(0) != x.shape(0))
       throw std::invalid_argument("[mlxflow kernels] rope: offsets must be [B] for x [B, H, T, D]");
-    in.push_back(mx::astype(*offsets, mx::int32, st));
+    in.push_back(mx::contiguous(mx::astype(*offsets, mx::int32, st), false, st));
     offset = 0;
   }
   return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(st, base, scale, offset, true), in);
