@@ -31,6 +31,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlxcore.vlm import vision_geometry
+
 SUPPORTED = ("llava",)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -142,8 +144,8 @@ def check_for_training(config: dict, src, data: dict, contrastive_weight: float,
 def data_spec(path: str | Path, config: dict | None = None) -> dict:
     """What preprocessing needs of the model: image side, patches per image, the image token and its id."""
     config = config or check(path)
-    v = config["vision_config"]
-    size, patch = v.get("image_size", 336), v.get("patch_size", 14)
+    geometry = vision_geometry(config["vision_config"])
+    size, patch = geometry["image_size"], geometry["patch_size"]
     k = (size // patch) ** 2 + (0 if config.get("vision_feature_select_strategy", "default") == "default" else 1)
     pc = Path(path) / "processor_config.json"
     token = json.loads(pc.read_text()).get("image_token", "<image>") if pc.is_file() else "<image>"
