@@ -60,7 +60,7 @@ def chat_segments(tok, messages: list[dict]) -> list[tuple[str, bool]]:
     segments, done = [], ""
     eos = tok.eos_token or ""
     for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
+        if msg["role"] != "assistant" or msg.get("weight", 1) == 0:  # weight 0: context, not learned
             continue
         prompt = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         full = tok.apply_chat_template(messages[: i + 1], tokenize=False)

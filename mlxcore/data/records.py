@@ -12,7 +12,8 @@ Each row becomes an example of one of these formats, declared (`SourceConfig.for
 detected from a file's first row:
   text           {"text": str}                                   pretraining text
   conversations  {"conversations" | "messages": [{"role", "content"}, ...]}  (also ShareGPT's
-                 {"from": human|gpt|system, "value"})
+                 {"from": human|gpt|system, "value"}; content may be a list of text parts, and
+                 an assistant message with "weight": 0 is context, not learned, as in OpenAI's format)
   instruction    {prompt_field, response_field} (default "prompt", "response"), or any fields
                  through `prompt_format` / `response_format` templates ("Q: {question}")
   alpaca         {"instruction", "input" (optional), "output"}
@@ -289,27 +290,58 @@ def template_fields(tpl: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(tpl) if name is not None]
 
 
+def _content(value: Any, where: str, what: str) -> str:
+    """A message's content as text: a string, or a list of content parts (OpenAI's and Hugging Face
+    chat templates' {"type": "text", "text": ...}), whose text parts are joined as a template renders
+    them (back to back). Any other part (an image, audio) is a DataError: text training takes text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        texts = []
+        for j, part in enumerate(value):
+            if isinstance(part, str):
+                texts.append(part)
+                continue
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise DataError(f"{where}: {what} content part {j} is {kind!r}, not text; text training takes "
+                                "text parts only (images belong to the VLM task: `mlxflow run vlm`)")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise DataError(f"{where}: {what} needs 'role' in {sorted(ROLES)} and a string 'content' "
+                    "(or a list of text parts)")
+
+
 def message_list(value: Any, where: str, name: str | None = None) -> list[dict]:
-    """A list of {"role", "content"} messages (ShareGPT's {"from", "value"} too), normalised;
-    DataError naming the row (and the field `name`) otherwise."""
+    """A list of {"role", "content"} messages (ShareGPT's {"from", "value"} too; content as a string
+    or a list of text parts), normalised; DataError naming the row (and the field `name`) otherwise.
+    An assistant message's OpenAI-style "weight" (1: learn it, the default; 0: context only) is kept."""
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: " + (f"field {name!r} must be a non-empty list of messages" if name
                                         else "expected a non-empty 'conversations' or 'messages' list"))
     out = []
     for i, m in enumerate(value):
+        what = f"{name + ' ' if name else ''}message {i}"
         if isinstance(m, dict) and "from" in m and "role" not in m:  # ShareGPT
             m = {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise DataError(f"{where}: {name + ' ' if name else ''}message {i} needs 'role' in {sorted(ROLES)} "
-                            "and a string 'content'")
-        out.append({"role": m["role"], "content": m["content"]})
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise DataError(f"{where}: {what} needs 'role' in {sorted(ROLES)} and a string 'content'")
+        msg = {"role": m["role"], "content": _content(m.get("content"), where, what)}
+        if "weight" in m:
+            if m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+                raise DataError(f"{where}: {what}: 'weight' is for assistant messages and must be 0 or 1, "
+                                f"got {m['weight']!r} on a {m['role']!r} message")
+            if m["weight"] == 0:
+                msg["weight"] = 0
+        out.append(msg)
     return out
 
 
 def _messages(row: dict, where: str) -> list[dict]:
     out = message_list(row.get("conversations" if "conversations" in row else "messages"), where)
-    if not any(m["role"] == "assistant" for m in out):
-        raise DataError(f"{where}: no assistant message to learn from")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in out):
+        raise DataError(f"{where}: no assistant message to learn from" + (
+            " (every one has weight 0)" if any(m["role"] == "assistant" for m in out) else ""))
     if out[0]["role"] == "assistant":
         raise DataError(f"{where}: the first message is from the assistant; nothing prompts it")
     return out

@@ -343,7 +343,7 @@ def test_lean_swiglu_has_autodiffs_value_and_gradients_and_keeps_less(dtype, mon
         assert x.dtype == dt
         close(x.astype(mx.float32), y.astype(mx.float32), rtol=tol, atol=tol)
 
-    def peak(lean: str, layers=6, d=1024):
+    def peak(lean: str, layers=6, d=1024, tokens=128):
         from mlxcore.config import ModelConfig
         from mlxcore.models.model import from_config, hf_config
 
@@ -353,7 +353,7 @@ def test_lean_swiglu_has_autodiffs_value_and_gradients_and_keeps_less(dtype, mon
                           intermediate_size=d, dtype=dtype)
         model = from_config(hf_config(cfg, 256))
         use_fast_kernels(model)
-        x = mx.random.randint(0, 256, (8, 257), key=mx.random.key(0))
+        x = mx.random.randint(0, 256, (8, tokens + 1), key=mx.random.key(0))
         vg = nn.value_and_grad(model, lambda m, x: nn.losses.cross_entropy(m(x[:, :-1]), x[:, 1:]).mean())
         step = mx.compile(lambda x: vg(model, x))
         mx.eval(step(x))
@@ -363,9 +363,9 @@ def test_lean_swiglu_has_autodiffs_value_and_gradients_and_keeps_less(dtype, mon
         return mx.get_peak_memory() - before
 
     saved = peak("off") - peak("on")
-    # up to 2 [tokens, d] arrays fewer per layer (measured here: 1.0 in bfloat16, 1.2+ in float32;
+    # up to 2 [tokens, d] arrays fewer per layer (measured here at 1,024 tokens: 0.52 in bfloat16, 0.92 in float32;
     # 1.8 on the 200mb preset in bfloat16, bench/activation_memory.py)
-    assert saved >= 0.4 * 6 * 2 * 8 * 256 * 1024 * dt.size, saved
+    assert saved >= 0.4 * 6 * 2 * 8 * 128 * 1024 * dt.size, saved
 
 
 def test_swiglu_off_the_fast_path_is_lean_on_the_cpu_unless_switched(monkeypatch):

@@ -85,6 +85,37 @@ def test_multi_turn_masks_every_assistant_turn(tmp_path, small_data):
     assert _learned(tok, docs[0]) == "b" + tok.eos_token + "d" + tok.eos_token
 
 
+def test_content_parts_and_weight_zero_turns_as_openai_and_hf_chat_data_write_them(tmp_path, small_data):
+    """Content as a list of text parts (OpenAI's format, Hugging Face chat templates) renders as the
+    parts back to back; an assistant turn with "weight": 0 is context (rendered, not learned)."""
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "a"}]}, {"role": "assistant", "content": "b", "weight": 0},
+             {"role": "user", "content": "c"}, {"role": "assistant", "content": [{"type": "text", "text": "d"}], "weight": 1}]
+    _, docs, tok = _sft(tmp_path, small_data, [{"messages": parts}])
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+             {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    assert tok.decode(docs[0][0]) == tok.apply_chat_template(plain, tokenize=False)
+    assert _learned(tok, docs[0]) == "d" + tok.eos_token  # "b" is in the tokens, not in the loss
+
+
+@pytest.mark.parametrize("messages, says", [
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}, {"role": "assistant", "content": "y"}],
+     "rows.jsonl:1: message 0 content part 0 is 'image_url', not text"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0.5}],
+     "rows.jsonl:1: message 1: 'weight' is for assistant messages and must be 0 or 1, got 0.5"),
+    ([{"role": "user", "content": "x", "weight": 0}, {"role": "assistant", "content": "y"}],
+     "rows.jsonl:1: message 0: 'weight' is for assistant messages"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}],
+     "rows.jsonl:1: no assistant message to learn from (every one has weight 0)"),
+    ([{"role": "user", "content": []}, {"role": "assistant", "content": "y"}], "rows.jsonl:1: message 0 needs 'role'"),
+])
+def test_unusable_parts_and_weights_fail_naming_file_line_and_message(messages, says, tmp_path, small_data):
+    with pytest.raises(DataError) as err:
+        _sft(tmp_path, small_data, [{"messages": messages}])
+    assert says in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_pretokenized_ids_are_used_as_they_are(tmp_path, small_data):
     rows = [{"ids": [5, 6, 7, 8], "mask": [0, 0, 1, 1]}, {"ids": [9, 10, 11], "labels": [-100, 10, 11]}]
     _, docs, _ = _sft(tmp_path, small_data, rows)
