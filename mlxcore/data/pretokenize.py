@@ -55,22 +55,33 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
+def render_chat(tok, messages: list[dict], **kwargs) -> str:
+    """`messages` through the tokenizer's chat template, with the row's tools (`records.Chat`); a
+    template that cannot render them is a DataError (the caller adds the row)."""
+    tools = getattr(messages, "tools", None)
+    try:
+        return tok.apply_chat_template(list(messages), tokenize=False, **({"tools": tools} if tools else {}), **kwargs)
+    except Exception as e:  # jinja2's TemplateError, or a template reading a key the message lacks
+        raise DataError(f"the tokenizer's chat template cannot render this conversation: {type(e).__name__}: {e}") from None
+
+
 def chat_segments(tok, messages: list[dict]) -> list[tuple[str, bool]]:
     """Split a rendered conversation into (text, trainable) pieces."""
     segments, done = [], ""
     eos = tok.eos_token or ""
+    tools = getattr(messages, "tools", None)
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant" or msg.get("weight", 1) == 0:  # weight 0: context, not learned
             continue
-        prompt = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        full = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        prompt = render_chat(tok, records.Chat(messages[:i], tools), add_generation_prompt=True)
+        full = render_chat(tok, records.Chat(messages[: i + 1], tools))
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise DataError("the chat template is not prefix-stable; cannot locate assistant tokens")
         answer = full[len(prompt) :]
         cut = answer.rfind(eos) + len(eos) if eos and eos in answer else len(answer)
         segments += [(prompt[len(done) :], False), (answer[:cut], True), (answer[cut:], False)]
         done = full
-    rest = tok.apply_chat_template(messages, tokenize=False)[len(done) :]
+    rest = render_chat(tok, messages)[len(done) :]
     segments.append((rest, False))
     return [(text, train) for text, train in segments if text]
 
@@ -117,7 +128,10 @@ class Encoder:
                 texts.append(ex)
                 text_rows.append(r)
             elif self.kind == "pretrain":  # a conversation as plain text, all of it learned
-                texts.append(self.hf.apply_chat_template(ex, tokenize=False))
+                try:
+                    texts.append(render_chat(self.hf, ex))
+                except DataError as e:
+                    raise DataError(f"{where}: {e}") from None
                 text_rows.append(r)
             else:
                 try:

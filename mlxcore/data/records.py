@@ -13,7 +13,9 @@ detected from a file's first row:
   text           {"text": str}                                   pretraining text
   conversations  {"conversations" | "messages": [{"role", "content"}, ...]}  (also ShareGPT's
                  {"from": human|gpt|system, "value"}; content may be a list of text parts, and
-                 an assistant message with "weight": 0 is context, not learned, as in OpenAI's format)
+                 an assistant message with "weight": 0 is context, not learned, as in OpenAI's format;
+                 tool calling as OpenAI writes it: an assistant's "tool_calls", "tool" turns with
+                 the results, the row's "tools" schemas, all rendered by the chat template)
   instruction    {prompt_field, response_field} (default "prompt", "response"), or any fields
                  through `prompt_format` / `response_format` templates ("Q: {question}")
   alpaca         {"instruction", "input" (optional), "output"}
@@ -35,8 +37,9 @@ from typing import Any, Iterator, NamedTuple
 
 import orjson
 
-ROLES = {"system", "user", "assistant"}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = {"system", "user", "assistant", "tool"}  # tool: a tool call's result (context, not learned)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "observation": "tool", "tool": "tool"}  # + "function_call" (LLaMA-Factory's tool calls)
 FORMATS = ("auto", "text", "conversations", "instruction", "alpaca", "gsm8k", "ids")
 CHAT_FORMATS = ("conversations", "instruction", "alpaca", "gsm8k")
 CHUNK_ROWS = 1024
@@ -312,6 +315,69 @@ def _content(value: Any, where: str, what: str) -> str:
                     "(or a list of text parts)")
 
 
+def _tool_calls(m: dict, where: str, what: str) -> list[dict]:
+    """An assistant message's tool calls (OpenAI's {"type": "function", "function": {"name",
+    "arguments"}}, arguments a JSON object or its JSON text), normalised to arguments as objects,
+    the form Hugging Face chat templates render."""
+    calls = m["tool_calls"]
+    if m.get("role") != "assistant" or not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}: {what}: 'tool_calls' must be a non-empty list on an assistant message")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        args = fn.get("arguments", {}) if isinstance(fn, dict) else None
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                args = None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(args, dict):
+            raise DataError(f"{where}: {what} tool call {j} needs {{\"function\": {{\"name\": str, \"arguments\": "
+                            "a JSON object or its text}}")
+        out.append({"type": "function", "function": {"name": fn["name"], "arguments": args},
+                    **({"id": call["id"]} if isinstance(call.get("id"), str) else {})})
+    return out
+
+
+def _sharegpt(m: dict, where: str, what: str) -> dict:
+    """A ShareGPT turn ({"from", "value"}) as a message; LLaMA-Factory's "function_call" turn (its
+    value the JSON of one call {"name", "arguments"} or a list of them) as an assistant's tool calls."""
+    if m["from"] != "function_call":
+        return {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
+    try:
+        calls = json.loads(m.get("value") or "")
+    except (TypeError, ValueError):
+        calls = None
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise DataError(f"{where}: {what} (function_call) must be the JSON of a call {{\"name\", \"arguments\"}} "
+                        "or a list of them")
+    return {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": c} for c in calls]}
+
+
+class Chat(list):
+    """A row's messages, with its tool definitions (`tools`: OpenAI's / mlx-lm's JSON schemas) for
+    the chat template; None when it has none."""
+
+    def __init__(self, messages=(), tools: list | None = None):
+        super().__init__(messages)
+        self.tools = tools
+
+
+def _tools(row: dict, where: str) -> list | None:
+    tools = row.get("tools")
+    if tools is None or tools == []:
+        return None
+    if isinstance(tools, str):  # some exports store the list as JSON text
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            tools = None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{where}: field 'tools' must be a list of tool definitions (JSON objects)")
+    return tools
+
+
 def message_list(value: Any, where: str, name: str | None = None) -> list[dict]:
     """A list of {"role", "content"} messages (ShareGPT's {"from", "value"} too; content as a string
     or a list of text parts), normalised; DataError naming the row (and the field `name`) otherwise.
@@ -323,10 +389,15 @@ def message_list(value: Any, where: str, name: str | None = None) -> list[dict]:
     for i, m in enumerate(value):
         what = f"{name + ' ' if name else ''}message {i}"
         if isinstance(m, dict) and "from" in m and "role" not in m:  # ShareGPT
-            m = {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
+            m = _sharegpt(m, where, what)
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise DataError(f"{where}: {what} needs 'role' in {sorted(ROLES)} and a string 'content'")
-        msg = {"role": m["role"], "content": _content(m.get("content"), where, what)}
+        calls = _tool_calls(m, where, what) if m.get("tool_calls") is not None else None
+        content = "" if calls and m.get("content") is None else _content(m.get("content"), where, what)
+        msg = {"role": m["role"], "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        msg.update({k: m[k] for k in ("tool_call_id", "name") if m["role"] == "tool" and isinstance(m.get(k), str)})
         if "weight" in m:
             if m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
                 raise DataError(f"{where}: {what}: 'weight' is for assistant messages and must be 0 or 1, "
@@ -382,8 +453,9 @@ def to_example(row: dict, fmt: str, kind: str, opts: dict, where: str):
             raise DataError(f"{where}: plain text rows have no assistant turn to learn; use them for pretraining, "
                             "or declare a chat format")
         return string_field(row, opts.get("text_field") or "text", where, fmt)
+    tools = None
     if fmt == "conversations":
-        msgs = _messages(row, where)
+        msgs, tools = _messages(row, where), _tools(row, where)
     elif fmt in CHAT_FORMATS:
         prompt, response = _prompt_response(row, fmt, opts, where)
         msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
@@ -391,7 +463,7 @@ def to_example(row: dict, fmt: str, kind: str, opts: dict, where: str):
         raise DataError(f"{where}: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if opts.get("system_prompt") and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": opts["system_prompt"]}] + msgs
-    return msgs
+    return Chat(msgs, tools) if tools else msgs
 
 
 def _int_list(value, name: str, where: str) -> list[int]:

@@ -116,6 +116,70 @@ def test_unusable_parts_and_weights_fail_naming_file_line_and_message(messages, 
     assert not (tmp_path / "out").exists()
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+             {"role": "tool", "content": "sunny, 21C"}, {"role": "assistant", "content": "Sunny, 21C."}]
+
+
+@pytest.mark.parametrize("case", ["openai", "llama_factory_sharegpt"])
+def test_tool_calling_rows_render_their_tools_and_learn_the_calls_not_the_results(case, tmp_path, small_data):
+    """OpenAI's tool-calling rows (arguments as JSON text, a "tool" turn, the row's "tools") and
+    LLaMA-Factory's ShareGPT form ("function_call" / "observation" turns, "tools" as JSON text) are
+    the same conversation: rendered with the tools by the chat template, the assistant's call and
+    its final answer learned, the tool's result not."""
+    if case == "openai":
+        row = {"messages": [TOOL_CHAT[0], {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21C"}, TOOL_CHAT[3]], "tools": [WEATHER]}
+    else:
+        row = {"conversations": [{"from": "human", "value": "Weather in Paris?"},
+                                 {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+                                 {"from": "observation", "value": "sunny, 21C"}, {"from": "gpt", "value": "Sunny, 21C."}],
+               "tools": json.dumps([WEATHER])}
+    _, docs, tok = _sft(tmp_path, small_data, [row])
+    rendered = tok.decode(docs[0][0])
+    assert rendered == tok.apply_chat_template(TOOL_CHAT, tools=[WEATHER], tokenize=False)
+    assert '"name": "get_weather"' in rendered.split("<tools>")[1] and "<|im_start|>tool\nsunny, 21C" in rendered
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    assert _learned(tok, docs[0]) == call + tok.eos_token + "Sunny, 21C." + tok.eos_token
+
+
+@pytest.mark.parametrize("row, says", [
+    ({"messages": [TOOL_CHAT[0], {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{city"}}]}]},
+     "rows.jsonl:1: message 1 tool call 0 needs"),
+    ({"messages": [TOOL_CHAT[0], {"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]}]},
+     "rows.jsonl:1: message 1: 'tool_calls' must be a non-empty list on an assistant message"),
+    ({"messages": TOOL_CHAT, "tools": {"name": "f"}}, "rows.jsonl:1: field 'tools' must be a list of tool definitions"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "get_weather(Paris)"}]},
+     "rows.jsonl:1: message 1 (function_call) must be the JSON of a call"),
+])
+def test_malformed_tool_calls_fail_naming_file_line_and_message(row, says, tmp_path, small_data):
+    with pytest.raises(DataError) as err:
+        _sft(tmp_path, small_data, [row])
+    assert says in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_template_that_cannot_render_a_tool_turn_fails_naming_the_row(tmp_path, small_data):
+    import shutil
+
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(small_data["tok"], tok_dir)
+    tok = tokenizers.load(tok_dir)
+    tok.chat_template = ("{%- for m in messages %}{%- if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}"
+                         "{%- endif %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}")
+    tok.save_pretrained(str(tok_dir))
+    src = _write(tmp_path / "rows.jsonl", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                                           {"messages": TOOL_CHAT}])
+    with pytest.raises(DataError, match=r"rows.jsonl:2: the tokenizer's chat template cannot render this conversation: "
+                                        r"\w+: no tool turns"):
+        pretokenize.pretokenize({"train": [src], "val": [src]}, tok_dir, "sft", tmp_path / "out", progress_bar=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_pretokenized_ids_are_used_as_they_are(tmp_path, small_data):
     rows = [{"ids": [5, 6, 7, 8], "mask": [0, 0, 1, 1]}, {"ids": [9, 10, 11], "labels": [-100, 10, 11]}]
     _, docs, _ = _sft(tmp_path, small_data, rows)
