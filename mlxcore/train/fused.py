@@ -26,7 +26,7 @@ from __future__ import annotations
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_map_with_path
+from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxcore.train.optimizers import AdamWFloat32State
 
@@ -110,9 +110,16 @@ def _split(flat: mx.array, entries):
     return [flat[a:b].reshape(shape) for _, shape, a, b in entries]
 
 
-def apply(optimizer: optim.Optimizer, packed: Packed, params: dict, grads_tree) -> dict:
+def apply(optimizer: optim.Optimizer, packed: Packed, params: dict, grads_tree, resident: dict | None = None) -> dict:
     """`optimizer.apply_gradients` on packed gradients: the same lazy init, schedule and step
-    count, then `apply_single` once per group. Returns the new parameters in `grads_tree`'s shape."""
+    count, then `apply_single` once per group. Returns the new parameters in `grads_tree`'s shape.
+
+    `resident` (a dict the caller keeps between steps, empty at first): each group's flat parameter
+    and state buffers are kept there, and the parameters and state this returns are views (slices)
+    of them. A later step whose parameters and state are still those views (the caller checks,
+    `Resident.current`) reads the flat buffers instead of concatenating the tensors again: the
+    update then moves each parameter's bytes once, as a per-tensor update does, in a few large ops.
+    """
     if not optimizer._initialized:
         optimizer.init(grads_tree)
     for name, scheduler in optimizer._schedulers.items():
@@ -122,7 +129,7 @@ def apply(optimizer: optim.Optimizer, packed: Packed, params: dict, grads_tree) 
     states: dict = {}
     tree_map_with_path(lambda path, g, s: states.__setitem__(path, s), grads_tree, optimizer.state)
     new: dict = {}
-    for entries, g in packed.groups:
+    for index, (entries, g) in enumerate(packed.groups):
         sts = [states[path] for path, *_ in entries]
         keys = sorted(sts[0])
         uniform = all(sorted(s) == keys and all(s[k].shape == shape and s[k].dtype == sts[0][k].dtype for k in keys)
@@ -131,14 +138,46 @@ def apply(optimizer: optim.Optimizer, packed: Packed, params: dict, grads_tree) 
             for (path, *_), g_i, s in zip(entries, _split(g, entries), sts):
                 new[path] = optimizer.apply_single(g_i, params[path], s)
             continue
-        flat_state = {k: _cat([s[k] for s in sts]) for k in keys}
-        p = optimizer.apply_single(g, _cat([params[path] for path, *_ in entries]), flat_state)
+        kept = (resident or {}).get(index)
+        if kept is not None and kept["param"].size == g.size and sorted(kept["state"]) == keys:
+            flat_param, flat_state = kept["param"], dict(kept["state"])
+        else:
+            flat_param = _cat([params[path] for path, *_ in entries])
+            flat_state = {k: _cat([s[k] for s in sts]) for k in keys}
+        p = optimizer.apply_single(g, flat_param, flat_state)
+        if resident is not None:
+            resident[index] = {"param": p, "state": dict(flat_state)}
         for k in keys:
             for s, piece in zip(sts, _split(flat_state[k], entries)):
                 s[k] = piece
         for (path, *_), piece in zip(entries, _split(p, entries)):
             new[path] = piece
     return tree_map_with_path(lambda path, _: new[path], grads_tree)
+
+
+class Resident:
+    """The flat buffers `apply` keeps between steps (`buffers`, part of the step's compiled state),
+    and whether the model's parameters and the optimizer's state are still the views of them that
+    the last step left (`current`). Anything else (weights loaded from a checkpoint, a state
+    restored, a parameter set by hand) drops them, and the next step concatenates afresh."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer, self.buffers, self.views = model, optimizer, {}, None
+
+    def _leaves(self) -> list:
+        return [v for _, v in tree_flatten(self.model.parameters())] + [v for _, v in tree_flatten(self.optimizer.state)]
+
+    def check(self) -> None:
+        """Before a step: drop the buffers unless every parameter and state array is the one the
+        last step left."""
+        leaves = self._leaves()
+        if self.views is None or len(leaves) != len(self.views) or any(a is not b for a, b in zip(leaves, self.views)):
+            self.buffers.clear()
+        self.views = None
+
+    def record(self) -> None:
+        """After a step (its outputs written into the model and optimizer)."""
+        self.views = self._leaves()
 
 
 def default_for_device() -> bool:

@@ -66,7 +66,9 @@ class Stepper:
         self.fused = wanted and fused_step.supports(optimizer)
         self.group = group if group is not None and group.size() > 1 else None
         self.world = self.group.size() if self.group else 1
-        self.state = [model.state, optimizer.state, mx.random.state]
+        # the fused path's flat parameter / state buffers, kept from step to step (fused.Resident)
+        self.resident = fused_step.Resident(model, optimizer)
+        self.state = [model.state, optimizer.state, mx.random.state, self.resident.buffers]
         self.timings: dict[str, float] = {}
         self.aux: dict[str, mx.array] = {}
         use_fast_kernels(model)  # fused CPU attention / SwiGLU for mlx-lm's layers (no-op elsewhere)
@@ -105,7 +107,7 @@ class Stepper:
                 flats, tree = grads
                 params = dict(tree_flatten(model.parameters()))
                 packed = fused_step.Packed(list(zip(fused_step.Packed.layout(tree, params), flats)))
-                model.update(fused_step.apply(optimizer, packed, params, tree))
+                model.update(fused_step.apply(optimizer, packed, params, tree, resident=self.resident.buffers))
                 return
             optimizer.update(model, grads)
 
@@ -135,6 +137,8 @@ class Stepper:
         are left in `self.aux` (evaluate it with `state`)."""
         arrays = [tuple(map(mx.array, self.loss.prepare(b))) for b in micro_batches]
         f = self.fns
+        if self.fused:
+            self.resident.check()
         if self.profile:
             self.timings = {}
             loss_sum, n, aux, acc = self._accumulate(arrays, lambda a: self._timed("fwd_bwd", f["grads"], *a))
@@ -147,6 +151,8 @@ class Stepper:
         else:
             loss_sum, n, norm, aux = f["apply"](*self._accumulate(arrays, lambda a: f["grads"](*a)))
         self.aux = aux
+        if self.fused:
+            self.resident.record()
         return loss_sum, n, norm
 
     @staticmethod

@@ -189,3 +189,36 @@ def test_resume_is_exact_within_and_across_the_fused_and_per_tensor_paths(small_
         assert resumed["val_loss"] == straight["val_loss"]
     else:
         _assert_same(mx.load(str(a / "model.safetensors")), mx.load(str(b / "model.safetensors")), exact=False, rtol=1e-3)
+
+
+def test_the_flat_buffers_persist_between_steps_and_weights_set_from_outside_are_used(monkeypatch):
+    """The fused path keeps its flat parameter and moment buffers from step to step (only the
+    gradients are concatenated after the first steps' traces), and weights set from outside (a
+    checkpoint loaded mid-run) drop them: the next step updates those weights. Each step equals the
+    per-tensor path's, bit for bit on the CPU, with the same replacement at the same step."""
+    concatenated = []
+    cat = fused._cat
+    monkeypatch.setattr(fused, "_cat", lambda xs: concatenated.append(len(xs)) or cat(xs))
+    replacement = {k: v * 0.5 for k, v in tree_flatten(_model("float32").parameters())}
+
+    def run(mode):
+        model, opt = _model("float32"), OPTIMIZERS["adamw_f32_state"]()
+        stepper = Stepper(model, opt, grad_clip=0.0, compile=True, fused=mode)  # clip off: its sum's order differs
+        traced = []
+        for i, b in enumerate(_batches(6)):
+            if i == 3:
+                model.update(tree_unflatten(list(replacement.items())))
+            mx.eval(stepper([b]), stepper.state)
+            traced.append(len(concatenated))
+        return dict(tree_flatten(model.parameters())), dict(tree_flatten(opt.state)), traced, stepper
+
+    p_fused, st_fused, traced, stepper = run("on")
+    # step 1 traces with the parameters and moments concatenated (4 buffers: gradients, parameters,
+    # m, v), step 2 with the kept buffers (gradients only); then the trace is reused until step 4
+    # drops the buffers and traces again
+    assert traced[0] == 4 and traced[1] == 5 and traced[2] == 5 and traced[3] > 5
+    assert stepper.resident.buffers  # kept for the next step
+    concatenated.clear()
+    p_plain, st_plain, _, _ = run("off")
+    _assert_same(p_fused, p_plain, exact=ON_CPU, rtol=1e-5)
+    _assert_same(st_fused, st_plain, exact=ON_CPU, rtol=1e-5)
