@@ -191,6 +191,7 @@ def test_resume_is_exact_within_and_across_the_fused_and_per_tensor_paths(small_
         _assert_same(mx.load(str(a / "model.safetensors")), mx.load(str(b / "model.safetensors")), exact=False, rtol=1e-3)
 
 
+@pytest.mark.gpu
 def test_the_flat_buffers_persist_between_steps_and_weights_set_from_outside_are_used(monkeypatch):
     """The fused path keeps its flat parameter and moment buffers from step to step (only the
     gradients are concatenated after the first steps' traces), and weights set from outside (a
