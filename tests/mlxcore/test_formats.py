@@ -147,6 +147,20 @@ def test_tool_calling_rows_render_their_tools_and_learn_the_calls_not_the_result
     assert _learned(tok, docs[0]) == call + tok.eos_token + "Sunny, 21C." + tok.eos_token
 
 
+def test_tool_calls_through_minimind_s_own_qwen_style_template(tmp_path, test_data):
+    """MiniMind's tokenizer (the test data) has a Qwen-style template with its own tool format
+    (results as <tool_response> in a user turn): the call is learned, the response is not."""
+    tok_dir = test_data / "minimind_tokenizer"
+    src = _write(tmp_path / "rows.jsonl", [{"messages": TOOL_CHAT, "tools": [WEATHER]}])
+    pretokenize.pretokenize({"train": [src], "val": [src]}, tok_dir, "sft", tmp_path / "out", progress_bar=False)
+    tok = tokenizers.load(tok_dir)
+    doc = _docs(tmp_path / "out")[0]
+    assert tok.decode(doc[0]) == tok.apply_chat_template(TOOL_CHAT, tools=[WEATHER], tokenize=False)
+    learned = _learned(tok, doc)
+    assert '"name": "get_weather", "arguments": {"city": "Paris"}' in learned and learned.endswith("Sunny, 21C." + tok.eos_token)
+    assert "sunny, 21C" not in learned and "<tool_response>" in tok.decode(doc[0])
+
+
 @pytest.mark.parametrize("row, says", [
     ({"messages": [TOOL_CHAT[0], {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{city"}}]}]},
      "rows.jsonl:1: message 1 tool call 0 needs"),
