@@ -31,11 +31,12 @@ def write(run_dir: str | Path, flow: str, name: str, config: dict, stages: dict[
           bench: dict | None = None, flow_run_id: str | None = None, extra: dict | None = None) -> Path:
     """Write the record of one run (atomically): its own file under `records/`, then `run.json`. The record's path."""
     run_dir = Path(run_dir)
-    now = time.gmtime()
+    ns = time.time_ns()  # one clock read for the name's seconds and nanoseconds, so names sort by time
+    now = time.gmtime(ns // 1_000_000_000)
     record = {"flow": flow, "name": name, "flow_run_id": flow_run_id,
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", now), "config": config,
               "stages": {k: str(v) for k, v in stages.items() if v}, "model": model, "bench": bench, **(extra or {})}
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", now) + f"-{time.time_ns() % 1_000_000_000:09d}"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", now) + f"-{ns % 1_000_000_000:09d}"
     path = run_dir / RECORDS / f"{stamp}-{(flow_run_id or 'local')[:8]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, record)

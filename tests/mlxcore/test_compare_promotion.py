@@ -54,6 +54,18 @@ def test_run_records_and_clear_errors(tmp_path):
     assert (tmp_path / "out" / "loss-curves.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_records_written_across_a_second_boundary_keep_their_order(tmp_path, monkeypatch):
+    """A record's name takes its seconds and nanoseconds from one clock read: two runs 2 ms apart
+    across a second boundary (15.998919356 s, then 16.000978467 s) are listed in that order (seen
+    in a suite run when they came from two reads: 15 s with the next second's nanoseconds)."""
+    clock = iter([1_796_556_435_998_919_356, 1_796_556_436_000_978_467])
+    monkeypatch.setattr(runrecord.time, "time_ns", lambda: next(clock))
+    first = runrecord.write(tmp_path / "r", "pipeline", "r", {"sft": {"lr": 1}}, {}, None)
+    second = runrecord.write(tmp_path / "r", "pipeline", "r", {"sft": {"lr": 2}}, {}, None)
+    assert runrecord.history(tmp_path / "r") == [first, second]
+    assert first.name.startswith("20261206T112715Z-998919356") and second.name.startswith("20261206T112716Z-000978467")
+
+
 def _outcomes(values, suite="s"):
     return {"metric": "bench", "values": {f"q{i}": float(v) for i, v in enumerate(values)},
             "suites": {f"q{i}": (suite if isinstance(suite, str) else suite[i]) for i in range(len(values))}}
