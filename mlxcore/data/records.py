@@ -344,10 +344,12 @@ def _sharegpt(m: dict, where: str, what: str) -> dict:
     value the JSON of one call {"name", "arguments"} or a list of them) as an assistant's tool calls."""
     if m["from"] != "function_call":
         return {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
-    try:
-        calls = json.loads(m.get("value") or "")
-    except (TypeError, ValueError):
-        calls = None
+    calls = m.get("value")
+    if isinstance(calls, str):
+        try:
+            calls = json.loads(calls)
+        except ValueError:
+            calls = None
     calls = [calls] if isinstance(calls, dict) else calls
     if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
         raise DataError(f"{where}: {what} (function_call) must be the JSON of a call {{\"name\", \"arguments\"}} "

@@ -117,7 +117,7 @@ def apply(optimizer: optim.Optimizer, packed: Packed, params: dict, grads_tree, 
     `resident` (a dict the caller keeps between steps, empty at first): each group's flat parameter
     and state buffers are kept there, and the parameters and state this returns are views (slices)
     of them. A later step whose parameters and state are still those views (the caller checks,
-    `Resident.current`) reads the flat buffers instead of concatenating the tensors again: the
+    `Resident.check`) reads the flat buffers instead of concatenating the tensors again: the
     update then moves each parameter's bytes once, as a per-tensor update does, in a few large ops.
     """
     if not optimizer._initialized:
@@ -138,15 +138,16 @@ def apply(optimizer: optim.Optimizer, packed: Packed, params: dict, grads_tree, 
             for (path, *_), g_i, s in zip(entries, _split(g, entries), sts):
                 new[path] = optimizer.apply_single(g_i, params[path], s)
             continue
+        paths = [path for path, *_ in entries]
         kept = (resident or {}).get(index)
-        if kept is not None and kept["param"].size == g.size and sorted(kept["state"]) == keys:
+        if kept is not None and kept["paths"] == paths and sorted(kept["state"]) == keys:
             flat_param, flat_state = kept["param"], dict(kept["state"])
         else:
             flat_param = _cat([params[path] for path, *_ in entries])
             flat_state = {k: _cat([s[k] for s in sts]) for k in keys}
         p = optimizer.apply_single(g, flat_param, flat_state)
         if resident is not None:
-            resident[index] = {"param": p, "state": dict(flat_state)}
+            resident[index] = {"param": p, "state": dict(flat_state), "paths": paths}
         for k in keys:
             for s, piece in zip(sts, _split(flat_state[k], entries)):
                 s[k] = piece
@@ -158,7 +159,7 @@ def apply(optimizer: optim.Optimizer, packed: Packed, params: dict, grads_tree, 
 class Resident:
     """The flat buffers `apply` keeps between steps (`buffers`, part of the step's compiled state),
     and whether the model's parameters and the optimizer's state are still the views of them that
-    the last step left (`current`). Anything else (weights loaded from a checkpoint, a state
+    the last step left (`check`). Anything else (weights loaded from a checkpoint, a state
     restored, a parameter set by hand) drops them, and the next step concatenates afresh."""
 
     def __init__(self, model, optimizer):
