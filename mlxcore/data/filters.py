@@ -152,7 +152,8 @@ def _text(example) -> str | None:
 def _content(example) -> bytes:
     if isinstance(example, str):
         return example.encode("utf-8", "surrogatepass")
-    return json.dumps(example, ensure_ascii=True, sort_keys=True).encode()
+    tools = getattr(example, "tools", None)  # records.Chat: a row's tool definitions are part of it
+    return json.dumps([list(example), tools] if tools else example, ensure_ascii=True, sort_keys=True).encode()
 
 
 def _line(payload, row: dict, text_file: bool) -> bytes:
