@@ -152,7 +152,7 @@ def _text(example) -> str | None:
 def _content(example) -> bytes:
     if isinstance(example, str):
         return example.encode("utf-8", "surrogatepass")
-    tools = getattr(example, "tools", None)  # records.Chat: a row's tool definitions are part of it
+    tools = getattr(example, "tools", None)  # messages.Chat: a row's tool definitions are part of it
     return json.dumps([list(example), tools] if tools else example, ensure_ascii=True, sort_keys=True).encode()
 
 

@@ -55,10 +55,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def render_chat(tok, messages: list[dict], **kwargs) -> str:
-    """`messages` through the tokenizer's chat template, with the row's tools (`records.Chat`); a
-    template that cannot render them is a DataError (the caller adds the row)."""
-    tools = getattr(messages, "tools", None)
+def render_chat(tok, messages: list[dict], tools: list | None = None, **kwargs) -> str:
+    """`messages` through the tokenizer's chat template, with `tools` (default: the row's own,
+    `messages.Chat`); a template that cannot render them is a DataError (the caller adds the row)."""
+    tools = tools if tools is not None else getattr(messages, "tools", None)
     try:
         return tok.apply_chat_template(list(messages), tokenize=False, **({"tools": tools} if tools else {}), **kwargs)
     except Exception as e:  # jinja2's TemplateError, or a template reading a key the message lacks
@@ -73,8 +73,8 @@ def chat_segments(tok, messages: list[dict]) -> list[tuple[str, bool]]:
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant" or msg.get("weight", 1) == 0:  # weight 0: context, not learned
             continue
-        prompt = render_chat(tok, records.Chat(messages[:i], tools), add_generation_prompt=True)
-        full = render_chat(tok, records.Chat(messages[: i + 1], tools))
+        prompt = render_chat(tok, messages[:i], tools, add_generation_prompt=True)
+        full = render_chat(tok, messages[: i + 1], tools)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise DataError("the chat template is not prefix-stable; cannot locate assistant tokens")
         answer = full[len(prompt) :]

@@ -15,7 +15,8 @@ detected from a file's first row:
                  {"from": human|gpt|system, "value"}; content may be a list of text parts, and
                  an assistant message with "weight": 0 is context, not learned, as in OpenAI's format;
                  tool calling as OpenAI writes it: an assistant's "tool_calls", "tool" turns with
-                 the results, the row's "tools" schemas, all rendered by the chat template)
+                 the results, the row's "tools" schemas, all rendered by the chat template;
+                 the messages themselves: `mlxcore.data.messages`)
   instruction    {prompt_field, response_field} (default "prompt", "response"), or any fields
                  through `prompt_format` / `response_format` templates ("Q: {question}")
   alpaca         {"instruction", "input" (optional), "output"}
@@ -37,18 +38,14 @@ from typing import Any, Iterator, NamedTuple
 
 import orjson
 
-ROLES = {"system", "user", "assistant", "tool"}  # tool: a tool call's result (context, not learned)
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "observation": "tool", "tool": "tool"}  # + "function_call" (LLaMA-Factory's tool calls)
+from mlxcore.data.errors import DataError
+from mlxcore.data.messages import Chat, message_list, tools_of
+
 FORMATS = ("auto", "text", "conversations", "instruction", "alpaca", "gsm8k", "ids")
 CHAT_FORMATS = ("conversations", "instruction", "alpaca", "gsm8k")
 CHUNK_ROWS = 1024
 CHUNK_BYTES = 256 << 10  # per worker task: small enough to balance the last tasks
 MAX_LINE_BYTES = 8 << 20  # a longer JSONL line is refused before it is held in memory
-
-
-class DataError(ValueError):
-    """Bad input data; the message starts with `file:line:` (or the file alone)."""
 
 
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark: Windows tools start files with it
@@ -293,123 +290,6 @@ def template_fields(tpl: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(tpl) if name is not None]
 
 
-def _content(value: Any, where: str, what: str) -> str:
-    """A message's content as text: a string, or a list of content parts (OpenAI's and Hugging Face
-    chat templates' {"type": "text", "text": ...}), whose text parts are joined as a template renders
-    them (back to back). Any other part (an image, audio) is a DataError: text training takes text."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value:
-        texts = []
-        for j, part in enumerate(value):
-            if isinstance(part, str):
-                texts.append(part)
-                continue
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            if kind != "text" or not isinstance(part.get("text"), str):
-                raise DataError(f"{where}: {what} content part {j} is {kind!r}, not text; text training takes "
-                                "text parts only (images belong to the VLM task: `mlxflow run vlm`)")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise DataError(f"{where}: {what} needs 'role' in {sorted(ROLES)} and a string 'content' "
-                    "(or a list of text parts)")
-
-
-def _tool_calls(m: dict, where: str, what: str) -> list[dict]:
-    """An assistant message's tool calls (OpenAI's {"type": "function", "function": {"name",
-    "arguments"}}, arguments a JSON object or its JSON text), normalised to arguments as objects,
-    the form Hugging Face chat templates render."""
-    calls = m["tool_calls"]
-    if m.get("role") != "assistant" or not isinstance(calls, list) or not calls:
-        raise DataError(f"{where}: {what}: 'tool_calls' must be a non-empty list on an assistant message")
-    out = []
-    for j, call in enumerate(calls):
-        fn = call.get("function") if isinstance(call, dict) else None
-        args = fn.get("arguments", {}) if isinstance(fn, dict) else None
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                args = None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(args, dict):
-            raise DataError(f"{where}: {what} tool call {j} needs {{\"function\": {{\"name\": str, \"arguments\": "
-                            "a JSON object or its text}}")
-        out.append({"type": "function", "function": {"name": fn["name"], "arguments": args},
-                    **({"id": call["id"]} if isinstance(call.get("id"), str) else {})})
-    return out
-
-
-def _sharegpt(m: dict, where: str, what: str) -> dict:
-    """A ShareGPT turn ({"from", "value"}) as a message; LLaMA-Factory's "function_call" turn (its
-    value the JSON of one call {"name", "arguments"} or a list of them) as an assistant's tool calls."""
-    if m["from"] != "function_call":
-        return {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
-    calls = m.get("value")
-    if isinstance(calls, str):
-        try:
-            calls = json.loads(calls)
-        except ValueError:
-            calls = None
-    calls = [calls] if isinstance(calls, dict) else calls
-    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
-        raise DataError(f"{where}: {what} (function_call) must be the JSON of a call {{\"name\", \"arguments\"}} "
-                        "or a list of them")
-    return {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": c} for c in calls]}
-
-
-class Chat(list):
-    """A row's messages, with its tool definitions (`tools`: OpenAI's / mlx-lm's JSON schemas) for
-    the chat template; None when it has none."""
-
-    def __init__(self, messages=(), tools: list | None = None):
-        super().__init__(messages)
-        self.tools = tools
-
-
-def _tools(row: dict, where: str) -> list | None:
-    tools = row.get("tools")
-    if tools is None or tools == []:
-        return None
-    if isinstance(tools, str):  # some exports store the list as JSON text
-        try:
-            tools = json.loads(tools)
-        except ValueError:
-            tools = None
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise DataError(f"{where}: field 'tools' must be a list of tool definitions (JSON objects)")
-    return tools
-
-
-def message_list(value: Any, where: str, name: str | None = None) -> list[dict]:
-    """A list of {"role", "content"} messages (ShareGPT's {"from", "value"} too; content as a string
-    or a list of text parts), normalised; DataError naming the row (and the field `name`) otherwise.
-    An assistant message's OpenAI-style "weight" (1: learn it, the default; 0: context only) is kept."""
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: " + (f"field {name!r} must be a non-empty list of messages" if name
-                                        else "expected a non-empty 'conversations' or 'messages' list"))
-    out = []
-    for i, m in enumerate(value):
-        what = f"{name + ' ' if name else ''}message {i}"
-        if isinstance(m, dict) and "from" in m and "role" not in m:  # ShareGPT
-            m = _sharegpt(m, where, what)
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise DataError(f"{where}: {what} needs 'role' in {sorted(ROLES)} and a string 'content'")
-        calls = _tool_calls(m, where, what) if m.get("tool_calls") is not None else None
-        content = "" if calls and m.get("content") is None else _content(m.get("content"), where, what)
-        msg = {"role": m["role"], "content": content}
-        if calls:
-            msg["tool_calls"] = calls
-        msg.update({k: m[k] for k in ("tool_call_id", "name") if m["role"] == "tool" and isinstance(m.get(k), str)})
-        if "weight" in m:
-            if m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
-                raise DataError(f"{where}: {what}: 'weight' is for assistant messages and must be 0 or 1, "
-                                f"got {m['weight']!r} on a {m['role']!r} message")
-            if m["weight"] == 0:
-                msg["weight"] = 0
-        out.append(msg)
-    return out
-
-
 def _messages(row: dict, where: str) -> list[dict]:
     out = message_list(row.get("conversations" if "conversations" in row else "messages"), where)
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in out):
@@ -457,7 +337,7 @@ def to_example(row: dict, fmt: str, kind: str, opts: dict, where: str):
         return string_field(row, opts.get("text_field") or "text", where, fmt)
     tools = None
     if fmt == "conversations":
-        msgs, tools = _messages(row, where), _tools(row, where)
+        msgs, tools = _messages(row, where), tools_of(row, where)
     elif fmt in CHAT_FORMATS:
         prompt, response = _prompt_response(row, fmt, opts, where)
         msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import re
 
-from mlxcore.data.records import DataError, message_list, string_field
+from mlxcore.data.messages import message_list
+from mlxcore.data.records import DataError, string_field
 
 FORMATS = ("auto", "pairs", "pair-messages", "kto", "scored")
 KINDS = {"pairs": "pairs", "pair-messages": "pairs", "kto": "kto", "scored": "scored"}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxcore.data import records
+from mlxcore.data.messages import message_list
 from mlxcore.rl.rewards import gsm8k_truth
 
 FORMATS = ("auto", "gsm8k", "prompt", "chat")
@@ -90,7 +91,7 @@ def to_prompt(row: dict, fmt: str, where: str) -> tuple[list[dict], dict]:
         if isinstance(value, str):
             messages = [{"role": "user", "content": value}]
         else:
-            messages = records.message_list(value, where, "prompt")
+            messages = message_list(value, where, "prompt")
             if messages[-1]["role"] != "user":
                 raise records.DataError(f"{where}: the prompt's last message is from {messages[-1]['role']!r}; "
                                         "the policy answers a user turn")

@@ -99,11 +99,11 @@ def test_script_fraction_counts_letters_of_known_scripts():
 
 def test_exact_dedup_tells_rows_apart_by_their_tools():
     """Two tool-calling rows with the same messages but other tool definitions are different rows."""
-    from mlxcore.data import records
     from mlxcore.data.filters import _content
+    from mlxcore.data.messages import Chat
 
     msgs = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "sunny"}]
     a, b = ({"type": "function", "function": {"name": n}} for n in ("get_weather", "get_time"))
-    assert _content(records.Chat(msgs, [a])) != _content(records.Chat(msgs, [b]))
-    assert _content(records.Chat(msgs, [a])) == _content(records.Chat(list(msgs), [a]))
-    assert _content(msgs) == _content(list(msgs)) != _content(records.Chat(msgs, [a]))
+    assert _content(Chat(msgs, [a])) != _content(Chat(msgs, [b]))
+    assert _content(Chat(msgs, [a])) == _content(Chat(list(msgs), [a]))
+    assert _content(msgs) == _content(list(msgs)) != _content(Chat(msgs, [a]))
