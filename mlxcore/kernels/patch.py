@@ -7,7 +7,7 @@ names in the module that defines `model`'s class to wrappers that take the fast 
 when it applies (CPU default device, no KV cache, causal or no mask, no attention sinks) and
 call mlx-lm's original otherwise, so generation with a cache, GPUs and Metal are unchanged;
 `swiglu` elsewhere is mlx-lm's fused forward, with `kernels.lean_swiglu`'s backward (saves less)
-where `MLXFLOW_LEAN` says so (the CPU by default).
+unless `MLXFLOW_LEAN=off`.
 The arithmetic is the same function; tests hold the results to float32 rounding.
 Inside `mlxcore.models.segments.packed(...)` (packed SFT batches) the attention wrapper computes
 attention within each packed row instead, on every device; `use_segments(model)` sets that up.
