@@ -395,7 +395,7 @@ def test_lean_swiglu_backward_is_two_kernels(dtype, tmp_path):
 
 
 def test_swiglu_off_the_fast_path_is_lean_unless_switched_off(monkeypatch):
-    ab = mx.ones((4, 8), dtype=mx.bfloat16)
+    ab = mx.ones((4, kernels.LEAN_MIN_ELEMENTS // 4), dtype=mx.bfloat16)
     calls = []
     monkeypatch.setattr(kernels, "lean_swiglu", lambda g, x: calls.append(1) or kernels.reference_swiglu(g, x))
 
@@ -413,6 +413,10 @@ def test_swiglu_off_the_fast_path_is_lean_unless_switched_off(monkeypatch):
     assert lean(None, mx.Device(mx.gpu)) and lean("auto", mx.Device(mx.gpu))  # a GPU too (faster and leaner on an H100)
     assert not lean("off") and not lean("OFF", mx.Device(mx.gpu)) and not lean("0")
     assert not lean("on", b=ab[:1])     # broadcasting: plain ops (the lean backward assumes one shape)
+    small = ab[:, :8]  # decoding's few tokens: nothing worth saving, the plain fused forward
+    calls.clear()
+    kernels.swiglu(small, small)
+    assert not calls
 
 
 # ------------------------------------------------------- all three inside an mlx-lm LLaMA
