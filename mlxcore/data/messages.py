@@ -1,7 +1,8 @@
 """Chat messages as users write them, normalised: {"role", "content"} dicts (ShareGPT's {"from",
 "value"} too), content as a string or a list of text parts, OpenAI's assistant "weight", and tool
 calling (an assistant's "tool_calls", "tool" turns, a row's "tools"; LLaMA-Factory's
-"function_call" / "observation" turns). Errors name the row and the message.
+"function_call" / "observation" turns; OpenAI's older "function_call" / "function" turns). OpenAI's
+"developer" role is its system message. Errors name the row and the message.
 """
 
 from __future__ import annotations
@@ -62,6 +63,25 @@ def _tool_calls(m: dict, where: str, what: str) -> list[dict]:
     return out
 
 
+def _openai(m: dict) -> dict:
+    """OpenAI's other spellings as the messages above: "developer" (its name for the system message
+    since o1) as "system"; the deprecated functions API's assistant "function_call" {"name",
+    "arguments"} as one tool call, and its "function" result turn as a "tool" turn; a tool result
+    given as a JSON value rather than text as its JSON text (the template renders text)."""
+    role = m.get("role")
+    if role in ("developer", "function") or (role == "assistant" and m.get("function_call") is not None
+                                             and m.get("tool_calls") is None):
+        m = {**m, "role": {"developer": "system", "function": "tool"}.get(role, role)}
+        if role == "assistant":
+            m["tool_calls"] = [{"type": "function", "function": m.pop("function_call")}]
+    content = m.get("content")
+    parts = isinstance(content, list) and content and all(isinstance(p, (str, dict)) and (isinstance(p, str) or "type" in p)
+                                                         for p in content)
+    if m.get("role") == "tool" and content is not None and not isinstance(content, str) and not parts:
+        m = {**m, "content": json.dumps(content, ensure_ascii=False)}
+    return m
+
+
 def _sharegpt(m: dict, where: str, what: str) -> dict:
     """A ShareGPT turn ({"from", "value"}) as a message; LLaMA-Factory's "function_call" turn (its
     value the JSON of one call {"name", "arguments"} or a list of them) as an assistant's tool calls."""
@@ -116,6 +136,8 @@ def message_list(value: Any, where: str, name: str | None = None) -> list[dict]:
         what = f"{name + ' ' if name else ''}message {i}"
         if isinstance(m, dict) and "from" in m and "role" not in m:  # ShareGPT
             m = _sharegpt(m, where, what)
+        elif isinstance(m, dict):
+            m = _openai(m)
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise DataError(f"{where}: {what} needs 'role' in {sorted(ROLES)} and a string 'content'")
         calls = _tool_calls(m, where, what) if m.get("tool_calls") is not None else None

@@ -147,6 +147,25 @@ def test_tool_calling_rows_render_their_tools_and_learn_the_calls_not_the_result
     assert _learned(tok, docs[0]) == call + tok.eos_token + "Sunny, 21C." + tok.eos_token
 
 
+def test_openai_s_other_spellings_are_the_same_conversation(tmp_path, small_data):
+    """OpenAI's "developer" role (its system message since o1), the deprecated functions API (an
+    assistant "function_call", a "function" result turn) and a tool result given as a JSON value:
+    normalised to the system / tool-call / tool-turn conversation the template renders."""
+    row = {"messages": [{"role": "developer", "content": "Be brief."}, TOOL_CHAT[0],
+                        {"role": "assistant", "content": None,
+                         "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                        {"role": "function", "name": "get_weather", "content": {"sky": "sunny", "temp": "21C"}},
+                        TOOL_CHAT[3]], "tools": [WEATHER]}
+    _, docs, tok = _sft(tmp_path, small_data, [row])
+    want = [{"role": "system", "content": "Be brief."}, *TOOL_CHAT[:2],
+            {"role": "tool", "name": "get_weather", "content": '{"sky": "sunny", "temp": "21C"}'}, TOOL_CHAT[3]]
+    assert tok.decode(docs[0][0]) == tok.apply_chat_template(want, tools=[WEATHER], tokenize=False)
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    assert _learned(tok, docs[0]) == call + tok.eos_token + "Sunny, 21C." + tok.eos_token
+    with pytest.raises(DataError, match="rows.jsonl:1: message 0 needs 'role'"):  # a JSON value is a tool result's only
+        _sft(tmp_path, small_data, [{"messages": [{"role": "user", "content": {"q": 1}}, TOOL_CHAT[3]]}], out="user")
+
+
 def test_tool_calls_through_minimind_s_own_qwen_style_template(tmp_path, test_data):
     """MiniMind's tokenizer (the test data) has a Qwen-style template with its own tool format
     (results as <tool_response> in a user turn): the call is learned, the response is not."""
