@@ -1,8 +1,9 @@
 """Chat messages as users write them, normalised: {"role", "content"} dicts (ShareGPT's {"from",
 "value"} too), content as a string or a list of text parts, OpenAI's assistant "weight", and tool
 calling (an assistant's "tool_calls", "tool" turns, a row's "tools"; LLaMA-Factory's
-"function_call" / "observation" turns; OpenAI's older "function_call" / "function" turns). OpenAI's
-"developer" role is its system message. Errors name the row and the message.
+"function_call" / "observation" turns; OpenAI's older "function_call" / "function" turns). Roles
+spelled otherwise (OpenAI's "developer", Gemma's "model", ShareGPT's "human" / "gpt") are read as
+theirs. Errors name the row and the message.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from mlxcore.data.errors import DataError
 ROLES = {"system", "user", "assistant", "tool"}  # tool: a tool call's result (context, not learned)
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "observation": "tool", "tool": "tool"}  # + "function_call" (LLaMA-Factory's tool calls)
+
+
+# "role" spellings other tools write: OpenAI's "developer" (its system message since o1) and its
+# deprecated functions API's result turn; Gemma's "model"; ShareGPT's names under "role"
+ROLE_ALIASES = {"developer": "system", "function": "tool", "model": "assistant", "human": "user", "gpt": "assistant"}
 
 
 def _content(value: Any, where: str, what: str) -> str:
@@ -64,14 +70,14 @@ def _tool_calls(m: dict, where: str, what: str) -> list[dict]:
 
 
 def _openai(m: dict) -> dict:
-    """OpenAI's other spellings as the messages above: "developer" (its name for the system message
-    since o1) as "system"; the deprecated functions API's assistant "function_call" {"name",
-    "arguments"} as one tool call, and its "function" result turn as a "tool" turn; a tool result
-    given as a JSON value rather than text as its JSON text (the template renders text)."""
+    """Other spellings as the messages above: the roles of `ROLE_ALIASES`; the deprecated OpenAI
+    functions API's assistant "function_call" {"name", "arguments"} as one tool call (its "function"
+    result turn is a "tool" turn); a tool result given as a JSON value rather than text as its JSON
+    text (the template renders text)."""
     role = m.get("role")
-    if role in ("developer", "function") or (role == "assistant" and m.get("function_call") is not None
-                                             and m.get("tool_calls") is None):
-        m = {**m, "role": {"developer": "system", "function": "tool"}.get(role, role)}
+    if role in ROLE_ALIASES or (role == "assistant" and m.get("function_call") is not None
+                                and m.get("tool_calls") is None):
+        m = {**m, "role": ROLE_ALIASES.get(role, role)}
         if role == "assistant":
             m["tool_calls"] = [{"type": "function", "function": m.pop("function_call")}]
     content = m.get("content")

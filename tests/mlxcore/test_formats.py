@@ -149,8 +149,8 @@ def test_tool_calling_rows_render_their_tools_and_learn_the_calls_not_the_result
 
 def test_openai_s_other_spellings_are_the_same_conversation(tmp_path, small_data):
     """OpenAI's "developer" role (its system message since o1), the deprecated functions API (an
-    assistant "function_call", a "function" result turn) and a tool result given as a JSON value:
-    normalised to the system / tool-call / tool-turn conversation the template renders."""
+    assistant "function_call", a "function" result turn), a tool result given as a JSON value, and
+    Gemma's / ShareGPT's role names: normalised to the conversation the template renders."""
     row = {"messages": [{"role": "developer", "content": "Be brief."}, TOOL_CHAT[0],
                         {"role": "assistant", "content": None,
                          "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
@@ -162,6 +162,14 @@ def test_openai_s_other_spellings_are_the_same_conversation(tmp_path, small_data
     assert tok.decode(docs[0][0]) == tok.apply_chat_template(want, tools=[WEATHER], tokenize=False)
     call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
     assert _learned(tok, docs[0]) == call + tok.eos_token + "Sunny, 21C." + tok.eos_token
+    # Gemma's "model" and ShareGPT's names under "role" are the assistant and the user
+    _, docs, _ = _sft(tmp_path, small_data, [{"messages": [{"role": "human", "content": "Hi"}, {"role": "model", "content": "Hello."},
+                                                           {"role": "user", "content": "Bye"}, {"role": "gpt", "content": "Bye."}]}],
+                      out="aliases")
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye."}]
+    assert tok.decode(docs[0][0]) == tok.apply_chat_template(chat, tokenize=False)
+    assert _learned(tok, docs[0]) == "Hello." + tok.eos_token + "Bye." + tok.eos_token
     with pytest.raises(DataError, match="rows.jsonl:1: message 0 needs 'role'"):  # a JSON value is a tool result's only
         _sft(tmp_path, small_data, [{"messages": [{"role": "user", "content": {"q": 1}}, TOOL_CHAT[3]]}], out="user")
 
