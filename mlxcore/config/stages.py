@@ -43,7 +43,7 @@ class PreferenceObjective(_Strict):
 
 class PreferenceSourceConfig(SourceConfig):
     """Preference files: pairs (prompt/chosen/rejected), chosen/rejected conversations (MiniMind's
-    dpo.jsonl, HH, UltraFeedback), KTO rows (prompt/completion/label) or scored rows
+    dpo.jsonl, HH, UltraFeedback, OpenAI's preferred_output / non_preferred_output), KTO rows (prompt/completion/label) or scored rows
     (prompt/response/reward). `train`/`val` take the same specs as SFT data (`minimind:dpo`, `hf:`, files)."""
 
     val_fraction: float = Field(0.05, ge=0, lt=1, description="Train rows held out when val is empty (fixed by row number).")

@@ -7,7 +7,9 @@ Formats, declared (`PreferenceSourceConfig.format`) or detected from a file's fi
   pair-messages  {"chosen": [messages], "rejected": [messages]} (MiniMind's dpo.jsonl,
                  UltraFeedback / TRL's conversational rows), or Anthropic-HH strings
                  ("\\n\\nHuman: ... \\n\\nAssistant: ..."): the messages both share are the prompt,
-                 the last assistant message of each is the response
+                 the last assistant message of each is the response; or OpenAI's preference
+                 fine-tuning rows {"input": {"messages": [...]}, "preferred_output": [assistant
+                 message], "non_preferred_output": [assistant message]}
   kto            {"prompt", "completion", "label": true | false} (unpaired: desirable or not)
   scored         {"prompt", "response", "reward": number} (the MLX-Pretrain seed's rows; also
                  "instruction" for the prompt and "score" for the reward)
@@ -43,6 +45,8 @@ def kind_of(fmt: str) -> str:
 
 
 def detect_format(row: dict, where: str) -> str:
+    if "preferred_output" in row and "non_preferred_output" in row:  # OpenAI's preference fine-tuning
+        return "pair-messages"
     if "chosen" in row and "rejected" in row:
         c = row["chosen"]
         if isinstance(c, list) or (isinstance(c, str) and "prompt" not in row and _HH_TURN.search(c)):
@@ -68,6 +72,25 @@ def _hh_messages(text: str, name: str, where: str) -> list[dict]:
         raise DataError(f"{where}: field {name!r} is neither a message list nor a Human:/Assistant: transcript")
     roles = {"Human": "user", "Assistant": "assistant"}
     return [{"role": roles[parts[i]], "content": parts[i + 1]} for i in range(1, len(parts), 2)]
+
+
+def _openai_sides(row: dict, where: str) -> list[list[dict]]:
+    """OpenAI's preference row as its two conversations: input.messages + each output's reply."""
+    inp = row.get("input")
+    if not isinstance(inp, dict) or "messages" not in inp:
+        raise DataError(f"{where}: field 'input' must be an object with a 'messages' list (OpenAI's preference "
+                        "format: input, preferred_output, non_preferred_output)")
+    if inp.get("tools"):
+        raise DataError(f"{where}: field 'input.tools': preference rows with tool definitions are not supported "
+                        "(the prompt is rendered without tools); drop them or train the tool calls with SFT")
+    prompt = message_list(inp["messages"], where, "input.messages")
+    sides = []
+    for name in ("preferred_output", "non_preferred_output"):
+        reply = message_list(row[name], where, name)
+        if len(reply) != 1 or reply[0]["role"] != "assistant" or "tool_calls" in reply[0]:
+            raise DataError(f"{where}: field {name!r} must hold one assistant message with text content")
+        sides.append(prompt + reply)
+    return sides
 
 
 def _prompt(row: dict, opts: dict, where: str, fmt: str) -> list[dict]:
@@ -128,8 +151,8 @@ def to_example(row: dict, fmt: str, opts: dict, where: str) -> dict:
             raise Skip("identical", where)
         return {"prompt": _with_system(prompt, opts), "chosen": chosen, "rejected": rejected}
     if fmt == "pair-messages":
-        sides = []
-        for name in ("chosen", "rejected"):
+        sides = _openai_sides(row, where) if "preferred_output" in row else []
+        for name in ("chosen", "rejected") if not sides else ():
             value = row.get(name)
             if isinstance(value, str):
                 msgs = _hh_messages(value, name, where)

@@ -97,6 +97,9 @@ CASES = {  # name: (rows, source options, detected format, kind, [(prompt messag
                             {"prompt": "Sort: 1 3 2", "chosen": ASSISTANT_X, "rejected": ASSISTANT_Y}], {},
                            "pair-messages", "pairs", [([U("Sort: 3 2 1")], ["1 2 3", "3 2 1"], 0.0),
                                                       ([U("Sort: 1 3 2")], ["1 2 3", "3 2 1"], 0.0)]),
+    "openai_preference": ([{"input": {"messages": [S("Be terse."), U("Sort: 3 1 2")], "tools": [], "parallel_tool_calls": True},
+                             "preferred_output": [A("1 2 3")], "non_preferred_output": [A("3 2 1")]}], {},
+                          "pair-messages", "pairs", [([S("Be terse."), U("Sort: 3 1 2")], ["1 2 3", "3 2 1"], 0.0)]),
     "kto_bool": ([{"prompt": "Sort: 2 1", "completion": "1 2", "label": True},
                   {"prompt": "Sort: 2 1", "completion": "2 1", "label": False}], {},
                  "kto", "kto", [([U("Sort: 2 1")], ["1 2"], 1.0), ([U("Sort: 2 1")], ["2 1"], 0.0)]),
@@ -236,6 +239,7 @@ GOOD = {"prompt": "p", "chosen": "x", "rejected": "y"}
 MSGS = {"chosen": [U("q"), A("a")], "rejected": [U("q"), A("b")]}
 KTO = {"prompt": "p", "completion": "x", "label": True}
 SCORED = {"prompt": "p", "response": "x", "reward": 1.0}
+OPENAI = {"input": {"messages": [U("q")]}, "preferred_output": [A("a")], "non_preferred_output": [A("b")]}
 BAD = {  # name: (rows, line, what the message must say)
     "missing_rejected": ([GOOD, {"prompt": "p", "chosen": "x"}], 2, "missing field 'rejected'"),
     "missing_prompt": ([GOOD, {"chosen": "x", "rejected": "y"}], 2, "missing field 'prompt'"),
@@ -257,6 +261,12 @@ BAD = {  # name: (rows, line, what the message must say)
                    "field 'reward' must be a finite number"),
     "reward_bool": ([SCORED, {"prompt": "p", "response": "x", "reward": True}], 2, "field 'reward' must be a finite number"),
     "reward_string": ([SCORED, {"prompt": "p", "response": "x", "reward": "1"}], 2, "field 'reward' must be a finite number"),
+    "openai_no_input": ([OPENAI, {"preferred_output": [A("a")], "non_preferred_output": [A("b")]}], 2,
+                        "field 'input' must be an object with a 'messages' list"),
+    "openai_tools": ([OPENAI, {**OPENAI, "input": {"messages": [U("q")], "tools": [{"type": "function"}]}}], 2,
+                     "field 'input.tools': preference rows with tool definitions are not supported"),
+    "openai_two_replies": ([OPENAI, {**OPENAI, "preferred_output": [A("a"), A("b")]}], 2,
+                           "field 'preferred_output' must hold one assistant message"),
     "invalid_json": ([GOOD, GOOD, '{"prompt": "p", "chosen": "x",'], 3, "invalid JSON"),
     "not_an_object": ([GOOD, "[1, 2]"], 2, "expected a JSON object, got list"),
     "unknown_fields": ([{"text": "hello"}], 1, "cannot tell the preference format from the fields ['text']"),
