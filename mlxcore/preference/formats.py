@@ -10,7 +10,8 @@ Formats, declared (`PreferenceSourceConfig.format`) or detected from a file's fi
                  the last assistant message of each is the response; or OpenAI's preference
                  fine-tuning rows {"input": {"messages": [...]}, "preferred_output": [assistant
                  message], "non_preferred_output": [assistant message]}
-  kto            {"prompt", "completion", "label": true | false} (unpaired: desirable or not)
+  kto            {"prompt", "completion", "label": true | false} (unpaired: desirable or not; TRL's
+                 conversational form too: the prompt a message list, the completion one assistant message)
   scored         {"prompt", "response", "reward": number} (the MLX-Pretrain seed's rows; also
                  "instruction" for the prompt and "score" for the reward)
 Files are read like SFT data (`records.read_chunks`: JSONL, JSON arrays, parquet; UTF-8 with or
@@ -138,6 +139,11 @@ def _response_field(row: dict, opts: dict, where: str, fmt: str, names: tuple[st
     name = opts.get("response_field")
     if not name or (name == "response" and name not in row):
         name = next((k for k in names if k in row), names[0])
+    if isinstance(row.get(name), list):  # TRL's conversational rows: [{"role": "assistant", "content": ...}]
+        reply = message_list(row[name], where, name)
+        if len(reply) != 1 or reply[0]["role"] != "assistant" or "tool_calls" in reply[0]:
+            raise DataError(f"{where}: field {name!r} must be text or one assistant message")
+        return reply[0]["content"]
     return string_field(row, name, where, fmt)
 
 
