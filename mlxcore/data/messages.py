@@ -14,13 +14,11 @@ from typing import Any
 from mlxcore.data.errors import DataError
 
 ROLES = {"system", "user", "assistant", "tool"}  # tool: a tool call's result (context, not learned)
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "observation": "tool", "tool": "tool"}  # + "function_call" (LLaMA-Factory's tool calls)
-
-
-# "role" spellings other tools write: OpenAI's "developer" (its system message since o1) and its
-# deprecated functions API's result turn; Gemma's "model"; ShareGPT's names under "role"
-ROLE_ALIASES = {"developer": "system", "function": "tool", "model": "assistant", "human": "user", "gpt": "assistant"}
+# Other spellings of them, under "role" or ShareGPT's "from": ShareGPT's "human" / "gpt", LLaMA-Factory's
+# "observation" (+ its "function_call" turns, `_sharegpt`), OpenAI's "developer" (its system message
+# since o1) and its deprecated functions API's "function" result turn, Gemma's "model"
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "observation": "tool",
+                "developer": "system", "function": "tool"}
 
 
 def _content(value: Any, where: str, what: str) -> str:
@@ -81,9 +79,8 @@ def _openai(m: dict) -> dict:
         if role == "assistant":
             m["tool_calls"] = [{"type": "function", "function": m.pop("function_call")}]
     content = m.get("content")
-    parts = isinstance(content, list) and content and all(isinstance(p, (str, dict)) and (isinstance(p, str) or "type" in p)
-                                                         for p in content)
-    if m.get("role") == "tool" and content is not None and not isinstance(content, str) and not parts:
+    parts = isinstance(content, list) and all(isinstance(p, str) or (isinstance(p, dict) and "type" in p) for p in content)
+    if m.get("role") == "tool" and content is not None and not isinstance(content, str) and not (content and parts):
         m = {**m, "content": json.dumps(content, ensure_ascii=False)}
     return m
 
@@ -92,7 +89,7 @@ def _sharegpt(m: dict, where: str, what: str) -> dict:
     """A ShareGPT turn ({"from", "value"}) as a message; LLaMA-Factory's "function_call" turn (its
     value the JSON of one call {"name", "arguments"} or a list of them) as an assistant's tool calls."""
     if m["from"] != "function_call":
-        return {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
+        return {"role": ROLE_ALIASES.get(m["from"], m["from"]), "content": m.get("value")}
     calls = m.get("value")
     if isinstance(calls, str):
         try:

@@ -85,13 +85,26 @@ def _openai_sides(row: dict, where: str) -> list[list[dict]]:
         raise DataError(f"{where}: field 'input.tools': preference rows with tool definitions are not supported "
                         "(the prompt is rendered without tools); drop them or train the tool calls with SFT")
     prompt = message_list(inp["messages"], where, "input.messages")
-    sides = []
-    for name in ("preferred_output", "non_preferred_output"):
-        reply = message_list(row[name], where, name)
-        if len(reply) != 1 or reply[0]["role"] != "assistant" or "tool_calls" in reply[0]:
-            raise DataError(f"{where}: field {name!r} must hold one assistant message with text content")
-        sides.append(prompt + reply)
-    return sides
+    return [prompt + [{"role": "assistant", "content": _one_reply(row[name], name, where,
+                                                                   "hold one assistant message with text content")}]
+            for name in ("preferred_output", "non_preferred_output")]
+
+
+def _one_reply(value, name: str, where: str, expected: str) -> str:
+    """The text of a field that holds one assistant message ([{"role": "assistant", "content"}])."""
+    reply = message_list(value, where, name)
+    if len(reply) != 1 or reply[0]["role"] != "assistant" or "tool_calls" in reply[0]:
+        raise DataError(f"{where}: field {name!r} must {expected}")
+    return reply[0]["content"]
+
+
+def _conversation(row: dict, name: str, opts: dict, where: str, fmt: str) -> list[dict]:
+    """The chosen or rejected side of a pair-messages row as a whole conversation."""
+    value = row.get(name)
+    msgs = _hh_messages(value, name, where) if isinstance(value, str) else message_list(value, where, name)
+    if "prompt" in row and msgs[0]["role"] == "assistant":  # TRL conversational: prompt apart
+        msgs = _prompt(row, opts, where, fmt) + msgs
+    return msgs
 
 
 def _prompt(row: dict, opts: dict, where: str, fmt: str) -> list[dict]:
@@ -140,10 +153,7 @@ def _response_field(row: dict, opts: dict, where: str, fmt: str, names: tuple[st
     if not name or (name == "response" and name not in row):
         name = next((k for k in names if k in row), names[0])
     if isinstance(row.get(name), list):  # TRL's conversational rows: [{"role": "assistant", "content": ...}]
-        reply = message_list(row[name], where, name)
-        if len(reply) != 1 or reply[0]["role"] != "assistant" or "tool_calls" in reply[0]:
-            raise DataError(f"{where}: field {name!r} must be text or one assistant message")
-        return reply[0]["content"]
+        return _one_reply(row[name], name, where, "be text or one assistant message")
     return string_field(row, name, where, fmt)
 
 
@@ -157,16 +167,8 @@ def to_example(row: dict, fmt: str, opts: dict, where: str) -> dict:
             raise Skip("identical", where)
         return {"prompt": _with_system(prompt, opts), "chosen": chosen, "rejected": rejected}
     if fmt == "pair-messages":
-        sides = _openai_sides(row, where) if "preferred_output" in row else []
-        for name in ("chosen", "rejected") if not sides else ():
-            value = row.get(name)
-            if isinstance(value, str):
-                msgs = _hh_messages(value, name, where)
-            else:
-                msgs = message_list(value, where, name)
-            if "prompt" in row and msgs[0]["role"] == "assistant":  # TRL conversational: prompt apart
-                msgs = _prompt(row, opts, where, fmt) + msgs
-            sides.append(msgs)
+        sides = (_openai_sides(row, where) if "preferred_output" in row
+                 else [_conversation(row, name, opts, where, fmt) for name in ("chosen", "rejected")])
         if sides[0] == sides[1]:
             raise Skip("identical", where)
         prompt, chosen, rejected = _split_shared(*sides, where)
