@@ -41,6 +41,70 @@ def mean_loss(model: nn.Module, batches, loss: Loss | None = None, group=None, o
     return total.item() / max(count.item(), 1.0)
 
 
+def _shell(tree, keys: list):
+    """A copy of `tree`'s dicts and lists holding the same arrays. `mx.random.state`, which is not
+    a list, goes to `keys` with a (lazy) copy of its arrays."""
+    if isinstance(tree, dict):
+        return {k: _shell(v, keys) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_shell(v, keys) for v in tree]
+    if isinstance(tree, type(mx.random.state)):
+        keys.append((tree, [mx.array(tree[i]) for i in range(len(tree))]))
+    return tree
+
+
+def _put_back(tree, saved) -> None:
+    """Make `tree`'s dicts and lists, in place, hold what `_shell` saved: entries added since go,
+    replaced entries come back (a compiled function keeps references to the containers)."""
+    if isinstance(tree, dict):
+        for k in [k for k in tree if k not in saved]:
+            del tree[k]
+        keys = saved.keys()
+    else:
+        del tree[len(saved):]
+        tree.extend(saved[len(tree):])
+        keys = range(len(saved))
+    for k in keys:
+        now, was = tree.get(k) if isinstance(tree, dict) else tree[k], saved[k]
+        if isinstance(was, dict) and isinstance(now, dict) or isinstance(was, list) and isinstance(now, list):
+            _put_back(now, was)
+        else:
+            tree[k] = was
+
+
+class _RestoresOnError:
+    """A function compiled with `inputs=state, outputs=state` that puts `state` back if it raises.
+
+    While `mx.compile` traces, it puts placeholders without a value in place of the state's arrays
+    (the model's parameters, the optimizer's moments, `mx.random.state`). If the traced function
+    raises (a loss rejecting a batch, a shape error, Ctrl-C), MLX leaves the placeholders there,
+    and every later use of the model, or of `mx.random` anywhere in the process, fails with
+    "Attempting to eval an array without a primitive". Tracing happens on a call whose arguments
+    have a new shape, so only those calls save the state first (its containers, and a lazy copy of
+    the random key: no array is copied).
+    """
+
+    def __init__(self, fn, state):
+        self.fn, self.state, self.traced = fn, state, set()
+
+    def __call__(self, *args):
+        key = tuple((a.shape, a.dtype) if isinstance(a, mx.array) else type(a) for a in args)
+        if key in self.traced:
+            return self.fn(*args)
+        keys: list = []
+        saved = _shell(self.state, keys)
+        try:
+            out = self.fn(*args)
+        except BaseException:
+            _put_back(self.state, saved)
+            for random_state, values in keys:  # no item assignment: the placeholder takes the value
+                for i, value in enumerate(values):
+                    random_state[i][...] = value
+            raise
+        self.traced.add(key)
+        return out
+
+
 class Stepper:
     """One optimizer step over one or more micro-batches: `step(micro_batches) -> (loss_sum, n, grad_norm)`.
 
@@ -122,7 +186,8 @@ class Stepper:
 
         fns = dict(grads=grads_fn, reduce=reduce_fn, clip=clip_fn, update=update_fn, apply=apply_fn, full=full_step)
         if compile:  # nn.value_and_grad writes the traced params into the model: state is an output too
-            fns = {k: mx.compile(f, inputs=self.state, outputs=self.state) for k, f in fns.items()}
+            fns = {k: _RestoresOnError(mx.compile(f, inputs=self.state, outputs=self.state), self.state)
+                   for k, f in fns.items()}
         self.fns = fns
 
     def _timed(self, phase: str, fn, *args):

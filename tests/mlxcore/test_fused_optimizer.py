@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlxcore.models.model import from_config, hf_config
 from mlxcore.train import fused, loop as train, optimizers
 from mlxcore.train.loop import TrainJob
+from mlxcore.train.losses import Loss
 from mlxcore.train.step import Stepper
 
 from tests.conftest import micro_model, quick_train
@@ -223,3 +224,44 @@ def test_the_flat_buffers_persist_between_steps_and_weights_set_from_outside_are
     p_plain, st_plain, _, _ = run("off")
     _assert_same(p_fused, p_plain, exact=ON_CPU, rtol=1e-5)
     _assert_same(st_fused, st_plain, exact=ON_CPU, rtol=1e-5)
+
+
+class _RejectsWideBatches(Loss):
+    """Draws a random number (so `mx.random.state` is traced too), and rejects 32-wide batches the
+    way a loss rejects a bad batch: while `mx.compile` traces the step."""
+
+    def __call__(self, model, inputs, *arrays):
+        if inputs.shape[1] == 32:
+            mx.random.uniform()
+            model(inputs)
+            raise ValueError("this batch is rejected")
+        return super().__call__(model, inputs, *arrays)
+
+
+@pytest.mark.parametrize("fused_mode", ["on", "off"])
+@pytest.mark.parametrize("profile, fail_at", [(False, 0), (False, 1), (True, 1)])
+def test_a_step_that_raises_while_compiling_leaves_the_model_optimizer_and_rng_usable(fused_mode, profile, fail_at):
+    """MLX leaves its tracing placeholders in the compiled state when the traced function raises;
+    the model, the optimizer and `mx.random` (process-wide) must stay usable, and the good steps
+    after it must be the ones an untroubled run takes (a failure on the first step comes before
+    the optimizer's state exists)."""
+    def run(fail: bool):
+        mx.random.seed(3)
+        model, opt = _model("float32"), OPTIMIZERS["adamw"]()
+        stepper = Stepper(model, opt, grad_clip=1.0, compile=True, fused=fused_mode, profile=profile,
+                          loss=_RejectsWideBatches())
+        for i, good in enumerate(_batches(3)):
+            if fail and i == fail_at:
+                before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+                wide = tuple(np.concatenate([x, x], axis=1) for x in good)
+                with pytest.raises(ValueError, match="rejected"):
+                    stepper([wide])
+                assert mx.random.uniform().item() >= 0  # the global random state evaluates
+                after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+                assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
+            mx.eval(stepper([good]), stepper.state)
+        return dict(tree_flatten(model.parameters())), dict(tree_flatten(opt.state))
+
+    (p_fail, s_fail), (p_ok, s_ok) = run(True), run(False)
+    _assert_same(p_fail, p_ok, exact=ON_CPU, rtol=1e-6)
+    _assert_same(s_fail, s_ok, exact=ON_CPU, rtol=1e-6)
