@@ -30,8 +30,8 @@ import mlx.core as mx
 
 from mlxcore.kernels import _build
 
-__all__ = ["attention", "available", "categorical_sample", "cross_entropy", "log_softmax",
-           "reference_attention", "reference_categorical_sample", "reference_cross_entropy",
+__all__ = ["adamw_step", "attention", "available", "categorical_sample", "cross_entropy", "log_softmax",
+           "reference_adamw_step", "reference_attention", "reference_categorical_sample", "reference_cross_entropy",
            "lean_swiglu", "reference_log_softmax", "reference_swiglu", "segment_starts", "status", "swiglu"]
 
 
@@ -56,7 +56,8 @@ def status() -> str:
     ext = _build.load()
     if ext is None:
         return f"plain MLX ops ({_build.error()})"
-    return f"mlxflow CPU kernels ({ext.num_threads()} threads, cache {_build.cache_root()})"
+    aligned = ", 64-byte aligned arrays" if _build.aligned() else ""
+    return f"mlxflow CPU kernels ({ext.num_threads()} threads{aligned}, cache {_build.cache_root()})"
 
 
 # ------------------------------------------------------------------------ cross-entropy
@@ -318,3 +319,35 @@ def log_softmax(logits: mx.array) -> mx.array:
         return reference_log_softmax(logits)
     v = logits.shape[-1]
     return ext.log_softmax(logits.reshape(-1, v).astype(mx.float32)).reshape(logits.shape)
+
+
+# ------------------------------------------------------------------------ AdamW step
+def reference_adamw_step(params, grads, m, v, lr, scale, normalizer, b1: float, b2: float, eps: float,
+                         weight_decay: float) -> list[mx.array]:
+    """Plain-MLX `adamw_step`: mlx.optimizers.AdamW's rule tensor by tensor, the same ops in the
+    same order."""
+    lr = lr.astype(mx.float32)
+    new_p, new_m, new_v = [], [], []
+    for p, g, m_, v_ in zip(params, grads, m, v):
+        g = (g * scale.astype(g.dtype)) * normalizer
+        p = p * (1 - lr * weight_decay)
+        m_ = b1 * m_ + (1 - b1) * g
+        v_ = b2 * v_ + (1 - b2) * mx.square(g)
+        new_p.append(p - lr * m_ / (mx.sqrt(v_) + eps))
+        new_m.append(m_)
+        new_v.append(v_)
+    return new_p + new_m + new_v
+
+
+def adamw_step(params, grads, m, v, lr, scale, normalizer, b1: float, b2: float, eps: float,
+               weight_decay: float) -> list[mx.array]:
+    """One AdamW step (mlx.optimizers.AdamW without bias correction) over lists of float32
+    parameters, gradients and moments: the gradient taken as `(g * scale) * normalizer` (a mean
+    over tokens, then `clip_grad_norm`'s scale), decoupled weight decay, then Adam.
+    Returns `[p'..., m'..., v'...]`. On the CPU one multi-threaded pass over every tensor, bit for
+    bit MLX's arithmetic; elsewhere `reference_adamw_step`."""
+    ext = _ext()
+    if ext is None or not all(x.dtype == mx.float32 for group in (params, grads, m, v) for x in group):
+        return reference_adamw_step(params, grads, m, v, lr, scale, normalizer, b1, b2, eps, weight_decay)
+    return ext.adamw_step(list(params), list(grads), list(m), list(v), lr, scale, normalizer,
+                          float(b1), float(b2), float(eps), float(weight_decay))

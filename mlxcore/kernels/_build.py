@@ -41,7 +41,10 @@ from pathlib import Path
 
 MODULE_NAME = "_mlxflow_kernels"  # must match NB_MODULE(...) in csrc/bindings.cpp
 SRC_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ["cross_entropy.cpp", "attention.cpp", "swiglu.cpp", "rms_norm.cpp", "rope.cpp", "sampling.cpp", "bindings.cpp"]
+SOURCES = ["cross_entropy.cpp", "attention.cpp", "swiglu.cpp", "rms_norm.cpp", "rope.cpp", "sampling.cpp", "adamw.cpp",
+           "align.cpp", "bindings.cpp"]
+# sources whose arithmetic must round as MLX's separate ops do (no a*b+c contracted to an FMA)
+EXACT_SOURCES = {"adamw.cpp"}
 KERNEL_FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno"]  # no -ffast-math: see simd.h
 # nanobind internals versions of releases checked by hand (for the error message only)
 KNOWN_NANOBIND = {22: "3.1.0", 19: "2.12.0", 17: "2.10.2", 16: "2.9.2"}
@@ -49,6 +52,7 @@ KNOWN_NANOBIND = {22: "3.1.0", 19: "2.12.0", 17: "2.10.2", 16: "2.9.2"}
 _lock = threading.Lock()
 _module = None
 _error: str | None = None
+_aligned = False
 
 
 class KernelsUnavailable(RuntimeError):
@@ -77,6 +81,7 @@ def load():
         if _module is None and _error is None:
             try:
                 _module = _load_or_build()
+                _align(_module)
             except Exception as e:  # noqa: BLE001 - any failure means "use plain MLX"
                 _error = f"{type(e).__name__}: {e}"
                 print(f"mlxflow: CPU kernels unavailable, using plain MLX ops ({_error})",
@@ -84,6 +89,23 @@ def load():
     if _error is not None and mode() == "on":
         raise KernelsUnavailable(_error)
     return _module
+
+
+def _align(module) -> None:
+    """64-byte aligned array data from MLX's CPU allocator (csrc/align.cpp): on Linux, with the CPU
+    build of MLX (no Metal, no CUDA), unless MLXFLOW_ALIGN=off. `aligned()` says whether it took."""
+    global _aligned
+    import mlx.core as mx
+    if os.environ.get("MLXFLOW_ALIGN", "auto").lower() in ("off", "0", "false", "no") or not sys.platform.startswith("linux"):
+        return
+    if mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        return
+    _aligned = module.align_allocations() > 0
+
+
+def aligned() -> bool:
+    """True once libmlx's allocations go through the 64-byte aligning malloc / free."""
+    return _aligned
 
 
 def error() -> str | None:
@@ -181,7 +203,7 @@ def _build_plan():
         if f.suffix in (".cpp", ".h"):
             h.update(f.name.encode() + f.read_bytes())
     for part in (mx.__version__, nanobind.__version__, sys.version, sysconfig.get_config_var(
-            "EXT_SUFFIX"), cxx, cxx_version, " ".join(common + kflags + link), _cpu_id()):
+            "EXT_SUFFIX"), cxx, cxx_version, " ".join(common + kflags + link), sorted(EXACT_SOURCES), _cpu_id()):
         h.update(str(part).encode() + b"\0")
     return dict(cxx=cxx.split(), common=common, kflags=kflags, link=link, nb_dir=nb_dir,
                 nanobind=nanobind, key=h.hexdigest()[:20])
@@ -190,7 +212,8 @@ def _build_plan():
 def _compile(plan, out_dir: Path) -> Path:
     """Compile all translation units in parallel, then link. Returns the library path."""
     jobs = [(plan["nb_dir"] / "src" / "nb_combined.cpp", ["-O2", "-fno-strict-aliasing"])]
-    jobs += [(SRC_DIR / s, plan["kflags"] + ["-Wall"]) for s in SOURCES]
+    jobs += [(SRC_DIR / s, plan["kflags"] + ["-Wall"] + (["-ffp-contract=off"] if s in EXACT_SOURCES else []))
+             for s in SOURCES]
     log = out_dir / "build.log"
     procs, objs = [], []
     with open(log, "w") as logf:

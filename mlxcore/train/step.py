@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlxcore.kernels.patch import use_fast_kernels
 from mlxcore.models import moe
-from mlxcore.train import fused as fused_step
+from mlxcore.train import fused as fused_step, multi_tensor
 from mlxcore.train.losses import Loss
 
 
@@ -115,9 +115,11 @@ class Stepper:
     Normally the whole step is one compiled graph. With `profile=True` the phases (forward+backward, all-reduce, clip, optimizer) are compiled and evaluated one
     by one so each can be timed (`timings`, ms); the arithmetic is the same, only slower.
     `state` is what the compiled graph reads and writes: evaluate it after each step.
-    `fused` ("auto", "on", "off"): clip + update as a few ops over concatenated buffers
-    (`mlxcore.train.fused`) for elementwise optimizers (AdamW, Lion, SGD), the per-tensor path
-    otherwise; "auto" uses `fused_step.default_for_device()`.
+    `fused` ("auto", "on", "off"): "on" runs clip + update as a few ops over concatenated buffers
+    (`mlxcore.train.fused`) for elementwise optimizers (AdamW, Lion, SGD); "auto" does where
+    `fused_step.default_for_device()` says so, and otherwise runs AdamW on float32 parameters on the
+    CPU as one multi-tensor kernel (`mlxcore.train.multi_tensor`); "off" (and anything the others
+    do not support) is MLX's per-tensor path. All give the same update.
     """
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, grad_clip: float = 0.0, compile: bool = True,
@@ -128,6 +130,8 @@ class Stepper:
             raise ValueError(f"fused must be auto, on or off, not {fused!r}")
         wanted = fused == "on" or (fused == "auto" and fused_step.default_for_device())
         self.fused = wanted and fused_step.supports(optimizer)
+        # auto on the CPU: AdamW as one multi-threaded kernel over every tensor (bit for bit MLX's)
+        self.one_kernel = fused == "auto" and not self.fused and multi_tensor.supports(optimizer, model)
         self.group = group if group is not None and group.size() > 1 else None
         self.world = self.group.size() if self.group else 1
         # the fused path's flat parameter / state buffers, kept from step to step (fused.Resident)
@@ -163,6 +167,8 @@ class Stepper:
                 params = dict(tree_flatten(model.parameters()))
                 packed, norm = fused_step.clip(fused_step.Packed.pack(grads, params), scale, max_norm)
                 return (packed.flats(), grads), norm
+            if self.one_kernel:  # ((grads, scale, clip scale), norm): scaled inside the kernel
+                return multi_tensor.clip(grads, scale, max_norm)
             grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
             return optim.clip_grad_norm(grads, max_norm)
 
@@ -172,6 +178,9 @@ class Stepper:
                 params = dict(tree_flatten(model.parameters()))
                 packed = fused_step.Packed(list(zip(fused_step.Packed.layout(tree, params), flats)))
                 model.update(fused_step.apply(optimizer, packed, params, tree, resident=self.resident.buffers))
+                return
+            if self.one_kernel:
+                multi_tensor.apply(optimizer, model, grads)
                 return
             optimizer.update(model, grads)
 

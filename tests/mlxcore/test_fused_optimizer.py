@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from mlxcore import kernels
 from mlxcore.models.model import from_config, hf_config
 from mlxcore.train import fused, loop as train, optimizers
 from mlxcore.train.loop import TrainJob
@@ -169,7 +170,7 @@ def _job(small_data, out, **overrides):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("first, then", [("on", "on"), ("off", "on"), ("on", "off")])
+@pytest.mark.parametrize("first, then", [("on", "on"), ("off", "on"), ("on", "off"), ("auto", "off")])
 def test_resume_is_exact_within_and_across_the_fused_and_per_tensor_paths(small_data, tmp_path, first, then):
     """Train 10 steps straight; copy its step-5 checkpoint into a fresh run dir and resume there
     (with the other path for the cross cases): the same weights and optimizer.safetensors.
@@ -265,3 +266,68 @@ def test_a_step_that_raises_while_compiling_leaves_the_model_optimizer_and_rng_u
     (p_fail, s_fail), (p_ok, s_ok) = run(True), run(False)
     _assert_same(p_fail, p_ok, exact=ON_CPU, rtol=1e-6)
     _assert_same(s_fail, s_ok, exact=ON_CPU, rtol=1e-6)
+
+
+def test_cpu_adamw_kernel_is_mlx_s_adamw_bit_for_bit():
+    """`kernels.adamw_step` (one multi-threaded pass over every tensor on the CPU) against
+    `optim.clip_grad_norm` + `AdamW.apply_gradients`, eager, over five steps of a warmup + cosine
+    schedule with weight decay: clipping active and not, tensors larger than a thread's share and
+    sizes that are not a multiple of the vector width."""
+    if not kernels.available():
+        pytest.skip(f"CPU kernels unavailable: {kernels.status()}")
+    rng = np.random.default_rng(0)
+    shapes = [(300, 257), (96,), (7, 13), (3,), (128, 512)]
+    params = {f"p{i}": mx.array(rng.standard_normal(s).astype(np.float32)) for i, s in enumerate(shapes)}
+    schedule = optim.join_schedules([optim.linear_schedule(1e-3, 3e-2, 2), optim.cosine_decay(3e-2, 10)], [2])
+    for cls in (optim.AdamW, optimizers.AdamWFloat32State):
+        opt = cls(schedule, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1)
+        ours, m, v = list(params.values()), [mx.zeros(s) for s in shapes], [mx.zeros(s) for s in shapes]
+        theirs = params
+        for step, (gain, max_norm) in enumerate([(1.0, 1.0), (30.0, 1.0), (1e-3, 1.0), (5.0, float("inf")), (2.0, 0.5)]):
+            grads = {k: mx.array(gain * rng.standard_normal(s).astype(np.float32)) for k, s in zip(params, shapes)}
+            scale = mx.array(1 / 37.0)
+            clipped, norm = optim.clip_grad_norm(tree_map_scale(grads, scale), max_norm)
+            theirs = opt.apply_gradients(clipped, theirs)
+            normalizer = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+            out = kernels.adamw_step(ours, list(grads.values()), m, v, opt.learning_rate, scale, normalizer,
+                                     0.9, 0.95, 1e-8, 0.1)
+            n = len(shapes)
+            ours, m, v = out[:n], out[n:2 * n], out[2 * n:]
+            if step == 1:
+                assert norm.item() > 1.0  # the clip is active here
+            _assert_same(dict(zip(params, ours)), dict(theirs), exact=True)
+            _assert_same(dict(zip(params, m)), {k: s["m"] for k, s in opt.state.items() if k in params}, exact=True)
+            _assert_same(dict(zip(params, v)), {k: s["v"] for k, s in opt.state.items() if k in params}, exact=True)
+        ref = kernels.reference_adamw_step(list(params.values()), list(grads.values()), m, v, opt.learning_rate,
+                                           scale, normalizer, 0.9, 0.95, 1e-8, 0.1)
+        fast = kernels.adamw_step(list(params.values()), list(grads.values()), m, v, opt.learning_rate,
+                                  scale, normalizer, 0.9, 0.95, 1e-8, 0.1)
+        _assert_same(dict(enumerate(fast)), dict(enumerate(ref)), exact=True)  # the fallback is the same rule
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_the_cpu_default_step_runs_adamw_as_one_kernel_and_equals_mlx_s_per_tensor_step(clip):
+    """`fused="auto"` on the CPU takes the kernel for AdamW on float32 parameters; four compiled
+    steps give the same parameters, moments and step as MLX's per-tensor path ("off")."""
+    if not kernels.available():
+        pytest.skip(f"CPU kernels unavailable: {kernels.status()}")
+    for name in ("adamw", "adamw_f32_state"):
+        s_auto, p_auto, st_auto, n_auto = _train("auto", "float32", OPTIMIZERS[name], grad_clip=clip)
+        s_off, p_off, st_off, n_off = _train("off", "float32", OPTIMIZERS[name], grad_clip=clip)
+        assert s_auto.one_kernel and not s_off.one_kernel and not s_auto.fused
+        if clip:
+            assert min(n_off) > clip  # clipped at every step
+        _assert_same(p_auto, p_off, exact=True)
+        _assert_same(st_auto, st_off, exact=True)
+        assert n_auto == n_off and st_auto["step"].item() == 4
+
+
+def test_the_cpu_adamw_kernel_is_used_only_where_it_is_the_same_rule(monkeypatch):
+    f32 = _model("float32")
+    assert Stepper(f32, optim.AdamW(1e-3), compile=False).one_kernel == kernels.available()
+    for opt in (optim.Adam(1e-3), optim.AdamW(1e-3, bias_correction=True), optim.Lion(1e-3), optim.Adafactor(1e-3)):
+        assert not Stepper(_model("float32"), opt, compile=False).one_kernel, type(opt).__name__
+    assert not Stepper(_model("bfloat16"), optim.AdamW(1e-3), compile=False).one_kernel
+    assert not Stepper(_model("float32"), optim.AdamW(1e-3), fused="off", compile=False).one_kernel
+    monkeypatch.setenv("MLXFLOW_KERNELS", "off")
+    assert not Stepper(_model("float32"), optim.AdamW(1e-3), compile=False).one_kernel

@@ -64,6 +64,23 @@ NB_MODULE(_mlxflow_kernels, m) {
       "log_softmax", [](const mlxk::mx::array& logits) { return mlxk::log_softmax(logits); },
       "logits"_a, "logits - logsumexp(logits, -1) for float32 [N, V].");
 
+  m.def(
+      "adamw_step",
+      [](const std::vector<mlxk::mx::array>& params, const std::vector<mlxk::mx::array>& grads,
+         const std::vector<mlxk::mx::array>& ms, const std::vector<mlxk::mx::array>& vs,
+         const mlxk::mx::array& lr, const mlxk::mx::array& scale, const mlxk::mx::array& normalizer,
+         double b1, double b2, double eps, double weight_decay) {
+        return mlxk::adamw_step(params, grads, ms, vs, lr, scale, normalizer, b1, b2, eps, weight_decay);
+      },
+      "params"_a, "grads"_a, "m"_a, "v"_a, "lr"_a, "scale"_a, "normalizer"_a, "b1"_a, "b2"_a,
+      "eps"_a, "weight_decay"_a,
+      "One AdamW step (no bias correction) over float32 tensors, the gradient taken as "
+      "(g * scale) * normalizer -> [p'..., m'..., v'...].");
+
+  m.def("align_allocations", &mlxk::align_allocations,
+        "Give MLX's CPU arrays of 4 KiB and more 64-byte aligned data (libmlx's malloc / free); "
+        "returns the malloc call sites switched, 0 if none.");
+
   // Cheap call used right after loading: raises TypeError if nanobind cannot see
   // mlx.core.array (an ABI/domain mismatch), so the loader can fall back cleanly.
   m.def("probe", [](const mlxk::mx::array& a) { return a.size(); }, "a"_a);

@@ -59,6 +59,22 @@ std::vector<mx::array> categorical_sample(const mx::array& logits, const mx::arr
 // logits - logsumexp(logits, axis=-1) for float32 [N, V] (differentiable).
 mx::array log_softmax(const mx::array& logits, mx::StreamOrDevice s = {});
 
+// One AdamW step (mlx.optimizers.AdamW without bias correction, after clip_grad_norm) over
+// float32 tensors: gradient (g * scale) * normalizer, decoupled weight decay, then Adam, in MLX's
+// order and rounding. lr, scale, normalizer: scalars. Returns {p'..., m'..., v'...} (3n arrays).
+std::vector<mx::array> adamw_step(const std::vector<mx::array>& params,
+                                  const std::vector<mx::array>& grads,
+                                  const std::vector<mx::array>& ms,
+                                  const std::vector<mx::array>& vs, const mx::array& lr,
+                                  const mx::array& scale, const mx::array& normalizer, double b1,
+                                  double b2, double eps, double weight_decay,
+                                  mx::StreamOrDevice s = {});
+
+// Points libmlx's malloc / free at a pair that gives blocks of 4 KiB and more 64-byte aligned
+// array data (MLX's CPU allocator puts an 8-byte header in front of malloc's memory). Returns the
+// number of malloc call sites switched (0: nothing changed). Idempotent. See align.cpp.
+int align_allocations();
+
 // How many cross-entropy gradients reused the logits buffer (for tests and tuning).
 extern std::atomic<int64_t> ce_grad_donations;
 
