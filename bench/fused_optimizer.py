@@ -7,7 +7,8 @@ Builds the model, draws one random gradient tree, compiles two functions, each t
 AdamW(state float32, as `optimizer_state_dtype: float32`): `optim.clip_grad_norm` +
 `optimizer.apply_gradients` per tensor, `fused.clip` + `fused.apply` concatenating the parameters
 and moments at every call, and the same keeping the flat buffers between calls (`resident`, as
-the training step does; only the gradients are concatenated). The three alternate,
+the training step does; only the gradients are concatenated), and `kernels.adamw_step`
+(`mlxcore.train.multi_tensor`: one kernel over every tensor, on the CPU) where it runs. They alternate,
 `--reps` evaluated calls each after a warmup; prints median and min ms and the ratio.
 """
 
@@ -24,7 +25,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlxcore.config import ModelConfig
 from mlxcore.models.model import from_config, hf_config
-from mlxcore.train import fused, optimizers
+from mlxcore import kernels
+from mlxcore.train import fused, multi_tensor, optimizers
 
 
 def main(argv=None) -> dict:
@@ -40,7 +42,10 @@ def main(argv=None) -> dict:
     flat_params = dict(tree_flatten(params))
     mx.eval(grads)
     runs = {}
-    for name in ("per-tensor", "fused", "fused, kept buffers"):
+    names = ["per-tensor", "fused", "fused, kept buffers"]
+    if kernels.fast_adamw(w.dtype for w in flat_params.values()):
+        names.append("one kernel")
+    for name in names:
         opt = optimizers.AdamWFloat32State(1e-3, betas=[0.9, 0.95], weight_decay=0.01)
         opt.init(params)
         # the parameters are carried from call to call, as a model's are; "kept buffers" also keeps
@@ -51,6 +56,10 @@ def main(argv=None) -> dict:
             if name == "per-tensor":
                 clipped, norm = optim.clip_grad_norm(grads, 1.0)
                 held["params"] = opt.apply_gradients(clipped, held["params"])
+                return norm
+            if name == "one kernel":
+                clipped, norm = multi_tensor.clip(grads, mx.array(1.0), 1.0)
+                held["params"] = multi_tensor.apply(opt, clipped, held["params"])
                 return norm
             current = dict(tree_flatten(held["params"]))
             packed, norm = fused.clip(fused.Packed.pack(grads, current), mx.array(1.0), 1.0)
@@ -75,7 +84,7 @@ def main(argv=None) -> dict:
     for name, (_, _, times) in runs.items():
         out[name] = {"median_ms": statistics.median(times), "min_ms": min(times)}
         print(f"{name:<20} median {out[name]['median_ms']:8.2f} ms  min {out[name]['min_ms']:8.2f} ms")
-    for name in ("fused", "fused, kept buffers"):
+    for name in names[1:]:
         print(f"{name} / per-tensor: median {out[name]['median_ms'] / out['per-tensor']['median_ms']:.2f}x, "
               f"min {out[name]['min_ms'] / out['per-tensor']['min_ms']:.2f}x")
     return out

@@ -339,6 +339,12 @@ def reference_adamw_step(params, grads, m, v, lr, scale, normalizer, b1: float, 
     return new_p + new_m + new_v
 
 
+def fast_adamw(param_dtypes) -> bool:
+    """Whether `adamw_step` has a fast path here for parameters of these dtypes: the CPU kernels,
+    float32 parameters."""
+    return _ext() is not None and set(param_dtypes) == {mx.float32}
+
+
 def adamw_step(params, grads, m, v, lr, scale, normalizer, b1: float, b2: float, eps: float,
                weight_decay: float) -> list[mx.array]:
     """One AdamW step (mlx.optimizers.AdamW without bias correction) over lists of float32

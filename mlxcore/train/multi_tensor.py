@@ -30,7 +30,7 @@ def supports(optimizer: optim.Optimizer, model: nn.Module) -> bool:
     if not all(isinstance(x, (int, float)) for x in (*optimizer.betas, optimizer.eps, optimizer.weight_decay)):
         return False
     params = tree_flatten(model.trainable_parameters())
-    return bool(params) and all(p.dtype == mx.float32 for _, p in params) and kernels.available()
+    return bool(params) and kernels.fast_adamw(p.dtype for _, p in params)
 
 
 def clip(grads, scale: mx.array, max_norm: float):
@@ -42,9 +42,10 @@ def clip(grads, scale: mx.array, max_norm: float):
     return (grads, scale, normalizer), norm
 
 
-def apply(optimizer: optim.Optimizer, model: nn.Module, clipped) -> None:
-    """`optimizer.update(model, grads * scale * normalizer)`, as `Optimizer.apply_gradients` does
-    it (state initialised on first use, schedules read at the step before it is incremented)."""
+def apply(optimizer: optim.Optimizer, clipped, params):
+    """`optimizer.apply_gradients(grads * scale * normalizer, params)`: the new parameters (a tree
+    like the gradients), the state updated as `Optimizer.apply_gradients` updates it (initialised
+    on first use, schedules read at the step before it is incremented)."""
     grads, scale, normalizer = clipped
     if not optimizer._initialized:
         optimizer.init(grads)
@@ -52,8 +53,7 @@ def apply(optimizer: optim.Optimizer, model: nn.Module, clipped) -> None:
         optimizer.state[name] = schedule(optimizer.step)
     optimizer.state["step"] = optimizer.step + 1
     gs, ps, states = [], [], []
-    tree_map(lambda g, p, s: (gs.append(g), ps.append(p), states.append(s)),
-             grads, model.trainable_parameters(), optimizer.state)
+    tree_map(lambda g, p, s: (gs.append(g), ps.append(p), states.append(s)), grads, params, optimizer.state)
     out = kernels.adamw_step(ps, gs, [s["m"] for s in states], [s["v"] for s in states],
                              optimizer.learning_rate, scale, normalizer, *optimizer.betas,
                              optimizer.eps, optimizer.weight_decay)
@@ -61,4 +61,4 @@ def apply(optimizer: optim.Optimizer, model: nn.Module, clipped) -> None:
     for s, m, v in zip(states, out[n:2 * n], out[2 * n:]):
         s["m"], s["v"] = m, v
     new = iter(out[:n])
-    model.update(tree_map(lambda _: next(new), grads))
+    return tree_map(lambda _: next(new), grads)

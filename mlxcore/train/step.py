@@ -180,7 +180,7 @@ class Stepper:
                 model.update(fused_step.apply(optimizer, packed, params, tree, resident=self.resident.buffers))
                 return
             if self.one_kernel:
-                multi_tensor.apply(optimizer, model, grads)
+                model.update(multi_tensor.apply(optimizer, grads, model.trainable_parameters()))
                 return
             optimizer.update(model, grads)
 
