@@ -18,7 +18,9 @@ detected from a file's first row:
                  the results, the row's "tools" schemas, all rendered by the chat template;
                  the messages themselves: `mlxcore.data.messages`)
   instruction    {prompt_field, response_field} (default "prompt", "response"), or any fields
-                 through `prompt_format` / `response_format` templates ("Q: {question}")
+                 through `prompt_format` / `response_format` templates ("Q: {question}");
+                 Dolly's {"instruction", "context", "response"}: the context follows the
+                 instruction after a blank line, as Alpaca's input does
   alpaca         {"instruction", "input" (optional), "output"}
   gsm8k          {"question", "answer"}
   ids            {"ids": [int, ...]} and for SFT optionally {"mask": [0|1, ...]} or
@@ -300,15 +302,20 @@ def _messages(row: dict, where: str) -> list[dict]:
     return out
 
 
+def _with_input(prompt: str, row: dict, field: str, where: str) -> str:
+    """The instruction, then a blank line and the row's `field` (Alpaca's input, Dolly's context)
+    when it has text."""
+    extra = row.get(field) or ""
+    if not isinstance(extra, str):
+        raise DataError(f"{where}: field {field!r} must be a string, got {type(extra).__name__}")
+    return f"{prompt}\n\n{extra}" if extra.strip() else prompt
+
+
 def _prompt_response(row: dict, fmt: str, opts: dict, where: str) -> tuple[str, str]:
     if opts.get("prompt_format"):
         prompt = fill_template(opts["prompt_format"], row, where, "prompt_format")
     elif fmt == "alpaca":
-        prompt = string_field(row, "instruction", where, fmt)
-        extra = row.get("input") or ""
-        if not isinstance(extra, str):
-            raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
-        prompt = f"{prompt}\n\n{extra}" if extra.strip() else prompt
+        prompt = _with_input(string_field(row, "instruction", where, fmt), row, "input", where)
     elif fmt == "gsm8k":
         prompt = string_field(row, "question", where, fmt)
     else:
@@ -316,6 +323,10 @@ def _prompt_response(row: dict, fmt: str, opts: dict, where: str) -> tuple[str, 
         if name not in row and name == "prompt" and "instruction" in row:
             name = "instruction"
         prompt = string_field(row, name, where, fmt)
+        if name == "instruction" and not opts.get("prompt_field"):
+            # Dolly's rows: {instruction, context, response}; the context is the passage the
+            # instruction is about (closed QA, summarisation), kept as Alpaca's input is
+            prompt = _with_input(prompt, row, "context" if "context" in row else "input", where)
     if opts.get("response_format"):
         response = fill_template(opts["response_format"], row, where, "response_format")
     else:

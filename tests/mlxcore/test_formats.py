@@ -43,6 +43,10 @@ CASES = {  # format: (row, user turn, assistant turn)
     "gsm8k": ({"question": "What is 2+3?", "answer": "2+3=<<2+3=5>>5\n#### 5"}, "What is 2+3?", "2+3=<<2+3=5>>5\n#### 5"),
     "instruction": ({"prompt": "Name a color", "response": "red"}, "Name a color", "red"),
     "completion": ({"prompt": "Name a fruit", "completion": "plum"}, "Name a fruit", "plum"),
+    # Dolly-15k's rows: the context is the passage the instruction is about, not to be dropped
+    "dolly": ({"instruction": "Who sat?", "context": "The cat sat on the mat.", "response": "The cat.",
+               "category": "closed_qa"}, "Who sat?\n\nThe cat sat on the mat.", "The cat."),
+    "dolly_no_context": ({"instruction": "Say hi", "context": "", "response": "hi", "category": "open_qa"}, "Say hi", "hi"),
 }
 
 
@@ -50,7 +54,8 @@ CASES = {  # format: (row, user turn, assistant turn)
 def test_each_sft_format_is_detected_rendered_and_masked_to_the_answer(case, tmp_path, small_data):
     row, user, answer = CASES[case]
     m, docs, tok = _sft(tmp_path, small_data, [row] * 3)
-    fmt = "conversations" if case in ("messages", "sharegpt") else "instruction" if case == "completion" else case.split("_")[0]
+    fmt = ("conversations" if case in ("messages", "sharegpt") else "instruction" if case == "completion"
+           or case.startswith("dolly") else case.split("_")[0])
     assert m["formats"] == {"rows.jsonl": fmt}
     assert len(docs) == 3 and m["stats"]["rows"] == 6
     msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
