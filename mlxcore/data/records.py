@@ -17,10 +17,13 @@ detected from a file's first row:
                  tool calling as OpenAI writes it: an assistant's "tool_calls", "tool" turns with
                  the results, the row's "tools" schemas, all rendered by the chat template;
                  the messages themselves: `mlxcore.data.messages`)
-  instruction    {prompt_field, response_field} (default "prompt", "response"), or any fields
-                 through `prompt_format` / `response_format` templates ("Q: {question}");
+  instruction    {prompt_field, response_field} (default: the first of "prompt", "instruction",
+                 "question", "query"; "response" or "completion"), or any fields through
+                 `prompt_format` / `response_format` templates ("Q: {question}");
                  Dolly's {"instruction", "context", "response"}: the context follows the
-                 instruction after a blank line, as Alpaca's input does
+                 instruction after a blank line, as Alpaca's input does; TRL's conversational
+                 {"prompt": [messages], "completion": [messages]}: the completion is learned
+  (instruction, alpaca and gsm8k rows: a "system" or "system_prompt" field is the system turn)
   alpaca         {"instruction", "input" (optional), "output"}
   gsm8k          {"question", "answer"}
   ids            {"ids": [int, ...]} and for SFT optionally {"mask": [0|1, ...]} or
@@ -44,6 +47,11 @@ from mlxcore.data.errors import DataError
 from mlxcore.data.messages import Chat, message_list, tools_of
 
 FORMATS = ("auto", "text", "conversations", "instruction", "alpaca", "gsm8k", "ids")
+# the instruction format's prompt, where `prompt_field` is not set: the first of these a row has
+# ("prompt"; Dolly's "instruction"; OpenOrca's "question"; MetaMathQA's "query")
+PROMPT_FIELDS = ("prompt", "instruction", "question", "query")
+# a row's own system prompt (OpenOrca's "system_prompt"), ahead of the config's `system_prompt`
+SYSTEM_FIELDS = ("system", "system_prompt")
 CHAT_FORMATS = ("conversations", "instruction", "alpaca", "gsm8k")
 CHUNK_ROWS = 1024
 CHUNK_BYTES = 256 << 10  # per worker task: small enough to balance the last tasks
@@ -258,7 +266,7 @@ def detect_format(row: dict, where: str) -> str:
         return "gsm8k"
     if "instruction" in row and "output" in row:
         return "alpaca"
-    if ("prompt" in row and ("response" in row or "completion" in row)) or ("instruction" in row and "response" in row):
+    if any(k in row for k in PROMPT_FIELDS) and ("response" in row or "completion" in row):
         return "instruction"
     if "text" in row:
         return "text"
@@ -319,9 +327,7 @@ def _prompt_response(row: dict, fmt: str, opts: dict, where: str) -> tuple[str, 
     elif fmt == "gsm8k":
         prompt = string_field(row, "question", where, fmt)
     else:
-        name = opts.get("prompt_field") or "prompt"
-        if name not in row and name == "prompt" and "instruction" in row:
-            name = "instruction"
+        name = opts.get("prompt_field") or next((k for k in PROMPT_FIELDS if k in row), "prompt")
         prompt = string_field(row, name, where, fmt)
         if name == "instruction" and not opts.get("prompt_field"):
             # Dolly's rows: {instruction, context, response}; the context is the passage the
@@ -337,6 +343,37 @@ def _prompt_response(row: dict, fmt: str, opts: dict, where: str) -> tuple[str, 
     return prompt, response
 
 
+def _row_system(row: dict, where: str) -> str:
+    """The row's own system prompt ("system" / "system_prompt"), or ""."""
+    for name in SYSTEM_FIELDS:
+        if name in row and row[name] is not None:
+            if not isinstance(row[name], str):
+                raise DataError(f"{where}: field {name!r} must be a string, got {type(row[name]).__name__}")
+            return row[name] if row[name].strip() else ""
+    return ""
+
+
+def _conversational(row: dict, opts: dict) -> bool:
+    """TRL's conversational prompt-completion rows: "prompt" and "completion" are message lists."""
+    return (not opts.get("prompt_format") and not opts.get("prompt_field") and isinstance(row.get("prompt"), list)
+            and isinstance(row.get("completion"), list))
+
+
+def _prompt_completion_messages(row: dict, where: str) -> list[dict]:
+    """The prompt's messages, then the completion's; only the completion's assistant turns are
+    learned (as TRL's SFTTrainer does)."""
+    prompt = message_list(row["prompt"], where, "prompt")
+    completion = message_list(row["completion"], where, "completion")
+    for m in prompt:
+        if m["role"] == "assistant":
+            m["weight"] = 0
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in completion):
+        raise DataError(f"{where}: field 'completion' has no assistant message to learn from")
+    if prompt[0]["role"] == "assistant":
+        raise DataError(f"{where}: the first message is from the assistant; nothing prompts it")
+    return prompt + completion
+
+
 def to_example(row: dict, fmt: str, kind: str, opts: dict, where: str):
     """One example: `str` (text), a message list (chat), or `(ids, mask | None)` (ids)."""
     if fmt == "ids":
@@ -349,9 +386,14 @@ def to_example(row: dict, fmt: str, kind: str, opts: dict, where: str):
     tools = None
     if fmt == "conversations":
         msgs, tools = _messages(row, where), tools_of(row, where)
+    elif fmt == "instruction" and _conversational(row, opts):
+        msgs = _prompt_completion_messages(row, where)
     elif fmt in CHAT_FORMATS:
         prompt, response = _prompt_response(row, fmt, opts, where)
         msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        system = _row_system(row, where)
+        if system:
+            msgs = [{"role": "system", "content": system}] + msgs
     else:
         raise DataError(f"{where}: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if opts.get("system_prompt") and msgs[0]["role"] != "system":

@@ -47,6 +47,7 @@ CASES = {  # format: (row, user turn, assistant turn)
     "dolly": ({"instruction": "Who sat?", "context": "The cat sat on the mat.", "response": "The cat.",
                "category": "closed_qa"}, "Who sat?\n\nThe cat sat on the mat.", "The cat."),
     "dolly_no_context": ({"instruction": "Say hi", "context": "", "response": "hi", "category": "open_qa"}, "Say hi", "hi"),
+    "metamath": ({"query": "What is 2+3?", "response": "5", "type": "GSM_Rephrased"}, "What is 2+3?", "5"),
 }
 
 
@@ -55,13 +56,42 @@ def test_each_sft_format_is_detected_rendered_and_masked_to_the_answer(case, tmp
     row, user, answer = CASES[case]
     m, docs, tok = _sft(tmp_path, small_data, [row] * 3)
     fmt = ("conversations" if case in ("messages", "sharegpt") else "instruction" if case == "completion"
-           or case.startswith("dolly") else case.split("_")[0])
+           or case.startswith("dolly") or case == "metamath" else case.split("_")[0])
     assert m["formats"] == {"rows.jsonl": fmt}
     assert len(docs) == 3 and m["stats"]["rows"] == 6
     msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     for doc in docs:
         assert tok.decode(doc[0]) == tok.apply_chat_template(msgs, tokenize=False)
         assert _learned(tok, doc) == answer + tok.eos_token
+
+
+def test_a_row_s_own_system_prompt_and_trl_s_conversational_prompt_completion(tmp_path, small_data):
+    """OpenOrca's rows carry their system prompt ("system_prompt"), which becomes the system turn
+    (it was dropped: the rows did not even load). TRL's conversational prompt-completion rows give
+    both sides as message lists: the prompt's turns are context, only the completion is learned."""
+    orca = {"id": "niv.1", "system_prompt": "Be brief.", "question": "Name a color", "response": "red"}
+    m, docs, tok = _sft(tmp_path, small_data, [orca] * 2)
+    assert m["formats"] == {"rows.jsonl": "instruction"}
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color"},
+            {"role": "assistant", "content": "red"}]
+    assert tok.decode(docs[0][0]) == tok.apply_chat_template(msgs, tokenize=False)
+    assert _learned(tok, docs[0]) == "red" + tok.eos_token
+
+    trl = {"prompt": [{"role": "system", "content": "Count."}, {"role": "user", "content": "one"},
+                      {"role": "assistant", "content": "two"}, {"role": "user", "content": "three"}],
+           "completion": [{"role": "assistant", "content": "four"}]}
+    m, docs, tok = _sft(tmp_path, small_data, [trl] * 2, name="trl.jsonl", out="trl")
+    assert m["formats"] == {"trl.jsonl": "instruction"}
+    msgs = trl["prompt"] + trl["completion"]
+    assert tok.decode(docs[0][0]) == tok.apply_chat_template(msgs, tokenize=False)
+    assert _learned(tok, docs[0]) == "four" + tok.eos_token  # not the prompt's "two"
+
+    bad = [({**trl, "completion": [{"role": "user", "content": "five"}]}, r"trl-bad.jsonl:1: field 'completion' has no assistant"),
+           ({**orca, "system_prompt": ["Be brief."]}, r"trl-bad.jsonl:1: field 'system_prompt' must be a string")]
+    for row, message in bad:
+        with pytest.raises(DataError, match=message):
+            _sft(tmp_path, small_data, [row], name="trl-bad.jsonl", out="trl-bad")
+        assert not (tmp_path / "trl-bad").exists()
 
 
 def test_templates_custom_fields_and_system_prompt(tmp_path, small_data):
