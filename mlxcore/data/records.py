@@ -11,7 +11,8 @@ write one), anywhere else it is data. Other encodings fail naming the file and l
 Each row becomes an example of one of these formats, declared (`SourceConfig.format`) or
 detected from a file's first row:
   text           {"text": str}                                   pretraining text
-  conversations  {"conversations" | "messages": [{"role", "content"}, ...]}  (also ShareGPT's
+  conversations  {"conversations" | "messages" | "conversation": [{"role", "content"}, ...]}
+                 (Capybara's [{"input", "output"}, ...] turns too; also ShareGPT's
                  {"from": human|gpt|system, "value"}; content may be a list of text parts, and
                  an assistant message with "weight": 0 is context, not learned, as in OpenAI's format;
                  tool calling as OpenAI writes it: an assistant's "tool_calls", "tool" turns with
@@ -53,6 +54,9 @@ PROMPT_FIELDS = ("prompt", "instruction", "question", "query")
 # a row's own system prompt (OpenOrca's "system_prompt"), ahead of the config's `system_prompt`
 SYSTEM_FIELDS = ("system", "system_prompt")
 CHAT_FORMATS = ("conversations", "instruction", "alpaca", "gsm8k")
+# where a conversation may be: "conversations" (ShareGPT), "messages" (OpenAI, HF), "conversation"
+# (LMSYS-Chat-1M's messages; Capybara's [{"input", "output"}] turns)
+CONVERSATION_FIELDS = ("conversations", "messages", "conversation")
 CHUNK_ROWS = 1024
 CHUNK_BYTES = 256 << 10  # per worker task: small enough to balance the last tasks
 MAX_LINE_BYTES = 8 << 20  # a longer JSONL line is refused before it is held in memory
@@ -260,7 +264,7 @@ def detect_format(row: dict, where: str) -> str:
     """The format of a row, from its keys."""
     if "ids" in row:
         return "ids"
-    if "conversations" in row or "messages" in row:
+    if any(k in row for k in CONVERSATION_FIELDS):
         return "conversations"
     if "question" in row and "answer" in row:
         return "gsm8k"
@@ -301,7 +305,13 @@ def template_fields(tpl: str) -> list[str]:
 
 
 def _messages(row: dict, where: str) -> list[dict]:
-    out = message_list(row.get("conversations" if "conversations" in row else "messages"), where)
+    value = row[next(k for k in CONVERSATION_FIELDS if k in row)]
+    if isinstance(value, list) and value and all(isinstance(t, dict) and "input" in t and "output" in t
+                                                 and "role" not in t and "from" not in t for t in value):
+        # Capybara's turns: [{"input": user, "output": assistant}, ...]
+        value = [m for t in value for m in ({"role": "user", "content": t["input"]},
+                                              {"role": "assistant", "content": t["output"]})]
+    out = message_list(value, where)
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in out):
         raise DataError(f"{where}: no assistant message to learn from" + (
             " (every one has weight 0)" if any(m["role"] == "assistant" for m in out) else ""))

@@ -48,6 +48,10 @@ CASES = {  # format: (row, user turn, assistant turn)
                "category": "closed_qa"}, "Who sat?\n\nThe cat sat on the mat.", "The cat."),
     "dolly_no_context": ({"instruction": "Say hi", "context": "", "response": "hi", "category": "open_qa"}, "Say hi", "hi"),
     "metamath": ({"query": "What is 2+3?", "response": "5", "type": "GSM_Rephrased"}, "What is 2+3?", "5"),
+    "lmsys": ({"conversation_id": "c1", "model": "vicuna-13b", "turn": 1, "language": "English",
+               "conversation": [{"role": "user", "content": "Copy: ab"}, {"role": "assistant", "content": "ab"}]},
+              "Copy: ab", "ab"),
+    "capybara": ({"source": "Airoboros", "conversation": [{"input": "hi there", "output": "hello"}]}, "hi there", "hello"),
 }
 
 
@@ -55,7 +59,7 @@ CASES = {  # format: (row, user turn, assistant turn)
 def test_each_sft_format_is_detected_rendered_and_masked_to_the_answer(case, tmp_path, small_data):
     row, user, answer = CASES[case]
     m, docs, tok = _sft(tmp_path, small_data, [row] * 3)
-    fmt = ("conversations" if case in ("messages", "sharegpt") else "instruction" if case == "completion"
+    fmt = ("conversations" if case in ("messages", "sharegpt", "lmsys", "capybara") else "instruction" if case == "completion"
            or case.startswith("dolly") or case == "metamath" else case.split("_")[0])
     assert m["formats"] == {"rows.jsonl": fmt}
     assert len(docs) == 3 and m["stats"]["rows"] == 6
@@ -85,6 +89,13 @@ def test_a_row_s_own_system_prompt_and_trl_s_conversational_prompt_completion(tm
     msgs = trl["prompt"] + trl["completion"]
     assert tok.decode(docs[0][0]) == tok.apply_chat_template(msgs, tokenize=False)
     assert _learned(tok, docs[0]) == "four" + tok.eos_token  # not the prompt's "two"
+
+    capybara = {"conversation": [{"input": "one", "output": "two"}, {"input": "three", "output": "four"}]}
+    _, docs, tok = _sft(tmp_path, small_data, [capybara] * 2, name="capy.jsonl", out="capy")
+    msgs = [{"role": r, "content": c} for r, c in (("user", "one"), ("assistant", "two"), ("user", "three"),
+                                                   ("assistant", "four"))]
+    assert tok.decode(docs[0][0]) == tok.apply_chat_template(msgs, tokenize=False)
+    assert _learned(tok, docs[0]) == "two" + tok.eos_token + "four" + tok.eos_token  # every turn's reply
 
     bad = [({**trl, "completion": [{"role": "user", "content": "five"}]}, r"trl-bad.jsonl:1: field 'completion' has no assistant"),
            ({**orca, "system_prompt": ["Be brief."]}, r"trl-bad.jsonl:1: field 'system_prompt' must be a string")]
