@@ -305,7 +305,7 @@ def template_fields(tpl: str) -> list[str]:
 
 
 def _messages(row: dict, where: str) -> list[dict]:
-    value = row[next(k for k in CONVERSATION_FIELDS if k in row)]
+    value = row.get(next((k for k in CONVERSATION_FIELDS if k in row), "conversations"))
     if isinstance(value, list) and value and all(isinstance(t, dict) and "input" in t and "output" in t
                                                  and "role" not in t and "from" not in t for t in value):
         # Capybara's turns: [{"input": user, "output": assistant}, ...]
