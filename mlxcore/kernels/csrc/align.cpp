@@ -78,7 +78,6 @@ void aligned_free(void* q) {
 struct Patch {
   bool free_patched = false;
   int mallocs = 0;
-  int copies = 0;  // copies of free's address found in libmlx's data
 };
 
 // Writes `fn` into a GOT slot. Slots in the RELRO range ([relro0, relro1): read-only after
@@ -172,10 +171,9 @@ int patch_object(dl_phdr_info* info, size_t, void* data) {
     if (ph.p_type != PT_LOAD || !(ph.p_flags & PF_W)) continue;
     uintptr_t a = (base + ph.p_vaddr + 7) & ~uintptr_t(7), e = base + ph.p_vaddr + ph.p_memsz;
     for (; a + 8 <= e; a += 8)
-      if (*reinterpret_cast<void**>(a) == glibc_free) {
-        if (!write_slot(a, reinterpret_cast<void*>(&aligned_free), relro0, relro1)) return 1;
-        ++result->copies;
-      }
+      if (*reinterpret_cast<void**>(a) == glibc_free &&
+          !write_slot(a, reinterpret_cast<void*>(&aligned_free), relro0, relro1))
+        return 1;
   }
   result->free_patched = true;
   for (auto slot : mallocs)
