@@ -8,7 +8,8 @@ AdamW(state float32, as `optimizer_state_dtype: float32`): `optim.clip_grad_norm
 `optimizer.apply_gradients` per tensor, `fused.clip` + `fused.apply` concatenating the parameters
 and moments at every call, and the same keeping the flat buffers between calls (`resident`, as
 the training step does; only the gradients are concatenated), and `kernels.adamw_step`
-(`mlxcore.train.multi_tensor`: one kernel over every tensor, on the CPU) where it runs. They alternate,
+(`mlxcore.train.multi_tensor`: one kernel over every tensor on the CPU, multi-tensor CUDA kernels on
+an NVIDIA GPU) where it runs. They alternate,
 `--reps` evaluated calls each after a warmup; prints median and min ms and the ratio.
 """
 

@@ -34,6 +34,17 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _var in ("MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MLXFLOW_KERNEL_THREADS"):
         os.environ.setdefault(_var, "1")
+    # MLX-CUDA compiles each kernel on first use and caches it in MLX_PTX_CACHE_DIR (default
+    # <tmp>/mlx/<version>/ptx), writing the files in place: one worker could read another's
+    # half-written kernel. Each worker keeps a folder of its own there, so the GPU subset compiles
+    # on many workers at once (`pytest -m gpu -n 8` on a GPU host; see the README's GPU subset).
+    import importlib.metadata as _md
+
+    try:
+        _ptx = os.environ.get("MLX_PTX_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "mlx", _md.version("mlx"), "ptx")
+        os.environ["MLX_PTX_CACHE_DIR"] = os.path.join(_ptx, os.environ["PYTEST_XDIST_WORKER"])
+    except _md.PackageNotFoundError:
+        pass
 
 import pytest  # noqa: E402
 

@@ -28,7 +28,7 @@ from functools import partial
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 
-from mlxcore.kernels import _build
+from mlxcore.kernels import _build, cuda
 
 __all__ = ["adamw_step", "attention", "available", "categorical_sample", "cross_entropy", "log_softmax",
            "reference_adamw_step", "reference_attention", "reference_categorical_sample", "reference_cross_entropy",
@@ -325,35 +325,45 @@ def log_softmax(logits: mx.array) -> mx.array:
 def reference_adamw_step(params, grads, m, v, lr, scale, normalizer, b1: float, b2: float, eps: float,
                          weight_decay: float) -> list[mx.array]:
     """Plain-MLX `adamw_step`: mlx.optimizers.AdamW's rule tensor by tensor, the same ops in the
-    same order."""
+    same order, computed in the moments' dtype and rounded to the parameter's (as
+    `AdamWFloat32State` does for bfloat16 / float16 parameters; a no-op for float32 ones)."""
     lr = lr.astype(mx.float32)
     new_p, new_m, new_v = [], [], []
     for p, g, m_, v_ in zip(params, grads, m, v):
-        g = (g * scale.astype(g.dtype)) * normalizer
-        p = p * (1 - lr * weight_decay)
+        g = ((g * scale.astype(g.dtype)) * normalizer).astype(g.dtype).astype(m_.dtype)  # as clip_grad_norm
+        w = p.astype(m_.dtype) * (1 - lr * weight_decay)
         m_ = b1 * m_ + (1 - b1) * g
         v_ = b2 * v_ + (1 - b2) * mx.square(g)
-        new_p.append(p - lr * m_ / (mx.sqrt(v_) + eps))
+        new_p.append((w - lr * m_ / (mx.sqrt(v_) + eps)).astype(p.dtype))
         new_m.append(m_)
         new_v.append(v_)
     return new_p + new_m + new_v
 
 
 def fast_adamw(param_dtypes) -> bool:
-    """Whether `adamw_step` has a fast path here for parameters of these dtypes: the CPU kernels,
-    float32 parameters."""
-    return _ext() is not None and set(param_dtypes) == {mx.float32}
+    """Whether `adamw_step` has a fast path here for parameters of these dtypes (with float32
+    moments): the CPU kernels for float32 parameters; on an NVIDIA GPU, `mlxcore.kernels.cuda`
+    for float32, bfloat16 and float16 ones."""
+    dtypes = set(param_dtypes)
+    if cuda.available():
+        return _build.mode() != "off" and bool(dtypes) and cuda.dtypes_supported(dtypes)
+    return _ext() is not None and dtypes == {mx.float32}
 
 
 def adamw_step(params, grads, m, v, lr, scale, normalizer, b1: float, b2: float, eps: float,
                weight_decay: float) -> list[mx.array]:
-    """One AdamW step (mlx.optimizers.AdamW without bias correction) over lists of float32
-    parameters, gradients and moments: the gradient taken as `(g * scale) * normalizer` (a mean
-    over tokens, then `clip_grad_norm`'s scale), decoupled weight decay, then Adam.
-    Returns `[p'..., m'..., v'...]`. On the CPU one multi-threaded pass over every tensor, bit for
-    bit MLX's arithmetic; elsewhere `reference_adamw_step`."""
-    ext = _ext()
-    if ext is None or not all(x.dtype == mx.float32 for group in (params, grads, m, v) for x in group):
-        return reference_adamw_step(params, grads, m, v, lr, scale, normalizer, b1, b2, eps, weight_decay)
-    return ext.adamw_step(list(params), list(grads), list(m), list(v), lr, scale, normalizer,
-                          float(b1), float(b2), float(eps), float(weight_decay))
+    """One AdamW step (mlx.optimizers.AdamW without bias correction) over lists of parameters,
+    gradients and float32 moments: the gradient taken as `(g * scale) * normalizer` (a mean over
+    tokens, then `clip_grad_norm`'s scale), decoupled weight decay, then Adam, in float32, the new
+    parameters rounded to their dtype. Returns `[p'..., m'..., v'...]`. On the CPU (float32) one
+    multi-threaded pass over every tensor, bit for bit MLX's arithmetic; on an NVIDIA GPU a few
+    multi-tensor CUDA kernels (`mlxcore.kernels.cuda`); elsewhere (and with MLXFLOW_KERNELS=off)
+    `reference_adamw_step`."""
+    moments_f32 = all(x.dtype == mx.float32 for group in (m, v) for x in group)
+    if moments_f32 and fast_adamw(p.dtype for p in params):
+        if cuda.available():
+            return cuda.adamw_step(params, grads, m, v, lr, scale, normalizer, b1, b2, eps, weight_decay)
+        if all(g.dtype == mx.float32 for g in grads):
+            return _ext().adamw_step(list(params), list(grads), list(m), list(v), lr, scale, normalizer,
+                                     float(b1), float(b2), float(eps), float(weight_decay))
+    return reference_adamw_step(params, grads, m, v, lr, scale, normalizer, b1, b2, eps, weight_decay)

@@ -147,7 +147,7 @@ def measure(cfg: SpeedConfig) -> dict:
         "step_ms": 1e3 * step_s, "tok_per_s": tokens / step_s, "warmup_s": warmup_s,
         "loss": (out[0] / mx.maximum(out[1], 1)).item(),
         "active_mib": mx.get_active_memory() / MIB, "peak_mib": mx.get_peak_memory() / MIB,
-        "device": str(mx.default_device()), "fused_optimizer": step.fused,
+        "device": str(mx.default_device()), "fused_optimizer": step.fused, "one_kernel": step.one_kernel,
     }
     result |= {f"ms_{k}": v for k, v in phases.items()}
     st = stats.report(config, cfg.seq_len, cfg.dtype, result["tok_per_s"], adapters=cfg.fine_tune_type != "full")

@@ -117,9 +117,10 @@ class Stepper:
     `state` is what the compiled graph reads and writes: evaluate it after each step.
     `fused` ("auto", "on", "off"): "on" runs clip + update as a few ops over concatenated buffers
     (`mlxcore.train.fused`) for elementwise optimizers (AdamW, Lion, SGD); "auto" does where
-    `fused_step.default_for_device()` says so, and otherwise runs AdamW on float32 parameters on the
-    CPU as one multi-tensor kernel (`mlxcore.train.multi_tensor`); "off" (and anything the others
-    do not support) is MLX's per-tensor path. All give the same update.
+    `fused_step.default_for_device()` says so, and otherwise runs AdamW as multi-tensor kernels
+    (`mlxcore.train.multi_tensor`: one CPU kernel for float32 parameters; on CUDA, the clip norm and
+    the update for float32 / bfloat16 / float16 ones); "off" (and anything the others do not
+    support) is MLX's per-tensor path. All give the same update.
     """
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, grad_clip: float = 0.0, compile: bool = True,
@@ -130,7 +131,7 @@ class Stepper:
             raise ValueError(f"fused must be auto, on or off, not {fused!r}")
         wanted = fused == "on" or (fused == "auto" and fused_step.default_for_device())
         self.fused = wanted and fused_step.supports(optimizer)
-        # auto on the CPU: AdamW as one multi-threaded kernel over every tensor (bit for bit MLX's)
+        # auto: AdamW as multi-tensor kernels (CPU: bit for bit MLX's; CUDA: MLX's rule, IEEE-rounded)
         self.one_kernel = fused == "auto" and not self.fused and multi_tensor.supports(optimizer, model)
         self.group = group if group is not None and group.size() > 1 else None
         self.world = self.group.size() if self.group else 1
