@@ -1,0 +1,91 @@
+"""The CUDA sources of `mlxcore.kernels.cuda` compile, without a GPU.
+
+`mx.fast.cuda_kernel` compiles its kernel with NVRTC only when it first runs on a GPU, so a typo
+in the generated source would surface on a user's NVIDIA machine, not here. These tests capture
+the sources `cuda.py` hands to MLX and compile them with `nvcc` for Hopper (sm_90), wrapped as
+MLX wraps them (`mlx/backend/cuda/custom_kernel.cpp`: the header, then a `__global__` function in
+`mlx::core::cu` whose parameters are `const T* input` per input and `T* output` per output, T
+from the array's dtype). Skipped where there is no `nvcc`. On a GPU the kernels' results are
+checked by the GPU subset (tests/mlxcore/test_fused_optimizer.py)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import mlx.core as mx
+import pytest
+
+from mlxcore.kernels import cuda
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc (CUDA toolkit)")
+
+CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.int64: "int64_t"}
+
+
+def _captured(monkeypatch, build) -> dict:
+    seen = {}
+
+    def fake_cuda_kernel(name, input_names, output_names, source, header="", **_):
+        seen.update(name=name, inputs=list(input_names), outputs=list(output_names), source=source, header=header)
+        return "kernel"
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_cuda_kernel)
+    assert build() == "kernel"
+    return seen
+
+
+def _compile(tmp_path, kernel: dict, types: dict) -> None:
+    params = [f"const {types[n]}* {n}" for n in kernel["inputs"]] + [f"{types[n]}* {n}" for n in kernel["outputs"]]
+    source = ("#include <cstdint>\n#include <cooperative_groups.h>\n" + kernel["header"]
+              + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+              + f"__global__ void custom_kernel_{kernel['name']}(\n    " + ",\n    ".join(params) + ") {\n"
+              + kernel["source"] + "\n}\n}  // namespace mlx::core::cu\n")
+    path = tmp_path / f"{kernel['name']}.cu"
+    path.write_text(source)
+    run = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-c", str(path), "-o", str(tmp_path / "k.o")],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("p, g", [(mx.float32, mx.float32), (mx.bfloat16, mx.bfloat16), (mx.float16, mx.float32)],
+                         ids=["float32", "bfloat16", "float16-float32-grads"])
+def test_the_adamw_kernel_source_compiles(monkeypatch, tmp_path, p, g):
+    n = 3
+    kernel = _captured(monkeypatch, lambda: cuda._adamw_kernel.__wrapped__(p, g, n))
+    assert kernel["inputs"][:2] == ["meta", "hyp"] and len(kernel["inputs"]) == 2 + 4 * n
+    assert len(kernel["outputs"]) == 3 * n
+    types = {"meta": "int64_t", "hyp": "float"}
+    for k in range(n):
+        types |= {f"p{k}": CUDA_TYPES[p], f"po{k}": CUDA_TYPES[p], f"g{k}": CUDA_TYPES[g]}
+        types |= {f"{x}{k}": "float" for x in ("m", "v", "mo", "vo")}
+    _compile(tmp_path, kernel, types)
+
+
+@pytest.mark.parametrize("g", [mx.float32, mx.bfloat16, mx.float16], ids=["float32", "bfloat16", "float16"])
+def test_the_squared_norm_kernel_source_compiles(monkeypatch, tmp_path, g):
+    n = 2
+    kernel = _captured(monkeypatch, lambda: cuda._norm_kernel.__wrapped__(g, n))
+    assert kernel["inputs"] == ["meta", "hyp", "g0", "g1"] and kernel["outputs"] == ["out"]
+    types = {"meta": "int64_t", "hyp": "float", "out": "float", "g0": CUDA_TYPES[g], "g1": CUDA_TYPES[g]}
+    _compile(tmp_path, kernel, types)
+
+
+def test_kernel_names_carry_everything_their_source_depends_on():
+    """MLX caches a compiled kernel by its name, in the process and on disk: two sources under one
+    name would run the first one's code."""
+    names = {cuda._name("adamw", p, g, n=n) for p in (mx.float32, mx.bfloat16) for g in (mx.float32, mx.bfloat16)
+             for n in (1, 32)}
+    assert len(names) == 8
+    assert all(f"_{cuda.CHUNK}_{cuda.BLOCK}_{cuda.ILP}_" in name for name in names)
+    assert cuda._name("sumsq", mx.float32, n=3) != cuda._name("adamw", mx.float32, n=3)
+
+
+def test_launches_group_by_dtype_keep_order_and_hold_at_most_max_tensors():
+    keys = ["a"] * (cuda.MAX_TENSORS + 3) + ["b", "a", "b"]
+    launches = cuda._launches(keys)
+    assert sorted(i for ids in launches for i in ids) == list(range(len(keys)))
+    assert all(len(ids) <= cuda.MAX_TENSORS and len({keys[i] for i in ids}) == 1 for ids in launches)
+    assert all(ids == sorted(ids) for ids in launches)
+    meta, blocks = cuda._meta((1, cuda.CHUNK, cuda.CHUNK + 1))
+    assert meta.tolist() == [0, 1, 2, 4, 1, cuda.CHUNK, cuda.CHUNK + 1] and blocks == 4
