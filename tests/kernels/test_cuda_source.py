@@ -48,8 +48,7 @@ def _compile(tmp_path, kernel: dict, types: dict) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-@pytest.mark.parametrize("p, g", [(mx.float32, mx.float32), (mx.bfloat16, mx.bfloat16), (mx.float16, mx.float32)],
-                         ids=["float32", "bfloat16", "float16-float32-grads"])
+@pytest.mark.parametrize("p, g", [(mx.bfloat16, mx.bfloat16), (mx.float16, mx.float32)], ids=["bfloat16", "float16-float32-grads"])
 def test_the_adamw_kernel_source_compiles(monkeypatch, tmp_path, p, g):
     n = 3
     kernel = _captured(monkeypatch, lambda: cuda._adamw_kernel.__wrapped__(p, g, n))
@@ -62,7 +61,7 @@ def test_the_adamw_kernel_source_compiles(monkeypatch, tmp_path, p, g):
     _compile(tmp_path, kernel, types)
 
 
-@pytest.mark.parametrize("g", [mx.float32, mx.bfloat16, mx.float16], ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("g", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
 def test_the_squared_norm_kernel_source_compiles(monkeypatch, tmp_path, g):
     n = 2
     kernel = _captured(monkeypatch, lambda: cuda._norm_kernel.__wrapped__(g, n))
