@@ -1,11 +1,14 @@
 """AdamW and the clip's squared norm over many tensors at once, as CUDA kernels (`mx.fast.cuda_kernel`).
 
-On an NVIDIA GPU MLX runs the optimizer tensor by tensor: for the `200mb` model (137 tensors)
-clip + AdamW were ~80 small kernels' worth of launches and passes, 8-11 ms of a 75 ms step, where
-reading and writing every parameter, gradient and moment once takes well under 1 ms on an H100.
-These kernels take up to `MAX_TENSORS` tensors per launch, each tensor's own buffer in place (no
-concatenation): a thread block owns `CHUNK` elements of one tensor, found from a small table of
-block offsets (`meta`), and a `switch` on the tensor picks its pointers.
+On an NVIDIA GPU MLX runs the clip and the optimizer tensor by tensor: for the `200mb` model (137
+tensors, bfloat16) the clip alone took 4.0 ms of a 77 ms step on an H100 (a square, a sum and a
+scaled copy per tensor), where reading every gradient once takes ~0.06 ms. These kernels take up
+to `MAX_TENSORS` tensors per launch, each tensor's own buffer in place (no concatenation): a thread
+block owns `CHUNK` elements of one tensor, found from a small table of block offsets (`meta`), and
+a `switch` on the tensor picks its pointers. Measured (README, "AdamW and the clip norm as CUDA
+kernels"): the norm 5x faster than MLX's per-tensor sums; the update at 70% of the memory
+bandwidth on one flat tensor, but over 137 tensors held back, as MLX's own ops are, by MLX's cost
+per array (allocating 411 outputs).
 
 - `adamw_step`: `mlxcore.kernels.adamw_step`'s contract (mlx.optimizers.AdamW without bias
   correction, the gradient taken as `(g * scale) * normalizer`, each product rounded to `g`'s dtype
@@ -37,6 +40,7 @@ MAX_TENSORS = 32
 VERSION = 1  # part of every kernel's name: MLX caches compiled kernels by name (also on disk)
 
 _TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
+
 
 def _header() -> str:
     return f"""
@@ -207,6 +211,8 @@ def squared_norm(grads: list, scale: mx.array) -> mx.array:
     for ids in _launches([g.dtype for g in grads]):
         dtype = grads[ids[0]].dtype
         meta, blocks = _meta(tuple(grads[k].size for k in ids))
+        if blocks == 0:  # only empty tensors: nothing to add (and no launch of zero threads)
+            continue
         hyp = _f32(scale.astype(dtype))  # the scale as g's dtype rounds it
         (parts,) = _norm_kernel(dtype, len(ids))(
             inputs=[meta, hyp, *(grads[k] for k in ids)], output_shapes=[(blocks,)], output_dtypes=[mx.float32],
@@ -226,6 +232,10 @@ def adamw_step(params, grads, m, v, lr, scale, normalizer, b1: float, b2: float,
     for ids in _launches([(p.dtype, g.dtype) for p, g in zip(params, grads)]):
         p_dtype, g_dtype = params[ids[0]].dtype, grads[ids[0]].dtype
         meta, blocks = _meta(tuple(params[k].size for k in ids))
+        if blocks == 0:  # only empty tensors: nothing to compute (and no launch of zero threads)
+            for k in ids:
+                out[k], out[n + k], out[2 * n + k] = params[k], m[k], v[k]
+            continue
         hyp = mx.concatenate([lr, _f32(scale.astype(g_dtype)), normalizer, consts])
         shapes = [params[k].shape for k in ids]
         res = _adamw_kernel(p_dtype, g_dtype, len(ids))(

@@ -1,4 +1,5 @@
-"""The CUDA sources of `mlxcore.kernels.cuda` compile, without a GPU.
+"""The CUDA kernels of `mlxcore.kernels.cuda` without a GPU: their sources compile, and the host
+side hands each launch the right tensors and puts the results back in order.
 
 `mx.fast.cuda_kernel` compiles its kernel with NVRTC only when it first runs on a GPU, so a typo
 in the generated source would surface on a user's NVIDIA machine, not here. These tests capture
@@ -14,11 +15,12 @@ import shutil
 import subprocess
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlxcore.kernels import cuda
 
-pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc (CUDA toolkit)")
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc (CUDA toolkit)")
 
 CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.int64: "int64_t"}
 
@@ -48,6 +50,7 @@ def _compile(tmp_path, kernel: dict, types: dict) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+@needs_nvcc
 @pytest.mark.parametrize("p, g", [(mx.bfloat16, mx.bfloat16), (mx.float16, mx.float32)], ids=["bfloat16", "float16-float32-grads"])
 def test_the_adamw_kernel_source_compiles(monkeypatch, tmp_path, p, g):
     n = 3
@@ -61,6 +64,7 @@ def test_the_adamw_kernel_source_compiles(monkeypatch, tmp_path, p, g):
     _compile(tmp_path, kernel, types)
 
 
+@needs_nvcc
 @pytest.mark.parametrize("g", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
 def test_the_squared_norm_kernel_source_compiles(monkeypatch, tmp_path, g):
     n = 2
@@ -88,3 +92,51 @@ def test_launches_group_by_dtype_keep_order_and_hold_at_most_max_tensors():
     assert all(ids == sorted(ids) for ids in launches)
     meta, blocks = cuda._meta((1, cuda.CHUNK, cuda.CHUNK + 1))
     assert meta.tolist() == [0, 1, 2, 4, 1, cuda.CHUNK, cuda.CHUNK + 1] and blocks == 4
+
+
+def _fake_adamw_kernel(p_dtype, g_dtype, n):
+    """What the AdamW kernel computes, as MLX ops on the CPU, reading its inputs exactly as the CUDA
+    source does (the table, then `hyp`'s nine floats) and checking the launch it is given."""
+    def run(inputs, output_shapes, output_dtypes, grid, threadgroup):
+        meta, hyp = inputs[0].tolist(), inputs[1]
+        ps, gs, ms, vs = (inputs[2 + k * n:2 + (k + 1) * n] for k in range(4))
+        assert meta[n + 1:] == [p.size for p in ps] and meta[0] == 0
+        assert grid == (meta[n] * cuda.BLOCK, 1, 1) and threadgroup == (cuda.BLOCK, 1, 1)
+        assert all(p.dtype == p_dtype for p in ps) and all(g.dtype == g_dtype for g in gs)
+        assert output_shapes == [p.shape for p in ps] * 3
+        assert output_dtypes == [p_dtype] * n + [mx.float32] * (2 * n)
+        lr, scale, nz, b1, c1, b2, c2, eps, wd = (hyp[k] for k in range(9))
+        new_p, new_m, new_v = [], [], []
+        for p, g, m, v in zip(ps, gs, ms, vs):
+            g = ((g.astype(mx.float32) * scale).astype(g_dtype).astype(mx.float32) * nz).astype(g_dtype)
+            g = g.astype(mx.float32)
+            m = b1 * m + c1 * g
+            v = b2 * v + c2 * (g * g)
+            new_p.append((p.astype(mx.float32) * (1 - lr * wd) - (lr * m) / (mx.sqrt(v) + eps)).astype(p_dtype))
+            new_m.append(m)
+            new_v.append(v)
+        return new_p + new_m + new_v
+    return run
+
+
+def test_the_host_side_hands_each_launch_its_tensors_and_puts_the_results_back_in_order(monkeypatch):
+    """`cuda.adamw_step`'s plumbing on the CPU, with the kernel replaced by its arithmetic in MLX
+    ops: tensors of three dtype pairs interleaved, more than one launch holds, an empty tensor.
+    The result must be `reference_adamw_step`'s, bit for bit, in the caller's order."""
+    from mlxcore import kernels
+
+    monkeypatch.setattr(cuda, "_adamw_kernel", _fake_adamw_kernel)
+    rng = np.random.default_rng(0)
+    dtypes = [mx.float32, mx.bfloat16, mx.float16]
+    shapes = [(3, 5), (cuda.CHUNK + 7,), (0,), (2, 2, 2)] + [(i + 1,) for i in range(cuda.MAX_TENSORS + 5)]
+    params = [mx.array(rng.standard_normal(s).astype(np.float32)).astype(dtypes[k % 3]) for k, s in enumerate(shapes)]
+    grads = [mx.array(rng.standard_normal(s).astype(np.float32)).astype(p.dtype) for p, s in zip(params, shapes)]
+    m = [mx.array(rng.standard_normal(s).astype(np.float32)) for s in shapes]
+    v = [mx.array(rng.random(s).astype(np.float32)) for s in shapes]
+    args = (mx.array(3e-3), mx.array(1 / 37), mx.array(0.61), 0.9, 0.95, 1e-8, 0.1)
+    ours = cuda.adamw_step(params, grads, m, v, *args)
+    ref = kernels.reference_adamw_step(params, grads, m, v, *args)
+    assert len(ours) == len(ref) == 3 * len(shapes)
+    for k, (a, b) in enumerate(zip(ours, ref)):
+        assert a.dtype == b.dtype and a.shape == b.shape, k
+        assert np.array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))), k
