@@ -85,9 +85,16 @@ def main(argv=None) -> dict:
     for name, (_, _, times) in runs.items():
         out[name] = {"median_ms": statistics.median(times), "min_ms": min(times)}
         print(f"{name:<20} median {out[name]['median_ms']:8.2f} ms  min {out[name]['min_ms']:8.2f} ms")
+    # every path took the same updates from the same gradients: how far its parameters are from
+    # the per-tensor path's (0 for the CPU kernel: bit for bit; a float rounding elsewhere)
+    reference = dict(tree_flatten(runs["per-tensor"][1][0]["params"]))
     for name in names[1:]:
+        mine = dict(tree_flatten(runs[name][1][0]["params"]))
+        out[name]["max_abs_diff"] = max(mx.abs(mine[k].astype(mx.float32) - reference[k].astype(mx.float32)).max().item()
+                                        for k in reference)
         print(f"{name} / per-tensor: median {out[name]['median_ms'] / out['per-tensor']['median_ms']:.2f}x, "
-              f"min {out[name]['min_ms'] / out['per-tensor']['min_ms']:.2f}x")
+              f"min {out[name]['min_ms'] / out['per-tensor']['min_ms']:.2f}x; "
+              f"parameters differ by at most {out[name]['max_abs_diff']:.3g}")
     return out
 
 
