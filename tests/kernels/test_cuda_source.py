@@ -140,3 +140,51 @@ def test_the_host_side_hands_each_launch_its_tensors_and_puts_the_results_back_i
     for k, (a, b) in enumerate(zip(ours, ref)):
         assert a.dtype == b.dtype and a.shape == b.shape, k
         assert np.array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))), k
+
+
+def _fake_norm_kernel(g_dtype, n):
+    """What the squared-norm kernel computes, per launch, as MLX ops: the launch's total in its
+    first block's slot (the others 0), after checking the table and the grid it is given."""
+    def run(inputs, output_shapes, output_dtypes, grid, threadgroup):
+        meta, scale, gs = inputs[0].tolist(), inputs[1][0], inputs[2:]
+        assert len(gs) == n and meta[n + 1:] == [g.size for g in gs] and all(g.dtype == g_dtype for g in gs)
+        assert output_shapes == [(meta[n],)] and output_dtypes == [mx.float32] and grid == (meta[n] * cuda.BLOCK, 1, 1)
+        total = sum(((g.astype(mx.float32) * scale).astype(g_dtype).astype(mx.float32) ** 2).sum() for g in gs)
+        return [mx.concatenate([total.reshape(1), mx.zeros((meta[n] - 1,))])]
+    return run
+
+
+def test_the_host_side_of_the_squared_norm_adds_every_launch(monkeypatch):
+    monkeypatch.setattr(cuda, "_norm_kernel", _fake_norm_kernel)
+    rng = np.random.default_rng(1)
+    sizes = [0, 5, cuda.CHUNK + 1] + [3] * (cuda.MAX_TENSORS + 2)
+    grads = [mx.array(rng.standard_normal(s).astype(np.float32)).astype((mx.float32, mx.bfloat16)[k % 2])
+             for k, s in enumerate(sizes)]
+    scale = mx.array(0.25)
+    expected = sum(float((np.array((g * scale.astype(g.dtype)).astype(mx.float32), dtype=np.float64) ** 2).sum())
+                   for g in grads)
+    assert cuda.squared_norm([mx.zeros((0,))], scale).item() == 0.0  # no launch for empty tensors alone
+    np.testing.assert_allclose(cuda.squared_norm(grads, scale).item(), expected, rtol=1e-5)  # float32 sums
+
+
+def test_the_kernel_benchmark_runs_its_rows(monkeypatch, capsys):
+    """bench/cuda_optimizer_kernels.py with the kernels replaced by their arithmetic (it needs a GPU
+    to measure anything): every row and column is timed and printed. Where MLX's default device
+    is not CUDA, the real script stops with a message saying so."""
+    import functools
+
+    from bench import cuda_optimizer_kernels as bench
+
+    if not cuda.available():
+        with pytest.raises(SystemExit, match="needs MLX's CUDA backend"):
+            bench.main(["--preset", "tiny", "--reps", "1"])
+    monkeypatch.setattr(cuda, "available", lambda: True)
+    monkeypatch.setattr(cuda, "_adamw_kernel", functools.lru_cache(maxsize=None)(_fake_adamw_kernel))
+    monkeypatch.setattr(cuda, "_norm_kernel", functools.lru_cache(maxsize=None)(_fake_norm_kernel))
+    out = bench.main(["--preset", "tiny", "--reps", "1"])
+    assert list(out) == [f"kernels {cuda.CHUNK}/{cuda.ILP}", "mlx compiled"]
+    for row in out.values():
+        assert list(row) == ["adamw_tensors", "adamw_flat", "norm_tensors", "norm_flat"]
+        assert all(median >= best > 0 for median, best in row.values())
+    printed = capsys.readouterr().out
+    assert "38 tensors" in printed and "mlx compiled" in printed
