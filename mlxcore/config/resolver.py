@@ -92,20 +92,25 @@ def defaults(cls: type[BaseModel]) -> dict:
     return out
 
 
-def merge(base: dict, layer: dict) -> dict:
-    """`layer` over `base`: sections merge key by key, anything else is replaced."""
-    out = dict(base)
-    for key, value in layer.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def _section_class(annotation) -> type[BaseModel] | None:
     """The config class of a field typed `Section` or `Section | None`."""
     for t in typing.get_args(annotation) or (annotation,):
         if isinstance(t, type) and issubclass(t, BaseModel):
             return t
     return None
+
+
+def merge(base: dict, layer: dict, cls: type[BaseModel]) -> dict:
+    """`layer` over `base` for config class `cls`: sections merge key by key; anything else is
+    replaced whole, mappings too (a YAML's `tasks: {qa: 1}` means qa alone, not qa added to the
+    defaults' tasks; `--set data.synthetic.tasks.qa=3` changes one weight)."""
+    out = dict(base)
+    for key, value in layer.items():
+        field = cls.model_fields.get(key)
+        sub = _section_class(field.annotation) if field is not None else None
+        nested = sub is not None and isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value, sub) if nested else value
+    return out
 
 
 def fill_sections(cls: type[BaseModel], data: dict) -> dict:
@@ -115,7 +120,7 @@ def fill_sections(cls: type[BaseModel], data: dict) -> dict:
     for name, field in cls.model_fields.items():
         sub, value = _section_class(field.annotation), out.get(name)
         if sub is not None and isinstance(value, dict):
-            out[name] = fill_sections(sub, merge(defaults(sub), value))
+            out[name] = fill_sections(sub, merge(defaults(sub), value, sub))
     return out
 
 
@@ -158,7 +163,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
             raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{source}:1: expected a mapping of settings, got {type(data).__name__}")
-    data = fill_sections(cls, apply_overrides(merge(defaults(cls), data), list(overrides)))
+    data = fill_sections(cls, apply_overrides(merge(defaults(cls), data, cls), list(overrides)))
     try:
         return cls.model_validate(data)
     except ValidationError as e:

@@ -253,3 +253,20 @@ def test_a_section_set_where_the_default_is_none_starts_from_its_own_defaults():
                    with_overrides(PipelineConfig(), ["preference.train.steps=20"])):
         assert config.preference.train == expected and config.preference.objective == PreferenceStage().objective
     assert PreferenceStage().train.lr != PipelineConfig().sft.lr  # the stage's own defaults, not TrainConfig()'s
+
+
+def test_a_mapping_in_a_yaml_replaces_the_default_mapping_and_a_set_changes_one_key(tmp_path):
+    """A YAML's `tasks: {qa: 1}` trains on qa alone: a mapping value is a value, not a section, so
+    it replaces the defaults' (it was merged into them, and the demo's seven tasks came back)."""
+    defaults = PipelineConfig().data.synthetic.tasks
+    assert isinstance(defaults, dict) and len(defaults) > 2
+    path = tmp_path / "qa.yaml"
+    path.write_text("data:\n  synthetic:\n    tasks: {qa: 1}\n    seed: 3\n")
+    config = load_config(path)
+    assert config.data.synthetic.tasks == {"qa": 1.0}
+    assert config.data.synthetic.seed == 3  # the section itself still merges key by key
+    assert config.data.synthetic.pretrain_docs == PipelineConfig().data.synthetic.pretrain_docs
+    assert config.tokenizer == PipelineConfig().tokenizer
+    one = load_config(None, ["data.synthetic.tasks.qa=3"]).data.synthetic.tasks
+    assert one == {**defaults, "qa": 3.0}
+    assert load_config(path, ["data.synthetic.tasks.sort=2"]).data.synthetic.tasks == {"qa": 1.0, "sort": 2.0}
