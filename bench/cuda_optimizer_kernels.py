@@ -4,7 +4,8 @@
     python bench/cuda_optimizer_kernels.py --sweep                                    # + other chunk / ILP sizes
 
 Times, eagerly (median and min of `--reps` synchronized calls after 3 warm-ups): AdamW over a
-preset's parameters as their own tensors and as one flat tensor of the same values, and the
+preset's parameters as their own tensors, as one flat tensor of the same values, and as a training
+step on CUDA runs it (flat parameters and moments kept, each gradient its own array), and the
 clip's squared norm both ways, beside MLX's compiled per-tensor arithmetic (`reference_adamw_step`,
 per-tensor `square().sum()`) and the memory-bandwidth bound at `--bandwidth` TB/s. The gap between
 "tensors" and "flat" is the cost MLX adds per array (allocating each output, tracking each input),
@@ -70,15 +71,18 @@ def main(argv=None) -> dict:
     default = (cuda.CHUNK, cuda.ILP)
     for chunk, ilp in [default] + (SWEEP if args.sweep else []):
         cuda.CHUNK, cuda.ILP = chunk, ilp
-        for cached in (cuda._adamw_kernel, cuda._norm_kernel, cuda._meta):
+        for cached in (cuda._adamw_kernel, cuda._adamw_flat_kernel, cuda._norm_kernel, cuda._meta, cuda._flat_meta):
             cached.cache_clear()
         row = {"adamw_tensors": _time(lambda: cuda.adamw_step(params, grads, m, v, *hyper), args.reps),
                "adamw_flat": _time(lambda: cuda.adamw_step(*flat, *hyper), args.reps),
+               # what a training step on CUDA runs: flat parameters / moments, each gradient in place
+               "adamw_kept": _time(lambda: cuda.adamw_flat_step(flat[0][0], flat[2][0], flat[3][0], grads, *hyper),
+                                   args.reps),
                "norm_tensors": _time(lambda: cuda.squared_norm(grads, hyper[1]), args.reps),
                "norm_flat": _time(lambda: cuda.squared_norm(flat[1], hyper[1]), args.reps)}
         out[f"kernels {chunk}/{ilp}"] = row
     cuda.CHUNK, cuda.ILP = default
-    for cached in (cuda._adamw_kernel, cuda._norm_kernel, cuda._meta):
+    for cached in (cuda._adamw_kernel, cuda._adamw_flat_kernel, cuda._norm_kernel, cuda._meta, cuda._flat_meta):
         cached.cache_clear()
     ref = mx.compile(lambda *a: kernels.reference_adamw_step(*a))
     norm = mx.compile(lambda gs, s: sum((g * s.astype(g.dtype)).square().sum() for g in gs))
@@ -86,9 +90,12 @@ def main(argv=None) -> dict:
                            "adamw_flat": _time(lambda: ref(*flat, *hyper), args.reps),
                            "norm_tensors": _time(lambda: norm(grads, hyper[1]), args.reps),
                            "norm_flat": _time(lambda: norm(flat[1], hyper[1]), args.reps)}
-    print(f"{'(ms, median / min)':<22}{'AdamW, tensors':>18}{'AdamW, flat':>18}{'norm, tensors':>18}{'norm, flat':>18}")
+    columns = {"adamw_tensors": "AdamW, tensors", "adamw_flat": "AdamW, flat", "adamw_kept": "AdamW, kept",
+               "norm_tensors": "norm, tensors", "norm_flat": "norm, flat"}
+    print(f"{'(ms, median / min)':<22}" + "".join(f"{c:>18}" for c in columns.values()))
     for name, row in out.items():
-        print(f"{name:<22}" + "".join(f"{row[k][0]:>10.3f} / {row[k][1]:<5.3f}" for k in row))
+        print(f"{name:<22}" + "".join(f"{row[k][0]:>10.3f} / {row[k][1]:<5.3f}" if k in row else f"{'-':>18}"
+                                      for k in columns))
     return out
 
 

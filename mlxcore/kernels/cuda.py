@@ -37,7 +37,9 @@ BLOCK = 256  # threads per block
 ILP = 4  # elements a thread loads before it computes (CHUNK / BLOCK must be a multiple)
 # Pointers per launch: 2 + 7 x 32 = 226 of 8 bytes, inside CUDA's classic 4 KB of kernel parameters.
 MAX_TENSORS = 32
-VERSION = 1  # part of every kernel's name: MLX caches compiled kernels by name (also on disk)
+# The flat kernels take one pointer per gradient: 8 + 256 = 264 pointers.
+MAX_FLAT = 256
+VERSION = 2  # part of every kernel's name: MLX caches compiled kernels by name (also on disk)
 
 _TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
 
@@ -59,11 +61,14 @@ __device__ __forceinline__ void put(float* o, float x) {{ *o = x; }}
 __device__ __forceinline__ void put(__nv_bfloat16* o, float x) {{ *o = __float2bfloat16_rn(x); }}
 __device__ __forceinline__ void put(__half* o, float x) {{ *o = __float2half_rn(x); }}
 
-// The tensor whose blocks hold `block`: starts[t] <= block < starts[t + 1] (n <= 32: a short scan).
+// The tensor whose blocks hold `block`: starts[t] <= block < starts[t + 1] (a binary search).
 __device__ __forceinline__ int tensor_of(const int64_t* starts, int n, int64_t block) {{
-  int t = 0;
-  while (t + 1 < n && starts[t + 1] <= block) ++t;
-  return t;
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {{
+    const int mid = (lo + hi + 1) / 2;
+    if (starts[mid] <= block) lo = mid; else hi = mid - 1;
+  }}
+  return lo;
 }}
 
 // g * scale.astype(g.dtype), in g's dtype
@@ -133,6 +138,9 @@ _LOCATE = """
 """
 
 
+_LOCATE_FLAT = _LOCATE + "  const int64_t off = meta[2 * {n} + 1 + t];\n"
+
+
 def available() -> bool:
     """Whether MLX's default device is an NVIDIA GPU (the CUDA backend)."""
     return mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
@@ -156,6 +164,19 @@ def _adamw_kernel(p: mx.Dtype, g: mx.Dtype, n: int):
         input_names=["meta", "hyp", *(f"{x}{k}" for x in "pgmv" for k in range(n))],
         output_names=[f"{x}{k}" for x in ("po", "mo", "vo") for k in range(n)],
         source=_LOCATE.format(n=n) + f"  switch (t) {{\n{cases}\n  }}\n",
+        header=_header())
+
+
+@lru_cache(maxsize=None)
+def _adamw_flat_kernel(p: mx.Dtype, g: mx.Dtype, n: int):
+    """AdamW over flat parameter / moment buffers, each tensor's gradient read in place."""
+    cases = "\n".join(f"    case {k}: ::mlxflow::adamw(p + off, g{k}, m + off, v + off, po + off, mo + off, vo + off, i, n, hyp); break;"
+                      for k in range(n))
+    return mx.fast.cuda_kernel(
+        name=_name("adamw_flat", p, g, n=n),
+        input_names=["meta", "hyp", "p", "m", "v", *(f"g{k}" for k in range(n))],
+        output_names=["po", "mo", "vo"],
+        source=_LOCATE_FLAT.format(n=n) + f"  switch (t) {{\n{cases}\n  }}\n",
         header=_header())
 
 
@@ -189,12 +210,22 @@ def _meta(sizes: tuple[int, ...]) -> tuple[mx.array, int]:
     return mx.array(starts + list(sizes), dtype=mx.int64), starts[-1]
 
 
-def _launches(keys: list) -> list[list[int]]:
-    """Indices grouped by key (the dtypes a kernel is compiled for), in order, at most MAX_TENSORS each."""
+def _launches(keys: list, most: int = MAX_TENSORS) -> list[list[int]]:
+    """Indices grouped by key (the dtypes a kernel is compiled for), in order, at most `most` each."""
     by_key: dict = {}
     for index, key in enumerate(keys):
         by_key.setdefault(key, []).append(index)
-    return [ids[a:a + MAX_TENSORS] for ids in by_key.values() for a in range(0, len(ids), MAX_TENSORS)]
+    return [ids[a:a + most] for ids in by_key.values() for a in range(0, len(ids), most)]
+
+
+@lru_cache(maxsize=256)
+def _flat_meta(sizes: tuple[int, ...]) -> tuple[mx.array, int]:
+    """`_meta`'s table followed by each tensor's offset in the flat buffers."""
+    meta, blocks = _meta(sizes)
+    offsets = [0]
+    for size in sizes[:-1]:
+        offsets.append(offsets[-1] + size)
+    return mx.concatenate([meta, mx.array(offsets, dtype=mx.int64)]), blocks
 
 
 def _f32(x) -> mx.array:
@@ -208,7 +239,7 @@ def _grid(blocks: int) -> dict:
 def squared_norm(grads: list, scale: mx.array) -> mx.array:
     """sum over tensors of sum((g * scale.astype(g.dtype)) ** 2), in float32."""
     total = mx.array(0.0, dtype=mx.float32)
-    for ids in _launches([g.dtype for g in grads]):
+    for ids in _launches([g.dtype for g in grads], MAX_FLAT):  # one pointer a tensor
         dtype = grads[ids[0]].dtype
         meta, blocks = _meta(tuple(grads[k].size for k in ids))
         if blocks == 0:  # only empty tensors: nothing to add (and no launch of zero threads)
@@ -246,3 +277,35 @@ def adamw_step(params, grads, m, v, lr, scale, normalizer, b1: float, b2: float,
         for j, k in enumerate(ids):
             out[k], out[n + k], out[2 * n + k] = res[j], res[len(ids) + j], res[2 * len(ids) + j]
     return out
+
+
+def flat_groups(params, grads) -> list[list[int]]:
+    """How `adamw_flat_step` lays tensors out: indices grouped by (parameter dtype, gradient dtype),
+    in order, at most `MAX_FLAT` a group; each group is one flat buffer of parameters and of each moment."""
+    return _launches([(p.dtype, g.dtype) for p, g in zip(params, grads)], MAX_FLAT)
+
+
+def adamw_flat_step(flat_p: mx.array, flat_m: mx.array, flat_v: mx.array, grads, lr, scale, normalizer,
+                    b1: float, b2: float, eps: float, weight_decay: float) -> tuple[mx.array, mx.array, mx.array]:
+    """`adamw_step` for one group of `flat_groups`: the parameters and moments as flat buffers (the
+    tensors' elements one after another, in `grads`' order), each gradient read from its own
+    array. Returns the new flat parameters and moments: three outputs for any number of tensors,
+    where `adamw_step` allocates three per tensor."""
+    grads = list(grads)
+    if not 0 < len(grads) <= MAX_FLAT:
+        raise ValueError(f"adamw_flat_step takes 1 to {MAX_FLAT} gradients, got {len(grads)}")
+    sizes = tuple(g.size for g in grads)
+    if not flat_p.size == flat_m.size == flat_v.size == sum(sizes):
+        raise ValueError(f"flat buffers of {flat_p.size}, {flat_m.size}, {flat_v.size} elements for gradients of {sum(sizes)}")
+    p_dtype, g_dtype = flat_p.dtype, grads[0].dtype
+    if any(g.dtype != g_dtype for g in grads):
+        raise ValueError("adamw_flat_step: every gradient of a group has one dtype")
+    meta, blocks = _flat_meta(sizes)
+    if blocks == 0:
+        return flat_p, flat_m, flat_v
+    consts = mx.array([b1, 1 - b1, b2, 1 - b2, eps, weight_decay], dtype=mx.float32)
+    hyp = mx.concatenate([_f32(lr), _f32(scale.astype(g_dtype)), _f32(normalizer), consts])
+    po, mo, vo = _adamw_flat_kernel(p_dtype, g_dtype, len(grads))(
+        inputs=[meta, hyp, flat_p, flat_m, flat_v, *grads], output_shapes=[(flat_p.size,)] * 3,
+        output_dtypes=[p_dtype, mx.float32, mx.float32], **_grid(blocks))
+    return po, mo, vo

@@ -34,6 +34,11 @@ from mlxcore.kernels import cuda
 from mlxcore.train.optimizers import AdamWFloat32State
 
 
+# On CUDA, keep flat parameter / moment buffers between steps (False: a launch per 32 tensors,
+# three new arrays a tensor; `bench/cuda_optimizer_kernels.py --step` compares the two).
+KEEP_FLAT = True
+
+
 def supports(optimizer: optim.Optimizer, model: nn.Module) -> bool:
     if type(optimizer) not in (optim.AdamW, AdamWFloat32State) or optimizer.bias_correction:
         return False
@@ -58,10 +63,16 @@ def clip(grads, scale: mx.array, max_norm: float):
     return (grads, scale, normalizer), norm
 
 
-def apply(optimizer: optim.Optimizer, clipped, params):
+def apply(optimizer: optim.Optimizer, clipped, params, resident: dict | None = None):
     """`optimizer.apply_gradients(grads * scale * normalizer, params)`: the new parameters (a tree
     like the gradients), the state updated as `Optimizer.apply_gradients` updates it (initialised
-    on first use, schedules read at the step before it is incremented)."""
+    on first use, schedules read at the step before it is incremented).
+
+    On CUDA, with `resident` (a dict the caller keeps between steps, `fused.Resident.buffers`):
+    the parameters and moments live in flat buffers from step to step, and the model's parameters
+    and `optimizer.state` are views of them; one kernel a group (`cuda.adamw_flat_step`) reads the
+    flat buffers and each gradient in place, so a step makes 3 new arrays a group instead of 3 a
+    tensor (see `fused.Resident` for when the buffers are dropped and rebuilt)."""
     grads, scale, normalizer = clipped
     if not optimizer._initialized:
         optimizer.init(grads)
@@ -70,11 +81,41 @@ def apply(optimizer: optim.Optimizer, clipped, params):
     optimizer.state["step"] = optimizer.step + 1
     gs, ps, states = [], [], []
     tree_map(lambda g, p, s: (gs.append(g), ps.append(p), states.append(s)), grads, params, optimizer.state)
-    out = kernels.adamw_step(ps, gs, [s["m"] for s in states], [s["v"] for s in states],
-                             optimizer.learning_rate, scale, normalizer, *optimizer.betas,
-                             optimizer.eps, optimizer.weight_decay)
-    n = len(ps)
-    for s, m, v in zip(states, out[n:2 * n], out[2 * n:]):
-        s["m"], s["v"] = m, v
-    new = iter(out[:n])
+    hyper = (optimizer.learning_rate, scale, normalizer, *optimizer.betas, optimizer.eps, optimizer.weight_decay)
+    if resident is not None and cuda.available():
+        new_params = _apply_flat(ps, gs, states, hyper, resident)
+    else:
+        out = kernels.adamw_step(ps, gs, [s["m"] for s in states], [s["v"] for s in states], *hyper)
+        n = len(ps)
+        for s, m, v in zip(states, out[n:2 * n], out[2 * n:]):
+            s["m"], s["v"] = m, v
+        new_params = out[:n]
+    new = iter(new_params)
     return tree_map(lambda _: next(new), grads)
+
+
+def _flat(xs: list) -> mx.array:
+    return mx.concatenate([x.reshape(-1) for x in xs])
+
+
+def _apply_flat(ps: list, gs: list, states: list, hyper: tuple, resident: dict) -> list:
+    new: list = [None] * len(ps)
+    groups = cuda.flat_groups(ps, gs)
+    for index in [i for i in resident if i >= len(groups)]:
+        del resident[index]
+    for index, ids in enumerate(groups):
+        layout = ";".join(f"{ps[k].shape}{ps[k].dtype}{gs[k].dtype}" for k in ids)  # a string: compiled state holds it
+        kept = resident.get(index)
+        if kept is not None and kept["layout"] == layout:  # still the views the last step left
+            flat = kept["p"], kept["m"], kept["v"]
+        else:
+            flat = _flat([ps[k] for k in ids]), _flat([states[k]["m"] for k in ids]), _flat([states[k]["v"] for k in ids])
+        p, m, v = cuda.adamw_flat_step(*flat, [gs[k] for k in ids], *hyper)
+        resident[index] = {"p": p, "m": m, "v": v, "layout": layout}
+        start = 0
+        for k in ids:
+            stop = start + ps[k].size
+            new[k] = p[start:stop].reshape(ps[k].shape)
+            states[k]["m"], states[k]["v"] = (x[start:stop].reshape(ps[k].shape) for x in (m, v))
+            start = stop
+    return new

@@ -10,6 +10,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
+from mlxcore.kernels import cuda
 from mlxcore.kernels.patch import use_fast_kernels
 from mlxcore.models import moe
 from mlxcore.train import fused as fused_step, multi_tensor
@@ -133,6 +134,8 @@ class Stepper:
         self.fused = wanted and fused_step.supports(optimizer)
         # auto: AdamW as multi-tensor kernels (CPU: bit for bit MLX's; CUDA: MLX's rule, IEEE-rounded)
         self.one_kernel = fused == "auto" and not self.fused and multi_tensor.supports(optimizer, model)
+        # on CUDA the kernels keep flat parameter / moment buffers between steps too
+        self.keeps_buffers = self.fused or (self.one_kernel and cuda.available() and multi_tensor.KEEP_FLAT)
         self.group = group if group is not None and group.size() > 1 else None
         self.world = self.group.size() if self.group else 1
         # the fused path's flat parameter / state buffers, kept from step to step (fused.Resident)
@@ -181,7 +184,8 @@ class Stepper:
                 model.update(fused_step.apply(optimizer, packed, params, tree, resident=self.resident.buffers))
                 return
             if self.one_kernel:
-                model.update(multi_tensor.apply(optimizer, grads, model.trainable_parameters()))
+                kept = self.resident.buffers if self.keeps_buffers else None
+                model.update(multi_tensor.apply(optimizer, grads, model.trainable_parameters(), kept))
                 return
             optimizer.update(model, grads)
 
@@ -212,7 +216,7 @@ class Stepper:
         are left in `self.aux` (evaluate it with `state`)."""
         arrays = [tuple(map(mx.array, self.loss.prepare(b))) for b in micro_batches]
         f = self.fns
-        if self.fused:
+        if self.keeps_buffers:
             self.resident.check()
         if self.profile:
             self.timings = {}
@@ -226,7 +230,7 @@ class Stepper:
         else:
             loss_sum, n, norm, aux = f["apply"](*self._accumulate(arrays, lambda a: f["grads"](*a)))
         self.aux = aux
-        if self.fused:
+        if self.keeps_buffers:
             self.resident.record()
         return loss_sum, n, norm
 

@@ -157,7 +157,7 @@ def _fake_norm_kernel(g_dtype, n):
 def test_the_host_side_of_the_squared_norm_adds_every_launch(monkeypatch):
     monkeypatch.setattr(cuda, "_norm_kernel", _fake_norm_kernel)
     rng = np.random.default_rng(1)
-    sizes = [0, 5, cuda.CHUNK + 1] + [3] * (cuda.MAX_TENSORS + 2)
+    sizes = [0, 5, cuda.CHUNK + 1] + [3] * (cuda.MAX_FLAT + 2)
     grads = [mx.array(rng.standard_normal(s).astype(np.float32)).astype((mx.float32, mx.bfloat16)[k % 2])
              for k, s in enumerate(sizes)]
     scale = mx.array(0.25)
@@ -181,10 +181,119 @@ def test_the_kernel_benchmark_runs_its_rows(monkeypatch, capsys):
     monkeypatch.setattr(cuda, "available", lambda: True)
     monkeypatch.setattr(cuda, "_adamw_kernel", functools.lru_cache(maxsize=None)(_fake_adamw_kernel))
     monkeypatch.setattr(cuda, "_norm_kernel", functools.lru_cache(maxsize=None)(_fake_norm_kernel))
+    monkeypatch.setattr(cuda, "_adamw_flat_kernel", functools.lru_cache(maxsize=None)(_fake_flat_kernel))
     out = bench.main(["--preset", "tiny", "--reps", "1"])
     assert list(out) == [f"kernels {cuda.CHUNK}/{cuda.ILP}", "mlx compiled"]
+    assert list(out[f"kernels {cuda.CHUNK}/{cuda.ILP}"]) == ["adamw_tensors", "adamw_flat", "adamw_kept", "norm_tensors", "norm_flat"]
+    assert list(out["mlx compiled"]) == ["adamw_tensors", "adamw_flat", "norm_tensors", "norm_flat"]
     for row in out.values():
-        assert list(row) == ["adamw_tensors", "adamw_flat", "norm_tensors", "norm_flat"]
         assert all(median >= best > 0 for median, best in row.values())
     printed = capsys.readouterr().out
     assert "38 tensors" in printed and "mlx compiled" in printed
+
+
+@needs_nvcc
+@pytest.mark.parametrize("p, g", [(mx.bfloat16, mx.bfloat16), (mx.float32, mx.float32)], ids=["bfloat16", "float32"])
+def test_the_flat_adamw_kernel_source_compiles(monkeypatch, tmp_path, p, g):
+    n = 3
+    kernel = _captured(monkeypatch, lambda: cuda._adamw_flat_kernel.__wrapped__(p, g, n))
+    assert kernel["inputs"] == ["meta", "hyp", "p", "m", "v", "g0", "g1", "g2"]
+    assert kernel["outputs"] == ["po", "mo", "vo"]
+    types = {"meta": "int64_t", "hyp": "float", "p": CUDA_TYPES[p], "po": CUDA_TYPES[p]}
+    types |= {x: "float" for x in ("m", "v", "mo", "vo")} | {f"g{k}": CUDA_TYPES[g] for k in range(n)}
+    _compile(tmp_path, kernel, types)
+
+
+def _fake_flat_kernel(p_dtype, g_dtype, n):
+    """What the flat AdamW kernel computes, as MLX ops: each tensor's slice of the flat buffers,
+    found from the table as the CUDA source finds it (block starts, sizes, then offsets)."""
+    per_tensor = _fake_adamw_kernel(p_dtype, g_dtype, n)
+
+    def run(inputs, output_shapes, output_dtypes, grid, threadgroup):
+        meta, hyp, p, m, v, gs = inputs[0].tolist(), inputs[1], *inputs[2:5], inputs[5:]
+        assert len(gs) == n and len(meta) == 3 * n + 1
+        sizes, offsets = meta[n + 1:2 * n + 1], meta[2 * n + 1:]
+        assert sizes == [g.size for g in gs] and offsets == [sum(sizes[:k]) for k in range(n)]
+        assert output_shapes == [(p.size,)] * 3 and output_dtypes == [p_dtype, mx.float32, mx.float32]
+        views = [[x[o:o + s].reshape(g.shape) for o, s, g in zip(offsets, sizes, gs)] for x in (p, m, v)]
+        out = per_tensor([mx.array(meta[:2 * n + 1]), hyp, *views[0], *gs, *views[1], *views[2]],
+                         [g.shape for g in gs] * 3, [p_dtype] * n + [mx.float32] * (2 * n), grid, threadgroup)
+        return [mx.concatenate([x.reshape(-1) for x in out[k * n:(k + 1) * n]]) for k in range(3)]
+    return run
+
+
+def test_the_flat_host_side_matches_the_reference_and_checks_its_buffers(monkeypatch):
+    from mlxcore import kernels
+
+    monkeypatch.setattr(cuda, "_adamw_flat_kernel", _fake_flat_kernel)
+    rng = np.random.default_rng(3)
+    shapes = [(3, 5), (cuda.CHUNK + 7,), (0,), (2, 2, 2), (1,)]
+    params = [mx.array(rng.standard_normal(s).astype(np.float32)).astype(mx.bfloat16) for s in shapes]
+    grads = [mx.array(rng.standard_normal(s).astype(np.float32)).astype(mx.bfloat16) for s in shapes]
+    m = [mx.array(rng.standard_normal(s).astype(np.float32)) for s in shapes]
+    v = [mx.array(rng.random(s).astype(np.float32)) for s in shapes]
+    args = (mx.array(3e-3), mx.array(1 / 37), mx.array(0.61), 0.9, 0.95, 1e-8, 0.1)
+    flat = [mx.concatenate([x.reshape(-1) for x in xs]) for xs in (params, m, v)]
+    ours = cuda.adamw_flat_step(*flat, grads, *args)
+    ref = kernels.reference_adamw_step(params, grads, m, v, *args)
+    n = len(shapes)
+    for k, got in enumerate(ours):
+        want = mx.concatenate([x.reshape(-1) for x in ref[k * n:(k + 1) * n]])
+        assert got.dtype == want.dtype and np.array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
+    with pytest.raises(ValueError, match="flat buffers of"):
+        cuda.adamw_flat_step(flat[0][1:], flat[1], flat[2], grads, *args)
+    with pytest.raises(ValueError, match="1 to"):
+        cuda.adamw_flat_step(*flat, [], *args)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_cuda_step_keeps_flat_buffers_and_equals_the_per_tensor_step(monkeypatch, dtype):
+    """The training step on CUDA, here with the kernels replaced by their arithmetic (and not
+    compiled: the stand-ins read their tables on the host): the flat parameter and moment buffers
+    are built once, kept from step to step, rebuilt when weights are set from outside (a
+    checkpoint loaded mid-run), and every step equals MLX's per-tensor step, bit for bit."""
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlxcore.models.model import from_config, hf_config
+    from mlxcore.train import multi_tensor, optimizers
+    from mlxcore.train.step import Stepper
+    from tests.conftest import micro_model
+
+    vocab = 64
+    model_of = lambda: from_config(hf_config(micro_model().model_copy(update={"dtype": dtype}), vocab), seed=0)  # noqa: E731
+    opt_of = lambda: optimizers.AdamWFloat32State(optim.cosine_decay(3e-2, 10), betas=[0.9, 0.95], weight_decay=0.1)  # noqa: E731
+    replacement = {k: v * 0.5 for k, v in tree_flatten(model_of().parameters())}
+    rng = np.random.default_rng(4)
+    batches = [(rng.integers(0, vocab, (2, 8)), rng.integers(0, vocab, (2, 8)), np.ones((2, 8), np.float32))
+               for _ in range(6)]
+
+    def run(mode):
+        model, opt = model_of(), opt_of()
+        stepper = Stepper(model, opt, grad_clip=0.0, compile=False, fused=mode)
+        built = []
+        for i, b in enumerate(batches):
+            if i == 3:
+                model.update(tree_unflatten(list(replacement.items())))
+            mx.eval(stepper([b]), stepper.state)
+            built.append(len(flats))
+        return dict(tree_flatten(model.parameters())), dict(tree_flatten(opt.state)), built, stepper
+
+    flats: list = []
+    flat = multi_tensor._flat
+    monkeypatch.setattr(multi_tensor, "_flat", lambda xs: flats.append(len(xs)) or flat(xs))
+    p_off, st_off, built, _ = run("off")
+    assert built == [0] * 6
+    monkeypatch.setattr(cuda, "available", lambda: True)
+    monkeypatch.setattr(cuda, "_adamw_flat_kernel", _fake_flat_kernel)
+    monkeypatch.setattr(cuda, "_norm_kernel", _fake_norm_kernel)
+    p_cuda, st_cuda, built, stepper = run("auto")
+    assert stepper.one_kernel and stepper.keeps_buffers
+    assert built == [3, 3, 3, 6, 6, 6]  # parameters, m, v flattened at step 1, and again after the replacement
+    kept = stepper.resident.buffers[0]
+    assert kept["p"].size == sum(p.size for p in p_cuda.values())
+    assert p_cuda.keys() == p_off.keys() and st_cuda.keys() == st_off.keys()
+    for got, want in ((p_cuda, p_off), (st_cuda, st_off)):
+        for k in want:
+            assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+            assert np.array_equal(np.array(got[k].astype(mx.float32)), np.array(want[k].astype(mx.float32))), k

@@ -228,6 +228,35 @@ def test_the_flat_buffers_persist_between_steps_and_weights_set_from_outside_are
     _assert_same(st_fused, st_plain, exact=ON_CPU, rtol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda.available(), reason="CUDA only: the CPU kernel updates the tensors themselves")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_cuda_kernels_keep_flat_buffers_and_weights_set_from_outside_are_used(dtype):
+    """On CUDA, `auto` keeps the parameters and moments in flat buffers between compiled steps
+    (one kernel a group reads them and each gradient in place); weights set from outside drop
+    them. Every step stays MLX's per-tensor step within float32 rounding (one bfloat16 rounding
+    for bfloat16 weights). tests/kernels/test_cuda_source.py checks the same bit for bit on the
+    CPU with the kernels' arithmetic in their place."""
+    replacement = {k: v * 0.5 for k, v in tree_flatten(_model(dtype).parameters())}
+
+    def run(mode):
+        model, opt = _model(dtype), OPTIMIZERS["adamw_f32_state"]()
+        stepper = Stepper(model, opt, grad_clip=0.0, compile=True, fused=mode)
+        kept = []
+        for i, b in enumerate(_batches(6)):
+            if i == 3:
+                model.update(tree_unflatten(list(replacement.items())))
+            mx.eval(stepper([b]), stepper.state)
+            kept.append(stepper.resident.buffers.get(0, {}).get("p"))
+        return dict(tree_flatten(model.parameters())), dict(tree_flatten(opt.state)), kept, stepper
+
+    p_auto, st_auto, kept, stepper = run("auto")
+    assert stepper.one_kernel and stepper.keeps_buffers and all(k is not None for k in kept)
+    p_off, st_off, _, _ = run("off")
+    _assert_same(p_auto, p_off, exact=False, rtol=1e-5 if dtype == "float32" else 1e-2)
+    _assert_same(st_auto, st_off, exact=False, rtol=1e-5)
+
+
 class _RejectsWideBatches(Loss):
     """Draws a random number (so `mx.random.state` is traced too), and rejects 32-wide batches the
     way a loss rejects a bad batch: while `mx.compile` traces the step."""
