@@ -34,9 +34,11 @@ from mlxcore.kernels import cuda
 from mlxcore.train.optimizers import AdamWFloat32State
 
 
-# On CUDA, keep flat parameter / moment buffers between steps (False: a launch per 32 tensors,
-# three new arrays a tensor; `bench/cuda_optimizer_kernels.py --step` compares the two).
-KEEP_FLAT = True
+# On CUDA, keep the parameters and moments in flat buffers between steps, one kernel a group
+# reading each gradient in place (`_apply_flat`). Off by default: it is tested (on the CPU with the
+# kernels' arithmetic in their place, and its source compiled for sm_90) but not yet timed on a GPU,
+# so `auto` keeps the measured path (a launch per 32 tensors). Set it before building the step.
+KEEP_FLAT = False
 
 
 def supports(optimizer: optim.Optimizer, model: nn.Module) -> bool:

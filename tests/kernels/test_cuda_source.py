@@ -285,6 +285,7 @@ def test_the_cuda_step_keeps_flat_buffers_and_equals_the_per_tensor_step(monkeyp
     p_off, st_off, built, _ = run("off")
     assert built == [0] * 6
     monkeypatch.setattr(cuda, "available", lambda: True)
+    monkeypatch.setattr(multi_tensor, "KEEP_FLAT", True)
     monkeypatch.setattr(cuda, "_adamw_flat_kernel", _fake_flat_kernel)
     monkeypatch.setattr(cuda, "_norm_kernel", _fake_norm_kernel)
     p_cuda, st_cuda, built, stepper = run("auto")

@@ -231,12 +231,15 @@ def test_the_flat_buffers_persist_between_steps_and_weights_set_from_outside_are
 @pytest.mark.gpu
 @pytest.mark.skipif(not cuda.available(), reason="CUDA only: the CPU kernel updates the tensors themselves")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_cuda_kernels_keep_flat_buffers_and_weights_set_from_outside_are_used(dtype):
+def test_the_cuda_kernels_keep_flat_buffers_and_weights_set_from_outside_are_used(monkeypatch, dtype):
     """On CUDA, `auto` keeps the parameters and moments in flat buffers between compiled steps
     (one kernel a group reads them and each gradient in place); weights set from outside drop
     them. Every step stays MLX's per-tensor step within float32 rounding (one bfloat16 rounding
     for bfloat16 weights). tests/kernels/test_cuda_source.py checks the same bit for bit on the
     CPU with the kernels' arithmetic in their place."""
+    from mlxcore.train import multi_tensor
+
+    monkeypatch.setattr(multi_tensor, "KEEP_FLAT", True)
     replacement = {k: v * 0.5 for k, v in tree_flatten(_model(dtype).parameters())}
 
     def run(mode):
