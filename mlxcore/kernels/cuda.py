@@ -155,29 +155,29 @@ def _name(kind: str, *dtypes: mx.Dtype, n: int) -> str:
     return f"mlxflow_{kind}_v{VERSION}_{CHUNK}_{BLOCK}_{ILP}_{types}_{n}"
 
 
+def _switch_kernel(kind: str, dtypes: tuple, n: int, locate: str, call, inputs: list, outputs: list):
+    """A kernel whose block finds its tensor `t` (`locate`) and runs `call(k)` for t == k."""
+    cases = "\n".join(f"    case {k}: {call(k)}; break;" for k in range(n))
+    return mx.fast.cuda_kernel(name=_name(kind, *dtypes, n=n), input_names=inputs, output_names=outputs,
+                               source=locate.format(n=n) + f"  switch (t) {{\n{cases}\n  }}\n", header=_header())
+
+
 @lru_cache(maxsize=None)
 def _adamw_kernel(p: mx.Dtype, g: mx.Dtype, n: int):
-    cases = "\n".join(f"    case {k}: ::mlxflow::adamw(p{k}, g{k}, m{k}, v{k}, po{k}, mo{k}, vo{k}, i, n, hyp); break;"
-                      for k in range(n))
-    return mx.fast.cuda_kernel(
-        name=_name("adamw", p, g, n=n),
-        input_names=["meta", "hyp", *(f"{x}{k}" for x in "pgmv" for k in range(n))],
-        output_names=[f"{x}{k}" for x in ("po", "mo", "vo") for k in range(n)],
-        source=_LOCATE.format(n=n) + f"  switch (t) {{\n{cases}\n  }}\n",
-        header=_header())
+    return _switch_kernel(
+        "adamw", (p, g), n, _LOCATE,
+        lambda k: f"::mlxflow::adamw(p{k}, g{k}, m{k}, v{k}, po{k}, mo{k}, vo{k}, i, n, hyp)",
+        ["meta", "hyp", *(f"{x}{k}" for x in "pgmv" for k in range(n))],
+        [f"{x}{k}" for x in ("po", "mo", "vo") for k in range(n)])
 
 
 @lru_cache(maxsize=None)
 def _adamw_flat_kernel(p: mx.Dtype, g: mx.Dtype, n: int):
     """AdamW over flat parameter / moment buffers, each tensor's gradient read in place."""
-    cases = "\n".join(f"    case {k}: ::mlxflow::adamw(p + off, g{k}, m + off, v + off, po + off, mo + off, vo + off, i, n, hyp); break;"
-                      for k in range(n))
-    return mx.fast.cuda_kernel(
-        name=_name("adamw_flat", p, g, n=n),
-        input_names=["meta", "hyp", "p", "m", "v", *(f"g{k}" for k in range(n))],
-        output_names=["po", "mo", "vo"],
-        source=_LOCATE_FLAT.format(n=n) + f"  switch (t) {{\n{cases}\n  }}\n",
-        header=_header())
+    return _switch_kernel(
+        "adamw_flat", (p, g), n, _LOCATE_FLAT,
+        lambda k: f"::mlxflow::adamw(p + off, g{k}, m + off, v + off, po + off, mo + off, vo + off, i, n, hyp)",
+        ["meta", "hyp", "p", "m", "v", *(f"g{k}" for k in range(n))], ["po", "mo", "vo"])
 
 
 @lru_cache(maxsize=None)
