@@ -81,7 +81,8 @@ class TrainConfig(_Strict):
     muon_lr: float = Field(0.02, gt=0, description="Peak learning rate of the Muon part (optimizer: muon).")
     fused_optimizer: Literal["auto", "on", "off"] = Field(
         "auto", description="on: clip + update over concatenated buffers (adamw/lion/sgd); auto: AdamW as "
-                            "multi-tensor kernels (CPU, CUDA) where they apply; off: MLX's per-tensor update.")
+                            "multi-tensor kernels (CPU; CUDA, over flat buffers kept between steps) where they apply; "
+                            "off: MLX's per-tensor update.")
     # -- memory
     grad_checkpoint: int = Field(0, ge=0, description="Recompute activations in segments of N layers; 0: off.")
     loss_chunk: int = Field(0, ge=0, description="Tokens per logits chunk in the loss (never the full [B,T,V]); 0: off.")
