@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlxcore import kernels
 from mlxcore.kernels import cuda
 from mlxcore.models.model import from_config, hf_config
-from mlxcore.train import fused, loop as train, optimizers
+from mlxcore.train import fused, loop as train, multi_tensor, optimizers
 from mlxcore.train.loop import TrainJob
 from mlxcore.train.losses import Loss
 from mlxcore.train.step import Stepper
@@ -237,14 +237,11 @@ def test_the_cuda_kernels_keep_flat_buffers_and_weights_set_from_outside_are_use
     runs part by a bfloat16 rounding in a weight, which the next steps' gradients then carry: the
     bfloat16 arithmetic is checked step by step in `test_adamw_kernel_is_mlx_s_adamw`, and bit for
     bit on the CPU, with the kernels' arithmetic in their place, in tests/kernels/test_cuda_source.py.)"""
-    dtype = "float32"
-    from mlxcore.train import multi_tensor
-
     monkeypatch.setattr(multi_tensor, "KEEP_FLAT", True)
-    replacement = {k: v * 0.5 for k, v in tree_flatten(_model(dtype).parameters())}
+    replacement = {k: v * 0.5 for k, v in tree_flatten(_model("float32").parameters())}
 
     def run(mode):
-        model, opt = _model(dtype), OPTIMIZERS["adamw_f32_state"]()
+        model, opt = _model("float32"), OPTIMIZERS["adamw_f32_state"]()
         stepper = Stepper(model, opt, grad_clip=0.0, compile=True, fused=mode)
         kept = []
         for i, b in enumerate(_batches(6)):
