@@ -88,6 +88,10 @@ def cmd_speed(args) -> int:
     phases = {k: v for k, v in first.items() if k.startswith("ms_")}
     if phases:
         print("per-phase ms: " + ", ".join(f"{k[3:]} {v:.1f}" for k, v in phases.items()))
+    if first.get("in_step_ms"):
+        c = first["in_step_ms"]
+        print(f"in the compiled step: whole {c['whole']:.1f} ms, forward + backward alone {c['fwd_bwd']:.1f} ms "
+              f"-> clip + optimizer add {c['clip_optimizer']:.1f} ms (medians, interleaved)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -3,7 +3,10 @@
 One measurement builds the model (a preset or a local model dir), applies the same knobs the
 trainer uses (fine-tune type, QLoRA, gradient checkpointing, chunked / sparse loss, optimizer),
 runs `warmup` steps (compilation) and then `steps` timed steps on random tokens, and reports the
-median step time, tokens/s, active and peak memory, MFU (see `stats`), and optionally decode
+median step time, tokens/s, active and peak memory, MFU (see `stats`), with `profile_timing` the
+time of each phase (each synchronised on its own) and what the clip and optimizer add inside the
+compiled step (`Stepper.update_cost`: the whole step against forward + backward alone,
+interleaved), and optionally decode
 speed: tokens/s of greedy generation after a `prefill`-token prompt, through mlx-lm's
 `generate_step`. `mask_density` < 1 puts the loss on only the last fraction of each row, as in
 SFT, which is what the sparse loss saves on.
@@ -150,6 +153,8 @@ def measure(cfg: SpeedConfig) -> dict:
         "device": str(mx.default_device()), "fused_optimizer": step.fused, "one_kernel": step.one_kernel,
     }
     result |= {f"ms_{k}": v for k, v in phases.items()}
+    if cfg.profile_timing and cfg.compile:  # the clip and optimizer inside the compiled step (see update_cost)
+        result["in_step_ms"] = step.update_cost(batch, max(cfg.steps, 3))
     st = stats.report(config, cfg.seq_len, cfg.dtype, result["tok_per_s"], adapters=cfg.fine_tune_type != "full")
     result |= {"flops_per_token": st["flops_per_token_train"], "peak_tflops": st["peak_flops"] / 1e12, "mfu": st["mfu"]}
     if cfg.decode_tokens:

@@ -234,6 +234,36 @@ class Stepper:
             self.resident.record()
         return loss_sum, n, norm
 
+    def update_cost(self, micro_batch, reps: int) -> dict[str, float]:
+        """What the clip and the optimizer add to the compiled step, in ms: `reps` interleaved runs
+        of the whole step and of forward + backward alone, each evaluated, their medians and the
+        difference. `--profile-timing`'s phases each end in a synchronisation and pay the compiled
+        call's own cost; this is what they cost inside the step, where their work overlaps the rest.
+        The whole-step runs train (`reps` steps on `micro_batch`). After each forward + backward
+        the state's containers get back the arrays the last step left (the same values), so kept
+        flat buffers stay kept."""
+        if not isinstance(self.fns["full"], _RestoresOnError):
+            raise ValueError("update_cost measures the compiled step: build the Stepper with compile=True")
+        arrays = tuple(map(mx.array, self.loss.prepare(micro_batch)))
+
+        def timed(fn):
+            t0 = time.perf_counter()
+            mx.eval(fn(*arrays), self.state)
+            return 1e3 * (time.perf_counter() - t0)
+
+        whole, alone = [], []
+        for _ in range(reps):
+            if self.keeps_buffers:
+                self.resident.check()
+            whole.append(timed(self.fns["full"]))
+            if self.keeps_buffers:
+                self.resident.record()
+            saved = _shell(self.state, [])
+            alone.append(timed(self.fns["grads"]))
+            _put_back(self.state, saved)
+        w, a = sorted(whole)[len(whole) // 2], sorted(alone)[len(alone) // 2]
+        return {"whole": w, "fwd_bwd": a, "clip_optimizer": w - a}
+
     @staticmethod
     def _accumulate(arrays, grads_of):
         """Sum the loss, token count, reported sums and gradients over micro-batches."""

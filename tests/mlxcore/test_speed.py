@@ -106,3 +106,54 @@ def test_speed_and_stats_cli(tmp_path):
     assert "FLOPs/token train" in out.stdout and "MFU" in out.stdout
     bad = _cli("fuse", "--adapter", str(tmp_path), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "not an adapter dir" in bad.stderr
+
+
+@pytest.mark.parametrize("fused", ["on", "off"])
+def test_update_cost_trains_like_plain_steps_and_keeps_the_flat_buffers(fused):
+    """`Stepper.update_cost` interleaves whole steps with forward + backward alone: the whole steps
+    train exactly as plain steps do (the forward + backward runs leave no trace), and the fused
+    path's flat buffers are never rebuilt in between."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from mlxcore.models.model import from_config
+    from mlxcore.train import optimizers
+    from mlxcore.train.step import Stepper
+    from tests.conftest import micro_model
+
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 512, (2, 16)), rng.integers(0, 512, (2, 16)), np.ones((2, 16), np.float32))
+               for _ in range(3)]
+
+    drops = []
+
+    def run(measured: bool):
+        model = from_config(hf_config(micro_model(), 512), seed=0)
+        opt = optimizers.AdamWFloat32State(1e-2, weight_decay=0.1)
+        stepper = Stepper(model, opt, grad_clip=0.5, fused=fused)
+        check, kept = stepper.resident.check, stepper.resident.buffers
+
+        def counted():  # a check that drops kept buffers is counted
+            had = bool(kept)
+            check()
+            drops.append(had and not kept)
+
+        stepper.resident.check = counted
+        for b in batches[:2]:
+            mx.eval(stepper.state, stepper([b]))
+        if measured:
+            cost = stepper.update_cost(batches[2], 3)
+            assert cost["clip_optimizer"] == pytest.approx(cost["whole"] - cost["fwd_bwd"])
+            assert cost["whole"] > 0 and cost["fwd_bwd"] > 0
+        else:
+            for _ in range(3):
+                mx.eval(stepper.state, stepper([batches[2]]))
+        return {k: np.array(v) for k, v in tree_flatten([model.parameters(), opt.state])}
+
+    measured = run(True)
+    assert not any(drops) and (bool(drops) == (fused == "on"))  # "on" keeps flat buffers on the CPU
+    plain = run(False)
+    assert measured.keys() == plain.keys()
+    for k in plain:
+        np.testing.assert_array_equal(measured[k], plain[k], err_msg=k)
