@@ -126,11 +126,16 @@ def use_cpu_quantized_matmuls(model: nn.Module) -> None:
 # the device's product and its transposed product (the backward's) against the CPU's product
 # with the CPU-dequantized weight. A shape whose kernel is wrong here keeps its base weight
 # dense (dequantized on the CPU, frozen, in the quantized layer's dtype), and the log says which
-# layers and by how much. `MLXFLOW_QUANT_CHECK=off` skips the check (it costs one kernel compile
-# per shape and direction on a cold MLX-CUDA cache). The CPU path above needs no check.
+# layers and by how much. `MLXFLOW_QUANT_CHECK=off` skips the check. The CPU path above needs no check.
+# What is checked is what a run uses: decoding's product of one row (MLX's matrix-vector kernel,
+# built ahead of time) and training's forward and backward over a batch of 512 rows. MLX-CUDA
+# JIT-compiles its matrix kernels by tile (by the output width on sm90; by the rows, clamped to
+# 16-64, elsewhere), so any training batch of over 32 tokens runs the kernels checked at 512, and
+# the check compiles nothing training would not. A check at 8 rows as well (until 2026-12-07)
+# compiled a kernel per direction that no training step uses, about 20 s each on a cold cache.
 
 log = logging.getLogger(__name__)
-CHECK_ROWS = (8, 512)  # a short batch and a training-sized one: they can take different kernels
+CHECK_ROWS = (1, 512)  # decoding's one row (forward only) and a training batch (forward and backward)
 CHECK_RTOL = 2e-2
 
 
@@ -144,10 +149,11 @@ def _quantized_error(module, dense_cpu: mx.array) -> float:
         x = mx.random.normal((rows, dense_cpu.shape[1]), key=k1).astype(dtype)
         c = mx.random.normal((rows, dense_cpu.shape[0]), key=k2).astype(dtype)
         kw = dict(group_size=module.group_size, bits=module.bits, mode=module.mode)
-        got = [mx.quantized_matmul(x, module.weight, module.scales, module.biases, transpose=True, **kw),
-               mx.quantized_matmul(c, module.weight, module.scales, module.biases, transpose=False, **kw)]
-        want = [mx.matmul(x.astype(mx.float32), dense_cpu.T, stream=mx.cpu),
-                mx.matmul(c.astype(mx.float32), dense_cpu, stream=mx.cpu)]
+        got = [mx.quantized_matmul(x, module.weight, module.scales, module.biases, transpose=True, **kw)]
+        want = [mx.matmul(x.astype(mx.float32), dense_cpu.T, stream=mx.cpu)]
+        if rows > 1:  # the backward's product: training only
+            got.append(mx.quantized_matmul(c, module.weight, module.scales, module.biases, transpose=False, **kw))
+            want.append(mx.matmul(c.astype(mx.float32), dense_cpu, stream=mx.cpu))
         for g, w in zip(got, want):
             g = g.astype(mx.float32)
             err = (mx.abs(g - w).max() / mx.maximum(mx.abs(w).max(), 1e-30)).item()

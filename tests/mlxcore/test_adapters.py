@@ -204,7 +204,8 @@ def test_adapter_branch_runs_in_the_input_dtype_and_float32_is_unchanged():
     assert auto.lora_a.dtype == mx.float32  # the trained weights stay float32
 
 
-def test_a_quantized_kernel_that_is_wrong_on_the_device_leaves_that_layer_dense(monkeypatch, caplog):
+@pytest.mark.parametrize("wrong", ["every product", "the backward's", "one row's"])
+def test_a_quantized_kernel_that_is_wrong_on_the_device_leaves_that_layer_dense(monkeypatch, caplog, wrong):
     """adapters.check_quantized_kernels: on the CPU (forced here) every kernel is right, so nothing
     changes; with a kernel made wrong for the tied output head's shape (what MLX-CUDA 0.32.4 did
     for 8 bits / group 64 on an H100), that layer alone becomes a dense frozen copy of its
@@ -224,7 +225,8 @@ def test_a_quantized_kernel_that_is_wrong_on_the_device_leaves_that_layer_dense(
 
     def wrong_for_the_head(x, w, *args, transpose=True, **kw):
         y = real(x, w, *args, transpose=transpose, **kw)
-        return y + 1.0 if w.shape[0] == 96 else y  # the [96, 64] head only
+        hit = {"every product": True, "the backward's": not transpose, "one row's": x.shape[0] == 1}[wrong]
+        return y + 1.0 if w.shape[0] == 96 and hit else y  # the [96, 64] head only
 
     monkeypatch.setattr(mx, "quantized_matmul", wrong_for_the_head)
     with caplog.at_level("WARNING", logger="mlxcore.models.adapters"):
