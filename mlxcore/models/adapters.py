@@ -146,17 +146,14 @@ def _quantized_error(module, dense_cpu: mx.array) -> float:
     worst = 0.0
     for rows in CHECK_ROWS:
         k1, k2, rng = mx.random.split(rng, 3)
-        x = mx.random.normal((rows, dense_cpu.shape[1]), key=k1).astype(dtype)
-        c = mx.random.normal((rows, dense_cpu.shape[0]), key=k2).astype(dtype)
-        kw = dict(group_size=module.group_size, bits=module.bits, mode=module.mode)
-        got = [mx.quantized_matmul(x, module.weight, module.scales, module.biases, transpose=True, **kw)]
-        want = [mx.matmul(x.astype(mx.float32), dense_cpu.T, stream=mx.cpu)]
+        products = [(mx.random.normal((rows, dense_cpu.shape[1]), key=k1).astype(dtype), True, dense_cpu.T)]
         if rows > 1:  # the backward's product: training only
-            got.append(mx.quantized_matmul(c, module.weight, module.scales, module.biases, transpose=False, **kw))
-            want.append(mx.matmul(c.astype(mx.float32), dense_cpu, stream=mx.cpu))
-        for g, w in zip(got, want):
-            g = g.astype(mx.float32)
-            err = (mx.abs(g - w).max() / mx.maximum(mx.abs(w).max(), 1e-30)).item()
+            products.append((mx.random.normal((rows, dense_cpu.shape[0]), key=k2).astype(dtype), False, dense_cpu))
+        for x, transpose, w in products:
+            got = mx.quantized_matmul(x, module.weight, module.scales, module.biases, transpose=transpose,
+                                      group_size=module.group_size, bits=module.bits, mode=module.mode)
+            want = mx.matmul(x.astype(mx.float32), w, stream=mx.cpu)
+            err = (mx.abs(got.astype(mx.float32) - want).max() / mx.maximum(mx.abs(want).max(), 1e-30)).item()
             worst = max(worst, err if err == err else float("inf"))  # NaN -> inf
     return worst
 

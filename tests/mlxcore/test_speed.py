@@ -5,12 +5,18 @@ import math
 import subprocess
 import sys
 
+import mlx.core as mx
+import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from mlxcore.perf import stats
 from mlxcore.config import ModelConfig
-from mlxcore.models.model import hf_config
+from mlxcore.models.model import from_config, hf_config
 from mlxcore.perf.speed import SpeedConfig, measure, run_point, sweep
+from mlxcore.train import optimizers
+from mlxcore.train.step import Stepper
+from tests.conftest import micro_model
 
 MICRO = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 
@@ -113,15 +119,6 @@ def test_update_cost_trains_like_plain_steps_and_keeps_the_flat_buffers(fused):
     """`Stepper.update_cost` interleaves whole steps with forward + backward alone: the whole steps
     train exactly as plain steps do (the forward + backward runs leave no trace), and the fused
     path's flat buffers are never rebuilt in between."""
-    import mlx.core as mx
-    import numpy as np
-    from mlx.utils import tree_flatten
-
-    from mlxcore.models.model import from_config
-    from mlxcore.train import optimizers
-    from mlxcore.train.step import Stepper
-    from tests.conftest import micro_model
-
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 512, (2, 16)), rng.integers(0, 512, (2, 16)), np.ones((2, 16), np.float32))
                for _ in range(3)]
