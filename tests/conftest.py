@@ -37,7 +37,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # MLX-CUDA compiles each kernel on first use and caches it in MLX_PTX_CACHE_DIR (default
     # <tmp>/mlx/<version>/ptx), writing the files in place: one worker could read another's
     # half-written kernel. Each worker keeps a folder of its own there, so the GPU subset compiles
-    # on many workers at once (`pytest -m gpu -n 8` on a GPU host; see the README's GPU subset).
+    # on many workers at once (`pytest -m gpu -n 8` on a GPU host; see the README's GPU subset),
+    # and on CUDA copies in the kernels other workers have finished (`pytest_configure`).
     import importlib.metadata as _md
 
     try:
@@ -55,6 +56,18 @@ _GROUPS = (("smoke", ("smoke_pipeline",)), ("sort", ("sort_sft", "sort_reward_mo
 from mlxcore.config import ModelConfig, RewardModelRunConfig, SyntheticConfig, TokenizerConfig, TrainConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    """On an xdist worker with a CUDA GPU: take in the kernels other workers finish compiling
+    (tests/ptx_share.py), so each kernel is compiled about once per run, not once per worker."""
+    import mlx.core as mx
+
+    own = os.environ.get("MLX_PTX_CACHE_DIR") if os.environ.get("PYTEST_XDIST_WORKER") else None
+    if own and hasattr(mx, "cuda") and mx.cuda.is_available():
+        from tests.ptx_share import start
+
+        start(Path(own))
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks (--dist loadgroup)
