@@ -80,6 +80,11 @@ def pytest_collection_modifyitems(config, items):
         group = next((g for g, names in _GROUPS if any(n in item.fixturenames for n in names)), None)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+    if "gpu" in (config.option.markexpr or ""):
+        # On a cold MLX-CUDA kernel cache, QLoRA's quantized matmuls are the longest chain of
+        # compiles (20-30 s each, one after another in one test): `gpu(first=True)` tests go
+        # first, so xdist hands each to its own worker at the start (stable sort: else as collected).
+        items.sort(key=lambda item: not any(m.kwargs.get("first") for m in item.iter_markers("gpu")))
 
 
 def micro_model() -> ModelConfig:

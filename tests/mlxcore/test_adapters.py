@@ -52,8 +52,10 @@ def _logits(model):
 @pytest.mark.parametrize("kind, quantize, expected", [
     pytest.param("lora", None, 2 * 4 * LORA_PER_LAYER_PER_RANK, marks=pytest.mark.gpu),
     ("dora", None, 2 * (4 * LORA_PER_LAYER_PER_RANK + DORA_EXTRA_PER_LAYER)),
-    pytest.param("lora", QuantizeConfig(bits=4, group_size=32), 2 * 4 * LORA_PER_LAYER_PER_RANK, marks=pytest.mark.gpu),
-    pytest.param("lora", QuantizeConfig(bits=8, group_size=64), 2 * 4 * LORA_PER_LAYER_PER_RANK, marks=pytest.mark.gpu),
+    pytest.param("lora", QuantizeConfig(bits=4, group_size=32), 2 * 4 * LORA_PER_LAYER_PER_RANK,
+                 marks=pytest.mark.gpu(first=True)),
+    pytest.param("lora", QuantizeConfig(bits=8, group_size=64), 2 * 4 * LORA_PER_LAYER_PER_RANK,
+                 marks=pytest.mark.gpu(first=True)),
 ], ids=["lora", "dora", "qlora4", "qlora8"])
 def test_adapters_train_with_the_expected_trainable_parameters(small_data, base, tmp_path, kind, quantize, expected):
     job = _sft(small_data, tmp_path / "run", base, fine_tune_type=kind, quantize=quantize,

@@ -94,8 +94,8 @@ QSHAPES = [(64, 32), (64, 128), (128, 64)]
 # MLX-CUDA JIT-compiles a quantized matmul for each new (shape, bits, group) on first use, 17-24 s
 # each on an H100/H200: the GPU subset keeps QLoRA's two settings (the adapter tests' 4/32 and
 # 8/64, whose kernels they then share); the other two run everywhere else.
-@pytest.mark.parametrize("bits, group_size", [pytest.param(4, 32, marks=pytest.mark.gpu), (4, 64), (8, 32),
-                                              pytest.param(8, 64, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("bits, group_size", [pytest.param(4, 32, marks=pytest.mark.gpu(first=True)), (4, 64), (8, 32),
+                                              pytest.param(8, 64, marks=pytest.mark.gpu(first=True))])
 def test_quantized_layers_match_their_dequantized_weights_in_value_and_input_gradient(bits, group_size):
     """QLoRA's frozen base on this device, as mlxcore runs it (after `check_quantized_kernels`,
     which keeps a layer dense where the device's kernel is wrong): forward and d/dx of the linear
