@@ -27,7 +27,7 @@ os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
 os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
 # Equivalence tests compare float32 results: on CUDA, MLX would run float32 matmuls in TF32.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
-# Under pytest-xdist (`-n 2`: one worker per core) each worker, and every process it starts, uses
+# Under pytest-xdist (`-n 3` for the suite, `-n 2` for the quick subset) each worker, and every process it starts, uses
 # one BLAS thread and one fused-kernel thread: two 2-thread OpenMP teams on two cores spin at
 # their barriers, and two workers each fanning kernels out over both cores ran the RL learning
 # tests 1.45x slower (91.7 s vs 63.1 s for two of them, measured).
