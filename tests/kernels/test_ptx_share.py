@@ -1,4 +1,5 @@
-"""tests/ptx_share.py: workers take in each other's finished MLX-CUDA kernels, never a half-written one.
+"""The GPU subset on a cold MLX-CUDA kernel cache: tests/ptx_share.py (workers take in each other's
+finished kernels, never a half-written one), and the longest compile chains scheduled first.
 
 The cache layout is MLX-CUDA's (mlx/backend/cuda/jit_module.cpp): NAME.ptx, NAME.txt, NAME.cu, and
 a name over 245 characters split into folders. Run on the CPU with files written as MLX writes them.
@@ -7,8 +8,11 @@ a name over 245 characters split into folders. Run on the CPU with files written
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +107,22 @@ def test_the_worker_thread_takes_in_a_kernel_a_peer_finishes_later(tmp_path):
     assert not thread.is_alive()
     assert (own / "compiled_later.ptx").read_bytes() == b"ptx.ptx"
     assert (own / "compiled_later.txt").read_text() == "k\t_Z1kv\n"
+
+
+def _collected(*args):
+    files = ["tests/mlxcore/test_optimizers.py", "tests/mlxcore/test_adapters.py", "tests/mlxcore/test_gpu_subset.py"]
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args, *files],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    return [line for line in out.stdout.splitlines() if "::" in line]
+
+
+def test_the_gpu_subset_starts_the_quantized_tests_first_and_other_runs_keep_the_collection_order():
+    gpu, everything = _collected("-m", "gpu"), _collected()
+    first = {"test_quantized_layers_match_their_dequantized_weights_in_value_and_input_gradient[4-32]",
+             "test_quantized_layers_match_their_dequantized_weights_in_value_and_input_gradient[8-64]",
+             "test_adapters_train_with_the_expected_trainable_parameters[qlora4]",
+             "test_adapters_train_with_the_expected_trainable_parameters[qlora8]"}
+    assert {t.split("::")[-1] for t in gpu[:4]} == first
+    assert len(gpu) > 8 and not first & {t.split("::")[-1] for t in gpu[4:]}
+    assert gpu[4:] == [t for t in everything if t in gpu[4:]]  # the rest as collected
+    assert everything[0].startswith("tests/mlxcore/test_optimizers.py")  # without -m gpu: nothing moves
