@@ -27,20 +27,15 @@ from pathlib import Path
 PARTS = (".txt", ".cu", ".ptx")  # the publishing order: `.ptx` last
 
 
-def finished(folder: Path, settle: float, now: float | None = None) -> dict[Path, Path]:
-    """The kernels in `folder` whose three files are all there and have not changed for `settle`
-    seconds: {path relative to `folder` without suffix: the `.ptx`}."""
-    now = time.time() if now is None else now
-    done = {}
-    for ptx in folder.rglob("*.ptx"):
-        try:
-            stats = [ptx.with_suffix(s).stat() for s in PARTS]
-            txt = ptx.with_suffix(".txt").read_bytes()
-        except OSError:
-            continue
-        if txt.endswith(b"\n") and all(now - st.st_mtime >= settle for st in stats):
-            done[ptx.relative_to(folder).with_suffix("")] = ptx
-    return done
+def _finished(ptx: Path, settle: float) -> bool:
+    """Whether the kernel of `ptx` has all three files, none changed for `settle` seconds, and a
+    `.txt` that ends its last line."""
+    try:
+        stats = [ptx.with_suffix(s).stat() for s in PARTS]
+        txt = ptx.with_suffix(".txt").read_bytes()
+    except OSError:
+        return False
+    return txt.endswith(b"\n") and all(time.time() - st.st_mtime >= settle for st in stats)
 
 
 def _publish(src: Path, dst: Path) -> bool:
@@ -67,10 +62,10 @@ def pull(own: Path, peers: list[Path], settle: float = 1.0) -> int:
     for peer in peers:
         if not peer.is_dir() or peer == own:
             continue
-        for rel, ptx in finished(peer, settle).items():
-            target = own / rel
-            if target.with_suffix(".ptx").exists():
-                continue
+        for ptx in peer.rglob("*.ptx"):
+            target = own / ptx.relative_to(peer).with_suffix("")
+            if target.with_suffix(".ptx").exists() or not _finished(ptx, settle):
+                continue  # had already (checked first: most rounds find nothing new), or unfinished
             target.parent.mkdir(parents=True, exist_ok=True)
             if all(_publish(ptx.with_suffix(s), target.with_suffix(s)) for s in PARTS):
                 copied += 1
