@@ -81,10 +81,31 @@ def pytest_collection_modifyitems(config, items):
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
     if "gpu" in (config.option.markexpr or ""):
-        # On a cold MLX-CUDA kernel cache, QLoRA's quantized matmuls are the longest chain of
-        # compiles (20-30 s each, one after another in one test): `gpu(first=True)` tests go
-        # first, so xdist hands each to its own worker at the start (stable sort: else as collected).
-        items.sort(key=lambda item: not any(m.kwargs.get("first") for m in item.iter_markers("gpu")))
+        order_gpu_subset(config, items)
+
+
+def order_gpu_subset(config, items) -> None:
+    """Start each `gpu(first=True)` test at once, on a worker of its own.
+
+    On a cold MLX-CUDA kernel cache, QLoRA's quantized matmuls are the longest chains of compiles
+    (20-30 s each, one after another in one test). Without xdist they simply go first. Under
+    xdist's load scheduling each worker is first sent a chunk of consecutive tests (at least two),
+    so sorting alone handed two of them to one worker, one after the other (a cold H100 run: 148 s
+    behind 66 s on one worker, `[qlora8]` behind `[qlora4]` on another, cut off at 300 s). So each
+    one opens a chunk of its own, filled with tests in their collected order.
+    """
+    first = [item for item in items if any(m.kwargs.get("first") for m in item.iter_markers("gpu"))]
+    rest = [item for item in items if item not in first]
+    workers = getattr(config, "workerinput", {}).get("workercount", 0)
+    if workers and len(items) >= 2 * workers:  # else xdist sends the tests round-robin, one at a time
+        # xdist.scheduler.load.LoadScheduling.schedule's first chunk size
+        chunk = max(min(len(items) // workers // 4, config.getoption("maxschedchunk") or len(items)), 2)
+        spread = []
+        for item in first[:workers]:
+            spread += [item, *rest[:chunk - 1]]
+            del rest[:chunk - 1]
+        first = spread + first[workers:]
+    items[:] = first + rest
 
 
 def micro_model() -> ModelConfig:

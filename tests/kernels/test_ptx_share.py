@@ -7,6 +7,7 @@ a name over 245 characters split into folders. Run on the CPU with files written
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -126,3 +127,49 @@ def test_the_gpu_subset_starts_the_quantized_tests_first_and_other_runs_keep_the
     assert len(gpu) > 8 and not first & {t.split("::")[-1] for t in gpu[4:]}
     assert gpu[4:] == [t for t in everything if t in gpu[4:]]  # the rest as collected
     assert everything[0].startswith("tests/mlxcore/test_optimizers.py")  # without -m gpu: nothing moves
+
+
+_SCHEDULED = """
+import json, os, time
+import pytest
+
+def _log(name):
+    with open(os.environ["SCHEDULE_LOG"], "a") as f:
+        f.write(json.dumps([name, os.environ["PYTEST_XDIST_WORKER"], time.time()]) + "\\n")
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("i", range(30))
+def test_short(i):
+    _log(f"short{i}")
+    time.sleep(0.02)
+
+@pytest.mark.gpu(first=True)  # collected last: without the ordering they would start last
+@pytest.mark.parametrize("i", range(3))
+def test_long(i):
+    _log(f"long{i}")
+    time.sleep(2.0)
+"""
+
+
+def test_under_xdist_each_first_test_starts_at_once_on_a_worker_of_its_own(tmp_path):
+    """Real pytest-xdist load scheduling over a suite ordered by tests/conftest.py's hook."""
+    (tmp_path / "conftest.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+        "from tests.conftest import order_gpu_subset\n\n"
+        "def pytest_configure(config):\n    config.addinivalue_line('markers', 'gpu: the GPU subset')\n\n"
+        "def pytest_collection_modifyitems(config, items):\n    order_gpu_subset(config, items)\n")
+    (tmp_path / "test_scheduled.py").write_text(_SCHEDULED)
+    log = tmp_path / "log.jsonl"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-n", "4", "-p", "no:cacheprovider",
+                          str(tmp_path)], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "SCHEDULE_LOG": str(log)}, timeout=300)
+    assert "33 passed" in out.stdout, out.stdout + out.stderr
+    runs = [json.loads(line) for line in log.read_text().splitlines()]
+    by_worker: dict = {}
+    for name, worker, _ in runs:
+        by_worker.setdefault(worker, []).append(name)
+    longs = {name: worker for name, worker, _ in runs if name.startswith("long")}
+    assert len(set(longs.values())) == 3  # three workers, one long test each
+    assert all(by_worker[w][0] == name for name, w in longs.items())  # each its worker's first test
+    start = min(t for *_, t in runs)
+    assert all(t - start < 1.5 for name, _, t in runs if name.startswith("long"))  # none queued behind another
