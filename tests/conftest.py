@@ -59,10 +59,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config):
-    """On an xdist worker with a CUDA GPU: take in the kernels other workers finish compiling
-    (tests/ptx_share.py), so each kernel is compiled about once per run, not once per worker."""
+    """With `-m gpu`: the long tests start first (`GpuSubsetOrder`). On an xdist worker with a
+    CUDA GPU: take in the kernels other workers finish compiling (tests/ptx_share.py), so each
+    kernel is compiled about once per run, not once per worker."""
     import mlx.core as mx
 
+    if "gpu" in (config.option.markexpr or ""):
+        config.pluginmanager.register(GpuSubsetOrder(), "mlxflow-gpu-subset-order")
     own = os.environ.get("MLX_PTX_CACHE_DIR") if os.environ.get("PYTEST_XDIST_WORKER") else None
     if own and hasattr(mx, "cuda") and mx.cuda.is_available():
         from tests.ptx_share import start
@@ -80,7 +83,14 @@ def pytest_collection_modifyitems(config, items):
         group = next((g for g, names in _GROUPS if any(n in item.fixturenames for n in names)), None)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
-    if "gpu" in (config.option.markexpr or ""):
+
+
+class GpuSubsetOrder:
+    """With `-m gpu`: `order_gpu_subset` after `-m` has deselected the rest (trylast), so the
+    chunks are laid out over the tests xdist will schedule."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
         order_gpu_subset(config, items)
 
 

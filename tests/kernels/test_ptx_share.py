@@ -137,6 +137,10 @@ def _log(name):
     with open(os.environ["SCHEDULE_LOG"], "a") as f:
         f.write(json.dumps([name, os.environ["PYTEST_XDIST_WORKER"], time.time()]) + "\\n")
 
+@pytest.mark.parametrize("i", range(40))
+def test_cpu_only(i):  # deselected by -m gpu: the chunks must be laid out over what is left
+    pass
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("i", range(30))
 def test_short(i):
@@ -152,12 +156,13 @@ def test_long(i):
 
 
 def test_under_xdist_each_first_test_starts_at_once_on_a_worker_of_its_own(tmp_path):
-    """Real pytest-xdist load scheduling over a suite ordered by tests/conftest.py's hook."""
+    """Real pytest-xdist load scheduling over a suite ordered by tests/conftest.py's hook, with
+    tests that `-m gpu` deselects collected first."""
     (tmp_path / "conftest.py").write_text(
         f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
-        "from tests.conftest import order_gpu_subset\n\n"
-        "def pytest_configure(config):\n    config.addinivalue_line('markers', 'gpu: the GPU subset')\n\n"
-        "def pytest_collection_modifyitems(config, items):\n    order_gpu_subset(config, items)\n")
+        "from tests.conftest import GpuSubsetOrder\n\n"
+        "def pytest_configure(config):\n    config.addinivalue_line('markers', 'gpu: the GPU subset')\n"
+        "    config.pluginmanager.register(GpuSubsetOrder())\n")
     (tmp_path / "test_scheduled.py").write_text(_SCHEDULED)
     log = tmp_path / "log.jsonl"
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-n", "4", "-p", "no:cacheprovider",
