@@ -86,13 +86,25 @@ def _check_adapter_dir(path: Path) -> dict:
     return json.loads((path / ADAPTER_CONFIG).read_text())
 
 
-def _pdeathsig():  # runs in the child between fork and exec
+def _libc_prctl():
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except Exception:  # not glibc / musl: no parent-death signal
+        return None
+
+
+# Looked up here, in the parent: between fork and exec the child must not import or dlopen (a lock
+# another thread of the parent held at the fork would never be released there).
+_PRCTL = _libc_prctl() if sys.platform.startswith("linux") else None
+
+
+def die_with_parent():  # a preexec_fn: runs in the child between fork and exec
+    """SIGTERM this child when the process that started it dies (Linux), so a killed parent
+    leaves no server behind."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _model_type(path: Path) -> str | None:
@@ -200,7 +212,7 @@ class serve_model:
         self._log.flush()
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, env=self._env(), start_new_session=True,
-                                     preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None)
+                                     preexec_fn=die_with_parent if _PRCTL is not None else None)
 
     def log_tail(self, n: int = 4000) -> str:
         try:

@@ -54,6 +54,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.distill_throughput import free_port
+from mlxcore.serving import die_with_parent
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -93,7 +94,8 @@ def start_prefect_server(home: Path, timeout: float = 120) -> tuple[str, subproc
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent)  # a killed test run leaves no server behind
     deadline = time.monotonic() + timeout
     while True:
         try:

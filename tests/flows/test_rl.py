@@ -28,6 +28,7 @@ from mlxcore.config import ModelConfig, RewardSpec, RLConfig, TokenizerConfig
 from mlxcore.rl.iteration import run_rollout
 from mlxcore.rl.prompts import load_questions
 from mlxcore.rl.rewards import Scorer
+from mlxcore.serving import die_with_parent
 
 from tests.conftest import REPO, stop_group
 
@@ -355,7 +356,7 @@ def prefect_server_with_services(tmp_path):
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=die_with_parent)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -112,3 +112,50 @@ def test_smoke_against_nothing_is_a_clear_error():
         port = s.getsockname()[1]
     with pytest.raises(ServeError, match=f"127.0.0.1:{port}/v1/chat/completions"):
         smoke(f"http://127.0.0.1:{port}", "default_model", "hi", timeout=5)
+
+
+_PARENT = """
+import subprocess, sys, time
+from mlxcore.serving import die_with_parent
+sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+guarded = subprocess.Popen(sleep, preexec_fn=die_with_parent, start_new_session=True)
+unguarded = subprocess.Popen(sleep, start_new_session=True)
+print(guarded.pid, unguarded.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # an unreaped orphan is dead
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_server_process_dies_with_the_process_that_started_it():
+    """serve_model starts mlx_lm.server with `die_with_parent`: when the starting process is SIGKILLed
+    (no cleanup runs), the server gets SIGTERM instead of holding its port and memory. The same
+    child started without it (the control) outlives its parent."""
+    import signal
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    guarded, unguarded = map(int, parent.stdout.readline().split())
+    try:
+        assert _alive(guarded) and _alive(unguarded)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(guarded) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(guarded)
+        assert _alive(unguarded)
+    finally:
+        for pid in (guarded, unguarded):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
