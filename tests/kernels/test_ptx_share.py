@@ -135,7 +135,7 @@ import pytest
 
 def _log(name):
     with open(os.environ["SCHEDULE_LOG"], "a") as f:
-        f.write(json.dumps([name, os.environ["PYTEST_XDIST_WORKER"], time.time()]) + "\\n")
+        f.write(json.dumps([name, os.environ["PYTEST_XDIST_WORKER"]]) + "\\n")
 
 @pytest.mark.parametrize("i", range(40))
 def test_cpu_only(i):  # deselected by -m gpu: the chunks must be laid out over what is left
@@ -171,10 +171,10 @@ def test_under_xdist_each_first_test_starts_at_once_on_a_worker_of_its_own(tmp_p
     assert "33 passed" in out.stdout, out.stdout + out.stderr
     runs = [json.loads(line) for line in log.read_text().splitlines()]
     by_worker: dict = {}
-    for name, worker, _ in runs:
+    for name, worker in runs:
         by_worker.setdefault(worker, []).append(name)
-    longs = {name: worker for name, worker, _ in runs if name.startswith("long")}
+    longs = {name: worker for name, worker in runs if name.startswith("long")}
     assert len(set(longs.values())) == 3  # three workers, one long test each
-    assert all(by_worker[w][0] == name for name, w in longs.items())  # each its worker's first test
-    start = min(t for *_, t in runs)
-    assert all(t - start < 1.5 for name, _, t in runs if name.startswith("long"))  # none queued behind another
+    # each its worker's first test, so none waited behind another (xdist's first chunks are all
+    # sent before any test runs: this is the schedule, not a timing)
+    assert all(by_worker[w][0] == name for name, w in longs.items())
