@@ -326,24 +326,25 @@ def reference_adamw_step(params, grads, m, v, lr, scale, normalizer, b1: float, 
                          weight_decay: float) -> list[mx.array]:
     """Plain-MLX `adamw_step`: mlx.optimizers.AdamW's rule tensor by tensor, the same ops in the
     same order, computed in the moments' dtype and rounded to the parameter's (as
-    `AdamWFloat32State` does for bfloat16 / float16 parameters; a no-op for float32 ones)."""
-    lr = lr.astype(mx.float32)
+    `AdamWFloat32State` does for bfloat16 / float16 parameters; a no-op for float32 ones, and for
+    plain AdamW's moments in the parameters' dtype)."""
     new_p, new_m, new_v = [], [], []
     for p, g, m_, v_ in zip(params, grads, m, v):
+        lr_ = lr.astype(m_.dtype)  # AdamW's `learning_rate.astype(gradient.dtype)`
         g = ((g * scale.astype(g.dtype)) * normalizer).astype(g.dtype).astype(m_.dtype)  # as clip_grad_norm
-        w = p.astype(m_.dtype) * (1 - lr * weight_decay)
+        w = p.astype(m_.dtype) * (1 - lr_ * weight_decay)
         m_ = b1 * m_ + (1 - b1) * g
         v_ = b2 * v_ + (1 - b2) * mx.square(g)
-        new_p.append((w - lr * m_ / (mx.sqrt(v_) + eps)).astype(p.dtype))
+        new_p.append((w - lr_ * m_ / (mx.sqrt(v_) + eps)).astype(p.dtype))
         new_m.append(m_)
         new_v.append(v_)
     return new_p + new_m + new_v
 
 
 def fast_adamw(param_dtypes) -> bool:
-    """Whether `adamw_step` has a fast path here for parameters of these dtypes (with float32
-    moments): the CPU kernels for float32 parameters; on an NVIDIA GPU, `mlxcore.kernels.cuda`
-    for float32, bfloat16 and float16 ones."""
+    """Whether `adamw_step` has a fast path here for parameters of these dtypes: the CPU kernels
+    for float32 parameters (and moments); on an NVIDIA GPU, `mlxcore.kernels.cuda` for float32,
+    bfloat16 and float16 ones, with float32 moments or moments in the parameters' dtype."""
     dtypes = set(param_dtypes)
     if cuda.available():
         return _build.mode() != "off" and bool(dtypes) and cuda.dtypes_supported(dtypes)
@@ -353,17 +354,18 @@ def fast_adamw(param_dtypes) -> bool:
 def adamw_step(params, grads, m, v, lr, scale, normalizer, b1: float, b2: float, eps: float,
                weight_decay: float) -> list[mx.array]:
     """One AdamW step (mlx.optimizers.AdamW without bias correction) over lists of parameters,
-    gradients and float32 moments: the gradient taken as `(g * scale) * normalizer` (a mean over
-    tokens, then `clip_grad_norm`'s scale), decoupled weight decay, then Adam, in float32, the new
-    parameters rounded to their dtype. Returns `[p'..., m'..., v'...]`. On the CPU (float32) one
+    gradients and moments (float32, or plain AdamW's in the parameters' dtype): the gradient taken
+    as `(g * scale) * normalizer` (a mean over tokens, then `clip_grad_norm`'s scale), decoupled
+    weight decay, then Adam, in the moments' dtype, the new parameters rounded to their dtype. Returns `[p'..., m'..., v'...]`. On the CPU (float32) one
     multi-threaded pass over every tensor, bit for bit MLX's arithmetic; on an NVIDIA GPU a few
     multi-tensor CUDA kernels (`mlxcore.kernels.cuda`); elsewhere (and with MLXFLOW_KERNELS=off)
     `reference_adamw_step`."""
     moments_f32 = all(x.dtype == mx.float32 for group in (m, v) for x in group)
-    if moments_f32 and fast_adamw(p.dtype for p in params):
-        if cuda.available():
+    if fast_adamw(p.dtype for p in params):
+        if cuda.available() and all(cuda.moments_supported(p.dtype, g.dtype, m_.dtype) and v_.dtype == m_.dtype
+                                    for p, g, m_, v_ in zip(params, grads, m, v)):
             return cuda.adamw_step(params, grads, m, v, lr, scale, normalizer, b1, b2, eps, weight_decay)
-        if all(g.dtype == mx.float32 for g in grads):
+        if not cuda.available() and moments_f32 and all(g.dtype == mx.float32 for g in grads):
             return _ext().adamw_step(list(params), list(grads), list(m), list(v), lr, scale, normalizer,
                                      float(b1), float(b2), float(eps), float(weight_decay))
     return reference_adamw_step(params, grads, m, v, lr, scale, normalizer, b1, b2, eps, weight_decay)

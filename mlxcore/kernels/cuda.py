@@ -12,10 +12,13 @@ per array (allocating 411 outputs).
 
 - `adamw_step`: `mlxcore.kernels.adamw_step`'s contract (mlx.optimizers.AdamW without bias
   correction, the gradient taken as `(g * scale) * normalizer`, each product rounded to `g`'s dtype
-  as the per-tensor scale and `clip_grad_norm` leave it), with float32 moments and any float
-  parameter dtype: the update is computed in float32 and rounded to the parameter's dtype, as
-  `AdamWFloat32State` does. Every operation is an explicitly rounded IEEE one (`__fmul_rn`, ...),
-  so no multiply-add is contracted: MLX's arithmetic, in MLX's order.
+  as the per-tensor scale and `clip_grad_norm` leave it). With float32 moments and any float
+  parameter dtype the update is computed in float32 and rounded to the parameter's dtype, as
+  `AdamWFloat32State` does. With moments in the parameters' bfloat16 / float16 (plain `AdamW` on
+  such parameters, the `200mb` benchmark's optimizer, as torch's AdamW keeps them) every operation
+  and scalar is rounded to that dtype, as MLX's ops on those arrays round theirs. Every operation
+  is an explicitly rounded IEEE one (`__fmul_rn`, ...), so no multiply-add is contracted: MLX's
+  arithmetic, in MLX's order.
 - `squared_norm`: the sum of squares of every `g * scale` (rounded to `g`'s dtype, as
   `g * scale.astype(g.dtype)` is), in float32: per block a fixed-order tree, then one MLX sum, so
   the result is deterministic. Only the order of the additions differs from `clip_grad_norm`'s.
@@ -78,32 +81,39 @@ __device__ __forceinline__ float scaled(const G* g, int64_t i, float scale) {{
 }}
 
 // h: lr, scale (rounded to G), normalizer, b1, 1 - b1, b2, 1 - b2, eps, weight decay.
+// M is the moments' dtype, and every operation of the update is rounded to it, as MLX's ops on M
+// arrays round theirs: float32 for AdamWFloat32State or float32 parameters; bfloat16 / float16 for
+// plain AdamW on such parameters, whose scalars (lr, betas, eps, decay) MLX also casts to M.
 // ILP elements per thread are loaded before any is computed or stored: the outputs may alias the
 // inputs as far as the compiler knows, so a plain loop would wait for each load in turn.
-template <typename P, typename G>
-__device__ __forceinline__ void adamw(const P* p, const G* g, const float* m, const float* v,
-                                      P* po, float* mo, float* vo, int64_t i, int64_t n, const float* h) {{
-  const float lr = h[0], scale = h[1], nz = h[2], b1 = h[3], c1 = h[4], b2 = h[5], c2 = h[6], eps = h[7];
-  const float decay = __fsub_rn(1.0f, __fmul_rn(lr, h[8]));
+template <typename P, typename G, typename M>
+__device__ __forceinline__ void adamw(const P* p, const G* g, const M* m, const M* v,
+                                      P* po, M* mo, M* vo, int64_t i, int64_t n, const float* h) {{
+  const M* c = nullptr;  // the rounding of every operation below
+  const float lr = rounded(h[0], c), scale = h[1], nz = h[2], b1 = rounded(h[3], c), c1 = rounded(h[4], c);
+  const float b2 = rounded(h[5], c), c2 = rounded(h[6], c), eps = rounded(h[7], c);
+  const float decay = rounded(__fsub_rn(1.0f, rounded(__fmul_rn(lr, rounded(h[8], c)), c)), c);
   for (int k = 0; k < CHUNK / BLOCK; k += ILP) {{
     float gv[ILP], pv[ILP], mv[ILP], vv[ILP];
 #pragma unroll
     for (int u = 0; u < ILP; ++u) {{
       const int64_t j = i + int64_t(k + u) * BLOCK;
-      if (j < n) {{ gv[u] = f32(g[j]); pv[u] = f32(p[j]); mv[u] = m[j]; vv[u] = v[j]; }}
+      if (j < n) {{ gv[u] = f32(g[j]); pv[u] = f32(p[j]); mv[u] = f32(m[j]); vv[u] = f32(v[j]); }}
     }}
 #pragma unroll
     for (int u = 0; u < ILP; ++u) {{
       const int64_t j = i + int64_t(k + u) * BLOCK;
       if (j < n) {{
         // (g * scale) * normalizer, each product in G as the per-tensor scale and clip_grad_norm leave it
-        const float gs = rounded(__fmul_rn(rounded(__fmul_rn(gv[u], scale), g), nz), g);
-        const float pd = __fmul_rn(pv[u], decay);
-        const float mn = __fadd_rn(__fmul_rn(b1, mv[u]), __fmul_rn(c1, gs));
-        const float vn = __fadd_rn(__fmul_rn(b2, vv[u]), __fmul_rn(c2, __fmul_rn(gs, gs)));
-        mo[j] = mn;
-        vo[j] = vn;
-        put(po + j, __fsub_rn(pd, __fdiv_rn(__fmul_rn(lr, mn), __fadd_rn(__fsqrt_rn(vn), eps))));
+        const float gs = rounded(rounded(__fmul_rn(rounded(__fmul_rn(gv[u], scale), g), nz), g), c);
+        const float pd = rounded(__fmul_rn(rounded(pv[u], c), decay), c);
+        const float mn = rounded(__fadd_rn(rounded(__fmul_rn(b1, mv[u]), c), rounded(__fmul_rn(c1, gs), c)), c);
+        const float sq = rounded(__fmul_rn(gs, gs), c);
+        const float vn = rounded(__fadd_rn(rounded(__fmul_rn(b2, vv[u]), c), rounded(__fmul_rn(c2, sq), c)), c);
+        const float den = rounded(__fadd_rn(rounded(__fsqrt_rn(vn), c), eps), c);
+        put(mo + j, mn);
+        put(vo + j, vn);
+        put(po + j, rounded(__fsub_rn(pd, rounded(__fdiv_rn(rounded(__fmul_rn(lr, mn), c), den), c)), c));
       }}
     }}
   }}
@@ -150,6 +160,13 @@ def dtypes_supported(dtypes) -> bool:
     return set(dtypes) <= set(_TYPES)
 
 
+def moments_supported(p: mx.Dtype, g: mx.Dtype, m: mx.Dtype) -> bool:
+    """Moments the AdamW kernels keep: float32 (AdamWFloat32State, or float32 parameters) for any
+    parameter dtype, or the parameters' own dtype when the gradients have it too (plain AdamW on
+    bfloat16 / float16 parameters: every operation rounded to that dtype, as MLX's ops are)."""
+    return dtypes_supported((p, g, m)) and (m == mx.float32 or p == g == m)
+
+
 def _name(kind: str, *dtypes: mx.Dtype, n: int) -> str:
     types = "_".join(str(d).split(".")[-1] for d in dtypes)
     return f"mlxflow_{kind}_v{VERSION}_{CHUNK}_{BLOCK}_{ILP}_{types}_{n}"
@@ -163,19 +180,19 @@ def _switch_kernel(kind: str, dtypes: tuple, n: int, locate: str, call, inputs: 
 
 
 @lru_cache(maxsize=None)
-def _adamw_kernel(p: mx.Dtype, g: mx.Dtype, n: int):
+def _adamw_kernel(p: mx.Dtype, g: mx.Dtype, m: mx.Dtype, n: int):
     return _switch_kernel(
-        "adamw", (p, g), n, _LOCATE,
+        "adamw", (p, g, m), n, _LOCATE,
         lambda k: f"::mlxflow::adamw(p{k}, g{k}, m{k}, v{k}, po{k}, mo{k}, vo{k}, i, n, hyp)",
         ["meta", "hyp", *(f"{x}{k}" for x in "pgmv" for k in range(n))],
         [f"{x}{k}" for x in ("po", "mo", "vo") for k in range(n)])
 
 
 @lru_cache(maxsize=None)
-def _adamw_flat_kernel(p: mx.Dtype, g: mx.Dtype, n: int):
+def _adamw_flat_kernel(p: mx.Dtype, g: mx.Dtype, m: mx.Dtype, n: int):
     """AdamW over flat parameter / moment buffers, each tensor's gradient read in place."""
     return _switch_kernel(
-        "adamw_flat", (p, g), n, _LOCATE_FLAT,
+        "adamw_flat", (p, g, m), n, _LOCATE_FLAT,
         lambda k: f"::mlxflow::adamw(p + off, g{k}, m + off, v + off, po + off, mo + off, vo + off, i, n, hyp)",
         ["meta", "hyp", "p", "m", "v", *(f"g{k}" for k in range(n))], ["po", "mo", "vo"])
 
@@ -254,14 +271,15 @@ def squared_norm(grads: list, scale: mx.array) -> mx.array:
 
 def adamw_step(params, grads, m, v, lr, scale, normalizer, b1: float, b2: float, eps: float,
                weight_decay: float) -> list[mx.array]:
-    """`mlxcore.kernels.adamw_step` on the GPU: `[p'..., m'..., v'...]`, the moments float32."""
+    """`mlxcore.kernels.adamw_step` on the GPU: `[p'..., m'..., v'...]`, the moments in their dtype
+    (float32, or the parameters' own: `moments_supported`)."""
     params, grads, m, v = list(params), list(grads), list(m), list(v)
     n = len(params)
     out: list = [None] * (3 * n)
     consts = mx.array([b1, 1 - b1, b2, 1 - b2, eps, weight_decay], dtype=mx.float32)
     lr, normalizer = (_f32(x) for x in (lr, normalizer))
-    for ids in _launches([(p.dtype, g.dtype) for p, g in zip(params, grads)]):
-        p_dtype, g_dtype = params[ids[0]].dtype, grads[ids[0]].dtype
+    for ids in _launches([(p.dtype, g.dtype, m_.dtype) for p, g, m_ in zip(params, grads, m)]):
+        p_dtype, g_dtype, m_dtype = params[ids[0]].dtype, grads[ids[0]].dtype, m[ids[0]].dtype
         meta, blocks = _meta(tuple(params[k].size for k in ids))
         if blocks == 0:  # only empty tensors: nothing to compute (and no launch of zero threads)
             for k in ids:
@@ -269,10 +287,10 @@ def adamw_step(params, grads, m, v, lr, scale, normalizer, b1: float, b2: float,
             continue
         hyp = mx.concatenate([lr, _f32(scale.astype(g_dtype)), normalizer, consts])
         shapes = [params[k].shape for k in ids]
-        res = _adamw_kernel(p_dtype, g_dtype, len(ids))(
+        res = _adamw_kernel(p_dtype, g_dtype, m_dtype, len(ids))(
             inputs=[meta, hyp, *(params[k] for k in ids), *(grads[k] for k in ids), *(m[k] for k in ids),
                     *(v[k] for k in ids)],
-            output_shapes=shapes * 3, output_dtypes=[p_dtype] * len(ids) + [mx.float32] * (2 * len(ids)),
+            output_shapes=shapes * 3, output_dtypes=[p_dtype] * len(ids) + [m_dtype] * (2 * len(ids)),
             **_grid(blocks))
         for j, k in enumerate(ids):
             out[k], out[n + k], out[2 * n + k] = res[j], res[len(ids) + j], res[2 * len(ids) + j]
@@ -297,15 +315,17 @@ def adamw_flat_step(flat_p: mx.array, flat_m: mx.array, flat_v: mx.array, grads,
     sizes = tuple(g.size for g in grads)
     if not flat_p.size == flat_m.size == flat_v.size == sum(sizes):
         raise ValueError(f"flat buffers of {flat_p.size}, {flat_m.size}, {flat_v.size} elements for gradients of {sum(sizes)}")
-    p_dtype, g_dtype = flat_p.dtype, grads[0].dtype
+    p_dtype, g_dtype, m_dtype = flat_p.dtype, grads[0].dtype, flat_m.dtype
     if any(g.dtype != g_dtype for g in grads):
         raise ValueError("adamw_flat_step: every gradient of a group has one dtype")
+    if flat_v.dtype != m_dtype or not moments_supported(p_dtype, g_dtype, m_dtype):
+        raise ValueError(f"adamw_flat_step: moments of {m_dtype} / {flat_v.dtype} for {p_dtype} parameters")
     meta, blocks = _flat_meta(sizes)
     if blocks == 0:
         return flat_p, flat_m, flat_v
     consts = mx.array([b1, 1 - b1, b2, 1 - b2, eps, weight_decay], dtype=mx.float32)
     hyp = mx.concatenate([_f32(lr), _f32(scale.astype(g_dtype)), _f32(normalizer), consts])
-    po, mo, vo = _adamw_flat_kernel(p_dtype, g_dtype, len(grads))(
+    po, mo, vo = _adamw_flat_kernel(p_dtype, g_dtype, m_dtype, len(grads))(
         inputs=[meta, hyp, flat_p, flat_m, flat_v, *grads], output_shapes=[(flat_p.size,)] * 3,
-        output_dtypes=[p_dtype, mx.float32, mx.float32], **_grid(blocks))
+        output_dtypes=[p_dtype, m_dtype, m_dtype], **_grid(blocks))
     return po, mo, vo

@@ -18,9 +18,9 @@ the numbers.
 
 `supports` says where it applies: `optim.AdamW` or `AdamWFloat32State` (exactly: a subclass may
 change the rule) without bias correction, scalar hyper-parameters, and trainable parameters the
-kernels take: float32 on the CPU with the kernels built; float32, bfloat16 or float16 on CUDA
-(other than float32 only with `AdamWFloat32State`, whose moments are float32). Anything else keeps
-MLX's per-tensor path.
+kernels take: float32 on the CPU with the kernels built; float32, bfloat16 or float16 on CUDA,
+with `AdamWFloat32State`'s float32 moments or plain `AdamW`'s in the parameters' dtype (each
+operation then rounded to it, as MLX's are). Anything else keeps MLX's per-tensor path.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def supports(optimizer: optim.Optimizer, model: nn.Module) -> bool:
         return False
     params = tree_flatten(model.trainable_parameters())
     dtypes = {p.dtype for _, p in params}
-    if dtypes != {mx.float32} and type(optimizer) is not AdamWFloat32State:
-        return False  # AdamW keeps moments in the parameters' dtype: not the kernels' float32 rule
+    if dtypes != {mx.float32} and type(optimizer) is not AdamWFloat32State and not cuda.available():
+        return False  # AdamW's moments in bfloat16 / float16: only the CUDA kernels round to them
     return bool(params) and kernels.fast_adamw(dtypes)
 
 

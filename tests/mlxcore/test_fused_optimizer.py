@@ -313,7 +313,8 @@ def test_adamw_kernel_is_mlx_s_adamw(dtype):
     larger than a thread's share or a CUDA block's chunk, sizes that are not a multiple of the
     vector width, and more tensors than one CUDA launch takes. Bit for bit on the CPU; on CUDA
     within float32 rounding (MLX's own CUDA ops may contract multiply-adds) and one bfloat16
-    rounding of the parameters. bfloat16 parameters (AdamWFloat32State) run the kernel on CUDA and
+    rounding of the parameters. bfloat16 parameters (AdamWFloat32State's float32 moments, and plain
+    AdamW's bfloat16 ones, every operation rounded to bfloat16) run the kernel on CUDA and
     `reference_adamw_step` on the CPU, which must then be MLX's rule bit for bit."""
     _adamw_kernel_here()
     rng = np.random.default_rng(0)
@@ -323,10 +324,10 @@ def test_adamw_kernel_is_mlx_s_adamw(dtype):
     schedule = optim.join_schedules([optim.linear_schedule(1e-3, 3e-2, 2), optim.cosine_decay(3e-2, 10)], [2])
     exact = ON_CPU
     tol = {"float32": 1e-6, "bfloat16": 2.0**-7}[dtype]
-    classes = (optim.AdamW, optimizers.AdamWFloat32State) if dtype == "float32" else (optimizers.AdamWFloat32State,)
-    for cls in classes:
+    for cls in (optim.AdamW, optimizers.AdamWFloat32State):
         opt = cls(schedule, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1)
-        ours, m, v = list(params.values()), [mx.zeros(s) for s in shapes], [mx.zeros(s) for s in shapes]
+        mdtype = mx.float32 if cls is optimizers.AdamWFloat32State else wdtype
+        ours, m, v = list(params.values()), [mx.zeros(s, mdtype) for s in shapes], [mx.zeros(s, mdtype) for s in shapes]
         theirs = params
         for step, (gain, max_norm) in enumerate([(1.0, 1.0), (30.0, 1.0), (1e-3, 1.0), (5.0, float("inf")), (2.0, 0.5)]):
             grads = {k: mx.array(gain * rng.standard_normal(s).astype(np.float32)).astype(wdtype)
@@ -342,10 +343,11 @@ def test_adamw_kernel_is_mlx_s_adamw(dtype):
             if step == 1:
                 assert norm.item() > 1.0  # the clip is active here
             _assert_same(dict(zip(params, ours)), dict(theirs), exact=exact, rtol=tol)
+            mtol = 1e-6 if mdtype == mx.float32 else tol
             _assert_same(dict(zip(params, m)), {k: s["m"] for k, s in opt.state.items() if k in params},
-                         exact=exact, rtol=1e-6)
+                         exact=exact, rtol=mtol)
             _assert_same(dict(zip(params, v)), {k: s["v"] for k, s in opt.state.items() if k in params},
-                         exact=exact, rtol=1e-6)
+                         exact=exact, rtol=mtol)
             ours = list(dict(theirs).values())  # the next step from the same parameters: no drift
         ref = kernels.reference_adamw_step(list(params.values()), list(grads.values()), m, v, opt.learning_rate,
                                            scale, normalizer, 0.9, 0.95, 1e-8, 0.1)
@@ -401,11 +403,11 @@ def test_the_adamw_kernel_is_used_only_where_it_is_the_same_rule(monkeypatch):
     assert Stepper(_model("float32"), optim.AdamW(1e-3), compile=False).one_kernel == here
     for opt in (optim.Adam(1e-3), optim.AdamW(1e-3, bias_correction=True), optim.Lion(1e-3), optim.Adafactor(1e-3)):
         assert not Stepper(_model("float32"), opt, compile=False).one_kernel, type(opt).__name__
-    # AdamW on bfloat16 keeps bfloat16 moments: never the kernels' float32 rule; AdamWFloat32State
-    # on bfloat16 is, where a kernel takes bfloat16 parameters (CUDA; the CPU kernel is float32 only)
-    assert not Stepper(_model("bfloat16"), optim.AdamW(1e-3), compile=False).one_kernel
-    bf16 = Stepper(_model("bfloat16"), optimizers.AdamWFloat32State(1e-3), compile=False).one_kernel
-    assert bf16 == cuda.available()
+    # on bfloat16 parameters, AdamWFloat32State's float32 moments and AdamW's bfloat16 ones take the
+    # kernels where one takes bfloat16 parameters (CUDA: bfloat16 arithmetic for the second); the
+    # CPU kernel is float32 only
+    for cls in (optim.AdamW, optimizers.AdamWFloat32State):
+        assert Stepper(_model("bfloat16"), cls(1e-3), compile=False).one_kernel == cuda.available(), cls.__name__
     assert not Stepper(_model("float32"), optim.AdamW(1e-3), fused="off", compile=False).one_kernel
     monkeypatch.setenv("MLXFLOW_KERNELS", "off")
     assert not Stepper(_model("float32"), optim.AdamW(1e-3), compile=False).one_kernel
