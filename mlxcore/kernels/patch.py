@@ -154,10 +154,22 @@ class FastRoPE(nn.RoPE):
                             offset=offset)
 
 
+class FastLinear(nn.Linear):
+    """mlx.nn.Linear without a bias through `kernels.linear`: on CUDA a backward whose weight
+    gradient comes out in the weight's layout (`kernels.lean_linear`), MLX's product elsewhere.
+    With a bias, mlx.nn's `addmm`."""
+
+    def __call__(self, x):
+        if "bias" in self:
+            return super().__call__(x)
+        return kernels.linear(x, self["weight"])
+
+
 # The mlx.nn layers use_fast_kernels swaps (exact classes; subclasses such as mlx-lm's scaled
-# ropes keep theirs). MLXFLOW_FAST_NORM=off keeps MLX's ops for both.
+# ropes keep theirs). MLXFLOW_FAST_NORM=off keeps MLX's ops for the norms and ropes.
 _FAST_LAYERS = ({nn.RMSNorm: FastRMSNorm, nn.RoPE: FastRoPE}
                 if os.environ.get("MLXFLOW_FAST_NORM", "on").strip().lower() != "off" else {})
+_FAST_LAYERS[nn.Linear] = FastLinear
 
 
 def _patch_module(name: str) -> bool:
@@ -195,7 +207,7 @@ def restore_all() -> None:
         if swiglu is not None:
             setattr(module, SWIGLU, swiglu)
     _PATCHED.clear()
-    originals = {FastRMSNorm: nn.RMSNorm, FastRoPE: nn.RoPE}
+    originals = {fast: plain for plain, fast in _FAST_LAYERS.items()}
     for ref in _SWAPPED:
         if (m := ref()) is not None and type(m) in originals:
             m.__class__ = originals[type(m)]

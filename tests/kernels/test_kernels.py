@@ -307,7 +307,7 @@ def test_use_fast_kernels_routes_the_models_norms_and_ropes_through_the_kernels(
     from mlxcore.kernels import patch
     from mlxcore.kernels.patch import FastRMSNorm, FastRoPE
 
-    assert patch._FAST_LAYERS == {nn.RMSNorm: FastRMSNorm, nn.RoPE: FastRoPE}
+    assert patch._FAST_LAYERS == {nn.RMSNorm: FastRMSNorm, nn.RoPE: FastRoPE, nn.Linear: patch.FastLinear}
     from mlxcore.models.model import from_config, hf_config
     from tests.conftest import micro_model
 
@@ -324,7 +324,7 @@ def test_use_fast_kernels_routes_the_models_norms_and_ropes_through_the_kernels(
     patch.restore_all()
     assert all(type(m) is nn.RMSNorm for m in norms) and all(type(m) is nn.RoPE for m in ropes)
     code = ("import os; os.environ['MLXFLOW_FAST_NORM'] = 'off'; from mlxcore.kernels import patch; "
-            "assert patch._FAST_LAYERS == {}, patch._FAST_LAYERS")
+            "assert set(patch._FAST_LAYERS) == {patch.nn.Linear}, patch._FAST_LAYERS")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -391,6 +391,62 @@ def test_lean_swiglu_backward_is_two_kernels(dtype, tmp_path):
     tol = 1e-5 if dt == mx.float32 else 3e-2
     for x, y in zip(kernels._lean_swiglu_grads(gate, up, w), ref):
         close(x.astype(mx.float32), y.astype(mx.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lean_linear_has_autodiffs_value_and_gradients(dtype):
+    """`x @ w.T` with the weight gradient computed as `g.T @ x`, in the weight's layout: the same
+    value as autodiff, and both gradients equal to autodiff's up to the GEMMs' summation order,
+    compiled, for a 3-D batch; with the weight frozen (LoRA's base), the input gradient alone."""
+    dt = getattr(mx, dtype)
+    x, w, c = (mx.random.normal(s, key=mx.random.key(i)).astype(dt) for i, s in enumerate([(4, 33, 48), (80, 48), (4, 33, 80)]))
+    assert mx.array_equal(kernels.lean_linear(x, w), x @ w.T)
+    lean = mx.compile(mx.grad(lambda x, w: (kernels.lean_linear(x, w) * c).astype(mx.float32).sum(), argnums=(0, 1)))
+    ref = mx.grad(lambda x, w: ((x @ w.T) * c).astype(mx.float32).sum(), argnums=(0, 1))
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    got, want = lean(x, w), ref(x, w)
+    for g, r in zip(got, want):
+        assert g.dtype == dt and g.shape == r.shape
+        close(g.astype(mx.float32), r.astype(mx.float32), rtol=tol, atol=tol * 10)
+    only_x = mx.grad(lambda x: (kernels.lean_linear(x, w) * c).astype(mx.float32).sum())(x)
+    close(only_x.astype(mx.float32), want[0].astype(mx.float32), rtol=tol, atol=tol * 10)
+
+
+def test_linear_is_lean_on_cuda_or_when_asked_and_models_take_it_without_a_bias(monkeypatch):
+    """`kernels.linear` takes `lean_linear` for training-sized inputs where `MLXFLOW_LEAN_LINEAR`
+    says so (auto: CUDA only, so the CPU keeps autodiff's bits), and `use_fast_kernels` gives a
+    model's bias-free `nn.Linear` layers the `FastLinear` class: same outputs, biased layers
+    unchanged (mlx.nn's addmm)."""
+    from mlxcore.kernels import cuda, patch
+
+    calls = []
+    lean = kernels.lean_linear
+    monkeypatch.setattr(kernels, "lean_linear", lambda x, w: calls.append(1) or lean(x, w))
+    x, w = mx.ones((4, kernels.LEAN_MIN_ELEMENTS // 4)), mx.ones((3, kernels.LEAN_MIN_ELEMENTS // 4))
+
+    def used(setting, on_cuda=False, x=x):
+        calls.clear()
+        monkeypatch.setenv("MLXFLOW_LEAN_LINEAR", setting)
+        monkeypatch.setattr(cuda, "available", lambda: on_cuda)
+        assert mx.array_equal(kernels.linear(x, w), x @ w.T)
+        return bool(calls)
+
+    assert not used("auto") and used("auto", on_cuda=True) and used("on")
+    assert not used("off", on_cuda=True) and not used("on", x=x[:1])  # decoding's few tokens: the plain product
+    monkeypatch.setenv("MLXFLOW_LEAN_LINEAR", "on")
+    plain, biased = nn.Linear(16, 8, bias=False), nn.Linear(8, 8)
+    model = nn.Sequential(plain, biased)
+    inp = mx.random.normal((kernels.LEAN_MIN_ELEMENTS // 16 + 1, 16), key=mx.random.key(0))  # a training batch
+    before = model(inp)
+    use_fast_kernels(model)
+    assert type(plain) is patch.FastLinear and type(biased) is patch.FastLinear
+    calls.clear()
+    after = model(inp)
+    assert len(calls) == 1  # the bias-free layer only
+    close(after, before, rtol=1e-6, atol=1e-6)
+    patch.restore_all()
+    assert type(plain) is nn.Linear
 
 
 def test_swiglu_off_the_fast_path_is_lean_unless_switched_off(monkeypatch):
