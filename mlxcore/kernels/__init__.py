@@ -6,6 +6,7 @@ and for sampling (categorical sampling with temperature / top-p, log-softmax).
     out = attention(q, k, v, scale=D**-0.5)          # [B,H,T,D], [B,Hkv,S,D] x2 -> [B,H,T,D]
     out = attention(q, k, v, scale, segments=ids)    # packed rows: ids [B,T], attend within runs
     h = swiglu(gate, up)                             # silu(gate) * up, same shapes
+    y = linear(x, w)                                 # x @ w.T; on CUDA the weight gradient in w's layout
     tok, lp = categorical_sample(logits, u, temperature=1.0, top_p=1.0)  # [..., V], [...] uniforms
     logp = log_softmax(logits)                       # logits - logsumexp(logits, -1), float32
 
