@@ -213,10 +213,11 @@ def test_a_dead_teacher_spends_the_budget_in_unrecovered_calls_and_gives_up_with
     assert report["unrecovered"] == report["window_unrecovered"] == report["window_calls"] == 6
     assert report["failure_budget"] == 5 and report["failure_window"] == 200
     assert report["ok"] == report["recovered"] == 0
-    # 18 attempts, plus the other worker's call's first attempts (at most 2: a 3rd would have lost it)
-    assert 18 <= report["attempts"] <= 18 + 2  # every attempt failed; one may still have been in flight
+    # 18 attempts, plus the other worker's call's: up to 3 sent (counted when an attempt starts; its
+    # third may have failed, unrecorded as a lost call, just before the sixth loss gave up)
+    assert 18 <= report["attempts"] <= 18 + 3  # every attempt failed; one may still have been in flight
     assert report["attempts"] - 1 <= report["failed"] <= report["attempts"]
-    assert report["failures"]["429"] == 2 and 16 <= report["failures"]["5xx"] <= 18
+    assert report["failures"] == {"429": 2, "5xx": report["failed"] - 2}
     assert "5xx: HTTP 500" in report["last_error"]
     msg = str(info.value)
     assert "6 of the last 6 calls failed unrecovered" in msg and "failure budget of 5 per 200 calls" in msg
