@@ -1,0 +1,78 @@
+"""Custom VJPs for the training step's layers: the same forward as MLX's, a backward that keeps
+less alive (`lean_swiglu`) or lays its result out for its consumers (`lean_linear`).
+`mlxcore.kernels.swiglu` / `linear` decide where they are used."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
+import mlx.core as mx
+
+
+@mx.custom_function
+def lean_swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """silu(gate) * x whose backward keeps only `gate` and `x` alive (same shapes).
+
+    Autodiff of `silu(gate) * x` keeps sigmoid(gate) and silu(gate) from the forward until the
+    backward: two more [tokens, intermediate] arrays per layer, the largest activations of a
+    LLaMA layer. This vjp recomputes them from `gate` (elementwise, in float32), so a training
+    step holds 2 x intermediate fewer values per token and layer (bench/activation_memory.py)."""
+    return _silu_mul(gate, x)
+
+
+@partial(mx.compile, shapeless=True)  # one fused kernel when called outside a compiled step (decoding)
+def _silu_mul(gate: mx.array, x: mx.array) -> mx.array:
+    return gate * mx.sigmoid(gate) * x  # nn.silu(gate) * x, the forward mlx-lm computes
+
+
+@lean_swiglu.vjp
+def _lean_swiglu_vjp(primals, cotangent, output):
+    gate, x = primals
+    return _lean_swiglu_grads(gate, x, cotangent)
+
+
+@partial(mx.compile, shapeless=True)
+def _lean_swiglu_grads(gate: mx.array, x: mx.array, cotangent: mx.array) -> tuple[mx.array, mx.array]:
+    """Two fused kernels, one per gradient, each reading only the inputs it needs and writing
+    nothing else (`test_lean_swiglu_backward_is_two_kernels`).
+
+    MLX fuses elementwise work into one kernel per output and writes to memory any node that
+    two kernels share, or that its fuser reaches before all its users. So the gradients share
+    no node: d_gate works in float32 inside its own kernel, and d_x computes silu(gate) in the
+    input's dtype (as autodiff's backward does) with a sigmoid of its own, 0.5 (1 + tanh(gate / 2)).
+    Sharing one float32 sigmoid and float32 copies of `gate` and `cotangent` wrote three float32
+    [tokens, intermediate] arrays a layer and read them back: 10% of a 200mb step on an H100.
+    Neither sigmoid may be the forward's `mx.sigmoid(gate)`, which `mx.compile` would merge with
+    the forward's node and so keep alive for the backward after all: for float32 inputs (where
+    `astype` is the input itself) d_gate writes the sigmoid as 1 / (1 + exp(-gate))."""
+    g = gate.astype(mx.float32)
+    if gate.dtype == mx.float32:  # exp(-g) has two users here, both reached before it is fused
+        e = mx.exp(-g)
+        dsilu = (1.0 + e * (1.0 + g)) / mx.square(1.0 + e)  # = s + g s (1 - s), s = 1 / (1 + e)
+    else:
+        s = mx.sigmoid(g)  # of the float32 copy: not the forward's node
+        dsilu = s * (1.0 + g * (1.0 - s))
+    d_gate = cotangent.astype(mx.float32) * x.astype(mx.float32) * dsilu
+    d_x = cotangent * (gate * (0.5 + 0.5 * mx.tanh(0.5 * gate)))
+    return d_gate.astype(gate.dtype), d_x.astype(x.dtype)
+
+
+@mx.custom_function
+def lean_linear(x: mx.array, weight: mx.array) -> mx.array:
+    """`x @ weight.T` (mlx.nn.Linear without a bias) whose weight gradient is `g.T @ x`: a
+    [out, in] array in the weight's own row-major layout.
+
+    Autodiff computes it as `(x.T @ g).T`, the [in, out] product viewed transposed. On an H100
+    (200mb, bf16, B32xT1024) every consumer that needs the gradient contiguous then copies it:
+    the multi-tensor clip norm and AdamW kernels (`mlxcore.kernels.cuda`) did, twice per weight,
+    210 `copy_col_row` kernels and 5.3 ms of a step. The input gradient is autodiff's own `g @ weight`.
+    A gradient nobody asks for (a frozen base weight under LoRA) is never evaluated."""
+    return x @ weight.T
+
+
+@lean_linear.vjp
+def _lean_linear_vjp(primals, cotangent, output):
+    x, weight = primals
+    flat_g = cotangent.reshape(-1, cotangent.shape[-1])
+    return cotangent @ weight, flat_g.T @ x.reshape(-1, x.shape[-1])
