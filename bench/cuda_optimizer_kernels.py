@@ -2,6 +2,7 @@
 
     python bench/cuda_optimizer_kernels.py --preset 200mb --dtype bfloat16            # the default launch shape
     python bench/cuda_optimizer_kernels.py --sweep                                    # + other chunk / ILP sizes
+    python bench/cuda_optimizer_kernels.py --moments param                            # plain AdamW's bf16 moments
 
 Times, eagerly (median and min of `--reps` synchronized calls after 3 warm-ups): AdamW over a
 preset's parameters as their own tensors, as one flat tensor of the same values, and as a training
@@ -48,6 +49,8 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", choices=["tiny", "200mb"], default="200mb")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--moments", choices=["float32", "param"], default="float32",
+                   help="the moments' dtype: float32 (AdamWFloat32State) or the parameters' (plain AdamW)")
     p.add_argument("--bandwidth", type=float, default=3.35, help="TB/s for the bound (H100 SXM 3.35, H200 4.8)")
     p.add_argument("--sweep", action="store_true", help="also other CHUNK / ILP sizes")
     args = p.parse_args(argv)
@@ -57,15 +60,16 @@ def main(argv=None) -> dict:
     model = from_config(hf_config(ModelConfig(preset=args.preset, dtype=args.dtype), 6400), seed=0)
     params = [v for _, v in tree_flatten(model.trainable_parameters())]
     grads = [(mx.random.normal(w.shape) * 1e-2).astype(w.dtype) for w in params]
-    m, v = [mx.zeros(w.shape) for w in params], [mx.zeros(w.shape) for w in params]
+    m, v = ([mx.zeros(w.shape, mx.float32 if args.moments == "float32" else w.dtype) for w in params] for _ in range(2))
     flat = [[mx.concatenate([x.reshape(-1) for x in xs])] for xs in (params, grads, m, v)]  # one tensor each
     mx.eval(params, grads, m, v, flat)
     n = sum(w.size for w in params)
     size = params[0].dtype.size
-    bound_adamw = n * (3 * size + 4 * 4) / (args.bandwidth * 1e12) * 1e3  # p, g read, p written; m, v both ways
+    m_size = m[0].dtype.size
+    bound_adamw = n * (3 * size + 4 * m_size) / (args.bandwidth * 1e12) * 1e3  # p, g read, p written; m, v both ways
     bound_norm = n * size / (args.bandwidth * 1e12) * 1e3
     hyper = (mx.array(1e-3), mx.array(0.5), mx.array(0.9), 0.9, 0.95, 1e-8, 0.1)
-    print(f"mlx {mx.__version__} on {mx.default_device()}; {args.preset} {args.dtype}: {len(params)} tensors, "
+    print(f"mlx {mx.__version__} on {mx.default_device()}; {args.preset} {args.dtype}, {str(m[0].dtype).split(".")[-1]} moments: {len(params)} tensors, "
           f"{n / 1e6:.1f}M parameters; bound at {args.bandwidth} TB/s: AdamW {bound_adamw:.2f} ms, norm {bound_norm:.3f} ms")
     out = {}
     default = (cuda.CHUNK, cuda.ILP)

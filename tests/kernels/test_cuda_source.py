@@ -197,7 +197,10 @@ def test_the_kernel_benchmark_runs_its_rows(monkeypatch, capsys):
     for row in out.values():
         assert all(median >= best > 0 for median, best in row.values())
     printed = capsys.readouterr().out
-    assert "38 tensors" in printed and "mlx compiled" in printed
+    assert "38 tensors" in printed and "mlx compiled" in printed and "float32 moments" in printed
+    out = bench.main(["--preset", "tiny", "--reps", "1", "--moments", "param"])  # plain AdamW's moments
+    assert all(median >= best > 0 for row in out.values() for median, best in row.values())
+    assert "bfloat16 moments" in capsys.readouterr().out
 
 
 @needs_nvcc
