@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     bound_adamw = n * (3 * size + 4 * m_size) / (args.bandwidth * 1e12) * 1e3  # p, g read, p written; m, v both ways
     bound_norm = n * size / (args.bandwidth * 1e12) * 1e3
     hyper = (mx.array(1e-3), mx.array(0.5), mx.array(0.9), 0.9, 0.95, 1e-8, 0.1)
-    print(f"mlx {mx.__version__} on {mx.default_device()}; {args.preset} {args.dtype}, {str(m[0].dtype).split(".")[-1]} moments: {len(params)} tensors, "
+    print(f"mlx {mx.__version__} on {mx.default_device()}; {args.preset} {args.dtype}, {str(m[0].dtype).split('.')[-1]} moments: {len(params)} tensors, "
           f"{n / 1e6:.1f}M parameters; bound at {args.bandwidth} TB/s: AdamW {bound_adamw:.2f} ms, norm {bound_norm:.3f} ms")
     out = {}
     default = (cuda.CHUNK, cuda.ILP)
