@@ -327,10 +327,10 @@ def adamw_step(params, grads, m, v, lr, scale, normalizer, b1: float, b2: float,
     """One AdamW step (mlx.optimizers.AdamW without bias correction) over lists of parameters,
     gradients and moments (float32, or plain AdamW's in the parameters' dtype): the gradient taken
     as `(g * scale) * normalizer` (a mean over tokens, then `clip_grad_norm`'s scale), decoupled
-    weight decay, then Adam, in the moments' dtype, the new parameters rounded to their dtype. Returns `[p'..., m'..., v'...]`. On the CPU (float32) one
-    multi-threaded pass over every tensor, bit for bit MLX's arithmetic; on an NVIDIA GPU a few
-    multi-tensor CUDA kernels (`mlxcore.kernels.cuda`); elsewhere (and with MLXFLOW_KERNELS=off)
-    `reference_adamw_step`."""
+    weight decay, then Adam, in the moments' dtype, the new parameters rounded to their dtype.
+    Returns `[p'..., m'..., v'...]`. On the CPU (float32) one multi-threaded pass over every tensor,
+    bit for bit MLX's arithmetic; on an NVIDIA GPU a few multi-tensor CUDA kernels
+    (`mlxcore.kernels.cuda`); elsewhere (and with MLXFLOW_KERNELS=off) `reference_adamw_step`."""
     moments_f32 = all(x.dtype == mx.float32 for group in (m, v) for x in group)
     if fast_adamw(p.dtype for p in params):
         if cuda.available() and all(cuda.moments_supported(p.dtype, g.dtype, m_.dtype) and v_.dtype == m_.dtype
