@@ -393,7 +393,6 @@ def test_lean_swiglu_backward_is_two_kernels(dtype, tmp_path):
         close(x.astype(mx.float32), y.astype(mx.float32), rtol=tol, atol=tol)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_lean_linear_has_autodiffs_value_and_gradients(dtype):
     """`x @ w.T` with the weight gradient computed as `g.T @ x`, in the weight's layout: the same

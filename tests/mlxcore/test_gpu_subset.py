@@ -72,6 +72,24 @@ def test_attention_matches_float64(segmented):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lean_linear_matches_float64_in_value_and_both_gradients(dtype):
+    """`kernels.lean_linear` (a training step's linear layers on CUDA), compiled with its gradient:
+    the product, the input gradient `g @ w` and the weight gradient `g.T @ x` (in the weight's
+    layout) against float64 NumPy."""
+    dt = getattr(mx, dtype)
+    x, w, c = (mx.array(RNG.standard_normal(s)).astype(dt) for s in ((2, 48, 64), (96, 64), (2, 48, 96)))
+    grad = mx.compile(mx.grad(lambda x, w: (kernels.lean_linear(x, w) * c).astype(mx.float32).sum(), argnums=(0, 1)))
+    (gx, gw), y = grad(x, w), kernels.lean_linear(x, w)
+    xn, wn, cn = _np(x), _np(w), _np(c)
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    for got, want in ((y, xn @ wn.T), (gx, cn @ wn), (gw, cn.reshape(-1, 96).T @ xn.reshape(-1, 64))):
+        assert got.dtype == dt and got.shape == want.shape
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(_np(got) / scale, want / scale, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
 def test_categorical_sample_inverts_the_cdf():
     logits = mx.array(RNG.standard_normal((6, 50)) * 2).astype(mx.float32)
     u = mx.array(RNG.uniform(size=6)).astype(mx.float32)
