@@ -7,7 +7,9 @@ names in the module that defines `model`'s class to wrappers that take the fast 
 when it applies (CPU default device, no KV cache, causal or no mask, no attention sinks) and
 call mlx-lm's original otherwise, so generation with a cache, GPUs and Metal are unchanged;
 `swiglu` elsewhere is mlx-lm's fused forward, with `kernels.lean_swiglu`'s backward (saves less)
-unless `MLXFLOW_LEAN=off`.
+unless `MLXFLOW_LEAN=off`. It also swaps the model's mlx.nn `RMSNorm`, `RoPE` and `Linear`
+layers for `FastRMSNorm`, `FastRoPE` (the CPU kernels) and `FastLinear` (on CUDA,
+`kernels.lean_linear`: the weight gradient in the weight's layout; `MLXFLOW_LEAN_LINEAR`).
 The arithmetic is the same function; tests hold the results to float32 rounding.
 Inside `mlxcore.models.segments.packed(...)` (packed SFT batches) the attention wrapper computes
 attention within each packed row instead, on every device; `use_segments(model)` sets that up.
