@@ -20,7 +20,8 @@ largest difference between the two frameworks' outputs and input gradients.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
@@ -31,20 +32,10 @@ import torch.nn.functional as F
 from mlxcore import kernels
 from mlxcore.config import ModelConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
+from timing import best_seconds  # noqa: E402
+
 LAYOUTS = ("contiguous", "heads view")
-
-
-def _best_ms(fn, sync, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 1e3 * best
 
 
 def _inputs(b: int, t: int, h: int, hkv: int, d: int, seed: int = 0) -> list[np.ndarray]:
@@ -66,8 +57,8 @@ def _mlx_side(arrays: list[np.ndarray], layout: str, dtype: str, scale: float, r
 
     fwd = mx.compile(attend)
     grad = mx.compile(mx.grad(lambda q, k, v: (attend(q, k, v) * c).astype(mx.float32).sum(), argnums=(0, 1, 2)))
-    out = {"fwd_ms": _best_ms(lambda: mx.eval(fwd(q, k, v)), mx.synchronize, repeats),
-           "fwd_bwd_ms": _best_ms(lambda: mx.eval(grad(q, k, v)), mx.synchronize, repeats)}
+    out = {"fwd_ms": 1e3 * best_seconds(lambda: mx.eval(fwd(q, k, v)), mx.synchronize, repeats),
+           "fwd_bwd_ms": 1e3 * best_seconds(lambda: mx.eval(grad(q, k, v)), mx.synchronize, repeats)}
     values = [fwd(q, k, v), *grad(q, k, v)]
     out["values"] = [np.array(x.astype(mx.float32)) for x in values]  # [B, H, T, D]
     return out
@@ -95,8 +86,8 @@ def _torch_side(arrays: list[np.ndarray], layout: str, dtype: str, scale: float,
         attend_c, fwd_bwd_c = attend, fwd_bwd
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.no_grad():
-        fwd_ms = _best_ms(lambda: attend_c(q, k, v), sync, repeats)
-    out = {"fwd_ms": fwd_ms, "fwd_bwd_ms": _best_ms(lambda: fwd_bwd_c(q, k, v), sync, repeats)}
+        fwd_ms = 1e3 * best_seconds(lambda: attend_c(q, k, v), sync, repeats)
+    out = {"fwd_ms": fwd_ms, "fwd_bwd_ms": 1e3 * best_seconds(lambda: fwd_bwd_c(q, k, v), sync, repeats)}
     with torch.no_grad():
         first = attend(q, k, v)
     out["values"] = [x.detach().float().cpu().numpy() for x in (first, *fwd_bwd(q, k, v))]

@@ -12,7 +12,8 @@ here, no change to mlxcore's training loop closes that part of the gap.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
@@ -20,18 +21,8 @@ import torch
 
 from mlxcore.config import ModelConfig
 
-
-def _time(fn, sync, repeats=10) -> float:
-    for _ in range(3):
-        fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
+from timing import best_seconds  # noqa: E402
 
 
 def shapes(cfg: ModelConfig, tokens: int, vocab: int) -> list[tuple[str, int, int, int]]:
@@ -63,8 +54,8 @@ def main() -> None:
         a, b = mx.random.normal((m, k)).astype(mdt), mx.random.normal((k, n)).astype(mdt)
         ta, tb = torch.randn(m, k, device=device, dtype=tdt), torch.randn(k, n, device=device, dtype=tdt)
         mx.eval(a, b)
-        tm = _time(lambda: mx.eval(a @ b), lambda: None)
-        tt = _time(lambda: ta @ tb, tsync)
+        tm = best_seconds(lambda: mx.eval(a @ b))
+        tt = best_seconds(lambda: ta @ tb, tsync)
         flops = 2 * m * n * k
         total_m, total_t = total_m + tm, total_t + tt
         print(f"{name:<14} {f'{m}x{n}x{k}':>22} {flops / tm / scale:>12.1f} {flops / tt / scale:>14.1f} {tt / tm:>6.2f}")

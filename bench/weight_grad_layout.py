@@ -14,13 +14,17 @@ the two give the same weight gradient. On an H100 (200mb, bf16, 32,768 tokens) t
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 
 from mlxcore import kernels
 from mlxcore.config import ModelConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
+from timing import best_seconds  # noqa: E402
 
 
 def weights(cfg: ModelConfig, vocab: int) -> list[tuple[str, int, int]]:
@@ -31,16 +35,7 @@ def weights(cfg: ModelConfig, vocab: int) -> list[tuple[str, int, int]]:
 
 
 def best_ms(fn, repeats: int) -> float:
-    for _ in range(2):
-        mx.eval(fn())
-    mx.synchronize()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 1e3 * best
+    return 1e3 * best_seconds(lambda: mx.eval(fn()), mx.synchronize, repeats)
 
 
 def run(preset: str, tokens: int, vocab: int, dtype: str, repeats: int) -> dict[str, dict[str, float]]:
