@@ -28,12 +28,12 @@ import os
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 
-from mlxcore.kernels import _build, cuda
-from mlxcore.kernels.lean import _lean_swiglu_grads, _silu_mul, lean_linear, lean_swiglu  # noqa: F401  (API)
+from mlxcore.kernels import _build, cuda, cuda_rope
+from mlxcore.kernels.lean import _lean_swiglu_grads, _silu_mul, lean_linear, lean_projections, lean_swiglu  # noqa: F401  (API)
 
 __all__ = ["adamw_step", "attention", "available", "categorical_sample", "cross_entropy", "log_softmax",
            "reference_adamw_step", "reference_attention", "reference_categorical_sample", "reference_cross_entropy",
-           "lean_linear", "lean_swiglu", "linear", "reference_log_softmax", "reference_swiglu", "segment_starts", "status", "swiglu"]
+           "lean_linear", "lean_projections", "lean_swiglu", "linear", "projections", "reference_log_softmax", "reference_swiglu", "segment_starts", "status", "swiglu"]
 
 
 def _ext():
@@ -195,6 +195,16 @@ def linear(x: mx.array, weight: mx.array) -> mx.array:
     return x @ weight.T
 
 
+def projections(x: mx.array, weights) -> tuple[mx.array, ...]:
+    """`tuple(x @ w.T for w in weights)`: `lean_projections` (one input gradient, summed in the
+    products' epilogues) under the same conditions as `linear`'s lean path, else plain products."""
+    weights = list(weights)
+    if (x.size >= LEAN_MIN_ELEMENTS and x.ndim >= 2 and len(weights) > 1 and all(w.ndim == 2 for w in weights)
+            and _lean_linear_on()):
+        return lean_projections(x, *weights)
+    return tuple(x @ w.T for w in weights)
+
+
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     """`mx.fast.rms_norm(x, weight, eps)`. Fast path: float32 `x [..., D]` and `weight [D]` on the
     CPU (one pass each way; MLX has no CPU kernel for it and composes five ops); elsewhere MLX's."""
@@ -207,10 +217,14 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
 
 def rope(x: mx.array, dims: int, *, traditional: bool, base: float | None, scale: float,
          offset=0, freqs=None) -> mx.array:
-    """`mx.fast.rope(x, dims, ...)`. Fast path: mlx-lm's default RoPE on the CPU (float32 x [B, H,
+    """`mx.fast.rope(x, dims, ...)`. Fast paths: mlx-lm's default RoPE on the CPU (float32 x [B, H,
     T, D], all D dims, not traditional, a base, an int offset or integer per-sequence offsets [B]
-    as a packed batch passes them): one pass each way, the transposed input read in place;
-    elsewhere MLX's."""
+    as a packed batch passes them): one pass each way, the transposed input read in place; on
+    CUDA, a training batch x [B, H, T, D] with a base and an int offset (`cuda_rope`); elsewhere MLX's."""
+    if (x.ndim == 4 and isinstance(offset, int) and freqs is None and base is not None
+            and x.size >= LEAN_MIN_ELEMENTS and cuda_rope.supports(x.dtype, x.shape[-1], dims, traditional)
+            and cuda_rope.on()):
+        return cuda_rope.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset)
     ext = _ext()
     per_sequence = (isinstance(offset, mx.array) and offset.ndim == 1 and x.ndim == 4
                     and offset.shape[0] == x.shape[0] and mx.issubdtype(offset.dtype, mx.integer))

@@ -47,22 +47,30 @@ VERSION = 2  # part of every kernel's name: MLX caches compiled kernels by name 
 _TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
 
 
-def _header() -> str:
-    return f"""
+# Conversions shared by every kernel source here and in `cuda_rope`: to float32, rounded to a
+# dtype's precision, and stored in it.
+CONVERT = """
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+namespace mlxflow {
+__device__ __forceinline__ float f32(float x) { return x; }
+__device__ __forceinline__ float f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float f32(__half x) { return __half2float(x); }
+// x rounded to the precision of T (what an MLX op computing in T leaves)
+__device__ __forceinline__ float rounded(float x, const float*) { return x; }
+__device__ __forceinline__ float rounded(float x, const __nv_bfloat16*) { return __bfloat162float(__float2bfloat16_rn(x)); }
+__device__ __forceinline__ float rounded(float x, const __half*) { return __half2float(__float2half_rn(x)); }
+__device__ __forceinline__ void put(float* o, float x) { *o = x; }
+__device__ __forceinline__ void put(__nv_bfloat16* o, float x) { *o = __float2bfloat16_rn(x); }
+__device__ __forceinline__ void put(__half* o, float x) { *o = __float2half_rn(x); }
+}  // namespace mlxflow
+"""
+
+
+def _header() -> str:
+    return CONVERT + f"""
 namespace mlxflow {{
 constexpr int CHUNK = {CHUNK}, BLOCK = {BLOCK}, ILP = {ILP};
-__device__ __forceinline__ float f32(float x) {{ return x; }}
-__device__ __forceinline__ float f32(__nv_bfloat16 x) {{ return __bfloat162float(x); }}
-__device__ __forceinline__ float f32(__half x) {{ return __half2float(x); }}
-// x rounded to the precision of T (what an MLX op computing in T leaves)
-__device__ __forceinline__ float rounded(float x, const float*) {{ return x; }}
-__device__ __forceinline__ float rounded(float x, const __nv_bfloat16*) {{ return __bfloat162float(__float2bfloat16_rn(x)); }}
-__device__ __forceinline__ float rounded(float x, const __half*) {{ return __half2float(__float2half_rn(x)); }}
-__device__ __forceinline__ void put(float* o, float x) {{ *o = x; }}
-__device__ __forceinline__ void put(__nv_bfloat16* o, float x) {{ *o = __float2bfloat16_rn(x); }}
-__device__ __forceinline__ void put(__half* o, float x) {{ *o = __float2half_rn(x); }}
 
 // The tensor whose blocks hold `block`: starts[t] <= block < starts[t + 1] (a binary search).
 __device__ __forceinline__ int tensor_of(const int64_t* starts, int n, int64_t block) {{

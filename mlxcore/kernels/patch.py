@@ -28,9 +28,11 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import threading
 import warnings
 import weakref
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from mlxcore import kernels
@@ -125,16 +127,19 @@ def use_fast_kernels(model: nn.Module) -> bool:
     patched = _patch_module(name)
     for companion in COMPANIONS.get(name, ()):
         _patch_module(companion)
-    _SWAPPED[:] = [ref for ref in _SWAPPED if ref() is not None]  # models since freed
-    for _, m in model.named_modules():  # any architecture's RMSNorm layers (mlx.nn's class)
-        fast = _FAST_LAYERS.get(type(m))
+    _SWAPPED[:] = [(ref, cls) for ref, cls in _SWAPPED if ref() is not None]  # models since freed
+    for _, m in model.named_modules():  # any architecture's mlx.nn layers, and its projection groups
+        original = type(m)
+        fast = _FAST_LAYERS.get(original)
+        if fast is None and (names := _group_of(m)) is not None:
+            fast = _grouped_class(original, names)
         if fast is not None:
             m.__class__ = fast
-            _SWAPPED.append(weakref.ref(m))
+            _SWAPPED.append((weakref.ref(m), original))
     return patched
 
 
-_SWAPPED: list = []  # weak references to the layers given a Fast* class (restore_all undoes it)
+_SWAPPED: list = []  # (weak reference, original class) of each layer given a class here (restore_all undoes it)
 
 
 class FastRMSNorm(nn.RMSNorm):
@@ -162,9 +167,59 @@ class FastLinear(nn.Linear):
     With a bias, mlx.nn's `addmm`."""
 
     def __call__(self, x):
+        done = getattr(_GROUP_OUTPUTS, "by_layer", None)
+        if done and (hit := done.get(id(self))) is not None and hit[0] is x:
+            return hit[1]  # computed with its group's other projections of the same x
         if "bias" in self:
             return super().__call__(x)
         return kernels.linear(x, self["weight"])
+
+
+# Layers whose bias-free projections of one input are computed together (`kernels.projections`:
+# one input gradient, summed in the products' epilogues): attention's q / k / v, the MLP's gate / up.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_GROUP_OUTPUTS = threading.local()  # by_layer: id(FastLinear) -> (x, x @ w.T) while its parent runs
+_GROUPED: dict = {}  # (mlx-lm class, names) -> its subclass that computes the group together
+
+
+def _groupable(x, layers) -> bool:
+    return (isinstance(x, mx.array) and all(type(layer) is FastLinear and "bias" not in layer for layer in layers)
+            and all(layer["weight"].shape[-1] == x.shape[-1] for layer in layers))
+
+
+def _grouped_class(cls: type, names: tuple[str, ...]) -> type:
+    """`cls` whose call first computes the projections `names` of its input together and has
+    each of those layers return its share when its parent calls it on that same input (any
+    other input, as in cross-attention, is computed as before). Whatever `cls` does with the
+    projections is its own code, so this holds for every family whose layers are named so."""
+    if (cls, names) not in _GROUPED:
+        def __call__(self, x, *args, **kwargs):
+            layers = [self[name] for name in names]
+            if not _groupable(x, layers):
+                return cls.__call__(self, x, *args, **kwargs)
+            outs = kernels.projections(x, [layer["weight"] for layer in layers])
+            if not isinstance(outs, tuple) or len(outs) != len(layers):
+                return cls.__call__(self, x, *args, **kwargs)
+            by_layer = _GROUP_OUTPUTS.__dict__.setdefault("by_layer", {})
+            by_layer.update({id(layer): (x, y) for layer, y in zip(layers, outs)})
+            try:
+                return cls.__call__(self, x, *args, **kwargs)
+            finally:
+                for layer in layers:
+                    by_layer.pop(id(layer), None)
+
+        _GROUPED[(cls, names)] = type(f"Grouped{cls.__name__}", (cls,),
+                                      {"__call__": __call__, "__module__": cls.__module__, "_mlxflow_group": names})
+    return _GROUPED[(cls, names)]
+
+
+def _group_of(module) -> tuple[str, ...] | None:
+    if getattr(type(module), "_mlxflow_group", None) is not None or type(module).__call__ is nn.Module.__call__:
+        return None  # already grouped, or no forward of its own
+    for names in GROUPS:
+        if all(isinstance(module.get(name), nn.Linear) for name in names):
+            return names
+    return None
 
 
 # The mlx.nn layers use_fast_kernels swaps (exact classes; subclasses such as mlx-lm's scaled
@@ -209,8 +264,7 @@ def restore_all() -> None:
         if swiglu is not None:
             setattr(module, SWIGLU, swiglu)
     _PATCHED.clear()
-    originals = {fast: plain for plain, fast in _FAST_LAYERS.items()}
-    for ref in _SWAPPED:
-        if (m := ref()) is not None and type(m) in originals:
-            m.__class__ = originals[type(m)]
+    for ref, original in _SWAPPED:
+        if (m := ref()) is not None:
+            m.__class__ = original
     _SWAPPED.clear()

@@ -412,6 +412,36 @@ def test_lean_linear_has_autodiffs_value_and_gradients(dtype):
     close(only_x.astype(mx.float32), want[0].astype(mx.float32), rtol=tol, atol=tol * 10)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lean_projections_have_autodiffs_values_and_gradients(dtype):
+    """Three projections of one input (q / k / v, GQA-sized): autodiff's values, and gradients
+    equal to autodiff's up to summation order (the input's is built with `addmm`), compiled; with
+    one weight frozen, the others' gradients alone; `kernels.projections` on one weight is plain."""
+    dt = getattr(mx, dtype)
+    shapes = [(2, 40, 48), (48, 48), (16, 48), (16, 48), (2, 40, 48), (2, 40, 16), (2, 40, 16)]
+    x, wq, wk, wv, cq, ck, cv = (mx.random.normal(s, key=mx.random.key(i)).astype(dt) for i, s in enumerate(shapes))
+
+    def loss(project):
+        def f(x, wq, wk, wv):
+            q, k, v = project(x, wq, wk, wv)
+            return sum(((a * c).astype(mx.float32).sum() for a, c in ((q, cq), (k, ck), (v, cv))), mx.array(0.0))
+        return f
+
+    plain = lambda x, *ws: tuple(x @ w.T for w in ws)  # noqa: E731
+    for got, want in zip(kernels.lean_projections(x, wq, wk, wv), plain(x, wq, wk, wv)):
+        assert mx.array_equal(got, want)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    lean = mx.compile(mx.grad(loss(kernels.lean_projections), argnums=(0, 1, 2, 3)))(x, wq, wk, wv)
+    ref = mx.grad(loss(plain), argnums=(0, 1, 2, 3))(x, wq, wk, wv)
+    for g, r in zip(lean, ref):
+        assert g.dtype == dt and g.shape == r.shape
+        close(g.astype(mx.float32), r.astype(mx.float32), rtol=tol, atol=tol * 10)
+    frozen_k = mx.grad(loss(kernels.lean_projections), argnums=(0, 1, 3))(x, wq, wk, wv)
+    for g, r in zip(frozen_k, (ref[0], ref[1], ref[3])):
+        close(g.astype(mx.float32), r.astype(mx.float32), rtol=tol, atol=tol * 10)
+    assert len(kernels.projections(x, [wq])) == 1
+
+
 def test_linear_is_lean_on_cuda_or_when_asked_and_models_take_it_without_a_bias(monkeypatch):
     """`kernels.linear` takes `lean_linear` for training-sized inputs where `MLXFLOW_LEAN_LINEAR`
     says so (auto: CUDA only, so the CPU keeps autodiff's bits), and `use_fast_kernels` gives a

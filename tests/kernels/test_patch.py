@@ -274,3 +274,91 @@ def test_generation_with_a_cache_keeps_mlx_lm_attention(fast, spy):
     assert spy["attention"] == 0 and spy["ext.attention"] == 0
     assert spy["ext.swiglu"] == LAYERS
     np.testing.assert_allclose(np.array(out), np.array(reference), **OUT_TOL)
+
+
+# ------------------------------------------------------- projection groups (any device)
+@pytest.fixture
+def grouping(monkeypatch):
+    """`MLXFLOW_LEAN_LINEAR=on` (the CUDA default) with every input training-sized; counts the
+    projections computed together, by group size."""
+    monkeypatch.setenv("MLXFLOW_LEAN_LINEAR", "on")
+    monkeypatch.setattr(kernels, "LEAN_MIN_ELEMENTS", 1)
+    sizes = Counter()
+    lean = kernels.lean_projections
+    monkeypatch.setattr(kernels, "lean_projections", lambda x, *ws: sizes.update([len(ws)]) or lean(x, *ws))
+    return sizes
+
+
+# attention's q / k / v (not qwen2's: biased) and the MLP's gate / up (not qwen3_moe's sparse blocks)
+GROUPED = {"llama": {3: LAYERS, 2: LAYERS}, "qwen2": {2: LAYERS}, "qwen3": {3: LAYERS, 2: LAYERS},
+           "qwen3_moe": {3: LAYERS}}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_projection_groups_are_computed_together_with_mlx_lm_results(grouping, arch):
+    """Each family's q / k / v and gate / up projections run as one `lean_projections` (one input
+    gradient, summed in the products' epilogues), with mlx-lm's loss and gradients; restore_all
+    gives the layers their classes back."""
+    from mlx.utils import tree_flatten
+
+    x, y = _tokens(4), _tokens(5)
+    model = from_config(_config(arch), seed=4)
+    classes = {name: type(m) for name, m in model.named_modules()}
+
+    def loss(model, x, y):
+        return nn.losses.cross_entropy(model(x), y).mean()
+
+    results = []
+    for patched in (False, True):
+        if patched:
+            patch.use_fast_kernels(model)
+        value, g = nn.value_and_grad(model, loss)(model, x, y)
+        mx.eval(value, g)
+        results.append((value.item(), dict(tree_flatten(g))))
+    assert dict(grouping) == GROUPED[arch]
+    (v0, g0), (v1, g1) = results
+    assert v1 == pytest.approx(v0, rel=1e-5)
+    for k in g0:
+        np.testing.assert_allclose(np.array(g1[k]), np.array(g0[k]), rtol=1e-3, atol=1e-5, err_msg=k)
+    patch.restore_all()
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+
+
+def test_a_group_member_called_on_another_input_computes_its_own(grouping):
+    """Cross-attention's keys and values come from another input: only the projection called on
+    the group's input takes the shared result; the others compute theirs, so results are unchanged."""
+
+    class CrossAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(16, 16, bias=False) for _ in range(3))
+
+        def __call__(self, x, memory):
+            q, k, v = self.q_proj(x), self.k_proj(memory), self.v_proj(memory)
+            return mx.softmax(q @ k.swapaxes(-1, -2), axis=-1) @ v
+
+    layer = CrossAttention()
+    x, memory = (mx.random.normal((2, 5, 16), key=mx.random.key(i)) for i in range(2))
+    reference = layer(x, memory)
+    patch.use_fast_kernels(layer)
+    assert type(layer).__name__ == "GroupedCrossAttention"
+    np.testing.assert_allclose(np.array(layer(x, memory)), np.array(reference), rtol=1e-6, atol=1e-6)
+    assert dict(grouping) == {3: 1}
+
+
+def test_a_group_with_an_adapter_or_off_computes_each_projection(grouping, monkeypatch):
+    """A LoRA adapter on one member (added after the patch), or `MLXFLOW_LEAN_LINEAR=off`: each
+    projection computes its own product, with the same results."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    model = from_config(_config("llama"), seed=5)
+    x = _tokens(6)
+    patch.use_fast_kernels(model)
+    monkeypatch.setenv("MLXFLOW_LEAN_LINEAR", "off")
+    reference = model(x)
+    assert sum(grouping.values()) == 0
+    monkeypatch.setenv("MLXFLOW_LEAN_LINEAR", "on")
+    for layer in model.layers:
+        layer.self_attn.q_proj = LoRALinear.from_base(layer.self_attn.q_proj, r=4)
+    np.testing.assert_allclose(np.array(model(x)), np.array(reference), rtol=1e-5, atol=1e-5)
+    assert dict(grouping) == {2: LAYERS}  # the MLPs' gate / up only

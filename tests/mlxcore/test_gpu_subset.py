@@ -90,6 +90,64 @@ def test_lean_linear_matches_float64_in_value_and_both_gradients(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lean_projections_match_float64_in_values_and_gradients(dtype):
+    """`kernels.lean_projections` (a training step's q / k / v and gate / up on CUDA), compiled
+    with its gradient: the input gradient summed with `addmm` (cuBLASLt's epilogue on CUDA) and
+    each weight's, against float64 NumPy."""
+    dt = getattr(mx, dtype)
+    x, wa, wb, ca, cb = (mx.array(RNG.standard_normal(s)).astype(dt)
+                         for s in ((2, 48, 64), (96, 64), (32, 64), (2, 48, 96), (2, 48, 32)))
+    grad = mx.compile(mx.grad(lambda x, wa, wb: sum((p * c).astype(mx.float32).sum() for p, c in
+                                                    zip(kernels.lean_projections(x, wa, wb), (ca, cb))),
+                              argnums=(0, 1, 2)))
+    gx, ga, gb = grad(x, wa, wb)
+    xn, an, bn, can, cbn = (_np(a) for a in (x, wa, wb, ca, cb))
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    wants = (can @ an + cbn @ bn, can.reshape(-1, 96).T @ xn.reshape(-1, 64), cbn.reshape(-1, 32).T @ xn.reshape(-1, 64))
+    for got, want in zip((gx, ga, gb), wants):
+        assert got.dtype == dt and got.shape == want.shape
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(_np(got) / scale, want / scale, rtol=tol, atol=tol)
+
+
+def _rope64(x, dims, traditional, base, positions):
+    """float64 RoPE of x [B, H, T, D] at the given positions."""
+    half = dims // 2
+    theta = positions[:, None] * base ** (-np.arange(half) / half)[None, :]
+    c, s = np.cos(theta), np.sin(theta)
+    x1, x2 = (x[..., 0:dims:2], x[..., 1:dims:2]) if traditional else (x[..., :half], x[..., half:dims])
+    r1, r2 = x1 * c - x2 * s, x1 * s + x2 * c
+    rot = np.stack([r1, r2], -1).reshape(*x.shape[:-1], dims) if traditional else np.concatenate([r1, r2], -1)
+    return np.concatenate([rot, x[..., dims:]], -1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, dims, traditional", [("float32", 64, False), ("bfloat16", 64, False),
+                                                     ("bfloat16", 32, True)])
+def test_rope_matches_float64_in_value_and_gradient(dtype, dims, traditional):
+    """`kernels.rope` on the projection view mlx-lm ropes (on CUDA a training batch takes
+    `cuda_rope`'s kernel; elsewhere MLX's or the CPU kernel), compiled with its gradient. The
+    gradient of sum(rope(x) * c) is the inverse rotation of c."""
+    B, T, H, D = 2, 128, 4, 64  # 65,536 values: a training batch
+    dt = getattr(mx, dtype)
+    flat = mx.array(RNG.standard_normal((B, T, H * D))).astype(dt)
+    c = mx.array(RNG.standard_normal((B, H, T, D))).astype(dt)
+    view = lambda f: f.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # noqa: E731
+    rope = lambda f: kernels.rope(view(f), dims, traditional=traditional, base=10000.0, scale=1.0)  # noqa: E731
+    grad = mx.compile(mx.grad(lambda f: (rope(f) * c).astype(mx.float32).sum()))
+    y, g = rope(flat), grad(flat)
+    positions = np.arange(T, dtype=np.float64)
+    want_y = _rope64(_np(view(flat)), dims, traditional, 10000.0, positions)
+    # the inverse rotation is the rotation by -theta
+    want_g = _rope64(_np(c), dims, traditional, 10000.0, -positions).transpose(0, 2, 1, 3).reshape(B, T, H * D)
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    assert y.dtype == dt and y.shape == (B, H, T, D) and g.shape == flat.shape
+    np.testing.assert_allclose(_np(y), want_y, rtol=tol, atol=tol)
+    np.testing.assert_allclose(_np(g), want_g, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
 def test_categorical_sample_inverts_the_cdf():
     logits = mx.array(RNG.standard_normal((6, 50)) * 2).astype(mx.float32)
     u = mx.array(RNG.uniform(size=6)).astype(mx.float32)
