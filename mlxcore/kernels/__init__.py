@@ -28,7 +28,7 @@ import os
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 
-from mlxcore.kernels import _build, cuda, cuda_rope
+from mlxcore.kernels import _build, cuda, cuda_rope, cuda_swiglu
 from mlxcore.kernels.lean import _lean_swiglu_grads, _silu_mul, lean_linear, lean_projections, lean_swiglu  # noqa: F401  (API)
 
 __all__ = ["adamw_step", "attention", "available", "categorical_sample", "cross_entropy", "log_softmax",
@@ -165,16 +165,19 @@ def _lean_on() -> bool:
 
 
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    """silu(gate) * x (the LLaMA MLP gate). Fast path: float32 arrays of one shape on the CPU;
-    elsewhere `lean_swiglu` (same shapes; `MLXFLOW_LEAN=off`: mlx-lm's own fused form, whose
-    autodiff keeps two more arrays), else plain ops (broadcasting shapes)."""
+    """silu(gate) * x (the LLaMA MLP gate). Fast paths: float32 arrays of one shape on the CPU;
+    on CUDA a training batch's `cuda_swiglu` (one kernel each way); elsewhere `lean_swiglu`
+    (same shapes; `MLXFLOW_LEAN=off`: mlx-lm's own fused form, whose autodiff keeps two more
+    arrays), else plain ops (broadcasting shapes)."""
     same = tuple(gate.shape) == tuple(x.shape) and gate.dtype == x.dtype and gate.size > 0
     ext = _ext()
     if ext is not None and same and gate.dtype == mx.float32:
         return ext.swiglu(gate, x)
     if not same:
         return reference_swiglu(gate, x)
-    return lean_swiglu(gate, x) if gate.size >= LEAN_MIN_ELEMENTS and _lean_on() else _silu_mul(gate, x)
+    if gate.size < LEAN_MIN_ELEMENTS or not _lean_on():
+        return _silu_mul(gate, x)
+    return cuda_swiglu.swiglu(gate, x) if cuda_swiglu.supports(gate, x) and cuda_swiglu.on() else lean_swiglu(gate, x)
 
 
 # ------------------------------------------------------------------------------- linear

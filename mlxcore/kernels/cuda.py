@@ -30,6 +30,7 @@ and hyper-parameters are inputs), so a model compiles a few kernels once, cached
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
@@ -162,6 +163,19 @@ _LOCATE_FLAT = _LOCATE + "  const int64_t off = meta[2 * {n} + 1 + t];\n"
 def available() -> bool:
     """Whether MLX's default device is an NVIDIA GPU (the CUDA backend)."""
     return mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+
+
+LAYERS = ("rope", "swiglu")  # the layers with a CUDA kernel of ours (cuda_rope, cuda_swiglu)
+
+
+def layer_on(name: str) -> bool:
+    """Whether layer `name`'s CUDA kernel runs: on CUDA, unless `MLXFLOW_CUDA_LAYERS` turns it
+    off (`auto`, the default: all of `LAYERS`; `off`: none, MLX's ops; or a comma list such as
+    `rope`: only those)."""
+    mode = os.environ.get("MLXFLOW_CUDA_LAYERS", "auto").strip().lower()
+    if mode in ("0", "off", "false", "no", "none") or not available():
+        return False
+    return mode in ("auto", "on", "1", "true", "yes", "all") or name in {m.strip() for m in mode.split(",")}
 
 
 def dtypes_supported(dtypes) -> bool:

@@ -16,13 +16,12 @@ a stand-in of the kernel).
 
 `supports(...)` says which calls it takes: a float dtype, an int offset, no custom `freqs`, and
 rows that split into 16-byte pieces (head_dim 64 in bf16: four threads a head). `mlxcore.kernels.rope`
-sends training-sized inputs here on CUDA (`MLXFLOW_CUDA_ROPE=off` keeps MLX's).
+sends training-sized inputs here on CUDA (`MLXFLOW_CUDA_LAYERS=off` keeps MLX's: `cuda.layer_on`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from functools import lru_cache
 
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
@@ -37,9 +36,7 @@ _TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half
 
 
 def on() -> bool:
-    """`MLXFLOW_CUDA_ROPE`: auto (the default) takes the kernel on CUDA, off never."""
-    return (os.environ.get("MLXFLOW_CUDA_ROPE", "auto").lower() not in ("0", "off", "false", "no")
-            and cuda.available())
+    return cuda.layer_on("rope")
 
 
 def _vec(dtype: mx.Dtype) -> int:

@@ -112,10 +112,10 @@ def test_kernels_rope_takes_it_for_training_batches_on_cuda_only(standin, monkey
                                       freqs=mx.ones((32,)))):  # custom frequencies
         mx.eval(call())
     assert len(standin) == 1
-    monkeypatch.setenv("MLXFLOW_CUDA_ROPE", "off")
+    monkeypatch.setenv("MLXFLOW_CUDA_LAYERS", "swiglu")  # the other layer only
     mx.eval(kernels.rope(big, 64, **kw))
     assert len(standin) == 1
-    monkeypatch.delenv("MLXFLOW_CUDA_ROPE")
+    monkeypatch.delenv("MLXFLOW_CUDA_LAYERS")
     monkeypatch.setattr(cuda_rope.cuda, "available", lambda: False)
     mx.eval(kernels.rope(big, 64, **kw))
     assert len(standin) == 1

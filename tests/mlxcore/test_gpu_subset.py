@@ -111,6 +111,24 @@ def test_lean_projections_match_float64_in_values_and_gradients(dtype):
         np.testing.assert_allclose(_np(got) / scale, want / scale, rtol=tol, atol=tol)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swiglu_of_a_training_batch_matches_float64(dtype):
+    """`kernels.swiglu` on a training-sized batch (on CUDA `cuda_swiglu`'s kernels; elsewhere the
+    CPU kernel or `lean_swiglu`), compiled with its gradients. 66,057 values: not a multiple of
+    the kernels' 16-byte pieces, so the last piece is partial."""
+    dt = getattr(mx, dtype)
+    a, b, c = (mx.array(RNG.standard_normal((3, 97, 227)) * 2).astype(dt) for _ in range(3))
+    grad = mx.compile(mx.grad(lambda a, b: (kernels.swiglu(a, b) * c).astype(mx.float32).sum(), argnums=(0, 1)))
+    y, (ga, gb) = kernels.swiglu(a, b), grad(a, b)
+    an, bn, cn = _np(a), _np(b), _np(c)
+    sig = 1 / (1 + np.exp(-an))
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    for got, want in ((y, an * sig * bn), (ga, cn * bn * (sig + an * sig * (1 - sig))), (gb, cn * an * sig)):
+        assert got.dtype == dt and got.shape == want.shape
+        np.testing.assert_allclose(_np(got), want, rtol=tol, atol=tol * 4)
+
+
 def _rope64(x, dims, traditional, base, positions):
     """float64 RoPE of x [B, H, T, D] at the given positions."""
     half = dims // 2
