@@ -36,7 +36,7 @@ CATEGORIES = (
     ("GEMM", ("nvjet", "splitkreduce", "gemm", "cutlass", "xmma")),
     ("RoPE", ("rope",)),
     ("RMSNorm", ("rms_norm", "col_reduce")),
-    ("SwiGLU", ("sigmoid", "silu", "tanh")),
+    ("SwiGLU", ("swiglu", "sigmoid", "silu", "tanh")),
     ("clip + optimizer", ("multi_tensor_apply", "lpnorm", "square", "all_reduce", "adamw", "sumsq")),
     ("loss", ("softmax", "logsumexp", "nll_loss")),
 )

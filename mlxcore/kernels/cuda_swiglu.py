@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from mlxcore.kernels import cuda
 
-VERSION = 1
+VERSION = 2
 BLOCK = 256
 _TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
 
@@ -62,14 +62,20 @@ using T = {_TYPES[dtype]};
 // v: an alignas(16) array of the caller's
 __device__ __forceinline__ void load(const T* p, T (&v)[VEC], int m, bool whole) {{
   if (whole) *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(p);
-  else for (int j = 0; j < m; ++j) v[j] = p[j];
+  else {{  // static indices only: an array indexed by a runtime bound would live in local memory
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) if (j < m) v[j] = p[j];
+  }}
 }}
 __device__ __forceinline__ void store(T* p, const float (&r)[VEC], int m, bool whole) {{
   alignas(16) T v[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) ::mlxflow::put(v + j, r[j]);
   if (whole) *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(v);
-  else for (int j = 0; j < m; ++j) p[j] = v[j];
+  else {{
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) if (j < m) p[j] = v[j];
+  }}
 }}
 __device__ __forceinline__ float sigmoid(float g) {{ return 1.0f / (1.0f + __expf(-g)); }}
 }}  // namespace mlxflow_swiglu
