@@ -198,12 +198,16 @@ def linear(x: mx.array, weight: mx.array) -> mx.array:
     return x @ weight.T
 
 
+def projections_on(x: mx.array) -> bool:
+    """Whether `projections` of `x` take `lean_projections`: `linear`'s conditions for its lean path."""
+    return x.size >= LEAN_MIN_ELEMENTS and x.ndim >= 2 and _lean_linear_on()
+
+
 def projections(x: mx.array, weights) -> tuple[mx.array, ...]:
     """`tuple(x @ w.T for w in weights)`: `lean_projections` (one input gradient, summed in the
-    products' epilogues) under the same conditions as `linear`'s lean path, else plain products."""
+    products' epilogues) where `projections_on(x)`, else plain products."""
     weights = list(weights)
-    if (x.size >= LEAN_MIN_ELEMENTS and x.ndim >= 2 and len(weights) > 1 and all(w.ndim == 2 for w in weights)
-            and _lean_linear_on()):
+    if len(weights) > 1 and all(w.ndim == 2 for w in weights) and projections_on(x):
         return lean_projections(x, *weights)
     return tuple(x @ w.T for w in weights)
 

@@ -68,6 +68,46 @@ __device__ __forceinline__ void put(__half* o, float x) { *o = __float2half_rn(x
 """
 
 
+FLOAT_TYPES = tuple(_TYPES)
+
+
+def vec(dtype: mx.Dtype) -> int:
+    """Elements of `dtype` in one 16-byte piece."""
+    return 16 // dtype.size
+
+
+def vector_io(dtype: mx.Dtype) -> str:
+    """Device helpers for kernels whose threads each own `VEC` consecutive elements of type `T`
+    (one 16-byte piece): `load` / `store` move a piece as one 16-byte access when `whole` (the
+    piece is complete and the pointers aligned, as MLX's buffers are), else the first `m`
+    elements one by one. Every array index is static, so a thread's pieces stay in registers
+    (a loop to a runtime bound put them in local memory: the source tests check for a stack frame)."""
+    return CONVERT + f"""
+namespace mlxflow_vec {{
+using T = {_TYPES[dtype]};
+constexpr int VEC = {vec(dtype)};
+// v: an alignas(16) array of the caller's
+__device__ __forceinline__ void load(const T* p, T (&v)[VEC], int m, bool whole) {{
+  if (whole) *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(p);
+  else {{
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) if (j < m) v[j] = p[j];
+  }}
+}}
+__device__ __forceinline__ void store(T* p, const float (&r)[VEC], int m, bool whole) {{
+  alignas(16) T v[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) ::mlxflow::put(v + j, r[j]);
+  if (whole) *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(v);
+  else {{
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) if (j < m) p[j] = v[j];
+  }}
+}}
+}}  // namespace mlxflow_vec
+"""
+
+
 def _header() -> str:
     return CONVERT + f"""
 namespace mlxflow {{

@@ -30,28 +30,23 @@ import numpy as np
 
 from mlxcore.kernels import cuda
 
-VERSION = 1
+VERSION = 2
 BLOCK = 256
-_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
 
 
 def on() -> bool:
     return cuda.layer_on("rope")
 
 
-def _vec(dtype: mx.Dtype) -> int:
-    return 16 // dtype.size  # elements of one 16-byte load
-
-
 def supports(dtype: mx.Dtype, head_dim: int, dims: int, traditional: bool) -> bool:
-    vec = _vec(dtype) if dtype in _TYPES else 0
+    vec = cuda.vec(dtype) if dtype in cuda.FLOAT_TYPES else 0
     rotated = dims if traditional else dims // 2
     return (vec > 0 and 0 < dims <= head_dim and dims % 2 == 0 and rotated % vec == 0
             and (head_dim - dims) % vec == 0)
 
 
 def _threads_per_row(dtype: mx.Dtype, head_dim: int, dims: int, traditional: bool) -> int:
-    vec = _vec(dtype)
+    vec = cuda.vec(dtype)
     return (dims if traditional else dims // 2) // vec + (head_dim - dims) // vec
 
 
@@ -69,32 +64,13 @@ def table(positions: int, offset: int, dims: int, base: float, scale: float) -> 
 
 
 def _source(dtype: mx.Dtype, head_dim: int, dims: int, traditional: bool, forward: bool) -> tuple[str, str]:
-    t = _TYPES[dtype]
-    vec, half = _vec(dtype), dims // 2
+    vec, half = cuda.vec(dtype), dims // 2
     rotated_threads = (dims if traditional else half) // vec
-    header = cuda.CONVERT + f"""
+    header = cuda.vector_io(dtype) + f"""
 namespace mlxflow_rope {{
-constexpr int D = {head_dim}, DIMS = {dims}, HALF = {half}, VEC = {vec}, ROT = {rotated_threads};
+using namespace mlxflow_vec;
+constexpr int D = {head_dim}, DIMS = {dims}, HALF = {half}, ROT = {rotated_threads};
 constexpr int TPR = ROT + (D - DIMS) / VEC;  // threads per row
-using T = {t};
-// v: an alignas(16) array of the caller's
-__device__ __forceinline__ void load(const T* p, T (&v)[VEC], bool aligned) {{
-  if (aligned) *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(p);
-  else {{
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] = p[j];
-  }}
-}}
-__device__ __forceinline__ void store(T* p, const float (&r)[VEC], bool aligned) {{
-  alignas(16) T v[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) ::mlxflow::put(v + j, r[j]);
-  if (aligned) *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(v);
-  else {{
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) p[j] = v[j];
-  }}
-}}
 // (x1, x2) rotated by the angle whose cosine is c and sine s: forward as MLX's rope writes it,
 // backward its inverse (MLX's `forward=false` branch)
 __device__ __forceinline__ void rotate(float x1, float x2, float c, float s, float& r1, float& r2) {{
@@ -106,26 +82,26 @@ __device__ __forceinline__ void rotate(float x1, float x2, float c, float s, flo
         rotate = """
     const int e0 = k * VEC;
     alignas(16) T a[VEC];
-    load(x + e0, a, aligned);
+    load(x + e0, a, VEC, aligned);
     float r[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; j += 2) {
       const int p = (e0 + j) / 2;
       rotate(::mlxflow::f32(a[j]), ::mlxflow::f32(a[j + 1]), cs[p], cs[HALF + p], r[j], r[j + 1]);
     }
-    store(y + e0, r, aligned);"""
+    store(y + e0, r, VEC, aligned);"""
     else:  # pairs (i, i + HALF): a thread rotates VEC of them
         rotate = """
     const int i0 = k * VEC;
     alignas(16) T a[VEC], b[VEC];
-    load(x + i0, a, aligned);
-    load(x + HALF + i0, b, aligned);
+    load(x + i0, a, VEC, aligned);
+    load(x + HALF + i0, b, VEC, aligned);
     float r1[VEC], r2[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
       rotate(::mlxflow::f32(a[j]), ::mlxflow::f32(b[j]), cs[i0 + j], cs[HALF + i0 + j], r1[j], r2[j]);
-    store(y + i0, r1, aligned);
-    store(y + HALF + i0, r2, aligned);"""
+    store(y + i0, r1, VEC, aligned);
+    store(y + HALF + i0, r2, VEC, aligned);"""
     source = f"""
   using namespace mlxflow_rope;
   const int64_t rows = meta[0], heads = meta[1], positions = meta[2];
@@ -141,11 +117,11 @@ __device__ __forceinline__ void rotate(float x1, float x2, float c, float s, flo
   }} else {{  // the dims past `dims` pass through
     const int e0 = DIMS + (k - ROT) * VEC;
     alignas(16) T a[VEC];
-    load(x + e0, a, aligned);
+    load(x + e0, a, VEC, aligned);
     float r[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) r[j] = ::mlxflow::f32(a[j]);
-    store(y + e0, r, aligned);
+    store(y + e0, r, VEC, aligned);
   }}
 """
     return header, source

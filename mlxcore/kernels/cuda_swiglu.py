@@ -24,7 +24,6 @@ from mlxcore.kernels import cuda
 
 VERSION = 2
 BLOCK = 256
-_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
 
 
 def on() -> bool:
@@ -32,11 +31,7 @@ def on() -> bool:
 
 
 def supports(gate: mx.array, x: mx.array) -> bool:
-    return gate.dtype in _TYPES and gate.dtype == x.dtype and tuple(gate.shape) == tuple(x.shape) and gate.size > 0
-
-
-def _vec(dtype: mx.Dtype) -> int:
-    return 16 // dtype.size
+    return gate.dtype in cuda.FLOAT_TYPES and gate.dtype == x.dtype and tuple(gate.shape) == tuple(x.shape) and gate.size > 0
 
 
 # One thread owns VEC consecutive elements: loaded as one 16-byte piece when the piece is whole
@@ -55,30 +50,11 @@ def _bits(*pointers: str) -> str:
 
 
 def _header(dtype: mx.Dtype) -> str:
-    return cuda.CONVERT + f"""
-namespace mlxflow_swiglu {{
-constexpr int VEC = {_vec(dtype)};
-using T = {_TYPES[dtype]};
-// v: an alignas(16) array of the caller's
-__device__ __forceinline__ void load(const T* p, T (&v)[VEC], int m, bool whole) {{
-  if (whole) *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(p);
-  else {{  // static indices only: an array indexed by a runtime bound would live in local memory
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) if (j < m) v[j] = p[j];
-  }}
-}}
-__device__ __forceinline__ void store(T* p, const float (&r)[VEC], int m, bool whole) {{
-  alignas(16) T v[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) ::mlxflow::put(v + j, r[j]);
-  if (whole) *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(v);
-  else {{
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) if (j < m) p[j] = v[j];
-  }}
-}}
-__device__ __forceinline__ float sigmoid(float g) {{ return 1.0f / (1.0f + __expf(-g)); }}
-}}  // namespace mlxflow_swiglu
+    return cuda.vector_io(dtype) + """
+namespace mlxflow_swiglu {
+using namespace mlxflow_vec;
+__device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + __expf(-g)); }
+}  // namespace mlxflow_swiglu
 """
 
 
@@ -126,7 +102,7 @@ def _kernel(dtype: mx.Dtype, forward: bool):
 
 def _launch(arrays: list, forward: bool) -> list:
     first = arrays[0]
-    threads = -(-first.size // _vec(first.dtype))
+    threads = -(-first.size // cuda.vec(first.dtype))
     meta = mx.array([first.size], dtype=mx.int64)
     outs = 1 if forward else 2
     return _kernel(first.dtype, forward)(

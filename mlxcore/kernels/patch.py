@@ -195,11 +195,9 @@ def _grouped_class(cls: type, names: tuple[str, ...]) -> type:
     if (cls, names) not in _GROUPED:
         def __call__(self, x, *args, **kwargs):
             layers = [self[name] for name in names]
-            if not _groupable(x, layers):
+            if not (_groupable(x, layers) and kernels.projections_on(x)):  # decoding, the CPU: as before
                 return cls.__call__(self, x, *args, **kwargs)
             outs = kernels.projections(x, [layer["weight"] for layer in layers])
-            if not isinstance(outs, tuple) or len(outs) != len(layers):
-                return cls.__call__(self, x, *args, **kwargs)
             by_layer = _GROUP_OUTPUTS.__dict__.setdefault("by_layer", {})
             by_layer.update({id(layer): (x, y) for layer, y in zip(layers, outs)})
             try:

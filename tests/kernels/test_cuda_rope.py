@@ -5,9 +5,6 @@ itself is checked against float64 by the GPU subset (tests/mlxcore/test_gpu_subs
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
@@ -15,9 +12,9 @@ import pytest
 
 from mlxcore import kernels
 from mlxcore.kernels import cuda_rope
+from tests.kernels.nvcc import CUDA_TYPES, captured, compile_kernel, needs_nvcc
 
 RNG = np.random.default_rng(0)
-CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
 
 
 def standin_launch(x, tab, dims, traditional, forward):
@@ -121,22 +118,11 @@ def test_kernels_rope_takes_it_for_training_batches_on_cuda_only(standin, monkey
     assert len(standin) == 1
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc (CUDA toolkit)")
+@needs_nvcc
 @pytest.mark.parametrize("dtype, dims, traditional", [(mx.bfloat16, 64, False), (mx.float16, 32, False),
                                                      (mx.float32, 48, True)])
-def test_the_kernel_sources_compile(tmp_path, dtype, dims, traditional):
-    """Wrapped as MLX wraps a custom kernel (`const T* input` per input, `T* output` per output),
-    with no stack frame: a thread's 16-byte pieces stay in registers. (An array indexed by a
-    runtime bound goes to local memory: the first SwiGLU kernels did, and ran at 1.8 TB/s, slower
-    than MLX's own kernels, on an H100.)"""
-    t = CUDA_TYPES[dtype]
+def test_the_kernel_sources_compile(tmp_path, monkeypatch, dtype, dims, traditional):
+    """For sm_90, with no stack frame (`tests/kernels/nvcc.py`)."""
     for forward in (True, False):
-        header, source = cuda_rope._source(dtype, 64, dims, traditional, forward)
-        params = ["const int64_t* meta", "const float* table", f"const {t}* inp", f"{t}* out"]
-        path = tmp_path / f"rope_{forward}.cu"
-        path.write_text("#include <cstdint>\n" + header + "namespace mlx::core::cu {\n__global__ void k(\n    "
-                        + ",\n    ".join(params) + ") {\n" + source + "\n}\n}  // namespace mlx::core::cu\n")
-        run = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-Xptxas", "-v", "-c", str(path), "-o",
-                              str(tmp_path / "k.o")], capture_output=True, text=True, timeout=240)
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert "0 bytes stack frame" in run.stderr, run.stderr[-3000:]
+        kernel = captured(monkeypatch, lambda: cuda_rope._kernel.__wrapped__(dtype, 64, dims, traditional, forward))
+        compile_kernel(tmp_path, kernel, {"meta": "int64_t", "table": "float", "inp": CUDA_TYPES[dtype], "out": CUDA_TYPES[dtype]})

@@ -11,43 +11,15 @@ checked by the GPU subset (tests/mlxcore/test_fused_optimizer.py)."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from mlxcore.kernels import cuda
 
-needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc (CUDA toolkit)")
-
-CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.int64: "int64_t"}
-
-
-def _captured(monkeypatch, build) -> dict:
-    seen = {}
-
-    def fake_cuda_kernel(name, input_names, output_names, source, header="", **_):
-        seen.update(name=name, inputs=list(input_names), outputs=list(output_names), source=source, header=header)
-        return "kernel"
-
-    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_cuda_kernel)
-    assert build() == "kernel"
-    return seen
-
-
-def _compile(tmp_path, kernel: dict, types: dict) -> None:
-    params = [f"const {types[n]}* {n}" for n in kernel["inputs"]] + [f"{types[n]}* {n}" for n in kernel["outputs"]]
-    source = ("#include <cstdint>\n#include <cooperative_groups.h>\n" + kernel["header"]
-              + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
-              + f"__global__ void custom_kernel_{kernel['name']}(\n    " + ",\n    ".join(params) + ") {\n"
-              + kernel["source"] + "\n}\n}  // namespace mlx::core::cu\n")
-    path = tmp_path / f"{kernel['name']}.cu"
-    path.write_text(source)
-    run = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-c", str(path), "-o", str(tmp_path / "k.o")],
-                         capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-3000:]
+from tests.kernels.nvcc import CUDA_TYPES, needs_nvcc
+from tests.kernels.nvcc import captured as _captured
+from tests.kernels.nvcc import compile_kernel as _compile
 
 
 @needs_nvcc

@@ -5,9 +5,6 @@ are checked against float64 by the GPU subset (tests/mlxcore/test_gpu_subset.py)
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
@@ -15,8 +12,7 @@ import pytest
 
 from mlxcore import kernels
 from mlxcore.kernels import cuda_swiglu
-
-CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
+from tests.kernels.nvcc import CUDA_TYPES, captured, compile_kernel, needs_nvcc
 
 
 def standin_launch(arrays, forward):
@@ -72,24 +68,10 @@ def test_kernels_swiglu_takes_it_for_training_batches_on_cuda_only(standin, monk
     assert standin == [True]
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc (CUDA toolkit)")
+@needs_nvcc
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=["bfloat16", "float32"])
 def test_the_kernel_sources_compile(tmp_path, monkeypatch, dtype):
-    """Wrapped as MLX wraps a custom kernel (`const T* input` per input, `T* output` per output),
-    with no stack frame: a thread's 16-byte pieces stay in registers. (An array indexed by a
-    runtime bound goes to local memory: the first SwiGLU kernels did, and ran at 1.8 TB/s, slower
-    than MLX's own kernels, on an H100.)"""
-    t = CUDA_TYPES[dtype]
+    """For sm_90, with no stack frame (`tests/kernels/nvcc.py`)."""
     for forward in (True, False):
-        seen = {}
-        monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: seen.update(kw) or "kernel")
-        assert cuda_swiglu._kernel.__wrapped__(dtype, forward) == "kernel"
-        types = {"meta": "int64_t"}
-        params = [f"const {types.get(n, t)}* {n}" for n in seen["input_names"]] + [f"{t}* {n}" for n in seen["output_names"]]
-        path = tmp_path / f"swiglu_{forward}.cu"
-        path.write_text("#include <cstdint>\n" + seen["header"] + "namespace mlx::core::cu {\n__global__ void k(\n    "
-                        + ",\n    ".join(params) + ") {\n" + seen["source"] + "\n}\n}  // namespace mlx::core::cu\n")
-        run = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-Xptxas", "-v", "-c", str(path), "-o",
-                              str(tmp_path / "k.o")], capture_output=True, text=True, timeout=240)
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert "0 bytes stack frame" in run.stderr, run.stderr[-3000:]
+        kernel = captured(monkeypatch, lambda: cuda_swiglu._kernel.__wrapped__(dtype, forward))
+        compile_kernel(tmp_path, kernel, {"meta": "int64_t"} | {n: CUDA_TYPES[dtype] for n in kernel["inputs"][1:] + kernel["outputs"]})
