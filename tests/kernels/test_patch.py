@@ -237,24 +237,25 @@ def test_every_layer_runs_the_fused_kernels_with_mlx_lm_results(fast, spy, arch)
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradients_match_through_the_fused_kernels(fast, spy, arch):
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
+    _same_loss_and_gradients_once_patched(from_config(_config(arch), seed=2), _tokens(1), _tokens(2))
+    assert spy["ext.attention"] == LAYERS and spy["ext.swiglu"] == LAYERS
 
-    x, y = _tokens(1), _tokens(2)
-    model = from_config(_config(arch), seed=2)
+
+def _same_loss_and_gradients_once_patched(model, x, y) -> None:
+    """The model's cross-entropy and its gradients, before and after `use_fast_kernels`, agree."""
+    from mlx.utils import tree_flatten
 
     def loss(model, x, y):
         return nn.losses.cross_entropy(model(x), y).mean()
 
-    grads = []
+    results = []
     for patched in (False, True):
         if patched:
             patch.use_fast_kernels(model)
         value, g = nn.value_and_grad(model, loss)(model, x, y)
         mx.eval(value, g)
-        grads.append((value.item(), dict(tree_flatten(g))))
-    assert spy["ext.attention"] == LAYERS and spy["ext.swiglu"] == LAYERS
-    (v0, g0), (v1, g1) = grads
+        results.append((value.item(), dict(tree_flatten(g))))
+    (v0, g0), (v1, g1) = results
     assert v1 == pytest.approx(v0, rel=1e-5)
     for k in g0:
         np.testing.assert_allclose(np.array(g1[k]), np.array(g0[k]), rtol=1e-3, atol=1e-5, err_msg=k)
@@ -299,27 +300,10 @@ def test_projection_groups_are_computed_together_with_mlx_lm_results(grouping, a
     """Each family's q / k / v and gate / up projections run as one `lean_projections` (one input
     gradient, summed in the products' epilogues), with mlx-lm's loss and gradients; restore_all
     gives the layers their classes back."""
-    from mlx.utils import tree_flatten
-
-    x, y = _tokens(4), _tokens(5)
     model = from_config(_config(arch), seed=4)
     classes = {name: type(m) for name, m in model.named_modules()}
-
-    def loss(model, x, y):
-        return nn.losses.cross_entropy(model(x), y).mean()
-
-    results = []
-    for patched in (False, True):
-        if patched:
-            patch.use_fast_kernels(model)
-        value, g = nn.value_and_grad(model, loss)(model, x, y)
-        mx.eval(value, g)
-        results.append((value.item(), dict(tree_flatten(g))))
+    _same_loss_and_gradients_once_patched(model, _tokens(4), _tokens(5))
     assert dict(grouping) == GROUPED[arch]
-    (v0, g0), (v1, g1) = results
-    assert v1 == pytest.approx(v0, rel=1e-5)
-    for k in g0:
-        np.testing.assert_allclose(np.array(g1[k]), np.array(g0[k]), rtol=1e-3, atol=1e-5, err_msg=k)
     patch.restore_all()
     assert {name: type(m) for name, m in model.named_modules()} == classes
 

@@ -82,8 +82,13 @@ def test_lean_linear_matches_float64_in_value_and_both_gradients(dtype):
     grad = mx.compile(mx.grad(lambda x, w: (kernels.lean_linear(x, w) * c).astype(mx.float32).sum(), argnums=(0, 1)))
     (gx, gw), y = grad(x, w), kernels.lean_linear(x, w)
     xn, wn, cn = _np(x), _np(w), _np(c)
-    tol = 1e-4 if dtype == "float32" else 2e-2
-    for got, want in ((y, xn @ wn.T), (gx, cn @ wn), (gw, cn.reshape(-1, 96).T @ xn.reshape(-1, 64))):
+    _close_to_scale([(y, xn @ wn.T), (gx, cn @ wn), (gw, cn.reshape(-1, 96).T @ xn.reshape(-1, 64))], dt)
+
+
+def _close_to_scale(pairs, dt) -> None:
+    """Each (got, want) of dtype `dt` equals float64 `want` relative to its largest value."""
+    tol = 1e-4 if dt == mx.float32 else 2e-2
+    for got, want in pairs:
         assert got.dtype == dt and got.shape == want.shape
         scale = np.abs(want).max()
         np.testing.assert_allclose(_np(got) / scale, want / scale, rtol=tol, atol=tol)
@@ -103,12 +108,8 @@ def test_lean_projections_match_float64_in_values_and_gradients(dtype):
                               argnums=(0, 1, 2)))
     gx, ga, gb = grad(x, wa, wb)
     xn, an, bn, can, cbn = (_np(a) for a in (x, wa, wb, ca, cb))
-    tol = 1e-4 if dtype == "float32" else 2e-2
     wants = (can @ an + cbn @ bn, can.reshape(-1, 96).T @ xn.reshape(-1, 64), cbn.reshape(-1, 32).T @ xn.reshape(-1, 64))
-    for got, want in zip((gx, ga, gb), wants):
-        assert got.dtype == dt and got.shape == want.shape
-        scale = np.abs(want).max()
-        np.testing.assert_allclose(_np(got) / scale, want / scale, rtol=tol, atol=tol)
+    _close_to_scale(list(zip((gx, ga, gb), wants)), dt)
 
 
 @pytest.mark.gpu
