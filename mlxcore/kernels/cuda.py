@@ -48,8 +48,8 @@ VERSION = 2  # part of every kernel's name: MLX caches compiled kernels by name 
 _TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
 
 
-# Conversions shared by every kernel source here and in `cuda_rope`: to float32, rounded to a
-# dtype's precision, and stored in it.
+# Conversions shared by every kernel source here and in the layer kernels (`cuda_rope`,
+# `cuda_swiglu`): to float32, rounded to a dtype's precision, and stored in it.
 CONVERT = """
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -6,10 +6,13 @@ module (`mlx_lm.models.llama`, `...qwen3`, ...). `use_fast_kernels(model)` rebin
 names in the module that defines `model`'s class to wrappers that take the fast CPU kernel
 when it applies (CPU default device, no KV cache, causal or no mask, no attention sinks) and
 call mlx-lm's original otherwise, so generation with a cache, GPUs and Metal are unchanged;
-`swiglu` elsewhere is mlx-lm's fused forward, with `kernels.lean_swiglu`'s backward (saves less)
+`swiglu` elsewhere is mlx-lm's fused forward, with `kernels.lean_swiglu`'s backward (saves less; on CUDA `cuda_swiglu`)
 unless `MLXFLOW_LEAN=off`. It also swaps the model's mlx.nn `RMSNorm`, `RoPE` and `Linear`
-layers for `FastRMSNorm`, `FastRoPE` (the CPU kernels) and `FastLinear` (on CUDA,
-`kernels.lean_linear`: the weight gradient in the weight's layout; `MLXFLOW_LEAN_LINEAR`).
+layers for `FastRMSNorm`, `FastRoPE` (the CPU kernels; on CUDA `cuda_rope`) and `FastLinear` (on
+CUDA, `kernels.lean_linear`: the weight gradient in the weight's layout; `MLXFLOW_LEAN_LINEAR`),
+and gives any module whose `q_proj` / `k_proj` / `v_proj` or `gate_proj` / `up_proj` are
+`nn.Linear` layers a `Grouped...` subclass that computes them together (`kernels.projections`,
+where `lean_linear` runs: one input gradient, summed in the products' epilogues).
 The arithmetic is the same function; tests hold the results to float32 rounding.
 Inside `mlxcore.models.segments.packed(...)` (packed SFT batches) the attention wrapper computes
 attention within each packed row instead, on every device; `use_segments(model)` sets that up.
@@ -193,15 +196,16 @@ def _grouped_class(cls: type, names: tuple[str, ...]) -> type:
     other input, as in cross-attention, is computed as before). Whatever `cls` does with the
     projections is its own code, so this holds for every family whose layers are named so."""
     if (cls, names) not in _GROUPED:
-        def __call__(self, x, *args, **kwargs):
+        def __call__(self, *args, **kwargs):
+            x = args[0] if args else None
             layers = [self[name] for name in names]
             if not (_groupable(x, layers) and kernels.projections_on(x)):  # decoding, the CPU: as before
-                return cls.__call__(self, x, *args, **kwargs)
+                return cls.__call__(self, *args, **kwargs)
             outs = kernels.projections(x, [layer["weight"] for layer in layers])
             by_layer = _GROUP_OUTPUTS.__dict__.setdefault("by_layer", {})
             by_layer.update({id(layer): (x, y) for layer, y in zip(layers, outs)})
             try:
-                return cls.__call__(self, x, *args, **kwargs)
+                return cls.__call__(self, *args, **kwargs)
             finally:
                 for layer in layers:
                     by_layer.pop(id(layer), None)
@@ -212,8 +216,9 @@ def _grouped_class(cls: type, names: tuple[str, ...]) -> type:
 
 
 def _group_of(module) -> tuple[str, ...] | None:
-    if getattr(type(module), "_mlxflow_group", None) is not None or type(module).__call__ is nn.Module.__call__:
-        return None  # already grouped, or no forward of its own
+    """The first of `GROUPS` whose layers are all `nn.Linear` children of `module`, if it has no group yet."""
+    if getattr(type(module), "_mlxflow_group", None) is not None:
+        return None
     for names in GROUPS:
         if all(isinstance(module.get(name), nn.Linear) for name in names):
             return names
