@@ -50,6 +50,11 @@ def available() -> bool:
 
 def status() -> str:
     """One line for logs: which path is used and why."""
+    if cuda.available():
+        layers = [name for name in cuda.LAYERS if cuda.layer_on(name)]
+        linear = "lean linears and projection groups" if _lean_linear_on() else "autodiff's linears (MLXFLOW_LEAN_LINEAR=off)"
+        return (f"CUDA: mlxflow kernels for {', '.join(layers) or 'no layer (MLXFLOW_CUDA_LAYERS=off)'}, "
+                f"AdamW and the clip norm (fused_optimizer: auto); {linear}; MLX's ops elsewhere")
     if _build.mode() == "off":
         return "plain MLX ops (MLXFLOW_KERNELS=off)"
     if mx.default_device().type != mx.cpu:

@@ -63,6 +63,9 @@ def report() -> dict:
                            "keep one (README: Other platforms)")
     if backend() != "cpu":
         info["gpu_sgemm_gflops"] = round(sgemm_gflops(n=4096, device=mx.gpu), 1)
+    from mlxcore import kernels
+
+    info["kernels"] = kernels.status()  # the training step's own kernels on the default device
     return info
 
 

@@ -555,6 +555,20 @@ def test_env_off_uses_plain_mlx(monkeypatch):
     close(kernels.swiglu(q, q), nn.silu(q) * q, rtol=1e-6, atol=1e-7)
 
 
+def test_status_names_the_cuda_paths_a_step_takes(monkeypatch):
+    """On CUDA the one-line status names the layer kernels `MLXFLOW_CUDA_LAYERS` leaves on and
+    whether the linears are lean (`mlxflow doctor` prints it)."""
+    from mlxcore.kernels import cuda
+
+    monkeypatch.setattr(cuda, "available", lambda: True)
+    assert kernels.status().startswith("CUDA: mlxflow kernels for rope, swiglu, AdamW")
+    monkeypatch.setenv("MLXFLOW_CUDA_LAYERS", "swiglu")
+    monkeypatch.setenv("MLXFLOW_LEAN_LINEAR", "off")
+    assert "kernels for swiglu, AdamW" in kernels.status() and "MLXFLOW_LEAN_LINEAR=off" in kernels.status()
+    monkeypatch.setenv("MLXFLOW_CUDA_LAYERS", "off")
+    assert "no layer (MLXFLOW_CUDA_LAYERS=off)" in kernels.status()
+
+
 def test_non_cpu_default_device_uses_plain_mlx(monkeypatch):
     class FakeDevice:
         type = "gpu"

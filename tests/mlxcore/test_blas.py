@@ -62,6 +62,7 @@ def test_doctor_reports_device_backend_blas_and_rate():
     assert fields["backend"] in {"cpu", "metal", "cuda"}
     assert fields["blas"] == mlxcore.BLAS.name
     assert float(fields["cpu_sgemm_gflops"]) > 0
+    assert fields["kernels"].startswith(("mlxflow CPU kernels", "plain MLX ops", "CUDA: mlxflow kernels"))
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="Metal keeps its own default")
