@@ -186,7 +186,7 @@ _GROUPED: dict = {}  # (mlx-lm class, names) -> its subclass that computes the g
 
 
 def _groupable(x, layers) -> bool:
-    return (isinstance(x, mx.array) and all(type(layer) is FastLinear and "bias" not in layer for layer in layers)
+    return (all(type(layer) is FastLinear and "bias" not in layer for layer in layers)
             and all(layer["weight"].shape[-1] == x.shape[-1] for layer in layers))
 
 
@@ -198,8 +198,10 @@ def _grouped_class(cls: type, names: tuple[str, ...]) -> type:
     if (cls, names) not in _GROUPED:
         def __call__(self, *args, **kwargs):
             x = args[0] if args else None
+            if not (isinstance(x, mx.array) and x.size >= kernels.LEAN_MIN_ELEMENTS):  # decoding: at once
+                return cls.__call__(self, *args, **kwargs)
             layers = [self[name] for name in names]
-            if not (_groupable(x, layers) and kernels.projections_on(x)):  # decoding, the CPU: as before
+            if not (_groupable(x, layers) and kernels.projections_on(x)):  # the CPU: as before
                 return cls.__call__(self, *args, **kwargs)
             outs = kernels.projections(x, [layer["weight"] for layer in layers])
             by_layer = _GROUP_OUTPUTS.__dict__.setdefault("by_layer", {})
