@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from mlxcore.config import BENCH_SUITES, load_config
 from mlxcore.io import read_manifest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, final_task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -33,10 +33,8 @@ def _run(config):
 
 
 def _task_states(flow_run_id) -> dict[str, list[str]]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     states: dict[str, list[str]] = {}
-    for tr in runs:
+    for tr in final_task_runs(flow_run_id):
         states.setdefault(tr.name.rsplit("-", 1)[0], []).append(tr.state.name)
     return states
 

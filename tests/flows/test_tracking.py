@@ -26,7 +26,7 @@ import pytest
 from mlxcore.config import TrackingConfig, load_config
 from mlxcore.tracking import TrackingSession, flatten
 
-from tests.conftest import REPO, SMOKE_MINI, stop_group
+from tests.conftest import REPO, SMOKE_MINI, final_task_runs, stop_group
 from tests.flows.test_pipeline import _run  # the pipeline run, asserted completed: (flow run id, result)
 
 mlflow = pytest.importorskip("mlflow")
@@ -210,14 +210,13 @@ def test_smoke_run_report_card_has_every_stage_with_its_prefect_state(smoke_pipe
     Prefect API has for it (Cached for the reused bench answers), both trainings with curves, the bench,
     the parity gate and the model card's licence."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey,
-                                                FlowRunFilter, FlowRunFilterId)
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     result = smoke_pipeline["result"]
     assert Path(result["report"]["path"]) == smoke_pipeline["config"].run_dir.resolve() / "report.md"
     assert Path(result["report"]["path"]).is_file()  # rewritten by every later run in the run dir (other smoke tests)
+    runs = final_task_runs(smoke_pipeline["flow_run_id"])
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[smoke_pipeline["flow_run_id"]])))
         cards = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[smoke_pipeline["flow_run_id"]]), key=ArtifactFilterKey(any_=["report-smoke"])))
     assert len(cards) == 1  # this run's card, as the UI shows it
