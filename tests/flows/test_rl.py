@@ -92,11 +92,22 @@ def rl_config(arithmetic, out, **over) -> RLConfig:
     return RLConfig.model_validate(cfg)
 
 
+_HELD_OUT: dict[tuple, dict] = {}
+
+
 def held_out_terms(arithmetic, model_dir, tmp_path, rewards=("numeric_match",), rewards_file=None,
                    reward_model=None, questions=64) -> dict:
     """4 samples (temperature 1) of the first `questions` held-out questions with a fixed seed,
     rewarded: the rollout's stats (`mean_reward`, each term's mean in `rewards`) and the samples
-    (`buffer`)."""
+    (`buffer`). A model dir is never rewritten, so the same measurement is taken once a session
+    (the warm policy's is every test's start)."""
+    key = (str(model_dir), tuple(rewards), str(rewards_file), str(reward_model), questions)
+    if key not in _HELD_OUT:
+        _HELD_OUT[key] = _held_out_terms(arithmetic, model_dir, tmp_path, rewards, rewards_file, reward_model, questions)
+    return _HELD_OUT[key]
+
+
+def _held_out_terms(arithmetic, model_dir, tmp_path, rewards, rewards_file, reward_model, questions) -> dict:
     questions = load_questions([arithmetic / "test.jsonl"])[:questions]
     buf = tmp_path / f"held-{abs(hash((str(model_dir), rewards, str(reward_model))))}.jsonl"
     with Scorer([RewardSpec(name=r) for r in rewards], rewards_file=rewards_file, reward_model=reward_model) as scorer:
