@@ -1,12 +1,7 @@
 """Raw rows in, training examples out, with errors that name the file and line.
 
-Files are read as a stream of chunks (`read_chunks`), so nothing here holds a whole corpus:
-  *.jsonl / *.json(l) lines   one JSON object per line (the line number is the row's place)
-  *.parquet                   row batches via pyarrow (the "line" is the 1-based row number)
-  *.json                      a JSON array of objects (read whole: arrays do not stream)
-  *.txt                       plain text; documents are separated by blank lines (pretraining)
-All are UTF-8; a UTF-8 byte-order mark at the very start of a file is skipped (Windows tools
-write one), anywhere else it is data. Other encodings fail naming the file and line.
+Files are read as chunks by `mlxcore.data.files` (JSONL, JSON arrays, txt, CSV / TSV, parquet,
+Arrow, and the text ones compressed); this module turns their rows into examples.
 
 Each row becomes an example of one of these formats, declared (`SourceConfig.format`) or
 detected from a file's first row:
@@ -40,11 +35,13 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import orjson
 
 from mlxcore.data.errors import DataError
+# the file readers, re-exported: callers read files through records (records.read_chunks, ...)
+from mlxcore.data.files import BOM, chunk_items, file_kind, read_chunks, utf8  # noqa: F401
 from mlxcore.data.messages import Chat, message_list, tools_of
 
 FORMATS = ("auto", "text", "conversations", "instruction", "alpaca", "gsm8k", "ids")
@@ -57,161 +54,6 @@ CHAT_FORMATS = ("conversations", "instruction", "alpaca", "gsm8k")
 # where a conversation may be: "conversations" (ShareGPT), "messages" (OpenAI, HF), "conversation"
 # (LMSYS-Chat-1M's messages; Capybara's [{"input", "output"}] turns)
 CONVERSATION_FIELDS = ("conversations", "messages", "conversation")
-CHUNK_ROWS = 1024
-CHUNK_BYTES = 256 << 10  # per worker task: small enough to balance the last tasks
-MAX_LINE_BYTES = 8 << 20  # a longer JSONL line is refused before it is held in memory
-
-
-BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark: Windows tools start files with it
-
-
-def skip_bom(f) -> int:
-    """Move a binary file at its start past a UTF-8 BOM; the bytes skipped (0 or 3). A BOM only
-    means something as the file's first bytes: later ones are data (and fail as such)."""
-    if f.read(len(BOM)) == BOM:
-        return len(BOM)
-    f.seek(0)
-    return 0
-
-
-# ---------------------------------------------------------------- reading files as chunks
-
-
-def file_kind(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in (".gz", ".zst", ".bz2", ".xz"):
-        if name.endswith(suffix):
-            raise DataError(f"{path}: compressed files are not read directly; decompress it first")
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith(".txt") or name.endswith(".md"):
-        return "txt"
-    if name.endswith(".json"):
-        with open(path, "rb") as f:
-            skip_bom(f)
-            head = f.read(4096).lstrip()
-        if head.startswith(b"["):
-            return "json-array"
-    return "jsonl"
-
-
-class LineBlock(NamedTuple):
-    """Whole JSONL lines as one bytes block (cheap to hand to a worker), from line `first` on."""
-
-    first: int
-    data: bytes
-
-
-def chunk_items(chunk) -> list[tuple[int, Any]]:
-    """(line, payload) items of a chunk; a LineBlock is split here, blank lines skipped."""
-    if not isinstance(chunk, LineBlock):
-        return chunk
-    lines = chunk.data.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    return [(chunk.first + i, line) for i, line in enumerate(lines) if line.strip()]
-
-
-def read_chunks(path: str | Path, rows: int = CHUNK_ROWS, max_bytes: int | None = None) -> Iterator[tuple[Any, int]]:
-    """Yield (chunk, bytes_read_so_far); `chunk_items(chunk)` gives its (line, payload) items.
-
-    JSONL comes as LineBlocks of about `max_bytes` (decoded and parsed by whoever encodes them,
-    in parallel); parquet and JSON arrays as lists of row dicts; txt as lists of documents.
-    """
-    path, max_bytes = Path(path), max_bytes or CHUNK_BYTES
-    kind = file_kind(path)
-    if kind == "parquet":
-        yield from _parquet_chunks(path, rows)
-    elif kind == "json-array":
-        yield from _array_chunks(path, rows)
-    elif kind == "txt":
-        yield from _text_chunks(path, rows, max_bytes)
-    else:
-        yield from _line_blocks(path, max_bytes)
-
-
-def _line_blocks(path: Path, max_bytes: int):
-    first, rest = 1, b""
-    with open(path, "rb") as f:
-        pos = skip_bom(f)
-        while block := f.read(max_bytes):
-            pos += len(block)
-            block = rest + block
-            cut = block.rfind(b"\n") + 1
-            if not cut:  # one line longer than a block: read on, up to the limit
-                if len(block) > MAX_LINE_BYTES:
-                    raise DataError(f"{path}:{first}: a single line of over {MAX_LINE_BYTES >> 20} MB; one row may "
-                                    "not be that long (is this a JSON array, or not JSONL at all?)")
-                rest = block
-                continue
-            yield LineBlock(first, block[:cut]), pos
-            first += block.count(b"\n", 0, cut)
-            rest = block[cut:]
-    if rest:
-        yield LineBlock(first, rest), pos
-
-
-def _text_chunks(path: Path, rows: int, max_bytes: int):
-    """Plain text: documents are runs of non-blank lines."""
-    items, size, doc, doc_line = [], 0, [], 0
-    with open(path, "rb") as f:
-        pos = skip_bom(f)
-        for lineno, line in enumerate(f, 1):
-            pos += len(line)
-            if line.strip():
-                doc_line = doc_line or lineno
-                doc.append(line)
-                continue
-            if not doc:
-                continue
-            items.append((doc_line, b"".join(doc).rstrip(b"\r\n")))
-            size += items[-1][1].__len__()
-            doc, doc_line = [], 0
-            if len(items) >= rows or size >= max_bytes:
-                yield items, pos
-                items, size = [], 0
-    if doc:
-        items.append((doc_line, b"".join(doc).rstrip(b"\r\n")))
-    if items:
-        yield items, pos
-
-
-def _parquet_chunks(path: Path, rows: int):
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a file that is not parquet
-        raise DataError(f"{path}: not a readable parquet file: {e}") from None
-    total, done, row = path.stat().st_size, 0, 0
-    n = max(pf.metadata.num_rows, 1)
-    for batch in pf.iter_batches(batch_size=rows):
-        items = [(row + i + 1, r) for i, r in enumerate(batch.to_pylist())]
-        row += len(items)
-        done = total * row // n
-        yield items, done
-
-
-def _array_chunks(path: Path, rows: int):
-    """A JSON array file (Alpaca's layout): read whole, since JSON arrays do not stream."""
-    raw = path.read_bytes()
-    try:
-        data = json.loads(raw[len(BOM):] if raw.startswith(BOM) else raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        where = f"{path}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else str(path)
-        raise DataError(f"{where}: invalid JSON array file: {e}") from None
-    size = path.stat().st_size
-    for start in range(0, len(data), rows):
-        part = data[start : start + rows]
-        yield [(start + i + 1, r if isinstance(r, dict) else json.dumps(r).encode()) for i, r in enumerate(part)], \
-            size * (start + len(part)) // max(len(data), 1)
-
-
-def _utf8(payload: bytes, where: str) -> str:
-    try:
-        return payload.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not UTF-8 text (byte 0x{payload[e.start]:02x} at column {e.start + 1})") from None
 
 
 def decode_row(path: str, lineno: int, payload: Any, text_file: bool = False) -> dict:
@@ -220,12 +62,12 @@ def decode_row(path: str, lineno: int, payload: Any, text_file: bool = False) ->
     if isinstance(payload, dict):
         return payload
     if text_file:
-        return {"text": _utf8(payload, where)}
+        return {"text": utf8(payload, where)}
     try:
         row = orjson.loads(payload)
     except orjson.JSONDecodeError:  # the slow path names the bad byte or says what and where
         try:
-            row = json.loads(_utf8(payload, where))  # also takes what orjson refuses (NaN)
+            row = json.loads(utf8(payload, where))  # also takes what orjson refuses (NaN)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(row, dict):

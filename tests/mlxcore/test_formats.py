@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mlxcore.data import pretokenize, records, tokenizer as tokenizers
+from mlxcore.data import files, pretokenize, records, tokenizer as tokenizers
 from mlxcore.data.loader import documents
 from mlxcore.data.records import DataError
 
@@ -340,7 +340,7 @@ def test_held_out_rows_are_a_fixed_capped_fraction_of_train(tmp_path, small_data
 
 
 def test_worker_processes_write_the_same_bytes_as_one_process(tmp_path, small_data, monkeypatch):
-    monkeypatch.setattr(records, "CHUNK_BYTES", 4096)  # many chunks, read in this process
+    monkeypatch.setattr(files, "CHUNK_BYTES", 4096)  # many chunks, read in this process
     rows = [{"conversations": [{"role": "user", "content": f"Compute: {i} + {i}"}, {"role": "assistant", "content": str(2 * i)}]}
             for i in range(3000)]
     src = _write(tmp_path / "c.jsonl", rows)
@@ -353,7 +353,7 @@ def test_worker_processes_write_the_same_bytes_as_one_process(tmp_path, small_da
 
 
 def test_progress_is_reported_up_to_the_total(tmp_path, small_data, monkeypatch):
-    monkeypatch.setattr(records, "CHUNK_BYTES", 2048)
+    monkeypatch.setattr(files, "CHUNK_BYTES", 2048)
     src = _write(tmp_path / "t.jsonl", [{"text": "some words " * 20}] * 300)
     seen = []
     pretokenize.pretokenize({"train": [src]}, small_data["tok"], "pretrain", tmp_path / "o",
