@@ -94,6 +94,7 @@ def test_pipeline_with_a_traversal_spec_fails_naming_it(tmp_path, capsys):
     code = _pipeline(tmp_path, "data.sft.train=['hf:a/b@main/../../x.jsonl']")
     err = capsys.readouterr().err
     assert code == 1 and "data spec 'hf:a/b@main/../../x.jsonl'" in err, err
+    assert "Traceback" not in err and "Task run failed with exception: DownloadError" in err, err  # tasks/logs.py
     assert not list((tmp_path / "smoke").glob("download-*"))
 
 
@@ -122,3 +123,36 @@ def test_a_vocab_size_the_trained_bpe_missed_fails_before_pretokenize(tmp_path, 
     stages = [p.name.split("-")[0] for p in (tmp_path / "smoke").iterdir() if p.name not in ("report", "report.md")]
     assert sorted(stages) == ["data", "tokenizer"]
     assert "Failed" in (tmp_path / "smoke" / "report.md").read_text()  # the card of what ran, and how it ended
+
+
+def test_run_logs_keep_the_traceback_of_anything_but_an_input_error(monkeypatch):
+    """tasks/logs.py drops the stack only from mlxcore's input errors; a bug keeps its traceback,
+    and MLXFLOW_TRACEBACKS=1 keeps them all."""
+    import logging
+
+    import tasks  # noqa: F401  (installs the filter)
+    from mlxcore.data.errors import DataError
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.exc_info is not None)
+
+    logger = logging.getLogger("prefect.task_runs")
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        for exc in (DataError("x.jsonl:2: invalid JSON"), KeyError("a bug")):
+            try:
+                raise exc
+            except Exception:
+                logger.error("Task run failed with exception", exc_info=True)
+        monkeypatch.setenv("MLXFLOW_TRACEBACKS", "1")
+        try:
+            raise DataError("x.jsonl:2: invalid JSON")
+        except DataError:
+            logger.error("Task run failed with exception", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert seen == [False, True, True]
