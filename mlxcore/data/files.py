@@ -151,6 +151,8 @@ def file_kind(path: Path) -> str:
             head = r.f.read(4096).lstrip()
         if head.startswith(b"["):
             return "json-array"
+        if head.split(b"\n", 1)[0].strip() == b"{":  # a pretty-printed object: one document, not JSON lines
+            return "json-array"
     return "jsonl"
 
 
@@ -319,14 +321,23 @@ def _arrow_chunks(path: Path, rows: int):
 
 
 def _array_chunks(path: Path, reader: _Reader, rows: int):
-    """A JSON array file (Alpaca's layout): read whole, since JSON arrays do not stream."""
+    """A JSON document read whole, since JSON documents do not stream: an array of rows (Alpaca's
+    layout), or an object whose one list of objects is the rows (`{"version": ..., "data": [...]}`,
+    what `datasets` reads with `field="data"`)."""
     skip_bom(reader.f)
     raw = reader.f.read()
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         where = f"{path}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else str(path)
-        raise DataError(f"{where}: invalid JSON array file: {e}") from None
+        raise DataError(f"{where}: invalid JSON {'array ' if raw.lstrip()[:1] == b'[' else ''}file: {e}") from None
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: one JSON object with the keys {sorted(data)[:12]}, not rows; "
+                            + (f"which of {lists} holds the rows? Extract it: jq -c '.{lists[0]}[]' {path.name} > rows.jsonl"
+                               if lists else "no key holds a list of objects (rows)"))
+        data = data[lists[0]]
     size = reader.pos()
     for start in range(0, len(data), rows):
         part = data[start : start + rows]

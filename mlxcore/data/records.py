@@ -116,10 +116,13 @@ def detect_format(row: dict, where: str) -> str:
         return "instruction"
     if "text" in row:
         return "text"
+    nested = [k for k, v in row.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
     raise DataError(
         f"{where}: cannot tell the format from the fields {sorted(row)[:8]}; expected text, conversations/messages, "
         "instruction/response, alpaca (instruction/input/output), gsm8k (question/answer) or ids; "
         "or set format and the field names in the data config"
+        + (f" (the field {nested[0]!r} holds a list of objects: if those are the rows, give them one per line)"
+           if nested and not any(k in row for k in CONVERSATION_FIELDS) else "")
     )
 
 

@@ -180,3 +180,25 @@ def test_a_datasets_save_to_disk_dir_and_its_arrow_files_are_data(tmp_path, smal
     (tmp_path / "junk.arrow").write_bytes(b"not arrow at all" * 10)
     with pytest.raises(DataError, match=r"junk.arrow: not a readable Arrow IPC stream or file"):
         _rows(tmp_path / "junk.arrow")
+
+
+def test_a_json_document_holding_its_rows_under_one_key_is_read(tmp_path):
+    """`{"version": ..., "data": [rows]}` (SQuAD's layout; `datasets` reads it with field="data"),
+    pretty-printed and compressed or not: the rows under the one key that holds a list of objects."""
+    doc = {"version": "1.1", "data": ROWS[:50]}
+    (tmp_path / "doc.json").write_text(json.dumps(doc, indent=2))
+    (tmp_path / "doc.json.gz").write_bytes(gzip.compress(json.dumps(doc, indent=2).encode()))
+    for name in ("doc.json", "doc.json.gz"):
+        assert _rows(tmp_path / name) == [(i + 1, r) for i, r in enumerate(ROWS[:50])]
+    (tmp_path / "two.json").write_text(json.dumps({"train": ROWS[:3], "dev": ROWS[3:6]}, indent=2))
+    with pytest.raises(DataError, match=r"two.json: one JSON object with the keys \['dev', 'train'\], not rows; which "
+                                        r"of \['train', 'dev'\] holds the rows\? Extract it: jq -c '.train\[\]' two.json"):
+        _rows(tmp_path / "two.json")
+    (tmp_path / "none.json").write_text(json.dumps({"version": "1"}, indent=2))
+    with pytest.raises(DataError, match=r"none.json: one JSON object with the keys \['version'\], not rows; no key"):
+        _rows(tmp_path / "none.json")
+    (tmp_path / "line.json").write_text(json.dumps(doc) + "\n")  # on one line: a JSONL row whose fields say no format
+    row = _rows(tmp_path / "line.json")[0][1]
+    with pytest.raises(DataError, match=r"the field 'data' holds a list of objects: if those are the rows, give them "
+                                        r"one per line"):
+        records.detect_format(row, "line.json:1")
