@@ -67,7 +67,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
-import json
 import logging
 import os
 import random
@@ -81,6 +80,8 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from mlxcore import lineage
 from mlxcore.data import catalog, hfds
+from mlxcore.data.errors import DataError
+from mlxcore.data.files import saved_dataset_files
 from mlxcore.io import atomic_dir, read_manifest, sha256_file, write_manifest
 from mlxcore.data.specs import (  # noqa: F401  (re-exported: callers import them from here)
     GSM8K_FILES, GSM8K_REPO, MINIMIND_AUTO, MINIMIND_FILES, MINIMIND_REPO, PREFIXES, DownloadError, HubFile,
@@ -586,41 +587,15 @@ def match_local(spec: str, pattern: str) -> list[Path]:
     for m in matches:
         p = Path(m)
         if p.is_dir():
-            files += saved_dataset_files(spec, p)
+            try:
+                files += saved_dataset_files(p)
+            except DataError as e:
+                raise _bad(spec, str(e)) from None
             continue
         if not p.is_file():
             raise _bad(spec, f"{m!r} is not a readable regular file (a broken link?)")
         files.append(p.resolve())
     return sorted(set(files))
-
-
-def saved_dataset_files(spec: str, path: Path) -> list[Path]:
-    """The Arrow files of a directory `datasets`' `save_to_disk` wrote (its `state.json` lists them,
-    in order). A saved DatasetDict names its splits in the error; any other directory is refused."""
-    name = str(path).rstrip("/")
-    if (path / "dataset_dict.json").is_file():
-        try:
-            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
-        except (OSError, ValueError, KeyError, TypeError):
-            splits = sorted(d.name for d in path.iterdir() if (d / "state.json").is_file())
-        raise _bad(spec, f"{name!r} is a DatasetDict saved by datasets; name one split's directory: "
-                         + ", ".join(f"'{name}/{s}'" for s in splits))
-    if not (path / "state.json").is_file():
-        raise _bad(spec, f"{name!r} is a directory; name its files with a glob such as '{name}/*.jsonl' "
-                         "(or give a directory datasets' save_to_disk wrote)")
-    try:
-        names = [f["filename"] for f in json.loads((path / "state.json").read_text())["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise _bad(spec, f"{path / 'state.json'}: not a datasets save_to_disk state ({type(e).__name__}: {e})") from None
-    for n in names:
-        if not isinstance(n, str) or Path(n).name != n or n in (".", ".."):
-            raise _bad(spec, f"{path / 'state.json'}: {n!r} is not a file name in that directory")
-        if not (path / n).is_file():
-            raise _bad(spec, f"{path / n} (listed in {path / 'state.json'}) is missing")
-    files = [path / n for n in names]
-    if not files:
-        raise _bad(spec, f"{path / 'state.json'} lists no data files")
-    return [f.resolve() for f in files]
 
 
 def _fetch_local(spec: str, kind: str | None, local: LocalFiles, out_dir: Path) -> dict:

@@ -12,6 +12,7 @@ Read by `read_chunks`:
                               files), row batches as parquet's
   + .gz / .bz2 / .xz / .zst   any of the text formats compressed (Dolma's .json.gz, FineWeb's
                               .jsonl.zst dumps), read through the codec as they stream
+A directory `datasets`' `save_to_disk` wrote stands for its Arrow files (`saved_dataset_files`).
 All are UTF-8; a UTF-8 byte-order mark at the very start of a file is skipped (Windows tools
 write one), anywhere else it is data. Other encodings fail naming the file and line.
 """
@@ -350,3 +351,32 @@ def utf8(payload: bytes, where: str) -> str:
         return payload.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{where}: not UTF-8 text (byte 0x{payload[e.start]:02x} at column {e.start + 1})") from None
+
+
+def saved_dataset_files(path: Path) -> list[Path]:
+    """The Arrow files of a directory `datasets`' `save_to_disk` wrote (its `state.json` lists them,
+    in order). A saved DatasetDict names its splits in the error; any other directory is refused."""
+    name = str(path).rstrip("/")
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            splits = sorted(d.name for d in path.iterdir() if (d / "state.json").is_file())
+        raise DataError(f"{name!r} is a DatasetDict saved by datasets; name one split's directory: "
+                        + ", ".join(f"'{name}/{s}'" for s in splits))
+    if not (path / "state.json").is_file():
+        raise DataError(f"{name!r} is a directory; name its files with a glob such as '{name}/*.jsonl' "
+                        "(or give a directory datasets' save_to_disk wrote)")
+    try:
+        names = [f["filename"] for f in json.loads((path / "state.json").read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path / 'state.json'}: not a datasets save_to_disk state ({type(e).__name__}: {e})") from None
+    for n in names:
+        if not isinstance(n, str) or Path(n).name != n or n in (".", ".."):
+            raise DataError(f"{path / 'state.json'}: {n!r} is not a file name in that directory")
+        if not (path / n).is_file():
+            raise DataError(f"{path / n} (listed in {path / 'state.json'}) is missing")
+    files = [path / n for n in names]
+    if not files:
+        raise DataError(f"{path / 'state.json'} lists no data files")
+    return [f.resolve() for f in files]
