@@ -14,8 +14,9 @@ Formats, declared (`PreferenceSourceConfig.format`) or detected from a file's fi
                  conversational form too: the prompt a message list, the completion one assistant message)
   scored         {"prompt", "response", "reward": number} (the MLX-Pretrain seed's rows; also
                  "instruction" for the prompt and "score" for the reward)
-Files are read like SFT data (`records.read_chunks`: JSONL, JSON arrays, parquet; UTF-8 with or
-without a BOM). A pair whose chosen and rejected replies are identical, or whose two
+Files are read like SFT data (`records.read_chunks`: JSONL, JSON arrays, parquet, CSV / TSV, Arrow,
+and the text ones compressed; UTF-8 with or without a BOM). A CSV cell is text, so a KTO label
+may be `true`/`false`/`1`/`0` and a reward any number as written there. A pair whose chosen and rejected replies are identical, or whose two
 conversations share no prompt, is not an error but is not usable either: it is skipped and
 counted (`identical`, `no_prompt`) in the tokenized data's manifest, and the first few are
 named in a warning.
@@ -30,6 +31,10 @@ from mlxcore.data.records import DataError, string_field
 
 FORMATS = ("auto", "pairs", "pair-messages", "kto", "scored")
 KINDS = {"pairs": "pairs", "pair-messages": "pairs", "kto": "kto", "scored": "scored"}
+
+
+# a KTO label as a CSV cell spells it
+_CSV_BOOL = {"true": True, "false": False, "1": True, "0": False}
 
 
 class Skip(Exception):
@@ -179,6 +184,8 @@ def to_example(row: dict, fmt: str, opts: dict, where: str) -> dict:
         prompt = _prompt(row, opts, where, fmt)
         completion = _response_field(row, opts, where, fmt, ("completion", "response"))
         label = row.get("label")
+        if isinstance(label, str):  # CSV / TSV cells are text: true/false, 1/0 as written
+            label = _CSV_BOOL.get(label.strip().lower(), label)
         if not isinstance(label, bool):
             if label in (0, 1) and not isinstance(label, float):
                 label = bool(label)
@@ -192,6 +199,11 @@ def to_example(row: dict, fmt: str, opts: dict, where: str) -> dict:
         if name == "reward" and name not in row and "score" in row:  # the config's default names "reward"
             name = "score"
         value = row.get(name)
+        if isinstance(value, str):  # a CSV / TSV cell: the number it spells, if it spells one
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
             raise DataError(f"{where}: field {name!r} must be a finite number, got {value!r}")
         return {"prompt": _with_system(prompt, opts), "response": response, "reward": float(value)}

@@ -183,6 +183,25 @@ def test_file_types_give_the_same_examples_as_jsonl(name, writer, tmp_path, tok_
     _assert_example(tok, ex, 2, [U("hi"), A("hello"), U("Sort: 2 1")], ["1 2", "2 1"])
 
 
+def test_csv_cells_spell_kto_labels_and_rewards(tmp_path, tok_dir):
+    """A CSV cell is text: a KTO label as true/false/1/0 and a reward as the number it spells read
+    as the JSON row's bool and number would."""
+    (tmp_path / "kto.csv").write_text('prompt,completion,label\n"Sort: 2 1","1 2",true\nSort: 2 1,2 1,FALSE\n'
+                                      "Copy: ab,ab,1\nCopy: ab,ba,0\n")
+    (tmp_path / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "Sort: 2 1", "completion": "1 2", "label": True}, {"prompt": "Sort: 2 1", "completion": "2 1", "label": False},
+        {"prompt": "Copy: ab", "completion": "ab", "label": True}, {"prompt": "Copy: ab", "completion": "ba", "label": False}]))
+    (tmp_path / "scored.tsv").write_text("prompt\tresponse\treward\nSort: 2 1\t1 2\t0.75\nSort: 2 1\t2 1\t-1e-1\n")
+    (tmp_path / "scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "Sort: 2 1", "response": "1 2", "reward": 0.75}, {"prompt": "Sort: 2 1", "response": "2 1", "reward": -0.1}]))
+    for name, ref in (("kto.csv", "kto.jsonl"), ("scored.tsv", "scored.jsonl")):
+        _, ex = _tokenize(tmp_path, tok_dir, tmp_path / name, out=f"o-{name}")
+        _, want = _tokenize(tmp_path, tok_dir, tmp_path / ref, out=f"o-{ref}")
+        for field in ("prompt", "response", "response_train", "target"):  # target: the label / the reward
+            np.testing.assert_array_equal(getattr(ex, field), getattr(want, field))
+        assert len(ex) == len(want) > 0
+
+
 def test_minimind_dpo_rows_with_the_minimind_tokenizer(test_data, tmp_path):
     """The real MiniMind tokenizer: its template (with the empty think block) is what the prompt is."""
     tok_dir = test_data / "minimind_tokenizer"
@@ -263,7 +282,8 @@ BAD = {  # name: (rows, line, what the message must say)
     "reward_inf": ([SCORED, '{"prompt": "p", "response": "x", "reward": -Infinity}'], 2,
                    "field 'reward' must be a finite number"),
     "reward_bool": ([SCORED, {"prompt": "p", "response": "x", "reward": True}], 2, "field 'reward' must be a finite number"),
-    "reward_string": ([SCORED, {"prompt": "p", "response": "x", "reward": "1"}], 2, "field 'reward' must be a finite number"),
+    "reward_string": ([SCORED, {"prompt": "p", "response": "x", "reward": "high"}], 2, "field 'reward' must be a finite number"),
+    "reward_nan_text": ([SCORED, {"prompt": "p", "response": "x", "reward": "nan"}], 2, "field 'reward' must be a finite number"),
     "openai_no_input": ([OPENAI, {"preferred_output": [A("a")], "non_preferred_output": [A("b")]}], 2,
                         "field 'input' must be an object with a 'messages' list"),
     "openai_tools": ([OPENAI, {**OPENAI, "input": {"messages": [U("q")], "tools": [{"type": "function"}]}}], 2,
