@@ -147,7 +147,8 @@ def test_logging_never_waits_for_a_slow_tracker_and_batches_what_queued_up(tmp_p
     start = time.monotonic()
     for step in range(1, 101):
         cb.on_event("train", {"step": step, "loss": 1.0, "lr": 0.1})
-    assert time.monotonic() - start < 0.25  # 100 events, while each backend call takes 0.5 s
+    # 100 events in less than one backend call (0.5 s): none waited for one (slack for a loaded CI host)
+    assert time.monotonic() - start < 0.45
     out = session.finish()
     assert out["flaky"]["delivered"]["metric points"] == 200 and t.calls <= 3  # batched
     assert {k for k, *_ in t.got} == {"preference-dpo/loss", "preference-dpo/lr"}
