@@ -15,7 +15,8 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from mlxcore.config import BENCH_SUITES, load_config
 from mlxcore.io import read_manifest
 
-from tests.conftest import REPO, final_task_runs
+from tests.conftest import REPO
+from tests.prefect_api import final_task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

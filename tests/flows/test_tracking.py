@@ -26,7 +26,8 @@ import pytest
 from mlxcore.config import TrackingConfig, load_config
 from mlxcore.tracking import TrackingSession, flatten
 
-from tests.conftest import REPO, SMOKE_MINI, final_task_runs, stop_group
+from tests.conftest import REPO, SMOKE_MINI, stop_group
+from tests.prefect_api import final_task_runs
 from tests.flows.test_pipeline import _run  # the pipeline run, asserted completed: (flow run id, result)
 
 mlflow = pytest.importorskip("mlflow")
