@@ -90,11 +90,14 @@ def test_pipeline_with_a_bad_file_fails_at_pretokenize_and_leaves_no_partial_sta
 
 
 @pytest.mark.usefixtures("_server")
-def test_pipeline_with_a_traversal_spec_fails_naming_it(tmp_path, capsys):
+def test_pipeline_with_a_traversal_spec_fails_naming_it(tmp_path, capsys, caplog):
     code = _pipeline(tmp_path, "data.sft.train=['hf:a/b@main/../../x.jsonl']")
     err = capsys.readouterr().err
     assert code == 1 and "data spec 'hf:a/b@main/../../x.jsonl'" in err, err
-    assert "Traceback" not in err and "Task run failed with exception: DownloadError" in err, err  # tasks/logs.py
+    # Prefect's own failure records: one line each, no stack (tasks/logs.py). (Where its console
+    # handler writes depends on which test set it up; the records are what every handler gets.)
+    failed = [r for r in caplog.records if r.name.startswith("prefect.") and "DownloadError" in r.getMessage()]
+    assert len(failed) >= 2 and all(r.exc_info is None for r in failed), [(r.name, r.getMessage()) for r in failed]
     assert not list((tmp_path / "smoke").glob("download-*"))
 
 
