@@ -16,10 +16,10 @@ Formats, declared (`PreferenceSourceConfig.format`) or detected from a file's fi
                  "instruction" for the prompt and "score" for the reward)
 Files are read like SFT data (`records.read_chunks`: JSONL, JSON arrays, parquet, CSV / TSV, Arrow,
 and the text ones compressed; UTF-8 with or without a BOM). A CSV cell is text, so a KTO label
-may be `true`/`false`/`1`/`0` and a reward any number as written there. A pair whose chosen and rejected replies are identical, or whose two
-conversations share no prompt, is not an error but is not usable either: it is skipped and
-counted (`identical`, `no_prompt`) in the tokenized data's manifest, and the first few are
-named in a warning.
+may be `true`/`false`/`1`/`0` and a reward any number as written there. A pair whose chosen and
+rejected replies are identical, or whose two conversations share no prompt, is not an error but
+is not usable either: it is skipped and counted (`identical`, `no_prompt`) in the tokenized
+data's manifest, and the first few are named in a warning.
 """
 
 from __future__ import annotations
