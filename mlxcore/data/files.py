@@ -312,7 +312,14 @@ def _arrow_chunks(path: Path, rows: int):
                 raise DataError(f"{path}: not a readable Arrow IPC stream or file: {e}") from None
             batches = (file.get_batch(i) for i in range(file.num_record_batches))
         row = 0
-        for batch in batches:
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as e:  # cut off or damaged after its first batches
+                raise DataError(f"{path}: not a readable Arrow file after row {row} ({type(e).__name__}: {e}); "
+                                "is it whole?") from None
+            if batch is None:
+                break
             for start in range(0, batch.num_rows, rows):
                 part = batch.slice(start, rows).to_pylist()
                 yield [(row + i + 1, r) for i, r in enumerate(part)], source.tell()

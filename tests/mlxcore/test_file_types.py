@@ -180,6 +180,9 @@ def test_a_datasets_save_to_disk_dir_and_its_arrow_files_are_data(tmp_path, smal
     (tmp_path / "junk.arrow").write_bytes(b"not arrow at all" * 10)
     with pytest.raises(DataError, match=r"junk.arrow: not a readable Arrow IPC stream or file"):
         _rows(tmp_path / "junk.arrow")
+    (tmp_path / "cut.arrow").write_bytes(shards[0].read_bytes()[:-100])  # a copy cut short
+    with pytest.raises(DataError, match=r"cut.arrow: not a readable Arrow file after row \d+ .*is it whole\?"):
+        _rows(tmp_path / "cut.arrow")
 
 
 def test_a_json_document_holding_its_rows_under_one_key_is_read(tmp_path):
