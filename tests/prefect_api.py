@@ -22,9 +22,14 @@ def final_task_runs(flow_run_id, timeout: float = 60) -> list:
         while True:
             flow_run = client.read_flow_run(flow_run_id)
             runs = [r for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-                    if flow_run.end_time is None or (r.start_time or r.expected_start_time) <= flow_run.end_time]
+                    if not _after(r.start_time or r.expected_start_time, flow_run.end_time)]
             pending = [(r.name, r.state.name if r.state else None) for r in runs if not (r.state and r.state.is_final())]
             if flow_run.state and flow_run.state.is_final() and not pending:
                 return runs
             assert time.monotonic() < deadline, f"flow run {flow_run_id}: not final after {timeout} s: {pending}"
             time.sleep(0.5)
+
+
+def _after(when, end) -> bool:
+    """Whether a task run that started at `when` began after its flow run ended at `end` (either unknown: no)."""
+    return when is not None and end is not None and when > end
