@@ -28,10 +28,10 @@ import os
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 
-from mlxcore.kernels import _build, cuda, cuda_rope, cuda_swiglu
+from mlxcore.kernels import _build, cuda, cuda_addnorm, cuda_rope, cuda_swiglu
 from mlxcore.kernels.lean import _lean_swiglu_grads, _silu_mul, lean_linear, lean_projections, lean_swiglu  # noqa: F401  (API)
 
-__all__ = ["adamw_step", "attention", "available", "categorical_sample", "cross_entropy", "log_softmax",
+__all__ = ["add_rms_norm", "add_rms_norm_on", "adamw_step", "attention", "available", "categorical_sample", "cross_entropy", "log_softmax",
            "reference_adamw_step", "reference_attention", "reference_categorical_sample", "reference_cross_entropy",
            "lean_linear", "lean_projections", "lean_swiglu", "linear", "projections", "reference_log_softmax", "reference_swiglu", "segment_starts", "status", "swiglu"]
 
@@ -225,6 +225,21 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
             and weight.ndim == 1 and x.ndim >= 1 and x.shape[-1] == weight.shape[0] and x.size > 0):
         return ext.rms_norm(x, weight, float(eps))
     return mx.fast.rms_norm(x, weight, eps)
+
+
+def add_rms_norm_on(x: mx.array, weight: mx.array) -> bool:
+    """Whether `add_rms_norm(x, ...)` takes `cuda_addnorm`'s kernels: on CUDA (`MLXFLOW_CUDA_LAYERS`),
+    for a training batch of a supported dtype and width."""
+    return x.size >= LEAN_MIN_ELEMENTS and cuda_addnorm.supports(x, x, weight) and cuda_addnorm.on()
+
+
+def add_rms_norm(a: mx.array, b: mx.array, weight: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+    """`(s, rms_norm(s, weight, eps))` with `s = a + b`: a residual sum and the norm after it. On
+    CUDA where `add_rms_norm_on` says so one kernel each way (`cuda_addnorm`), else the two ops."""
+    if add_rms_norm_on(a, weight) and cuda_addnorm.supports(a, b, weight):
+        return cuda_addnorm.add_rms_norm(a, b, weight, eps)
+    s = a + b
+    return s, rms_norm(s, weight, eps)
 
 
 def rope(x: mx.array, dims: int, *, traditional: bool, base: float | None, scale: float,

@@ -136,9 +136,12 @@ def use_fast_kernels(model: nn.Module) -> bool:
         fast = _FAST_LAYERS.get(original)
         if fast is None and (names := _group_of(m)) is not None:
             fast = _grouped_class(original, names)
+        if fast is None and f"{original.__module__}.{original.__qualname__}" in RESIDUAL_BLOCKS:
+            fast = _residual_class(original)
         if fast is not None:
             m.__class__ = fast
             _SWAPPED.append((weakref.ref(m), original))
+    _link_next_norms(model)
     return patched
 
 
@@ -146,9 +149,14 @@ _SWAPPED: list = []  # (weak reference, original class) of each layer given a cl
 
 
 class FastRMSNorm(nn.RMSNorm):
-    """mlx.nn.RMSNorm through `kernels.rms_norm`: the CPU kernel for float32, MLX's op elsewhere."""
+    """mlx.nn.RMSNorm through `kernels.rms_norm`: the CPU kernel for float32, MLX's op elsewhere.
+    Called on the very array a `Residual...` layer before it returned, it returns the norm that
+    layer computed with the sum (`kernels.add_rms_norm`)."""
 
     def __call__(self, x):
+        done = getattr(_NORM_INPUTS, "by_norm", None)
+        if done and (hit := done.pop(id(self), None)) is not None and hit[0] is x and hit[2] is self["weight"]:
+            return hit[1]  # (the weight checked too: gradient checkpointing rebinds it between layers)
         return kernels.rms_norm(x, self["weight"], self.eps)
 
 
@@ -215,6 +223,58 @@ def _grouped_class(cls: type, names: tuple[str, ...]) -> type:
         _GROUPED[(cls, names)] = type(f"Grouped{cls.__name__}", (cls,),
                                       {"__call__": __call__, "__module__": cls.__module__, "_mlxflow_group": names})
     return _GROUPED[(cls, names)]
+
+
+# Pre-norm decoder layers whose call is mlx-lm's `r = self_attn(input_layernorm(x), mask, cache);
+# h = x + r; out = h + mlp(post_attention_layernorm(h))` (tests hold each to its mlx-lm original).
+RESIDUAL_BLOCKS = ("mlx_lm.models.llama.TransformerBlock", "mlx_lm.models.qwen2.TransformerBlock",
+                   "mlx_lm.models.qwen3.TransformerBlock", "mlx_lm.models.qwen3_moe.Qwen3MoeDecoderLayer")
+_NORM_INPUTS = threading.local()  # by_norm: id(FastRMSNorm) -> (its input, its output, its weight), set by the layer before it
+_RESIDUAL: dict = {}  # mlx-lm class -> its Residual subclass
+
+
+def _fusable_norm(norm) -> bool:
+    return type(norm) is FastRMSNorm and norm["weight"].ndim == 1
+
+
+def _residual_class(cls: type) -> type:
+    """`cls` whose residual adds are computed with the norm after each (`kernels.add_rms_norm`):
+    `x + attn` with `post_attention_layernorm`, and `h + mlp` with the next layer's
+    `input_layernorm` (or the model's final norm), handed to that norm by `_NORM_INPUTS` (it
+    takes it only when called on this very output). Decoding (a cache) and inputs the kernels
+    do not take run `cls`'s own call."""
+    if cls not in _RESIDUAL:
+        def __call__(self, x, mask=None, cache=None):
+            post = self.post_attention_layernorm
+            if not (cache is None and isinstance(x, mx.array) and _fusable_norm(post)
+                    and kernels.add_rms_norm_on(x, post["weight"])):
+                return cls.__call__(self, x, mask, cache)
+            r = self.self_attn(self.input_layernorm(x), mask, cache)
+            h, y = kernels.add_rms_norm(x, r, post["weight"], post.eps)
+            r = self.mlp(y)
+            link = self.__dict__.get("_mlxflow_next_norm")
+            nxt = link() if link is not None else None
+            if nxt is None or not _fusable_norm(nxt):
+                return h + r
+            out, normed = kernels.add_rms_norm(h, r, nxt["weight"], nxt.eps)
+            _NORM_INPUTS.__dict__.setdefault("by_norm", {})[id(nxt)] = (out, normed, nxt["weight"])
+            return out
+
+        _RESIDUAL[cls] = type(f"Residual{cls.__name__}", (cls,), {"__call__": __call__, "__module__": cls.__module__})
+    return _RESIDUAL[cls]
+
+
+def _link_next_norms(model: nn.Module) -> None:
+    """Tell each Residual layer of a `layers` list the norm applied to its output: the next
+    layer's `input_layernorm`, or the last layer's sibling `norm` (mlx-lm's models)."""
+    for _, m in model.named_modules():
+        layers, final = m.get("layers") if isinstance(m, dict) else None, m.get("norm") if isinstance(m, dict) else None
+        if not isinstance(layers, list):
+            continue
+        for i, layer in enumerate(layers):
+            if isinstance(layer, tuple(_RESIDUAL.values())):
+                nxt = layers[i + 1].get("input_layernorm") if i + 1 < len(layers) else final
+                object.__setattr__(layer, "_mlxflow_next_norm", weakref.ref(nxt) if isinstance(nxt, nn.Module) else None)
 
 
 def _group_of(module) -> tuple[str, ...] | None:

@@ -130,6 +130,38 @@ def test_swiglu_of_a_training_batch_matches_float64(dtype):
         np.testing.assert_allclose(_np(got), want, rtol=tol, atol=tol * 4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,d", [("float32", 768), ("bfloat16", 768), ("bfloat16", 904)])
+def test_add_rms_norm_of_a_training_batch_matches_float64(dtype, d):
+    """`kernels.add_rms_norm` (on CUDA `cuda_addnorm`'s kernels, else the two ops), compiled with
+    the gradients of a, b and the weight through both outputs. 904 wide: the last 16-byte piece of
+    a row is held by some lanes only; 97 rows, so warps hold different numbers of rows."""
+    dt = getattr(mx, dtype)
+    a, b, cs, cy = (mx.array(RNG.standard_normal((97, d))).astype(dt) for _ in range(4))
+    w = mx.array(1 + 0.2 * RNG.standard_normal(d)).astype(dt)
+    big = kernels.LEAN_MIN_ELEMENTS
+    reps = -(-big // a.size)  # a training-sized batch: the kernels' path on CUDA
+    a, b, cs, cy = (mx.tile(x, (reps, 1)) for x in (a, b, cs, cy))
+
+    def loss(a, b, w):
+        s, y = kernels.add_rms_norm(a, b, w, 1e-5)
+        return (s * cs).astype(mx.float32).sum() + (y * cy).astype(mx.float32).sum()
+
+    (s, y), (ga, gb, gw) = kernels.add_rms_norm(a, b, w, 1e-5), mx.compile(mx.grad(loss, argnums=(0, 1, 2)))(a, b, w)
+    an, bn, wn, csn, cyn = (_np(x) for x in (a, b, w, cs, cy))
+    sn = _np((a + b))  # the sum rounded to the dtype, as the unfused add leaves it
+    r = 1 / np.sqrt((sn * sn).mean(-1, keepdims=True) + 1e-5)
+    g = cyn * wn
+    d_s = csn + r * g - r ** 3 * (g * sn).sum(-1, keepdims=True) / d * sn
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    for got, want in ((s, sn), (y, wn * sn * r), (ga, d_s), (gb, d_s)):
+        assert got.dtype == dt and got.shape == want.shape
+        np.testing.assert_allclose(_np(got), want, rtol=tol, atol=tol * 4)
+    gw_want = (cyn * sn * r).sum(0)  # a sum over 97 x reps rows: to the scale of its terms
+    assert gw.dtype == dt
+    np.testing.assert_allclose(_np(gw), gw_want, rtol=tol, atol=tol * np.abs(cyn * sn * r).sum(0).max())
+
+
 def _rope64(x, dims, traditional, base, positions):
     """float64 RoPE of x [B, H, T, D] at the given positions."""
     half = dims // 2

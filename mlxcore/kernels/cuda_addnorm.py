@@ -1,0 +1,226 @@
+"""The residual add and the RMSNorm after it, `s = a + b; y = rms_norm(s) * w`, as one CUDA kernel each way.
+
+A pre-norm decoder layer adds each sub-layer's output to the residual stream and normalises the
+sum for the next sub-layer: `h = x + attn(...)`, `post_attention_layernorm(h)`, `out = h +
+mlp(...)`, the next layer's `input_layernorm(out)`. MLX runs each add as a pass of its own, and
+autodiff adds the two gradients that reach every residual sum (the norm's and the next add's):
+on an H100 (200mb, bf16, B32xT1024) 60 `binary_vv<Add>` launches, 3.2 ms of kernel time a
+step, where torch's compiler folds both into its RMSNorm kernels (README, "Kernel by kernel").
+Here the forward reads `a` and `b` once and writes the sum and the normalised sum; the backward
+reads the sum, both cotangents and the weight and writes the sum's whole gradient (the
+cotangent of `s` plus the norm's) and each warp's share of the weight's gradient, which one
+MLX sum adds up. So no add is left between layers (`kernels.patch` hands each layer's fused
+output to the next layer's norm).
+
+Arithmetic: the sum is rounded to the inputs' dtype, as `a + b` is, and the norm is taken of
+that rounded sum, so `s` and `y` are the unfused ops' values up to the norm's own rounding
+(computed in float32, rounded once). One warp owns a row; each lane holds `PIECES` 16-byte
+pieces of it in registers, so a kernel is built per dtype and `PIECES` (`D` up to
+`PIECES * 32 * VEC`, `MAX_PIECES`); wider rows, rows not a whole number of pieces and other
+dtypes take MLX's ops (`supports`). Values are checked against float64 by the GPU subset.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
+import mlx.core as mx
+
+from mlxcore.kernels import cuda
+
+VERSION = 1
+BLOCK = 256  # 8 warps, a row each
+MAX_WARPS = 2048  # rows in flight; each writes one row of the weight's partial gradient
+MAX_PIECES = 8  # 16-byte pieces of a row per lane: D <= 2048 in bf16 / f16, 1024 in f32
+
+
+def on() -> bool:
+    return cuda.layer_on("addnorm")
+
+
+def pieces(dtype: mx.Dtype, d: int) -> int:
+    return -(-d // (32 * cuda.vec(dtype)))
+
+
+def supports(a: mx.array, b: mx.array, weight: mx.array) -> bool:
+    d = a.shape[-1] if a.ndim else 0
+    return (a.dtype in cuda.FLOAT_TYPES and a.dtype == b.dtype == weight.dtype and tuple(a.shape) == tuple(b.shape)
+            and a.size > 0 and weight.ndim == 1 and weight.shape[0] == d and d % cuda.vec(a.dtype) == 0
+            and pieces(a.dtype, d) <= MAX_PIECES)
+
+
+def _header(dtype: mx.Dtype, n_pieces: int) -> str:
+    return cuda.vector_io(dtype) + f"""
+namespace mlxflow_addnorm {{
+using namespace mlxflow_vec;
+constexpr int PIECES = {n_pieces};
+__device__ __forceinline__ float warp_sum(float v) {{
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}}
+}}  // namespace mlxflow_addnorm
+"""
+
+
+# Every lane of a warp runs the same rows (the loop bound is the warp's), so the shuffles see all 32.
+_PROLOGUE = """
+  using namespace mlxflow_addnorm;
+  const int64_t rows = meta[0];
+  const int d = int(meta[1]);
+  const float eps = eps_in[0];
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  const bool whole = ((0ull {pointers}) & 15) == 0;
+  alignas(16) T wv[PIECES][VEC];
+#pragma unroll
+  for (int p = 0; p < PIECES; ++p) {
+    const int col = (p * 32 + lane) * VEC;
+    if (col < d) load(w + col, wv[p], VEC, whole);
+  }
+"""
+
+
+def _bits(*pointers: str) -> str:
+    return "".join(f" | reinterpret_cast<unsigned long long>({p})" for p in pointers)
+
+
+def _source(forward: bool) -> str:
+    if forward:
+        return _PROLOGUE.replace("{pointers}", _bits("a", "b", "w", "s", "y")) + """
+  for (int64_t row = warp; row < rows; row += warps) {
+    const int64_t base = row * d;
+    float h[PIECES][VEC];
+    float ss = 0.0f;
+#pragma unroll
+    for (int p = 0; p < PIECES; ++p) {
+      const int col = (p * 32 + lane) * VEC;
+      if (col < d) {
+        alignas(16) T av[VEC], bv[VEC];
+        load(a + base + col, av, VEC, whole);
+        load(b + base + col, bv, VEC, whole);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          h[p][j] = ::mlxflow::rounded(::mlxflow::f32(av[j]) + ::mlxflow::f32(bv[j]), (const T*)nullptr);
+          ss += h[p][j] * h[p][j];
+        }
+        store(s + base + col, h[p], VEC, whole);
+      }
+    }
+    const float r = rsqrtf(warp_sum(ss) / d + eps);
+#pragma unroll
+    for (int p = 0; p < PIECES; ++p) {
+      const int col = (p * 32 + lane) * VEC;
+      if (col < d) {
+        float o[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) o[j] = ::mlxflow::f32(wv[p][j]) * (h[p][j] * r);
+        store(y + base + col, o, VEC, whole);
+      }
+    }
+  }
+"""
+    # d(rms_norm(s) * w)/ds applied to dy: r * g - (r^3 / d) * (g . s) * s, with g = dy * w.
+    return _PROLOGUE.replace("{pointers}", _bits("s", "w", "ds", "dy", "d_s")) + """
+  float acc[PIECES][VEC];
+#pragma unroll
+  for (int p = 0; p < PIECES; ++p)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[p][j] = 0.0f;
+  for (int64_t row = warp; row < rows; row += warps) {
+    const int64_t base = row * d;
+    alignas(16) T sv[PIECES][VEC], yv[PIECES][VEC];  // kept in the dtype: half the registers of float
+    float ss = 0.0f, dot = 0.0f;
+#pragma unroll
+    for (int p = 0; p < PIECES; ++p) {
+      const int col = (p * 32 + lane) * VEC;
+      if (col < d) {
+        load(s + base + col, sv[p], VEC, whole);
+        load(dy + base + col, yv[p], VEC, whole);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float h = ::mlxflow::f32(sv[p][j]);
+          ss += h * h;
+          dot += ::mlxflow::f32(yv[p][j]) * ::mlxflow::f32(wv[p][j]) * h;
+        }
+      }
+    }
+    const float r = rsqrtf(warp_sum(ss) / d + eps);
+    const float k = r * r * r * warp_sum(dot) / d;
+#pragma unroll
+    for (int p = 0; p < PIECES; ++p) {
+      const int col = (p * 32 + lane) * VEC;
+      if (col < d) {
+        alignas(16) T dv[VEC];
+        load(ds + base + col, dv, VEC, whole);
+        float o[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float h = ::mlxflow::f32(sv[p][j]), c = ::mlxflow::f32(yv[p][j]);
+          o[j] = ::mlxflow::f32(dv[j]) + (r * (c * ::mlxflow::f32(wv[p][j])) - k * h);
+          acc[p][j] += c * (h * r);
+        }
+        store(d_s + base + col, o, VEC, whole);
+      }
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < PIECES; ++p) {
+    const int col = (p * 32 + lane) * VEC;
+    if (col < d) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) d_w_part[warp * d + col + j] = acc[p][j];
+    }
+  }
+"""
+
+
+@lru_cache(maxsize=None)
+def _kernel(dtype: mx.Dtype, n_pieces: int, forward: bool):
+    name = f"mlxflow_addnorm_v{VERSION}_{str(dtype).split('.')[-1]}_{n_pieces}_{'fwd' if forward else 'bwd'}"
+    inputs = ["meta", "eps_in", "a", "b", "w"] if forward else ["meta", "eps_in", "s", "w", "ds", "dy"]
+    outputs = ["s", "y"] if forward else ["d_s", "d_w_part"]
+    return mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs, source=_source(forward),
+                               header=_header(dtype, n_pieces))
+
+
+def warps_for(rows: int) -> int:
+    return max(1, min(rows, MAX_WARPS))
+
+
+def _launch(arrays: list, eps: float, forward: bool) -> list:
+    """The forward (`arrays` = a, b, w: returns s, y) or the backward (s, w, ds, dy: returns the
+    sum's gradient and the weight's partial gradients, float32 [warps, D])."""
+    first, w = arrays[0], arrays[1 if not forward else 2]
+    d = first.shape[-1]
+    rows = first.size // d
+    warps = warps_for(rows)
+    meta = mx.array([rows, d], dtype=mx.int64)
+    eps_in = mx.array([eps], dtype=mx.float32)
+    shapes = [first.shape] * 2 if forward else [first.shape, (warps, d)]
+    dtypes = [first.dtype] * 2 if forward else [first.dtype, mx.float32]
+    return _kernel(first.dtype, pieces(first.dtype, d), forward)(
+        inputs=[meta, eps_in, *arrays], output_shapes=shapes, output_dtypes=dtypes,
+        grid=(-(-warps * 32 // BLOCK) * BLOCK, 1, 1), threadgroup=(BLOCK, 1, 1))
+
+
+@lru_cache(maxsize=None)
+def _function(eps: float):
+    @mx.custom_function
+    def add_rms_norm(a, b, weight):
+        return tuple(_launch([a, b, weight], eps, forward=True))
+
+    @add_rms_norm.vjp
+    def _vjp(primals, cotangents, outputs):
+        weight = primals[2]
+        d_s, d_w_part = _launch([outputs[0], weight, cotangents[0], cotangents[1]], eps, forward=False)
+        return d_s, d_s, d_w_part.sum(axis=0).astype(weight.dtype)
+
+    return add_rms_norm
+
+
+def add_rms_norm(a: mx.array, b: mx.array, weight: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+    """(a + b, rms_norm(a + b) * weight) (`supports` must hold); the backward keeps only the sum."""
+    return _function(float(eps))(a, b, weight)
