@@ -187,7 +187,10 @@ def _kernel(dtype: mx.Dtype, n_pieces: int, forward: bool):
 
 
 def warps_for(rows: int) -> int:
-    return max(1, min(rows, MAX_WARPS))
+    """Warps a launch runs (each writes a row of the weight's partial gradient): whole blocks of
+    `BLOCK // 32`, up to `MAX_WARPS` (a multiple of that, or fewer than one block)."""
+    per_block = BLOCK // 32
+    return max(1, min(-(-rows // per_block) * per_block, MAX_WARPS))
 
 
 def _launch(arrays: list, eps: float, forward: bool) -> list:
@@ -201,9 +204,10 @@ def _launch(arrays: list, eps: float, forward: bool) -> list:
     eps_in = mx.array([eps], dtype=mx.float32)
     shapes = [first.shape] * 2 if forward else [first.shape, (warps, d)]
     dtypes = [first.dtype] * 2 if forward else [first.dtype, mx.float32]
+    threads = warps * 32  # exactly `warps`: the kernel strides rows by its grid's warps
     return _kernel(first.dtype, pieces(first.dtype, d), forward)(
         inputs=[meta, eps_in, *arrays], output_shapes=shapes, output_dtypes=dtypes,
-        grid=(-(-warps * 32 // BLOCK) * BLOCK, 1, 1), threadgroup=(BLOCK, 1, 1))
+        grid=(threads, 1, 1), threadgroup=(min(BLOCK, threads), 1, 1))
 
 
 @lru_cache(maxsize=None)

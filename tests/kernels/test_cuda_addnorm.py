@@ -62,6 +62,7 @@ def _unfused(a, b, w, eps):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_host_side_is_the_sum_and_its_norm_in_value_and_gradients(standin, monkeypatch, dtype):
     monkeypatch.setattr(cuda_addnorm, "MAX_WARPS", 4)  # 21 rows: warps hold 6 or 5 rows each
+    assert cuda_addnorm.warps_for(21) == 4
     dt = getattr(mx, dtype)
     a, b, cs, cy = (mx.random.normal((3, 7, 64), key=mx.random.key(i)).astype(dt) for i in range(4))
     w = (1 + 0.1 * mx.random.normal((64,), key=mx.random.key(9))).astype(dt)
@@ -90,6 +91,14 @@ def test_an_unused_output_gets_a_zero_cotangent(standin):
         ours = mx.grad(lambda a: cuda_addnorm.add_rms_norm(a, b, w, 1e-6)[pick].sum())(a)
         ref = mx.grad(lambda a: _unfused(a, b, w, 1e-6)[pick].sum())(a)
         np.testing.assert_allclose(np.array(ours), np.array(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_a_launch_runs_whole_blocks_and_one_partial_row_per_warp():
+    """The grid is exactly the warps whose partial rows are allocated (each warp writes its row)."""
+    per_block = cuda_addnorm.BLOCK // 32
+    assert [cuda_addnorm.warps_for(r) for r in (1, per_block, per_block + 1)] == [per_block, per_block, 2 * per_block]
+    assert cuda_addnorm.warps_for(10 ** 6) == cuda_addnorm.MAX_WARPS
+    assert cuda_addnorm.MAX_WARPS % per_block == 0
 
 
 def test_supports_and_dispatch(standin, monkeypatch):
