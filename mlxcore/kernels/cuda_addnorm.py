@@ -29,9 +29,9 @@ import mlx.core as mx
 
 from mlxcore.kernels import cuda
 
-VERSION = 1
+VERSION = 2
 BLOCK = 256  # 8 warps, a row each
-MAX_WARPS = 2048  # rows in flight; each writes one row of the weight's partial gradient
+MAX_WARPS = 8192  # the backward's warps (4 rows each at B32 x T1024); a block of them writes one partial row
 MAX_PIECES = 8  # 16-byte pieces of a row per lane: D <= 2048 in bf16 / f16, 1024 in f32
 
 
@@ -166,13 +166,44 @@ def _source(forward: bool) -> str:
       }
     }
   }
+  // The block's warps add their sums into shared memory one warp at a time (a fixed order, so the
+  // result is deterministic), and the block writes one row of the weight's partial gradient.
+  __shared__ float red[PIECES * 32 * VEC];
+  const int in_block = threadIdx.x >> 5;
+  for (int k = 0; k < int(blockDim.x >> 5); ++k) {
+    if (in_block == k) {
 #pragma unroll
-  for (int p = 0; p < PIECES; ++p) {
-    const int col = (p * 32 + lane) * VEC;
-    if (col < d) {
+      for (int p = 0; p < PIECES; ++p) {
+        const int col = (p * 32 + lane) * VEC;
+        if (col < d) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) d_w_part[warp * d + col + j] = acc[p][j];
+          for (int j = 0; j < VEC; ++j) red[col + j] = (k == 0 ? 0.0f : red[col + j]) + acc[p][j];
+        }
+      }
     }
+    __syncthreads();
+  }
+  for (int c = threadIdx.x; c < d; c += blockDim.x) d_w_part[int64_t(blockIdx.x) * d + c] = red[c];
+"""
+
+
+# The weight's gradient: the column sums of the blocks' partial rows [P, D] (float32), rounded once
+# to the weight's dtype. A block owns 32 columns; its 32 x 32 threads each add every 32nd row of
+# one column, then one thread a column adds those 32 sums in order.
+_COLUMN_SUM = """
+  const int64_t n_rows = meta[0];
+  const int d = int(meta[1]);
+  const int col = blockIdx.x * 32 + threadIdx.x;
+  __shared__ float sums[32][33];
+  float t = 0.0f;
+  if (col < d)
+    for (int64_t r = threadIdx.y; r < n_rows; r += 32) t += part[r * d + col];
+  sums[threadIdx.y][threadIdx.x] = t;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < d) {
+    float total = 0.0f;
+    for (int k = 0; k < 32; ++k) total += sums[k][threadIdx.x];
+    ::mlxflow::put(out + col, total);
   }
 """
 
@@ -186,28 +217,44 @@ def _kernel(dtype: mx.Dtype, n_pieces: int, forward: bool):
                                header=_header(dtype, n_pieces))
 
 
-def warps_for(rows: int) -> int:
-    """Warps a launch runs (each writes a row of the weight's partial gradient): whole blocks of
-    `BLOCK // 32`, up to `MAX_WARPS` (a multiple of that, or fewer than one block)."""
+@lru_cache(maxsize=None)
+def _column_sum_kernel():
+    return mx.fast.cuda_kernel(name=f"mlxflow_addnorm_colsum_v{VERSION}", input_names=["meta", "part"],
+                               output_names=["out"], source=_COLUMN_SUM, header=cuda.CONVERT)
+
+
+def warps_for(rows: int, forward: bool) -> int:
+    """Warps a launch runs: whole blocks of `BLOCK // 32`, one a row in the forward; in the
+    backward up to `MAX_WARPS` (a multiple of that, or fewer than one block), each block writing
+    one row of the weight's partial gradient."""
     per_block = BLOCK // 32
-    return max(1, min(-(-rows // per_block) * per_block, MAX_WARPS))
+    whole = -(-rows // per_block) * per_block
+    return max(1, whole if forward else min(whole, MAX_WARPS))
 
 
 def _launch(arrays: list, eps: float, forward: bool) -> list:
     """The forward (`arrays` = a, b, w: returns s, y) or the backward (s, w, ds, dy: returns the
-    sum's gradient and the weight's partial gradients, float32 [warps, D])."""
-    first, w = arrays[0], arrays[1 if not forward else 2]
+    sum's gradient and the weight's partial gradients, float32 [blocks, D])."""
+    first = arrays[0]
     d = first.shape[-1]
     rows = first.size // d
-    warps = warps_for(rows)
+    threads = warps_for(rows, forward) * 32  # exactly those warps: the kernel strides rows by its grid's
+    block = min(BLOCK, threads)
     meta = mx.array([rows, d], dtype=mx.int64)
     eps_in = mx.array([eps], dtype=mx.float32)
-    shapes = [first.shape] * 2 if forward else [first.shape, (warps, d)]
+    shapes = [first.shape] * 2 if forward else [first.shape, (threads // block, d)]
     dtypes = [first.dtype] * 2 if forward else [first.dtype, mx.float32]
-    threads = warps * 32  # exactly `warps`: the kernel strides rows by its grid's warps
     return _kernel(first.dtype, pieces(first.dtype, d), forward)(
         inputs=[meta, eps_in, *arrays], output_shapes=shapes, output_dtypes=dtypes,
-        grid=(threads, 1, 1), threadgroup=(min(BLOCK, threads), 1, 1))
+        grid=(threads, 1, 1), threadgroup=(block, 1, 1))
+
+
+def _column_sum(part: mx.array, dtype: mx.Dtype) -> mx.array:
+    """`part.sum(axis=0).astype(dtype)` for the backward's partial rows."""
+    n_rows, d = part.shape
+    meta = mx.array([n_rows, d], dtype=mx.int64)
+    return _column_sum_kernel()(inputs=[meta, part], output_shapes=[(d,)], output_dtypes=[dtype],
+                                grid=(-(-d // 32) * 32, 32, 1), threadgroup=(32, 32, 1))[0]
 
 
 @lru_cache(maxsize=None)
@@ -220,7 +267,7 @@ def _function(eps: float):
     def _vjp(primals, cotangents, outputs):
         weight = primals[2]
         d_s, d_w_part = _launch([outputs[0], weight, cotangents[0], cotangents[1]], eps, forward=False)
-        return d_s, d_s, d_w_part.sum(axis=0).astype(weight.dtype)
+        return d_s, d_s, _column_sum(d_w_part, weight.dtype)
 
     return add_rms_norm
 

@@ -37,11 +37,13 @@ def standin_launch(arrays, eps, forward):
     g = dy * w
     k = r ** 3 * mx.sum(g * s, axis=-1, keepdims=True) / d
     rows = s.size // d
-    warps = cuda_addnorm.warps_for(rows)
+    warps = cuda_addnorm.warps_for(rows, forward=False)
+    per_block = min(cuda_addnorm.BLOCK // 32, warps)
     per_row = (dy * s * r).reshape(rows, d)
     pad = -rows % warps
     per_row = mx.concatenate([per_row, mx.zeros((pad, d))]) if pad else per_row
-    return [(ds + (r * g - k * s)).astype(dt), per_row.reshape(-1, warps, d).sum(axis=0)]
+    per_warp = per_row.reshape(-1, warps, d).sum(axis=0)  # row i is warp i % warps's
+    return [(ds + (r * g - k * s)).astype(dt), per_warp.reshape(-1, per_block, d).sum(axis=1)]  # a row a block
 
 
 @pytest.fixture
@@ -50,6 +52,7 @@ def standin(monkeypatch):
     records each launch (True: forward)."""
     launches = []
     monkeypatch.setattr(cuda_addnorm, "_launch", lambda arrays, eps, forward: launches.append(forward) or standin_launch(arrays, eps, forward))
+    monkeypatch.setattr(cuda_addnorm, "_column_sum", lambda part, dtype: part.sum(axis=0).astype(dtype))
     monkeypatch.setattr(cuda_addnorm, "on", lambda: True)
     return launches
 
@@ -62,7 +65,7 @@ def _unfused(a, b, w, eps):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_host_side_is_the_sum_and_its_norm_in_value_and_gradients(standin, monkeypatch, dtype):
     monkeypatch.setattr(cuda_addnorm, "MAX_WARPS", 4)  # 21 rows: warps hold 6 or 5 rows each
-    assert cuda_addnorm.warps_for(21) == 4
+    assert cuda_addnorm.warps_for(21, forward=False) == 4
     dt = getattr(mx, dtype)
     a, b, cs, cy = (mx.random.normal((3, 7, 64), key=mx.random.key(i)).astype(dt) for i in range(4))
     w = (1 + 0.1 * mx.random.normal((64,), key=mx.random.key(9))).astype(dt)
@@ -93,11 +96,14 @@ def test_an_unused_output_gets_a_zero_cotangent(standin):
         np.testing.assert_allclose(np.array(ours), np.array(ref), rtol=1e-5, atol=1e-6)
 
 
-def test_a_launch_runs_whole_blocks_and_one_partial_row_per_warp():
-    """The grid is exactly the warps whose partial rows are allocated (each warp writes its row)."""
+def test_a_launch_runs_whole_blocks_a_row_a_warp_forward_and_at_most_max_warps_backward():
+    """The grid is whole blocks (the backward's partial rows are one a block), one warp a row in the
+    forward, and in the backward at most MAX_WARPS, a multiple of a block."""
     per_block = cuda_addnorm.BLOCK // 32
-    assert [cuda_addnorm.warps_for(r) for r in (1, per_block, per_block + 1)] == [per_block, per_block, 2 * per_block]
-    assert cuda_addnorm.warps_for(10 ** 6) == cuda_addnorm.MAX_WARPS
+    for forward in (True, False):
+        assert [cuda_addnorm.warps_for(r, forward) for r in (1, per_block, per_block + 1)] == [per_block, per_block, 2 * per_block]
+    assert cuda_addnorm.warps_for(10 ** 6, forward=False) == cuda_addnorm.MAX_WARPS
+    assert cuda_addnorm.warps_for(10 ** 6, forward=True) == 10 ** 6
     assert cuda_addnorm.MAX_WARPS % per_block == 0
 
 
@@ -217,3 +223,5 @@ def test_the_kernel_sources_compile(tmp_path, monkeypatch, dtype, d):
         kernel = captured(monkeypatch, lambda: cuda_addnorm._kernel.__wrapped__(dtype, cuda_addnorm.pieces(dtype, d), forward))
         types = {"meta": "int64_t", "eps_in": "float", "d_w_part": "float"}
         compile_kernel(tmp_path, kernel, types | {n: CUDA_TYPES[dtype] for n in kernel["inputs"] + kernel["outputs"] if n not in types})
+    kernel = captured(monkeypatch, cuda_addnorm._column_sum_kernel.__wrapped__)
+    compile_kernel(tmp_path, kernel, {"meta": "int64_t", "part": "float", "out": CUDA_TYPES[dtype]})
