@@ -28,7 +28,7 @@ import os
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 
-from mlxcore.kernels import _build, cuda, cuda_addnorm, cuda_rope, cuda_swiglu
+from mlxcore.kernels import _build, cuda, cuda_addnorm, cuda_rope, cuda_swiglu, cuda_xent
 from mlxcore.kernels.lean import _lean_swiglu_grads, _silu_mul, lean_linear, lean_projections, lean_swiglu  # noqa: F401  (API)
 
 __all__ = ["add_rms_norm", "add_rms_norm_on", "adamw_step", "attention", "available", "categorical_sample", "cross_entropy", "log_softmax",
@@ -81,13 +81,16 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     """Per-token cross-entropy `logsumexp(logits) - logits[target]`, float32.
 
     logits [..., V] (any float dtype; computed in float32), targets [...] integer class ids.
-    Differentiable w.r.t. logits: d/dlogits = (softmax - onehot) * g.
+    Differentiable w.r.t. logits: d/dlogits = (softmax - onehot) * g. On the CPU the fused C++
+    kernel; on CUDA, for a training batch, `cuda_xent` (one kernel each way); else MLX's ops.
     """
     if logits.ndim < 1 or tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"cross_entropy: logits {logits.shape} vs targets {targets.shape}: "
                          "targets must have the logits' shape without the last axis")
     if not mx.issubdtype(targets.dtype, mx.integer):
         raise TypeError(f"cross_entropy: targets must be integers, got {targets.dtype}")
+    if logits.size >= LEAN_MIN_ELEMENTS and cuda_xent.supports(logits, targets) and cuda_xent.on():
+        return cuda_xent.cross_entropy(logits, targets)  # CUDA: one kernel each way
     ext = _ext()
     if ext is None or not mx.issubdtype(logits.dtype, mx.floating) or logits.size == 0:
         return reference_cross_entropy(logits, targets)

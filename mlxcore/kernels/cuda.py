@@ -205,7 +205,7 @@ def available() -> bool:
     return mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
 
 
-LAYERS = ("rope", "swiglu", "addnorm")  # the layers with a CUDA kernel of ours (cuda_rope, cuda_swiglu, cuda_addnorm)
+LAYERS = ("rope", "swiglu", "addnorm", "cross_entropy")  # ours: cuda_rope, cuda_swiglu, cuda_addnorm, cuda_xent
 
 
 def layer_on(name: str) -> bool:

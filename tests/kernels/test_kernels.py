@@ -384,7 +384,7 @@ def test_status_names_the_cuda_paths_a_step_takes(monkeypatch):
     from mlxcore.kernels import cuda
 
     monkeypatch.setattr(cuda, "available", lambda: True)
-    assert kernels.status().startswith("CUDA: mlxflow kernels for rope, swiglu, addnorm, AdamW")
+    assert kernels.status().startswith("CUDA: mlxflow kernels for rope, swiglu, addnorm, cross_entropy, AdamW")
     monkeypatch.setenv("MLXFLOW_CUDA_LAYERS", "swiglu")
     monkeypatch.setenv("MLXFLOW_LEAN_LINEAR", "off")
     assert "kernels for swiglu, AdamW" in kernels.status() and "MLXFLOW_LEAN_LINEAR=off" in kernels.status()

@@ -166,6 +166,34 @@ def test_add_rms_norm_of_a_training_batch_matches_float64(dtype, d, monkeypatch)
     np.testing.assert_allclose(_np(gw), gw_want, rtol=tol, atol=tol * np.abs(cyn * sn * r).sum(0).max())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,v", [("float32", 6400), ("bfloat16", 6400), ("bfloat16", 1003)])
+def test_cross_entropy_of_a_training_batch_matches_float64(dtype, v):
+    """`kernels.cross_entropy` on a training-sized batch (on CUDA `cuda_xent`'s kernels), compiled
+    with its gradient, ignored targets (-1 and V) included. 1,003 columns: rows start unaligned and
+    end in a partial piece."""
+    dt = getattr(mx, dtype)
+    n = -(-kernels.LEAN_MIN_ELEMENTS // v) + 5
+    x = mx.array(RNG.standard_normal((n, v)) * 3).astype(dt)
+    t_np = RNG.integers(0, v, n)
+    t_np[:2] = (-1, v)
+    t, wts = mx.array(t_np), mx.array(RNG.uniform(size=n).astype(np.float32))
+    loss = kernels.cross_entropy(x, t)
+    g = mx.compile(mx.grad(lambda z: (kernels.cross_entropy(z, t) * wts).sum()))(x)
+    xn, wn = _np(x), _np(wts)
+    lse = np.log(np.exp(xn - xn.max(-1, keepdims=True)).sum(-1)) + xn.max(-1)
+    valid = (t_np >= 0) & (t_np < v)
+    picked = xn[np.arange(n), np.where(valid, t_np, 0)]
+    want = np.where(valid, lse - picked, 0.0)
+    onehot = np.zeros_like(xn)
+    onehot[np.arange(n)[valid], t_np[valid]] = 1
+    g_want = (np.exp(xn - lse[:, None]) - onehot) * np.where(valid, wn, 0.0)[:, None]
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    assert loss.dtype == mx.float32 and g.dtype == dt
+    np.testing.assert_allclose(_np(loss), want, rtol=1e-4, atol=1e-4)  # float32 arithmetic on the dtype's logits
+    np.testing.assert_allclose(_np(g), g_want, rtol=tol, atol=tol * 1e-2)
+
+
 def _rope64(x, dims, traditional, base, positions):
     """float64 RoPE of x [B, H, T, D] at the given positions."""
     half = dims // 2
