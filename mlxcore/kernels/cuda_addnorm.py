@@ -29,7 +29,7 @@ import mlx.core as mx
 
 from mlxcore.kernels import cuda
 
-VERSION = 2
+VERSION = 3
 BLOCK = 256  # 8 warps, a row each
 MAX_WARPS = 8192  # the backward's warps (4 rows each at B32 x T1024); a block of them writes one partial row
 MAX_PIECES = 8  # 16-byte pieces of a row per lane: D <= 2048 in bf16 / f16, 1024 in f32
@@ -131,7 +131,8 @@ def _source(forward: bool) -> str:
     for (int j = 0; j < VEC; ++j) acc[p][j] = 0.0f;
   for (int64_t row = warp; row < rows; row += warps) {
     const int64_t base = row * d;
-    alignas(16) T sv[PIECES][VEC], yv[PIECES][VEC];  // kept in the dtype: half the registers of float
+    // kept in the dtype (half the registers of float); all three loaded before the row's sums
+    alignas(16) T sv[PIECES][VEC], yv[PIECES][VEC], dv[PIECES][VEC];
     float ss = 0.0f, dot = 0.0f;
 #pragma unroll
     for (int p = 0; p < PIECES; ++p) {
@@ -139,6 +140,13 @@ def _source(forward: bool) -> str:
       if (col < d) {
         load(s + base + col, sv[p], VEC, whole);
         load(dy + base + col, yv[p], VEC, whole);
+        load(ds + base + col, dv[p], VEC, whole);
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < PIECES; ++p) {
+      const int col = (p * 32 + lane) * VEC;
+      if (col < d) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const float h = ::mlxflow::f32(sv[p][j]);
@@ -153,13 +161,11 @@ def _source(forward: bool) -> str:
     for (int p = 0; p < PIECES; ++p) {
       const int col = (p * 32 + lane) * VEC;
       if (col < d) {
-        alignas(16) T dv[VEC];
-        load(ds + base + col, dv, VEC, whole);
         float o[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const float h = ::mlxflow::f32(sv[p][j]), c = ::mlxflow::f32(yv[p][j]);
-          o[j] = ::mlxflow::f32(dv[j]) + (r * (c * ::mlxflow::f32(wv[p][j])) - k * h);
+          o[j] = ::mlxflow::f32(dv[p][j]) + (r * (c * ::mlxflow::f32(wv[p][j])) - k * h);
           acc[p][j] += c * (h * r);
         }
         store(d_s + base + col, o, VEC, whole);
