@@ -35,10 +35,10 @@ CATEGORIES = (
     ("attention", ("sdpa", "fmha", "flash", "cudnn")),
     ("GEMM", ("nvjet", "splitkreduce", "gemm", "cutlass", "xmma")),
     ("RoPE", ("rope",)),
-    ("RMSNorm", ("rms_norm", "col_reduce")),
+    ("RMSNorm", ("rms_norm", "col_reduce", "addnorm")),  # torch's and ours fuse the residual add in
     ("SwiGLU", ("swiglu", "sigmoid", "silu", "tanh")),
     ("clip + optimizer", ("multi_tensor_apply", "lpnorm", "square", "all_reduce", "adamw", "sumsq")),
-    ("loss", ("softmax", "logsumexp", "nll_loss")),
+    ("loss", ("softmax", "logsumexp", "nll_loss", "xent")),
 )
 OTHER = "other elementwise / copies"
 

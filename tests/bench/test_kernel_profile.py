@@ -33,6 +33,9 @@ KERNELS = {
     "void mlx::core::cu::unary_v<mlx::core::cu::Square, __nv_bfloat16, __nv_bfloat16, unsigned int, 8>": "clip + optimizer",
     "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::FusedOptimizerTensorListMetadata<4>>": "clip + optimizer",
     "void mlx::core::cu::logsumexp<float, float, 1024, 4>(float const*, float*, int)": "loss",
+    "mlx::core::cu::custom_kernel_mlxflow_addnorm_v3_bfloat16_3_bwd(long long const*, float const*)": "RMSNorm",
+    "mlx::core::cu::custom_kernel_mlxflow_addnorm_colsum_v3(long long const*, float const*)": "RMSNorm",
+    "mlx::core::cu::custom_kernel_mlxflow_xent_v2_bfloat16_fwd(long long const*, __nv_bfloat16 const*)": "loss",
     "void mlx::core::cu::binary_vv<mlx::core::cu::Add, __nv_bfloat16, __nv_bfloat16, unsigned int, 8>": kernel_profile.OTHER,
     "Memset (Unknown)": kernel_profile.OTHER,
 }
