@@ -8,9 +8,10 @@ on an H100 (200mb, bf16, B32xT1024) 60 `binary_vv<Add>` launches, 3.2 ms of kern
 step, where torch's compiler folds both into its RMSNorm kernels (README, "Kernel by kernel").
 Here the forward reads `a` and `b` once and writes the sum and the normalised sum; the backward
 reads the sum, both cotangents and the weight and writes the sum's whole gradient (the
-cotangent of `s` plus the norm's) and each warp's share of the weight's gradient, which one
-MLX sum adds up. So no add is left between layers (`kernels.patch` hands each layer's fused
-output to the next layer's norm).
+cotangent of `s` plus the norm's) and each block's share of the weight's gradient (its warps'
+sums added in shared memory in a fixed order), which a column-sum kernel adds up: deterministic.
+So no add is left between layers (`kernels.patch` hands each layer's fused output to the next
+layer's norm); the README ("The residual adds and the loss as kernels") has what it saves.
 
 Arithmetic: the sum is rounded to the inputs' dtype, as `a + b` is, and the norm is taken of
 that rounded sum, so `s` and `y` are the unfused ops' values up to the norm's own rounding
@@ -30,7 +31,7 @@ import mlx.core as mx
 from mlxcore.kernels import cuda
 
 VERSION = 3
-BLOCK = 256  # 8 warps, a row each
+BLOCK = 256  # 8 warps
 MAX_WARPS = 8192  # the backward's warps (4 rows each at B32 x T1024); a block of them writes one partial row
 MAX_PIECES = 8  # 16-byte pieces of a row per lane: D <= 2048 in bf16 / f16, 1024 in f32
 

@@ -12,7 +12,9 @@ layers for `FastRMSNorm`, `FastRoPE` (the CPU kernels; on CUDA `cuda_rope`) and 
 CUDA, `kernels.lean_linear`: the weight gradient in the weight's layout; `MLXFLOW_LEAN_LINEAR`),
 and gives any module whose `q_proj` / `k_proj` / `v_proj` or `gate_proj` / `up_proj` are
 `nn.Linear` layers a `Grouped...` subclass that computes them together (`kernels.projections`,
-where `lean_linear` runs: one input gradient, summed in the products' epilogues).
+where `lean_linear` runs: one input gradient, summed in the products' epilogues), and llama / qwen2 /
+qwen3 / qwen3_moe decoder layers a `Residual...` class whose residual adds run with the norm after
+each (`kernels.add_rms_norm`: on CUDA one kernel each way, no add left between layers).
 The arithmetic is the same function; tests hold the results to float32 rounding.
 Inside `mlxcore.models.segments.packed(...)` (packed SFT batches) the attention wrapper computes
 attention within each packed row instead, on every device; `use_segments(model)` sets that up.
