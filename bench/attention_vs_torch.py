@@ -14,7 +14,11 @@ the same values, each with its gradient, for q / k / v given as
   any copy (torch's layers pass this view to its attention).
 
 It prints each time (best of `--repeats`, synchronised), ours / PyTorch as a speed ratio, and the
-largest difference between the two frameworks' outputs and input gradients.
+largest difference between the two frameworks' outputs and input gradients. `--kernels N` (CUDA)
+also lists each side's N longest kernels of one forward + backward: on an H100 both run cuDNN's
+`flash_bprop_..._knob_26` kernel, MLX's for 0.654 ms and torch's for 0.421 (README, "What is left:
+attention is MLX-CUDA's cuDNN graph"). `--kv-heads 12` on `200mb` (no GQA) separates grouped heads
+from the rest.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ def _mlx_side(arrays: list[np.ndarray], layout: str, dtype: str, scale: float, r
     fwd = mx.compile(attend)
     grad = mx.compile(mx.grad(lambda q, k, v: (attend(q, k, v) * c).astype(mx.float32).sum(), argnums=(0, 1, 2)))
     out = {"fwd_ms": 1e3 * best_seconds(lambda: mx.eval(fwd(q, k, v)), mx.synchronize, repeats),
-           "fwd_bwd_ms": 1e3 * best_seconds(lambda: mx.eval(grad(q, k, v)), mx.synchronize, repeats)}
+           "fwd_bwd_ms": 1e3 * best_seconds(lambda: mx.eval(grad(q, k, v)), mx.synchronize, repeats),
+           "fwd_bwd": lambda: mx.eval(grad(q, k, v))}
     values = [fwd(q, k, v), *grad(q, k, v)]
     out["values"] = [np.array(x.astype(mx.float32)) for x in values]  # [B, H, T, D]
     return out
@@ -87,16 +92,27 @@ def _torch_side(arrays: list[np.ndarray], layout: str, dtype: str, scale: float,
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.no_grad():
         fwd_ms = 1e3 * best_seconds(lambda: attend_c(q, k, v), sync, repeats)
-    out = {"fwd_ms": fwd_ms, "fwd_bwd_ms": 1e3 * best_seconds(lambda: fwd_bwd_c(q, k, v), sync, repeats)}
+    out = {"fwd_ms": fwd_ms, "fwd_bwd_ms": 1e3 * best_seconds(lambda: fwd_bwd_c(q, k, v), sync, repeats),
+           "fwd_bwd": lambda: fwd_bwd_c(q, k, v)}
     with torch.no_grad():
         first = attend(q, k, v)
     out["values"] = [x.detach().float().cpu().numpy() for x in (first, *fwd_bwd(q, k, v))]
     return out
 
 
-def run(preset: str, batch: int, seq: int, dtype: str, repeats: int, compiled: bool) -> dict:
+def _kernels(side: dict, top: int) -> list[tuple[float, int, str]]:
+    """The `top` CUDA kernels of one forward + backward call (ms and launches per call)."""
+    import kernel_profile
+
+    return kernel_profile.profile_step(side["fwd_bwd"], warmup=1, steps=3)[:top]
+
+
+def run(preset: str, batch: int, seq: int, dtype: str, repeats: int, compiled: bool, kv_heads: int | None = None,
+        kernels_top: int = 0) -> dict:
     cfg = ModelConfig(preset=preset)
-    h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    h, hkv, d = cfg.num_heads, kv_heads or cfg.num_kv_heads, cfg.resolved_head_dim
+    if h % hkv:
+        raise SystemExit(f"--kv-heads {hkv} must divide the {h} query heads")
     scale = d ** -0.5
     device = "cuda" if torch.cuda.is_available() else "cpu"
     arrays = _inputs(batch, seq, h, hkv, d)
@@ -117,6 +133,12 @@ def run(preset: str, batch: int, seq: int, dtype: str, repeats: int, compiled: b
         print(f"{layout:<12} {r['mlx_fwd_ms']:>9.3f} {r['torch_fwd_ms']:>10.3f} {r['torch_fwd_ms'] / r['mlx_fwd_ms']:>5.2f}x "
               f"{r['mlx_fwd_bwd_ms']:>9.3f} {r['torch_fwd_bwd_ms']:>10.3f} {r['torch_fwd_bwd_ms'] / r['mlx_fwd_bwd_ms']:>5.2f}x "
               f"{out_diff:>15.3g} {grad_diff:>16.3g}")
+        if kernels_top and device == "cuda":  # the same cuDNN kernel can take different times
+            for name, side in (("mlx", ours), ("torch", ref)):
+                for ms, count, kernel in _kernels(side, kernels_top):
+                    print(f"    {name:<6} {ms:8.3f} ms x{count:<3} {kernel[:110]}")
+    if kernels_top and device != "cuda":
+        print("--kernels lists CUDA kernels: no GPU here")
     print("ratio: ours / PyTorch as speed (torch ms / mlx ms); above 1 is faster")
     return rows
 
@@ -130,9 +152,13 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the torch side (auto: on CUDA only)")
+    p.add_argument("--kv-heads", type=int, default=None,
+                   help="key / value heads (default: the preset's; the query heads' count: no GQA)")
+    p.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="on CUDA, also list each side's N longest kernels of one forward + backward")
     args = p.parse_args(argv)
     compiled = args.compile == "on" or (args.compile == "auto" and torch.cuda.is_available())
-    return run(args.preset, args.batch, args.seq, args.dtype, args.repeats, compiled)
+    return run(args.preset, args.batch, args.seq, args.dtype, args.repeats, compiled, args.kv_heads, args.kernels)
 
 
 if __name__ == "__main__":
