@@ -29,11 +29,12 @@ import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 
 from mlxcore.kernels import _build, cuda, cuda_addnorm, cuda_rope, cuda_swiglu, cuda_xent
-from mlxcore.kernels.lean import _lean_swiglu_grads, _silu_mul, lean_linear, lean_projections, lean_swiglu  # noqa: F401  (API)
+from mlxcore.kernels.lean import (_lean_swiglu_grads, _silu_mul, lean_linear, lean_linear_trained, lean_projections,  # noqa: F401  (API)
+                                  lean_projections_trained, lean_swiglu)
 
 __all__ = ["add_rms_norm", "add_rms_norm_on", "adamw_step", "attention", "available", "categorical_sample", "cross_entropy", "log_softmax",
            "reference_adamw_step", "reference_attention", "reference_categorical_sample", "reference_cross_entropy",
-           "lean_linear", "lean_projections", "lean_swiglu", "linear", "projections", "reference_log_softmax", "reference_swiglu", "segment_starts", "status", "swiglu"]
+           "lean_linear", "lean_linear_trained", "lean_projections", "lean_projections_trained", "lean_swiglu", "linear", "projections", "reference_log_softmax", "reference_swiglu", "segment_starts", "status", "swiglu"]
 
 
 def _ext():
@@ -52,7 +53,9 @@ def status() -> str:
     """One line for logs: which path is used and why."""
     if cuda.available():
         layers = [name for name in cuda.LAYERS if cuda.layer_on(name)]
-        linear = "lean linears and projection groups" if _lean_linear_on() else "autodiff's linears (MLXFLOW_LEAN_LINEAR=off)"
+        linear = (("lean linears and projection groups"
+                   + (", weight gradients first" if _weight_grads_first() else " (MLXFLOW_WGRAD_FIRST=off)"))
+                  if _lean_linear_on() else "autodiff's linears (MLXFLOW_LEAN_LINEAR=off)")
         return (f"CUDA: mlxflow kernels for {', '.join(layers) or 'no layer (MLXFLOW_CUDA_LAYERS=off)'}, "
                 f"AdamW and the clip norm (fused_optimizer: auto); {linear}; MLX's ops elsewhere")
     if _build.mode() == "off":
@@ -197,12 +200,19 @@ def _lean_linear_on() -> bool:
     return mode in ("1", "on", "true", "yes") or cuda.available()
 
 
-def linear(x: mx.array, weight: mx.array) -> mx.array:
+def _weight_grads_first() -> bool:
+    """`MLXFLOW_WGRAD_FIRST`: on (the default) orders a trained linear layer's weight gradients
+    before its input gradient (`lean_linear_trained`); off lets MLX schedule them."""
+    return os.environ.get("MLXFLOW_WGRAD_FIRST", "on").lower() not in ("0", "off", "false", "no")
+
+
+def linear(x: mx.array, weight: mx.array, trained: bool = False) -> mx.array:
     """`x @ weight.T`: `lean_linear` where `_lean_linear_on` says so and the input is a training
     batch (at least `LEAN_MIN_ELEMENTS` values), else the plain product (the CPU: MLX's autodiff
-    keeps the existing bits; decoding: no custom-function dispatch)."""
+    keeps the existing bits; decoding: no custom-function dispatch). `trained`: the weight's
+    gradient is wanted, so it may be computed first (`lean_linear_trained`)."""
     if x.size >= LEAN_MIN_ELEMENTS and x.ndim >= 2 and weight.ndim == 2 and _lean_linear_on():
-        return lean_linear(x, weight)
+        return (lean_linear_trained if trained and _weight_grads_first() else lean_linear)(x, weight)
     return x @ weight.T
 
 
@@ -211,12 +221,13 @@ def projections_on(x: mx.array) -> bool:
     return x.size >= LEAN_MIN_ELEMENTS and x.ndim >= 2 and _lean_linear_on()
 
 
-def projections(x: mx.array, weights) -> tuple[mx.array, ...]:
+def projections(x: mx.array, weights, trained: bool = False) -> tuple[mx.array, ...]:
     """`tuple(x @ w.T for w in weights)`: `lean_projections` (one input gradient, summed in the
-    products' epilogues) where `projections_on(x)`, else plain products."""
+    products' epilogues) where `projections_on(x)`, else plain products. `trained`: every
+    weight's gradient is wanted (`lean_projections_trained`, as `linear`)."""
     weights = list(weights)
     if len(weights) > 1 and all(w.ndim == 2 for w in weights) and projections_on(x):
-        return lean_projections(x, *weights)
+        return (lean_projections_trained if trained and _weight_grads_first() else lean_projections)(x, *weights)
     return tuple(x @ w.T for w in weights)
 
 

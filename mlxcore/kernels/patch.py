@@ -174,6 +174,11 @@ class FastRoPE(nn.RoPE):
                             offset=offset)
 
 
+def _trained(layer: nn.Module) -> bool:
+    """Whether the layer's weight is trained (not frozen: LoRA's base), so its gradient is wanted."""
+    return "weight" not in layer._no_grad
+
+
 class FastLinear(nn.Linear):
     """mlx.nn.Linear without a bias through `kernels.linear`: on CUDA a backward whose weight
     gradient comes out in the weight's layout (`kernels.lean_linear`), MLX's product elsewhere.
@@ -185,7 +190,7 @@ class FastLinear(nn.Linear):
             return hit[1]  # computed with its group's other projections of the same x
         if "bias" in self:
             return super().__call__(x)
-        return kernels.linear(x, self["weight"])
+        return kernels.linear(x, self["weight"], trained=_trained(self))
 
 
 # Layers whose bias-free projections of one input are computed together (`kernels.projections`:
@@ -213,7 +218,7 @@ def _grouped_class(cls: type, names: tuple[str, ...]) -> type:
             layers = [self[name] for name in names]
             if not (_groupable(x, layers) and kernels.projections_on(x)):  # the CPU: as before
                 return cls.__call__(self, *args, **kwargs)
-            outs = kernels.projections(x, [layer["weight"] for layer in layers])
+            outs = kernels.projections(x, [layer["weight"] for layer in layers], trained=all(map(_trained, layers)))
             by_layer = _GROUP_OUTPUTS.__dict__.setdefault("by_layer", {})
             by_layer.update({id(layer): (x, y) for layer, y in zip(layers, outs)})
             try:

@@ -86,31 +86,39 @@ def test_lean_swiglu_backward_is_two_kernels(dtype, tmp_path):
         close(x.astype(mx.float32), y.astype(mx.float32), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("trained", [False, True], ids=["lean_linear", "lean_linear_trained"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_lean_linear_has_autodiffs_value_and_gradients(dtype):
+def test_lean_linear_has_autodiffs_value_and_gradients(dtype, trained):
     """`x @ w.T` with the weight gradient computed as `g.T @ x`, in the weight's layout: the same
     value as autodiff, and both gradients equal to autodiff's up to the GEMMs' summation order,
-    compiled, for a 3-D batch; with the weight frozen (LoRA's base), the input gradient alone."""
+    compiled, for a 3-D batch; with the weight frozen (LoRA's base), the input gradient alone.
+    `lean_linear_trained` (the weight gradient first) gives `lean_linear`'s gradients bit for bit."""
     dt = getattr(mx, dtype)
+    fn = kernels.lean_linear_trained if trained else kernels.lean_linear
     x, w, c = (mx.random.normal(s, key=mx.random.key(i)).astype(dt) for i, s in enumerate([(4, 33, 48), (80, 48), (4, 33, 80)]))
-    assert mx.array_equal(kernels.lean_linear(x, w), x @ w.T)
-    lean = mx.compile(mx.grad(lambda x, w: (kernels.lean_linear(x, w) * c).astype(mx.float32).sum(), argnums=(0, 1)))
+    assert mx.array_equal(fn(x, w), x @ w.T)
+    lean = mx.compile(mx.grad(lambda x, w: (fn(x, w) * c).astype(mx.float32).sum(), argnums=(0, 1)))
     ref = mx.grad(lambda x, w: ((x @ w.T) * c).astype(mx.float32).sum(), argnums=(0, 1))
     tol = 1e-5 if dtype == "float32" else 2e-2
     got, want = lean(x, w), ref(x, w)
     for g, r in zip(got, want):
         assert g.dtype == dt and g.shape == r.shape
         close(g.astype(mx.float32), r.astype(mx.float32), rtol=tol, atol=tol * 10)
-    only_x = mx.grad(lambda x: (kernels.lean_linear(x, w) * c).astype(mx.float32).sum())(x)
+    only_x = mx.grad(lambda x: (fn(x, w) * c).astype(mx.float32).sum())(x)
     close(only_x.astype(mx.float32), want[0].astype(mx.float32), rtol=tol, atol=tol * 10)
+    free = mx.grad(lambda x, w: (kernels.lean_linear(x, w) * c).astype(mx.float32).sum(), argnums=(0, 1))(x, w)
+    assert all(mx.array_equal(g, f) for g, f in zip(got, free))
 
 
+@pytest.mark.parametrize("trained", [False, True], ids=["lean_projections", "lean_projections_trained"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_lean_projections_have_autodiffs_values_and_gradients(dtype):
+def test_lean_projections_have_autodiffs_values_and_gradients(dtype, trained):
     """Three projections of one input (q / k / v, GQA-sized): autodiff's values, and gradients
     equal to autodiff's up to summation order (the input's is built with `addmm`), compiled; with
-    one weight frozen, the others' gradients alone; `kernels.projections` on one weight is plain."""
+    one weight frozen, the others' gradients alone; `kernels.projections` on one weight is plain.
+    `lean_projections_trained` gives `lean_projections`' gradients bit for bit."""
     dt = getattr(mx, dtype)
+    fn = kernels.lean_projections_trained if trained else kernels.lean_projections
     shapes = [(2, 40, 48), (48, 48), (16, 48), (16, 48), (2, 40, 48), (2, 40, 16), (2, 40, 16)]
     x, wq, wk, wv, cq, ck, cv = (mx.random.normal(s, key=mx.random.key(i)).astype(dt) for i, s in enumerate(shapes))
 
@@ -121,18 +129,41 @@ def test_lean_projections_have_autodiffs_values_and_gradients(dtype):
         return f
 
     plain = lambda x, *ws: tuple(x @ w.T for w in ws)  # noqa: E731
-    for got, want in zip(kernels.lean_projections(x, wq, wk, wv), plain(x, wq, wk, wv)):
+    for got, want in zip(fn(x, wq, wk, wv), plain(x, wq, wk, wv)):
         assert mx.array_equal(got, want)
     tol = 1e-5 if dtype == "float32" else 2e-2
-    lean = mx.compile(mx.grad(loss(kernels.lean_projections), argnums=(0, 1, 2, 3)))(x, wq, wk, wv)
+    lean = mx.compile(mx.grad(loss(fn), argnums=(0, 1, 2, 3)))(x, wq, wk, wv)
     ref = mx.grad(loss(plain), argnums=(0, 1, 2, 3))(x, wq, wk, wv)
     for g, r in zip(lean, ref):
         assert g.dtype == dt and g.shape == r.shape
         close(g.astype(mx.float32), r.astype(mx.float32), rtol=tol, atol=tol * 10)
-    frozen_k = mx.grad(loss(kernels.lean_projections), argnums=(0, 1, 3))(x, wq, wk, wv)
+    frozen_k = mx.grad(loss(fn), argnums=(0, 1, 3))(x, wq, wk, wv)
     for g, r in zip(frozen_k, (ref[0], ref[1], ref[3])):
         close(g.astype(mx.float32), r.astype(mx.float32), rtol=tol, atol=tol * 10)
     assert len(kernels.projections(x, [wq])) == 1
+    free = mx.grad(loss(kernels.lean_projections), argnums=(0, 1, 2, 3))(x, wq, wk, wv)
+    assert all(mx.array_equal(g, f) for g, f in zip(lean, free))
+
+
+def test_trained_linears_order_the_weight_gradients_before_the_input_gradient(tmp_path):
+    """The `_trained` variants' input gradient depends on the weight gradients (`Depends`, the
+    weight-gradient GEMMs among its inputs), so MLX-CUDA runs them before it, not beside it; the
+    plain ones leave a frozen weight's gradient out of the input gradient's graph."""
+    x, w, wk, c, ck = (mx.random.normal(s, key=mx.random.key(i)) for i, s in
+                       enumerate([(2, 8, 16), (12, 16), (4, 16), (2, 8, 12), (2, 8, 4)]))
+    mx.eval(x, w, wk, c, ck)
+
+    def input_grad_graph(fn, weights, cotangents) -> list[str]:
+        dot = tmp_path / "dx.dot"
+        mx.export_to_dot(str(dot), mx.vjp(fn, [x, *weights], cotangents)[1][0])
+        return re.findall(r'label ="([^"]*)"', dot.read_text())
+
+    for plain, trained, weights, cots in ((kernels.lean_linear, kernels.lean_linear_trained, [w], [c]),
+                                          (kernels.lean_projections, kernels.lean_projections_trained, [w, wk], [c, ck])):
+        free, first = input_grad_graph(plain, weights, cots), input_grad_graph(trained, weights, cots)
+        assert "Depends" not in free and "Depends" in first, (free, first)
+        # the input gradient's own products, plus one weight gradient per weight when ordered
+        assert first.count("Matmul") + first.count("AddMM") == free.count("Matmul") + free.count("AddMM") + len(weights)
 
 
 def test_linear_is_lean_on_cuda_or_when_asked_and_models_take_it_without_a_bias(monkeypatch):
@@ -143,8 +174,9 @@ def test_linear_is_lean_on_cuda_or_when_asked_and_models_take_it_without_a_bias(
     from mlxcore.kernels import cuda, patch
 
     calls = []
-    lean = kernels.lean_linear
-    monkeypatch.setattr(kernels, "lean_linear", lambda x, w: calls.append(1) or lean(x, w))
+    lean, trained = kernels.lean_linear, kernels.lean_linear_trained
+    monkeypatch.setattr(kernels, "lean_linear", lambda x, w: calls.append("lean") or lean(x, w))
+    monkeypatch.setattr(kernels, "lean_linear_trained", lambda x, w: calls.append("trained") or trained(x, w))
     x, w = mx.ones((4, kernels.LEAN_MIN_ELEMENTS // 4)), mx.ones((3, kernels.LEAN_MIN_ELEMENTS // 4))
 
     def used(setting, on_cuda=False, x=x):
@@ -165,9 +197,16 @@ def test_linear_is_lean_on_cuda_or_when_asked_and_models_take_it_without_a_bias(
     assert type(plain) is patch.FastLinear and type(biased) is patch.FastLinear
     calls.clear()
     after = [plain(inp), biased(inp)]
-    assert len(calls) == 1  # the bias-free layer only
+    assert calls == ["trained"]  # the bias-free layer only, its weight trained: its gradient first
     for a, b in zip(after, before):
         close(a, b, rtol=1e-6, atol=1e-6)
+    plain.freeze()  # LoRA's base: its gradient is never wanted, so nothing may wait on it
+    calls.clear()
+    close(plain(inp), before[0], rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv("MLXFLOW_WGRAD_FIRST", "off")
+    plain.unfreeze()
+    plain(inp)
+    assert calls == ["lean", "lean"]
     patch.restore_all()
     assert type(plain) is nn.Linear
 

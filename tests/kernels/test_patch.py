@@ -281,12 +281,16 @@ def test_generation_with_a_cache_keeps_mlx_lm_attention(fast, spy):
 @pytest.fixture
 def grouping(monkeypatch):
     """`MLXFLOW_LEAN_LINEAR=on` (the CUDA default) with every input training-sized; counts the
-    projections computed together, by group size."""
+    projections computed together, by group size (`.trained`: those that took the weight-gradients-first
+    variant, `lean_projections_trained`)."""
     monkeypatch.setenv("MLXFLOW_LEAN_LINEAR", "on")
     monkeypatch.setattr(kernels, "LEAN_MIN_ELEMENTS", 1)
     sizes = Counter()
-    lean = kernels.lean_projections
+    sizes.trained = Counter()
+    lean, trained = kernels.lean_projections, kernels.lean_projections_trained
     monkeypatch.setattr(kernels, "lean_projections", lambda x, *ws: sizes.update([len(ws)]) or lean(x, *ws))
+    monkeypatch.setattr(kernels, "lean_projections_trained",
+                        lambda x, *ws: sizes.update([len(ws)]) or sizes.trained.update([len(ws)]) or trained(x, *ws))
     return sizes
 
 
@@ -303,7 +307,7 @@ def test_projection_groups_are_computed_together_with_mlx_lm_results(grouping, a
     model = from_config(_config(arch), seed=4)
     classes = {name: type(m) for name, m in model.named_modules()}
     _same_loss_and_gradients_once_patched(model, _tokens(4), _tokens(5))
-    assert dict(grouping) == GROUPED[arch]
+    assert dict(grouping) == GROUPED[arch] == dict(grouping.trained)  # trained weights: their gradients first
     patch.restore_all()
     assert {name: type(m) for name, m in model.named_modules()} == classes
 
@@ -346,3 +350,11 @@ def test_a_group_with_an_adapter_or_off_computes_each_projection(grouping, monke
         layer.self_attn.q_proj = LoRALinear.from_base(layer.self_attn.q_proj, r=4)
     np.testing.assert_allclose(np.array(model(x)), np.array(reference), rtol=1e-5, atol=1e-5)
     assert dict(grouping) == {2: LAYERS}  # the MLPs' gate / up only
+    grouping.clear(), grouping.trained.clear()
+    model.freeze()  # frozen bases (the adapters' setup): no gradient of theirs may be made wanted
+    model(x)
+    assert dict(grouping) == {2: LAYERS} and not grouping.trained
+    model.layers[0].mlp.up_proj.unfreeze()  # one trained member is not enough: its partner's is not wanted
+    grouping.clear()
+    model(x)
+    assert dict(grouping) == {2: LAYERS} and not grouping.trained

@@ -72,15 +72,16 @@ def test_attention_matches_float64(segmented):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["lean_linear", "lean_linear_trained"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_lean_linear_matches_float64_in_value_and_both_gradients(dtype):
-    """`kernels.lean_linear` (a training step's linear layers on CUDA), compiled with its gradient:
-    the product, the input gradient `g @ w` and the weight gradient `g.T @ x` (in the weight's
-    layout) against float64 NumPy."""
-    dt = getattr(mx, dtype)
+def test_lean_linear_matches_float64_in_value_and_both_gradients(dtype, name):
+    """`kernels.lean_linear` (a training step's linear layers on CUDA; `_trained`: the weight
+    gradient first), compiled with its gradient: the product, the input gradient `g @ w` and the
+    weight gradient `g.T @ x` (in the weight's layout) against float64 NumPy."""
+    dt, fn = getattr(mx, dtype), getattr(kernels, name)
     x, w, c = (mx.array(RNG.standard_normal(s)).astype(dt) for s in ((2, 48, 64), (96, 64), (2, 48, 96)))
-    grad = mx.compile(mx.grad(lambda x, w: (kernels.lean_linear(x, w) * c).astype(mx.float32).sum(), argnums=(0, 1)))
-    (gx, gw), y = grad(x, w), kernels.lean_linear(x, w)
+    grad = mx.compile(mx.grad(lambda x, w: (fn(x, w) * c).astype(mx.float32).sum(), argnums=(0, 1)))
+    (gx, gw), y = grad(x, w), fn(x, w)
     xn, wn, cn = _np(x), _np(w), _np(c)
     _close_to_scale([(y, xn @ wn.T), (gx, cn @ wn), (gw, cn.reshape(-1, 96).T @ xn.reshape(-1, 64))], dt)
 
@@ -95,16 +96,17 @@ def _close_to_scale(pairs, dt) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["lean_projections", "lean_projections_trained"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_lean_projections_match_float64_in_values_and_gradients(dtype):
-    """`kernels.lean_projections` (a training step's q / k / v and gate / up on CUDA), compiled
-    with its gradient: the input gradient summed with `addmm` (cuBLASLt's epilogue on CUDA) and
-    each weight's, against float64 NumPy."""
-    dt = getattr(mx, dtype)
+def test_lean_projections_match_float64_in_values_and_gradients(dtype, name):
+    """`kernels.lean_projections` (a training step's q / k / v and gate / up on CUDA; `_trained`:
+    the weight gradients first), compiled with its gradient: the input gradient summed with
+    `addmm` (cuBLASLt's epilogue on CUDA) and each weight's, against float64 NumPy."""
+    dt, fn = getattr(mx, dtype), getattr(kernels, name)
     x, wa, wb, ca, cb = (mx.array(RNG.standard_normal(s)).astype(dt)
                          for s in ((2, 48, 64), (96, 64), (32, 64), (2, 48, 96), (2, 48, 32)))
     grad = mx.compile(mx.grad(lambda x, wa, wb: sum((p * c).astype(mx.float32).sum() for p, c in
-                                                    zip(kernels.lean_projections(x, wa, wb), (ca, cb))),
+                                                    zip(fn(x, wa, wb), (ca, cb))),
                               argnums=(0, 1, 2)))
     gx, ga, gb = grad(x, wa, wb)
     xn, an, bn, can, cbn = (_np(a) for a in (x, wa, wb, ca, cb))
