@@ -379,12 +379,16 @@ def test_env_off_uses_plain_mlx(monkeypatch):
 
 
 def test_status_names_the_cuda_paths_a_step_takes(monkeypatch):
-    """On CUDA the one-line status names the layer kernels `MLXFLOW_CUDA_LAYERS` leaves on and
-    whether the linears are lean (`mlxflow doctor` prints it)."""
+    """On CUDA the one-line status names the layer kernels `MLXFLOW_CUDA_LAYERS` leaves on,
+    whether the linears are lean and whether their weight gradients go first (`mlxflow doctor`
+    prints it)."""
     from mlxcore.kernels import cuda
 
     monkeypatch.setattr(cuda, "available", lambda: True)
     assert kernels.status().startswith("CUDA: mlxflow kernels for rope, swiglu, addnorm, cross_entropy, AdamW")
+    assert "projection groups, weight gradients first;" in kernels.status()
+    monkeypatch.setenv("MLXFLOW_WGRAD_FIRST", "off")
+    assert "projection groups (MLXFLOW_WGRAD_FIRST=off);" in kernels.status()
     monkeypatch.setenv("MLXFLOW_CUDA_LAYERS", "swiglu")
     monkeypatch.setenv("MLXFLOW_LEAN_LINEAR", "off")
     assert "kernels for swiglu, AdamW" in kernels.status() and "MLXFLOW_LEAN_LINEAR=off" in kernels.status()
