@@ -5,8 +5,9 @@
 On an H100 the `200mb` step's attention kernels (cuDNN's flash forward and backward in both
 frameworks, the same kernels by name) took 15.2 ms in MLX against 11.6 ms in torch
 (`bench/kernel_profile.py`). This times the attention mlxcore's training step calls,
-`mlxcore.kernels.attention` (on a GPU `mx.fast.scaled_dot_product_attention`, on the Linux CPU
-the fused C++ kernel), and torch's `scaled_dot_product_attention` (`is_causal`, `enable_gqa`) on
+`mlxcore.kernels.attention` (on CUDA MLX's `mx.fast.scaled_dot_product_attention`, or with
+`MLXFLOW_CUDA_LAYERS=all` our cuDNN graph, `mlxcore.kernels.cuda_attention`; on the Linux CPU the
+fused C++ kernel), and torch's `scaled_dot_product_attention` (`is_causal`, `enable_gqa`) on
 the same values, each with its gradient, for q / k / v given as
 
 - `contiguous`: [B, H, T, D] arrays, what MLX's RoPE hands the attention in mlx-lm's layers;

@@ -12,7 +12,8 @@ and for sampling (categorical sampling with temperature / top-p, log-softmax).
 
 Same API and semantics on every device. On the Linux CPU backend they run custom MLX
 primitives from a small C++ extension (vectorized, multi-threaded; built on first use, see
-`_build.py`), elsewhere — macOS/Metal, CUDA, no compiler, `MLXFLOW_KERNELS=off`, an
+`_build.py`); on CUDA with `MLXFLOW_CUDA_LAYERS=all`, attention in bfloat16 / float16 runs cuDNN
+through `cuda_attention` (also built on first use); elsewhere — macOS/Metal, no compiler, `MLXFLOW_KERNELS=off`, an
 unsupported shape — they are plain MLX ops (`reference_cross_entropy`,
 `mx.fast.scaled_dot_product_attention`). Both paths are lazy graph ops: they compose with
 `mx.compile`, `mx.grad` and `nn.value_and_grad` (the extension's vjp is a custom primitive).
@@ -28,7 +29,7 @@ import os
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 
-from mlxcore.kernels import _build, cuda, cuda_addnorm, cuda_rope, cuda_swiglu, cuda_xent
+from mlxcore.kernels import _build, cuda, cuda_addnorm, cuda_attention, cuda_rope, cuda_swiglu, cuda_xent
 from mlxcore.kernels.lean import (_lean_swiglu_grads, _silu_mul, lean_linear, lean_linear_trained, lean_projections,  # noqa: F401  (API)
                                   lean_projections_trained, lean_swiglu)
 
@@ -57,7 +58,8 @@ def status() -> str:
                    + (", weight gradients first" if _weight_grads_first() else " (MLXFLOW_WGRAD_FIRST=off)"))
                   if _lean_linear_on() else "autodiff's linears (MLXFLOW_LEAN_LINEAR=off)")
         return (f"CUDA: mlxflow kernels for {', '.join(layers) or 'no layer (MLXFLOW_CUDA_LAYERS=off)'}, "
-                f"AdamW and the clip norm (fused_optimizer: auto); {linear}; MLX's ops elsewhere")
+                f"AdamW and the clip norm (fused_optimizer: auto); {linear}; {cuda_attention.status()}; "
+                "MLX's ops elsewhere")
     if _build.mode() == "off":
         return "plain MLX ops (MLXFLOW_KERNELS=off)"
     if mx.default_device().type != mx.cpu:
@@ -147,6 +149,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
                                  or k.shape[2] != q.shape[2]):
         raise ValueError(f"attention: segment ids {segments.shape} need causal attention with "
                          f"ids [B, T] for q {q.shape} and as many keys as queries (k {k.shape})")
+    if segments is None and cuda_attention.applies(q, k, v, causal):  # CUDA: cuDNN, top-left causal mask
+        return cuda_attention.attention(q, k, v, scale, causal)
     ext = _ext()
     if ext is None or not _attention_supported(q, k, v):
         return reference_attention(q, k, v, scale, causal, segments)

@@ -49,12 +49,6 @@ KERNEL_FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno"]  # no -ffast-mat
 # nanobind internals versions of releases checked by hand (for the error message only)
 KNOWN_NANOBIND = {22: "3.1.0", 19: "2.12.0", 17: "2.10.2", 16: "2.9.2"}
 
-_lock = threading.Lock()
-_module = None
-_error: str | None = None
-_aligned = False
-
-
 class KernelsUnavailable(RuntimeError):
     pass
 
@@ -68,27 +62,64 @@ def mode() -> str:
     return m
 
 
+class Extension:
+    """One lazily built nanobind module: its sources, how to configure its build, its state.
+
+    `configure()` returns the extra compile flags (`common`: every translation unit, `kflags`:
+    the module's own sources), the extra link flags and what else belongs in the cache key; it
+    raises KernelsUnavailable when the build cannot happen here (no headers, wrong platform).
+    """
+
+    def __init__(self, module: str, src_dir: Path, sources: list[str], what: str, configure,
+                 exact: frozenset[str] = frozenset(), after_load=None):
+        self.module, self.src_dir, self.sources, self.what = module, src_dir, sources, what
+        self.configure, self.exact, self.after_load = configure, exact, after_load
+        self._lock = threading.Lock()
+        self._module = None
+        self._error: str | None = None
+
+    def load(self):
+        """The extension module, or None (with `error()` saying why). Thread-safe, cached."""
+        if mode() == "off":
+            return None
+        if self._module is None and self._error is None:
+            with self._lock:
+                if self._module is None and self._error is None:
+                    try:
+                        self._module = _load_or_build(self)
+                        if self.after_load is not None:
+                            self.after_load(self._module)
+                    except Exception as e:  # noqa: BLE001 - any failure means "use plain MLX"
+                        self._error = f"{type(e).__name__}: {e}"
+                        print(f"mlxflow: {self.what} unavailable, using plain MLX ops ({self._error})",
+                              file=sys.stderr)
+        if self._error is not None and mode() == "on":
+            raise KernelsUnavailable(self._error)
+        return self._module
+
+    def error(self) -> str | None:
+        return self._error
+
+
+def _cpu_configure() -> dict:
+    if not sys.platform.startswith("linux"):
+        raise KernelsUnavailable(f"{sys.platform}: only built for Linux CPU (MLX has "
+                                 "Accelerate/Metal on macOS)")
+    return dict(common=[], kflags=KERNEL_FLAGS + _arch_flags(), link=["-Wl,-s"], key=[_cpu_id()])
+
+
+def _align_after_load(module) -> None:
+    _align(module)
+
+
+CPU = Extension(MODULE_NAME, SRC_DIR, SOURCES, "CPU kernels", _cpu_configure,
+                exact=frozenset(EXACT_SOURCES), after_load=_align_after_load)
+_aligned = False
+
+
 def load():
-    """The extension module, or None (with `error()` saying why). Thread-safe, cached."""
-    global _module, _error
-    if mode() == "off":
-        return None
-    if _module is not None or _error is not None:
-        if _error is not None and mode() == "on":
-            raise KernelsUnavailable(_error)
-        return _module
-    with _lock:
-        if _module is None and _error is None:
-            try:
-                _module = _load_or_build()
-                _align(_module)
-            except Exception as e:  # noqa: BLE001 - any failure means "use plain MLX"
-                _error = f"{type(e).__name__}: {e}"
-                print(f"mlxflow: CPU kernels unavailable, using plain MLX ops ({_error})",
-                      file=sys.stderr)
-    if _error is not None and mode() == "on":
-        raise KernelsUnavailable(_error)
-    return _module
+    """The CPU extension module, or None (with `error()` saying why). Thread-safe, cached."""
+    return CPU.load()
 
 
 def _align(module) -> None:
@@ -109,7 +140,7 @@ def aligned() -> bool:
 
 
 def error() -> str | None:
-    return _error
+    return CPU.error()
 
 
 def cache_root() -> Path:
@@ -181,39 +212,40 @@ def _check_nanobind_abi(nanobind, nb_dir: Path) -> None:
             f"with v{theirs}: pip install nanobind=={hint}")
 
 
-def _build_plan():
+def _build_plan(ext: Extension):
     import mlx.core as mx
     nanobind, nb_dir = _nanobind()
     cxx = _compiler()
     mlx_dir = Path(mx.__file__).resolve().parent  # `mlx` is a namespace package: no __file__
     py_inc = sysconfig.get_paths()["include"]
+    conf = ext.configure()
     common = ["-std=c++20", "-fPIC", "-fvisibility=hidden", "-DNDEBUG",
               "-DNB_DOMAIN=mlx",  # mlx.core's nanobind domain: shares its array type
               "-DNB_COMPACT_ASSERTIONS", f"-I{py_inc}", f"-I{nb_dir / 'include'}",
-              f"-I{nb_dir / 'ext' / 'robin_map' / 'include'}", f"-I{mlx_dir / 'include'}"]
-    kflags = KERNEL_FLAGS + _arch_flags()
-    link = ["-shared", f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}", "-Wl,-s"]
+              f"-I{nb_dir / 'ext' / 'robin_map' / 'include'}", f"-I{mlx_dir / 'include'}", *conf["common"]]
+    kflags = conf["kflags"]
+    link = ["-shared", f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}", *conf["link"]]
     try:
         cxx_version = subprocess.run([*cxx.split(), "--version"], capture_output=True,
                                      text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelsUnavailable(f"cannot run {cxx}: {e}") from None
     h = hashlib.sha256()
-    for f in sorted(SRC_DIR.iterdir()):
+    for f in sorted(ext.src_dir.rglob("*")):
         if f.suffix in (".cpp", ".h"):
-            h.update(f.name.encode() + f.read_bytes())
+            h.update(str(f.relative_to(ext.src_dir)).encode() + f.read_bytes())
     for part in (mx.__version__, nanobind.__version__, sys.version, sysconfig.get_config_var(
-            "EXT_SUFFIX"), cxx, cxx_version, " ".join(common + kflags + link), sorted(EXACT_SOURCES), _cpu_id()):
+            "EXT_SUFFIX"), cxx, cxx_version, " ".join(common + kflags + link), sorted(ext.exact), *conf["key"]):
         h.update(str(part).encode() + b"\0")
     return dict(cxx=cxx.split(), common=common, kflags=kflags, link=link, nb_dir=nb_dir,
                 nanobind=nanobind, key=h.hexdigest()[:20])
 
 
-def _compile(plan, out_dir: Path) -> Path:
+def _compile(ext: Extension, plan, out_dir: Path) -> Path:
     """Compile all translation units in parallel, then link. Returns the library path."""
     jobs = [(plan["nb_dir"] / "src" / "nb_combined.cpp", ["-O2", "-fno-strict-aliasing"])]
-    jobs += [(SRC_DIR / s, plan["kflags"] + ["-Wall"] + (["-ffp-contract=off"] if s in EXACT_SOURCES else []))
-             for s in SOURCES]
+    jobs += [(ext.src_dir / s, plan["kflags"] + ["-Wall"] + (["-ffp-contract=off"] if s in ext.exact else []))
+             for s in ext.sources]
     log = out_dir / "build.log"
     procs, objs = [], []
     with open(log, "w") as logf:
@@ -227,7 +259,7 @@ def _compile(plan, out_dir: Path) -> Path:
         failed = [p.args for p in procs if p.wait() != 0]
         if failed:
             raise KernelsUnavailable("compilation failed")
-        lib = out_dir / (MODULE_NAME + sysconfig.get_config_var("EXT_SUFFIX"))
+        lib = out_dir / (ext.module + sysconfig.get_config_var("EXT_SUFFIX"))
         cmd = [*plan["cxx"], *objs, *plan["link"], "-o", str(lib)]
         logf.write(" ".join(cmd) + "\n")
         logf.flush()
@@ -236,9 +268,9 @@ def _compile(plan, out_dir: Path) -> Path:
     return lib
 
 
-def _import(path: Path):
-    loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
-    spec = importlib.util.spec_from_file_location(MODULE_NAME, str(path), loader=loader)
+def _import(name: str, path: Path):
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -253,28 +285,25 @@ def _probe(mod):
     return mod
 
 
-def _load_or_build():
-    if not sys.platform.startswith("linux"):
-        raise KernelsUnavailable(f"{sys.platform}: only built for Linux CPU (MLX has "
-                                 "Accelerate/Metal on macOS)")
-    if not SRC_DIR.is_dir():
-        raise KernelsUnavailable(f"C++ sources not installed ({SRC_DIR})")
-    plan = _build_plan()
+def _load_or_build(ext: Extension):
+    if not ext.src_dir.is_dir():
+        raise KernelsUnavailable(f"C++ sources not installed ({ext.src_dir})")
+    plan = _build_plan(ext)
     final_dir = cache_root() / plan["key"]
-    lib = final_dir / (MODULE_NAME + sysconfig.get_config_var("EXT_SUFFIX"))
+    lib = final_dir / (ext.module + sysconfig.get_config_var("EXT_SUFFIX"))
     if lib.exists():
-        return _probe(_import(lib))
+        return _probe(_import(ext.module, lib))
     if (final_dir / "FAILED").exists():
         raise KernelsUnavailable(f"an earlier build failed, see {final_dir}/FAILED "
                                  "(delete that directory to retry)")
     _check_nanobind_abi(plan["nanobind"], plan["nb_dir"])
     final_dir.mkdir(parents=True, exist_ok=True)
-    print(f"mlxflow: compiling CPU kernels into {final_dir} (one-time, under a minute)...",
+    print(f"mlxflow: compiling {ext.what} into {final_dir} (one-time, about a minute)...",
           file=sys.stderr)
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="build-", dir=final_dir))
     try:
-        built = _compile(plan, tmp)
+        built = _compile(ext, plan, tmp)
         os.replace(built, lib)  # atomic: a concurrent builder's identical file may win
     except KernelsUnavailable as e:
         log = tmp / "build.log"
@@ -285,5 +314,5 @@ def _load_or_build():
         raise KernelsUnavailable(f"{e}, log: {final_dir / 'FAILED'}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"mlxflow: CPU kernels built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return _probe(_import(lib))
+    print(f"mlxflow: {ext.what} built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return _probe(_import(ext.module, lib))

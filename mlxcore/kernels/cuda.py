@@ -205,17 +205,25 @@ def available() -> bool:
     return mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
 
 
-LAYERS = ("rope", "swiglu", "addnorm", "cross_entropy")  # ours: cuda_rope, cuda_swiglu, cuda_addnorm, cuda_xent
+LAYERS = ("rope", "swiglu", "addnorm", "cross_entropy", "attention")  # ours: cuda_rope, cuda_swiglu, cuda_addnorm, cuda_xent, cuda_attention
+# Layers `auto` leaves off until they have passed on a GPU: `cuda_attention` crashed (SIGSEGV) in
+# its first GPU run (README, "Attention through our own cuDNN graph"). `all`, or a list naming it,
+# turns it on.
+NOT_DEFAULT = ("attention",)
 
 
 def layer_on(name: str) -> bool:
     """Whether layer `name`'s CUDA kernel runs: on CUDA, unless `MLXFLOW_CUDA_LAYERS` turns it
-    off (`auto`, the default: all of `LAYERS`; `off`: none, MLX's ops; or a comma list such as
-    `rope`: only those)."""
+    off (`auto`, the default: `LAYERS` but `NOT_DEFAULT`; `all`: every one of `LAYERS`; `off`:
+    none, MLX's ops; or a comma list such as `rope`: only those)."""
     mode = os.environ.get("MLXFLOW_CUDA_LAYERS", "auto").strip().lower()
     if mode in ("0", "off", "false", "no", "none") or not available():
         return False
-    return mode in ("auto", "on", "1", "true", "yes", "all") or name in {m.strip() for m in mode.split(",")}
+    if mode == "all":
+        return True
+    if mode in ("auto", "on", "1", "true", "yes"):
+        return name not in NOT_DEFAULT
+    return name in {m.strip() for m in mode.split(",")}
 
 
 def dtypes_supported(dtypes) -> bool:

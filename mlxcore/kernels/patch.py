@@ -4,8 +4,10 @@ mlx-lm's model files call two module-level functions per layer: `scaled_dot_prod
 (from `models.base`) and `swiglu` (from `models.activations`), bound by name into each model
 module (`mlx_lm.models.llama`, `...qwen3`, ...). `use_fast_kernels(model)` rebinds those two
 names in the module that defines `model`'s class to wrappers that take the fast CPU kernel
-when it applies (CPU default device, no KV cache, causal or no mask, no attention sinks) and
-call mlx-lm's original otherwise, so generation with a cache, GPUs and Metal are unchanged;
+when it applies (CPU default device, no KV cache, causal or no mask, no attention sinks; on
+CUDA with `MLXFLOW_CUDA_LAYERS=all`, the same calls in bfloat16 / float16 with as many keys as
+queries take `cuda_attention`, cuDNN with a top-left causal mask) and call mlx-lm's original
+otherwise, so generation with a cache and Metal are unchanged;
 `swiglu` elsewhere is mlx-lm's fused forward, with `kernels.lean_swiglu`'s backward (saves less; on CUDA `cuda_swiglu`)
 unless `MLXFLOW_LEAN=off`. It also swaps the model's mlx.nn `RMSNorm`, `RoPE` and `Linear`
 layers for `FastRMSNorm`, `FastRoPE` (the CPU kernels; on CUDA `cuda_rope`) and `FastLinear` (on
@@ -41,6 +43,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxcore import kernels
+from mlxcore.kernels import cuda_attention
 from mlxcore.models import segments
 
 ATTENTION, SWIGLU = "scaled_dot_product_attention", "swiglu"
@@ -65,8 +68,11 @@ def _wrap_attention(original):
         if segments.current() is not None:  # a packed batch: each row attends to itself only
             return segments.attention(queries, keys, values, scale, mask, cache, sinks)
         plain_mask = mask is None or (isinstance(mask, str) and mask == "causal")
-        if cache is None and sinks is None and plain_mask and kernels.available():
-            return kernels.attention(queries, keys, values, scale, causal=mask is not None)
+        if cache is None and sinks is None and plain_mask:
+            if kernels.available():
+                return kernels.attention(queries, keys, values, scale, causal=mask is not None)
+            if cuda_attention.applies(queries, keys, values, causal=mask is not None):
+                return cuda_attention.attention(queries, keys, values, scale, causal=mask is not None)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     return scaled_dot_product_attention

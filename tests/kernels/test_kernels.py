@@ -380,13 +380,18 @@ def test_env_off_uses_plain_mlx(monkeypatch):
 
 def test_status_names_the_cuda_paths_a_step_takes(monkeypatch):
     """On CUDA the one-line status names the layer kernels `MLXFLOW_CUDA_LAYERS` leaves on,
-    whether the linears are lean and whether their weight gradients go first (`mlxflow doctor`
-    prints it)."""
+    whether the linears are lean, whether their weight gradients go first and which attention
+    runs (`mlxflow doctor` prints it)."""
     from mlxcore.kernels import cuda
 
     monkeypatch.setattr(cuda, "available", lambda: True)
     assert kernels.status().startswith("CUDA: mlxflow kernels for rope, swiglu, addnorm, cross_entropy, AdamW")
-    assert "projection groups, weight gradients first;" in kernels.status()
+    assert "projection groups, weight gradients first; MLX's attention;" in kernels.status()
+    # `all` adds the cuDNN attention, which cannot build without MLX's CUDA backend: the status says why
+    monkeypatch.setenv("MLXFLOW_CUDA_LAYERS", "all")
+    assert "cross_entropy, attention, AdamW" in kernels.status()
+    assert "; MLX's attention (KernelsUnavailable: this MLX has no CUDA backend" in kernels.status()
+    monkeypatch.delenv("MLXFLOW_CUDA_LAYERS")
     monkeypatch.setenv("MLXFLOW_WGRAD_FIRST", "off")
     assert "projection groups (MLXFLOW_WGRAD_FIRST=off);" in kernels.status()
     monkeypatch.setenv("MLXFLOW_CUDA_LAYERS", "swiglu")
