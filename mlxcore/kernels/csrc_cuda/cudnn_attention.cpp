@@ -143,6 +143,15 @@ cudnnHandle_t handle_for(mx::cu::CommandEncoder& enc) {
   return it->second;
 }
 
+// Registers the node's arrays with the encoder (its graph dependencies), then the cuDNN handle.
+cudnnHandle_t begin(mx::cu::CommandEncoder& enc, const std::vector<mx::array>& in,
+                    const std::vector<mx::array>& outs) {
+  for (const auto& a : in) enc.set_input_array(a);
+  for (const auto& a : outs) enc.set_output_array(a);
+  trace("arrays registered");
+  return handle_for(enc);
+}
+
 struct Built {
   std::shared_ptr<fe::graph::Graph> graph;
   int64_t workspace = 0;
@@ -233,15 +242,31 @@ void run(mx::cu::CommandEncoder& enc, cudnnHandle_t h, Built& b,
   trace("capture: end");
 }
 
-// Inputs (q, k, v, o, stats, dO) -> (dq, dk, dv).
-class AttentionVJP : public mx::Primitive {
+// What both primitives share: the scale, the mask, CUDA only.
+class CudnnPrimitive : public mx::Primitive {
  public:
-  AttentionVJP(mx::Stream s, float scale, bool causal)
+  CudnnPrimitive(mx::Stream s, float scale, bool causal)
       : mx::Primitive(s), scale_(scale), causal_(causal) {}
 
   void eval_cpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     fail("this op runs on CUDA only");
   }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const CudnnPrimitive*>(&other);
+    return o != nullptr && std::string(name()) == other.name() && scale_ == o->scale_ &&
+           causal_ == o->causal_;
+  }
+
+ protected:
+  float scale_;
+  bool causal_;
+};
+
+// Inputs (q, k, v, o, stats, dO) -> (dq, dk, dv).
+class AttentionVJP : public CudnnPrimitive {
+ public:
+  using CudnnPrimitive::CudnnPrimitive;
+
   void eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
     trace("backward: eval_gpu");
     auto& enc = mx::cu::get_command_encoder(stream());
@@ -250,9 +275,7 @@ class AttentionVJP : public mx::Primitive {
       if (i != 4) require_layout(in[i], names[i]);
     for (int i = 0; i < 3; ++i) alloc_like(outs[i], in[i]);
     trace("backward: outputs allocated");
-    for (const auto& a : in) enc.set_input_array(a);
-    for (const auto& a : outs) enc.set_output_array(a);
-    auto h = handle_for(enc);
+    auto h = begin(enc, in, outs);
     std::vector<mx::array> layout(in);
     layout.insert(layout.end(), outs.begin(), outs.end());
     auto& b = cached(key_of("bwd", enc.device().cuda_device(), causal_, layout), [&] {
@@ -283,17 +306,9 @@ class AttentionVJP : public mx::Primitive {
   const char* name() const override {
     return "MlxflowCudnnAttentionVJP";
   }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const AttentionVJP&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_;
-  }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
     return {in[0].shape(), in[1].shape(), in[2].shape()};
   }
-
- private:
-  float scale_;
-  bool causal_;
 };
 
 // The layout of a transposed view of row-contiguous [B, T, H, D], made with no copy when `x`
@@ -304,28 +319,19 @@ mx::array bthd(const mx::array& x, mx::Stream s) {
 }
 
 // Inputs (q, k, v) -> (o, stats float32 [B, H, T, 1]).
-class Attention : public mx::Primitive {
+class Attention : public CudnnPrimitive {
  public:
-  Attention(mx::Stream s, float scale, bool causal)
-      : mx::Primitive(s), scale_(scale), causal_(causal) {}
+  using CudnnPrimitive::CudnnPrimitive;
 
-  void eval_cpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    fail("this op runs on CUDA only");
-  }
   void eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
     trace("forward: eval_gpu");
     auto& enc = mx::cu::get_command_encoder(stream());
-    trace("forward: inputs");
-    require_layout(in[0], "q");
-    require_layout(in[1], "k");
-    require_layout(in[2], "v");
+    const char* names[] = {"q", "k", "v"};
+    for (int i = 0; i < 3; ++i) require_layout(in[i], names[i]);
     alloc_like(outs[0], in[0]);
     outs[1].set_data(mx::allocator::malloc(outs[1].nbytes()));
     trace("forward: outputs allocated");
-    for (const auto& a : in) enc.set_input_array(a);
-    for (const auto& a : outs) enc.set_output_array(a);
-    trace("forward: arrays registered");
-    auto h = handle_for(enc);
+    auto h = begin(enc, in, outs);
     std::vector<mx::array> layout(in);
     layout.push_back(outs[0]);
     auto& b = cached(key_of("fwd", enc.device().cuda_device(), causal_, layout), [&] {
@@ -368,18 +374,10 @@ class Attention : public mx::Primitive {
   const char* name() const override {
     return "MlxflowCudnnAttention";
   }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const Attention&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_;
-  }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
     auto& q = in[0];
     return {q.shape(), {q.shape(0), q.shape(1), q.shape(2), 1}};
   }
-
- private:
-  float scale_;
-  bool causal_;
 };
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
