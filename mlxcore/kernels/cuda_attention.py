@@ -99,8 +99,11 @@ def _configure() -> dict:
                 raise _build.KernelsUnavailable("libcudnn.so not found (the nvidia-cudnn wheel)")
             continue
         link += [f"-L{lib.parent}", f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}"]
+    # headers upgraded in place keep their paths: their version headers go into the cache key too
+    versions = [(d / h).read_text(errors="replace") for d, h in ((incs[2], "cudnn_version.h"),
+                (incs[3], "cudnn_frontend_version.h")) if (d / h).is_file()]
     return dict(common=["-DCUDNN_FRONTEND_SKIP_JSON_LIB", *(f"-I{d}" for d in incs)],
-                kflags=["-O2"], link=link + ["-Wl,-s"], key=[str(d) for d in incs] + link)
+                kflags=["-O2"], link=link + ["-Wl,-s"], key=[str(d) for d in incs] + link + versions)
 
 
 EXTENSION = _build.Extension("_mlxflow_cuda", SRC_DIR, ["cudnn_attention.cpp"],

@@ -243,3 +243,23 @@ def test_a_compiled_model_trains_the_same_with_it_on_and_off(monkeypatch):
     from mlx.utils import tree_flatten
     for (name, x), (_, y) in zip(tree_flatten(ga), tree_flatten(gb)):
         np.testing.assert_allclose(_np(x), _np(y), atol=5e-2, rtol=5e-2, err_msg=name)
+
+
+def test_the_build_is_keyed_on_the_cudnn_and_frontend_versions(monkeypatch, tmp_path):
+    """Headers upgraded in place keep their paths: a new cuDNN or frontend version must rebuild."""
+    dirs = {kind: tmp_path / kind for kind in cuda_attention.HEADERS}
+    for kind, d in dirs.items():
+        d.mkdir()
+        for h in cuda_attention.HEADERS[kind]:
+            (d / h).write_text("")
+    (dirs["cudnn"] / "cudnn_version.h").write_text("#define CUDNN_MINOR 19\n")
+    (dirs["frontend"] / "cudnn_frontend_version.h").write_text("#define CUDNN_FRONTEND_MINOR_VERSION 16\n")
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_attention, "_find", lambda kind: dirs[kind])
+    monkeypatch.setattr(cuda_attention, "_library", lambda name: tmp_path / "lib" / f"{name}.so.9")
+    first = cuda_attention._configure()
+    assert f"-I{dirs['frontend']}" in first["common"] and "-l:libcudnn.so.9" in first["link"]
+    (dirs["cudnn"] / "cudnn_version.h").write_text("#define CUDNN_MINOR 28\n")
+    assert cuda_attention._configure()["key"] != first["key"]
+    (dirs["cudnn"] / "cudnn_version.h").write_text("#define CUDNN_MINOR 19\n")
+    assert cuda_attention._configure()["key"] == first["key"]
