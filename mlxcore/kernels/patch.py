@@ -68,11 +68,10 @@ def _wrap_attention(original):
         if segments.current() is not None:  # a packed batch: each row attends to itself only
             return segments.attention(queries, keys, values, scale, mask, cache, sinks)
         plain_mask = mask is None or (isinstance(mask, str) and mask == "causal")
-        if cache is None and sinks is None and plain_mask:
-            if kernels.available():
-                return kernels.attention(queries, keys, values, scale, causal=mask is not None)
-            if cuda_attention.applies(queries, keys, values, causal=mask is not None):
-                return cuda_attention.attention(queries, keys, values, scale, causal=mask is not None)
+        causal = mask is not None
+        if cache is None and sinks is None and plain_mask and (
+                kernels.available() or cuda_attention.applies(queries, keys, values, causal)):
+            return kernels.attention(queries, keys, values, scale, causal=causal)  # routes to either
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     return scaled_dot_product_attention
