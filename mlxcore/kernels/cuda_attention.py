@@ -12,11 +12,16 @@ has beside it: MLX's, cuDNN's (the `nvidia-cudnn` wheel), CUDA's runtime (the `n
 wheel or a toolkit) and cuDNN's header-only frontend (`pip install nvidia-cudnn-frontend`, the
 `cuda` extra). Without any of them calls keep MLX's attention.
 
-**Off by default** (`cuda.NOT_DEFAULT`): in its first GPU run (an H100, mlx-cuda 0.32.4, cuDNN 9.19)
-the extension built in 29 s and then crashed the process (SIGSEGV) at its first evaluation, before
-any output; there was no device time left to find where. `MLXFLOW_CUDA_LAYERS=all` (or a list
-naming `attention`) turns it on; `MLXFLOW_CUDA_ATTENTION_TRACE=1` prints each step of building and
-running the graphs, so the next GPU run says where it stops.
+On the GPU it follows MLX-CUDA's own cuDNN attention in everything but the mask: outputs and
+workspace come from MLX's stream-ordered allocator (through an empty `mx.fast.cuda_kernel`, since
+`cu::malloc_async` is not exported), and cuDNN populates a CUDA graph through its native API that
+MLX-CUDA's command graph takes as a child node.
+
+**Off by default** (`cuda.NOT_DEFAULT`): the first version (managed memory from
+`allocator::malloc`, stream capture) crashed the process (SIGSEGV) at its first evaluation on an
+H100, and this one has not yet run on a GPU. `MLXFLOW_CUDA_LAYERS=all` (or a list naming
+`attention`) turns it on; `MLXFLOW_CUDA_ATTENTION_TRACE=1` prints each step of building and
+running the graphs and, on a crash, the native frames as library + offset for `addr2line`.
 
 Environment: `CUDNN_FRONTEND_INCLUDE`, `CUDNN_INCLUDE`, `CUDA_HOME` point at headers found nowhere
 else.
@@ -102,8 +107,11 @@ def _configure() -> dict:
     # headers upgraded in place keep their paths: their version headers go into the cache key too
     versions = [(d / h).read_text(errors="replace") for d, h in ((incs[2], "cudnn_version.h"),
                 (incs[3], "cudnn_frontend_version.h")) if (d / h).is_file()]
+    # The driver API calls of cuDNN's frontend (cuGraph*) resolve through libmlx.so, which needs
+    # libcuda.so.1: linking the toolkit's stub here could shadow the real driver. Not stripped, with
+    # line tables: MLXFLOW_CUDA_ATTENTION_TRACE's crash report gives offsets for addr2line.
     return dict(common=["-DCUDNN_FRONTEND_SKIP_JSON_LIB", *(f"-I{d}" for d in incs)],
-                kflags=["-O2"], link=link + ["-Wl,-s"], key=[str(d) for d in incs] + link + versions)
+                kflags=["-O2", "-g1"], link=link, key=[str(d) for d in incs] + link + versions)
 
 
 EXTENSION = _build.Extension("_mlxflow_cuda", SRC_DIR, ["cudnn_attention.cpp"],

@@ -7,6 +7,11 @@ and a compiled model's loss and gradients with it on and off."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
@@ -159,6 +164,18 @@ def test_missing_headers_are_named_with_what_to_install(monkeypatch, tmp_path):
     assert cuda_attention._find("frontend") == tmp_path / "include"
 
 
+def test_the_gpu_check_says_why_it_cannot_run_without_cuda():
+    """bench/cudnn_attention_check.py (run on the lent GPU) stops with the reason, non-zero, here."""
+    if cuda.available():
+        pytest.skip("MLX's CUDA backend is here")
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "bench" / "cudnn_attention_check.py"), "--skip-speed"],
+                       capture_output=True, text=True, timeout=300, cwd=root,
+                       env={**os.environ, "MLXFLOW_CUDA_LAYERS": "all"})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "no CUDA backend" in r.stdout and "smoke" not in r.stdout
+
+
 def test_without_mlx_cuda_the_build_is_refused_before_compiling():
     """MLX's CPU wheel ships the CUDA headers but not the backend: the build stops there."""
     if cuda.available():
@@ -259,6 +276,8 @@ def test_the_build_is_keyed_on_the_cudnn_and_frontend_versions(monkeypatch, tmp_
     monkeypatch.setattr(cuda_attention, "_library", lambda name: tmp_path / "lib" / f"{name}.so.9")
     first = cuda_attention._configure()
     assert f"-I{dirs['frontend']}" in first["common"] and "-l:libcudnn.so.9" in first["link"]
+    # line tables, not stripped: the trace's crash report gives offsets that addr2line can name
+    assert "-g1" in first["kflags"] and "-Wl,-s" not in first["link"]
     (dirs["cudnn"] / "cudnn_version.h").write_text("#define CUDNN_MINOR 28\n")
     assert cuda_attention._configure()["key"] != first["key"]
     (dirs["cudnn"] / "cudnn_version.h").write_text("#define CUDNN_MINOR 19\n")

@@ -9,16 +9,27 @@
 //
 // The ops build MLX graph nodes (custom Primitives) like mlx::core ops do: they work under
 // mx.compile, and the forward's vjp() is a second node, so nn.value_and_grad differentiates
-// through it. Each node's cuDNN execution is stream-captured into MLX-CUDA's command graph, as
-// MLX does for its own cuDNN calls.
+// through it. Everything a node does on the GPU follows MLX-CUDA's own cuDNN attention
+// (mlx/backend/cuda/scaled_dot_product_attention.cpp), so that the only difference is the mask:
+// - memory: outputs and workspace are stream-ordered device memory from MLX's allocator (see
+//   `allocate`), counted in mx.get_peak_memory like any MLX output;
+// - execution: cuDNN populates a CUDA graph through its native graph API (plans restricted to
+//   those that support it), later calls only update its pointers, and the graph is added to
+//   MLX-CUDA's command graph as a child node; no stream capture;
+// - tensors: MLX's stride normalisation and the inputs' alignment.
+#include <cuda_runtime.h>
 #include <cudnn.h>
 #include <cudnn_frontend.h>
+#include <dlfcn.h>
+#include <execinfo.h>
 #include <nanobind/nanobind.h>
 
 #include <algorithm>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <numeric>
@@ -31,6 +42,7 @@
 #include "mlx/array.h"
 #include "mlx/backend/cuda/device.h"
 #include "mlx/backend/cuda/utils.h"
+#include "mlx/fast.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
@@ -44,8 +56,8 @@ namespace {
 
 enum Uid : int64_t { Q = 1, K, V, SCALE, O, STATS, DQ, DK, DV, DO };
 
-// MLXFLOW_CUDA_ATTENTION_TRACE=1: each step of building and running the graphs on stderr, flushed
-// (the first GPU run crashed with no message: this says where the next one stops).
+// MLXFLOW_CUDA_ATTENTION_TRACE=1: each step of building and running the graphs on stderr, flushed,
+// and a native backtrace (library + offset, for addr2line) if the process crashes.
 bool tracing() {
   static const bool on = [] {
     const char* v = std::getenv("MLXFLOW_CUDA_ATTENTION_TRACE");
@@ -61,6 +73,38 @@ void trace(const char* step) {
   }
 }
 
+struct sigaction previous_segv, previous_bus;
+
+void on_crash(int sig, siginfo_t* info, void*) {
+  void* frames[64];
+  int n = backtrace(frames, 64);
+  dprintf(2, "[mlxflow cudnn attention] signal %d at address %p; native frames (addr2line -f -C -e LIB OFFSET):\n",
+          sig, info->si_addr);
+  for (int i = 0; i < n; ++i) {
+    Dl_info dl;
+    if (dladdr(frames[i], &dl) != 0 && dl.dli_fname != nullptr)
+      dprintf(2, "  #%d %s +0x%lx %s\n", i, dl.dli_fname,
+              static_cast<unsigned long>(static_cast<char*>(frames[i]) - static_cast<char*>(dl.dli_fbase)),
+              dl.dli_sname != nullptr ? dl.dli_sname : "");
+    else
+      dprintf(2, "  #%d %p\n", i, frames[i]);
+  }
+  // then whatever was installed before (Python's faulthandler prints the Python stack)
+  sigaction(sig, sig == SIGSEGV ? &previous_segv : &previous_bus, nullptr);
+  raise(sig);
+}
+
+void install_crash_report() {
+  void* warm[1];
+  backtrace(warm, 1);  // loads libgcc's unwinder now, not inside the handler
+  struct sigaction sa = {};
+  sa.sa_sigaction = on_crash;
+  sa.sa_flags = SA_SIGINFO;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &previous_segv);
+  sigaction(SIGBUS, &sa, &previous_bus);
+}
+
 [[noreturn]] void fail(const std::string& what) {
   throw std::runtime_error("[mlxflow cudnn attention] " + what);
 }
@@ -73,21 +117,59 @@ void check(fe::error_t e, const char* step) {
 fe::DataType_t cudnn_type(mx::Dtype t) {
   if (t == mx::bfloat16) return fe::DataType_t::BFLOAT16;
   if (t == mx::float16) return fe::DataType_t::HALF;
+  if (t == mx::float32) return fe::DataType_t::FLOAT;
   fail("only bfloat16 and float16 are supported");
 }
 
-// Strides in elements, with a size-1 dimension given the stride its neighbour implies (MLX
-// leaves those arbitrary; cuDNN reads them to infer the layout).
-std::vector<int64_t> strides_of(const mx::array& a) {
-  std::vector<int64_t> st(a.strides().begin(), a.strides().end());
-  int n = static_cast<int>(a.ndim());
-  for (int i = n - 1; i >= 0; --i)
-    if (a.shape(i) == 1) st[i] = (i + 1 < n) ? st[i + 1] * a.shape(i + 1) : 1;
-  return st;
+// A tensor as cuDNN reads it: dims, strides (elements), dtype.
+struct Layout {
+  std::vector<int64_t> dims, strides;
+  mx::Dtype dtype = mx::float32;
+  bool row_contiguous = true;
+};
+
+// An array's layout. MLX gives a size-1 dimension any stride, cuDNN infers contiguity from
+// them: a row-contiguous array's size-1 dimensions get the stride their neighbour implies (as
+// MLX-CUDA normalises them for its own cuDNN graphs).
+Layout layout_of(const mx::array& a) {
+  Layout l{{a.shape().begin(), a.shape().end()}, {a.strides().begin(), a.strides().end()}, a.dtype(),
+           static_cast<bool>(a.flags().row_contiguous)};
+  if (l.row_contiguous)
+    for (int i = static_cast<int>(a.ndim()) - 2; i >= 0; --i)
+      if (l.dims[i] == 1) l.strides[i] = l.dims[i + 1] * l.strides[i + 1];
+  return l;
 }
 
-std::vector<int64_t> dims_of(const mx::array& a) {
-  return std::vector<int64_t>(a.shape().begin(), a.shape().end());
+// A new row-contiguous array of `shape`.
+Layout row_major(const mx::Shape& shape, mx::Dtype dtype) {
+  Layout l{{shape.begin(), shape.end()}, std::vector<int64_t>(shape.size()), dtype, true};
+  int64_t stride = 1;
+  for (int i = static_cast<int>(shape.size()) - 1; i >= 0; --i) {
+    l.strides[i] = stride;
+    stride *= shape[i];
+  }
+  return l;
+}
+
+// A new output of `shape` laid out as `like` is (the same order of strides), as MLX-CUDA lays
+// out its attention outputs: a q that is a transposed view of [B, T, H, D] gives an output that
+// the caller's transpose + reshape back to [B, T, H * D] reads without a copy.
+Layout layout_like(const mx::Shape& shape, mx::Dtype dtype, const mx::array& like) {
+  if (like.flags().row_contiguous) return row_major(shape, dtype);
+  Layout l{{shape.begin(), shape.end()}, std::vector<int64_t>(shape.size()), dtype, false};
+  std::vector<int> order(shape.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+    auto sa = like.strides(a) > 0 ? like.strides(a) : 1;
+    auto sb = like.strides(b) > 0 ? like.strides(b) : 1;
+    return sa < sb;
+  });
+  int64_t stride = 1;
+  for (int i : order) {
+    l.strides[i] = stride;
+    stride *= shape[i];
+  }
+  return l;
 }
 
 // cuDNN's flash kernels read 16-byte vectors along the head dimension.
@@ -101,85 +183,105 @@ void require_layout(const mx::array& a, const char* name) {
   }
 }
 
-// Allocate `out` with the memory layout of `like` (same order of strides), as MLX-CUDA does for
-// its attention outputs: a q that is a transposed view of [B, T, H, D] gives an output that the
-// caller's transpose + reshape back to [B, T, H * D] reads without a copy.
-void alloc_like(mx::array& out, const mx::array& like) {
-  auto data = mx::allocator::malloc(out.nbytes());
-  if (like.flags().row_contiguous) {
-    out.set_data(std::move(data));
-    return;
+// Gives each array in `arrays` fresh memory, row-contiguous in its own shape and dtype, the way
+// MLX-CUDA allocates every output: stream-ordered device memory from its pool (cu::malloc_async),
+// counted in its active and peak memory. That function is not exported from libmlx.so, and
+// mx::allocator::malloc, which is, returns managed memory (and moves a cached device buffer it
+// reuses to managed memory, a copy). So we run the primitive of an empty mx::fast::cuda_kernel
+// (public API): its eval_gpu allocates its outputs with cu::malloc_async, registers them with
+// the encoder and launches a kernel that does nothing.
+void allocate(mx::Stream s, const mx::array& any_input, std::vector<mx::array>& arrays) {
+  static std::mutex mu;
+  static auto* kernels = new std::unordered_map<std::string, std::shared_ptr<mx::Primitive>>();
+  std::shared_ptr<mx::Primitive> kernel;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto key = std::to_string(s.device.index) + ":" + std::to_string(s.index) + ":" +
+               std::to_string(arrays.size());
+    auto it = kernels->find(key);
+    if (it == kernels->end()) {
+      trace("allocation kernel");
+      std::vector<std::string> names;
+      for (size_t i = 0; i < arrays.size(); ++i) names.push_back("out" + std::to_string(i));
+      auto fn = mx::fast::cuda_kernel("mlxflow_allocate_" + std::to_string(arrays.size()), {"x"},
+                                      names, "", "", false, 0);
+      auto made = fn({any_input}, std::vector<mx::Shape>(arrays.size(), mx::Shape{1}),
+                     std::vector<mx::Dtype>(arrays.size(), mx::uint8), {1, 1, 1}, {1, 1, 1}, {},
+                     std::nullopt, false, s);
+      it = kernels->emplace(key, made[0].primitive_ptr()).first;
+    }
+    kernel = it->second;
   }
-  std::vector<int> order(like.ndim());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-    auto sa = like.strides(a) > 0 ? like.strides(a) : 1;
-    auto sb = like.strides(b) > 0 ? like.strides(b) : 1;
-    return sa < sb;
-  });
-  mx::Strides st(like.ndim());
-  int64_t stride = 1;
-  for (int i : order) {
-    st[i] = stride;
-    stride *= out.shape(i);
-  }
-  out.set_data(std::move(data), out.size(), st, {true, false, false});
+  kernel->eval_gpu({any_input}, arrays);
+}
+
+// A flat buffer for `count` elements (to be allocated by `allocate`).
+mx::array buffer_of(size_t count, mx::Dtype dtype) {
+  if (count > static_cast<size_t>(INT32_MAX)) fail("an output or workspace of more than 2^31 elements");
+  return mx::array({static_cast<int>(count)}, dtype, nullptr, {});
+}
+
+// `out` laid out as `l` in `buffer`'s memory.
+void adopt(mx::array& out, const mx::array& buffer, const Layout& l) {
+  mx::Strides st(l.strides.begin(), l.strides.end());
+  out.copy_shared_buffer(buffer, st, {true, l.row_contiguous, false}, out.size());
 }
 
 cudnnHandle_t handle_for(mx::cu::CommandEncoder& enc) {
   static std::mutex mu;
-  static std::unordered_map<int, cudnnHandle_t> handles;
+  static auto* handles = new std::unordered_map<int, cudnnHandle_t>();  // never destroyed
   std::lock_guard<std::mutex> lock(mu);
   int dev = enc.device().cuda_device();
-  auto it = handles.find(dev);
-  if (it == handles.end()) {
+  auto it = handles->find(dev);
+  if (it == handles->end()) {
     trace("cudnnCreate");
     enc.device().make_current();
     cudnnHandle_t h;
     if (cudnnCreate(&h) != CUDNN_STATUS_SUCCESS) fail("cudnnCreate failed");
-    it = handles.emplace(dev, h).first;
+    it = handles->emplace(dev, h).first;
   }
-  cudnnSetStream(it->second, enc.stream());
   return it->second;
 }
 
-// Registers the node's arrays with the encoder (its graph dependencies), then the cuDNN handle.
-cudnnHandle_t begin(mx::cu::CommandEncoder& enc, const std::vector<mx::array>& in,
-                    const std::vector<mx::array>& outs) {
-  for (const auto& a : in) enc.set_input_array(a);
-  for (const auto& a : outs) enc.set_output_array(a);
-  trace("arrays registered");
-  return handle_for(enc);
-}
-
+// A built cuDNN graph, and the CUDA graph it populated (first run) and updates (later runs).
 struct Built {
   std::shared_ptr<fe::graph::Graph> graph;
   int64_t workspace = 0;
+  cudaGraph_t cuda_graph = nullptr;
+  Built() = default;
+  Built(const Built&) = delete;
+  Built& operator=(const Built&) = delete;
+  ~Built() {
+    if (cuda_graph != nullptr) cudaGraphDestroy(cuda_graph);
+  }
 };
 
-std::string key_of(const char* kind, int dev, bool causal, const std::vector<mx::array>& arrays) {
+std::string key_of(const char* kind, int dev, bool causal, const std::vector<Layout>& layouts) {
   std::ostringstream os;
   os << kind << '|' << dev << '|' << causal;
-  for (const auto& a : arrays) {
-    os << '|' << a.dtype() << ':';
-    for (auto d : dims_of(a)) os << d << ',';
+  for (const auto& l : layouts) {
+    os << '|' << l.dtype << ':';
+    for (auto d : l.dims) os << d << ',';
     os << ':';
-    for (auto s : strides_of(a)) os << s << ',';
+    for (auto s : l.strides) os << s << ',';
   }
   return os.str();
 }
 
-// Built graphs by kind, device, shapes and strides (bounded: a run sees a handful of shapes).
-Built& cached(const std::string& key, const std::function<Built()>& build) {
-  static std::mutex mu;
-  static std::unordered_map<std::string, Built> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(key);
-  if (it == cache.end()) {
-    if (cache.size() >= 256) cache.clear();
-    it = cache.emplace(key, build()).first;
+// Built graphs by kind, device, layouts (bounded: a run sees a handful of shapes). The mutex is
+// held while a graph is built and run, since a run updates the graph's CUDA graph in place.
+std::mutex graphs_mutex;
+
+Built& cached(const std::string& key, const std::function<void(Built&)>& build) {
+  static auto* cache = new std::unordered_map<std::string, std::unique_ptr<Built>>();  // never destroyed
+  auto it = cache->find(key);
+  if (it == cache->end()) {
+    if (cache->size() >= 256) cache->clear();
+    auto b = std::make_unique<Built>();
+    build(*b);
+    it = cache->emplace(key, std::move(b)).first;
   }
-  return it->second;
+  return *it->second;
 }
 
 std::shared_ptr<fe::graph::Graph> new_graph(mx::Dtype dtype) {
@@ -190,15 +292,15 @@ std::shared_ptr<fe::graph::Graph> new_graph(mx::Dtype dtype) {
   return g;
 }
 
-std::shared_ptr<fe::graph::Tensor_attributes> tensor(fe::graph::Graph& g, const char* name,
-                                                     int64_t uid, const mx::array& a) {
-  return g.tensor(fe::graph::Tensor_attributes()
-                      .set_name(name)
-                      .set_uid(uid)
-                      .set_dim(dims_of(a))
-                      .set_stride(strides_of(a))
-                      .set_data_type(a.dtype() == mx::float32 ? fe::DataType_t::FLOAT
-                                                              : cudnn_type(a.dtype())));
+fe::graph::Tensor_attributes& describe(fe::graph::Tensor_attributes& t, int64_t uid, const Layout& l) {
+  return t.set_uid(uid).set_dim(l.dims).set_stride(l.strides).set_data_type(cudnn_type(l.dtype)).set_alignment(16);
+}
+
+std::shared_ptr<fe::graph::Tensor_attributes> tensor(fe::graph::Graph& g, const char* name, int64_t uid,
+                                                     const Layout& l) {
+  auto t = g.tensor(fe::graph::Tensor_attributes().set_name(name));
+  describe(*t, uid, l);
+  return t;
 }
 
 std::shared_ptr<fe::graph::Tensor_attributes> scale_tensor(fe::graph::Graph& g) {
@@ -213,36 +315,44 @@ std::shared_ptr<fe::graph::Tensor_attributes> scale_tensor(fe::graph::Graph& g) 
 
 void finish(fe::graph::Graph& g, cudnnHandle_t h, Built& b) {
   check(g.validate(), "validate");
-  check(g.build_operation_graph(h), "build_operation_graph");
+  try {
+    check(g.build_operation_graph(h), "build_operation_graph");
+  } catch (const fe::cudnnException& e) {  // not every backend error comes back as an error_t
+    fail(std::string("build_operation_graph: ") + e.what());
+  }
   check(g.create_execution_plans({fe::HeurMode_t::A}), "create_execution_plans");
+  g.select_behavior_notes({fe::BehaviorNote_t::SUPPORTS_CUDA_GRAPH_NATIVE_API});
   check(g.check_support(h), "check_support");
   check(g.build_plans(h), "build_plans");
   check(g.get_workspace_size(b.workspace), "get_workspace_size");
 }
 
-// Runs the graph on the encoder's stream, captured into MLX-CUDA's command graph.
-void run(mx::cu::CommandEncoder& enc, cudnnHandle_t h, Built& b,
-         std::unordered_map<int64_t, void*>& pack) {
-  void* ws = nullptr;
-  if (b.workspace > 0) {
-    mx::array buf({static_cast<int>((b.workspace + 3) / 4)}, mx::float32, nullptr, {});
-    buf.set_data(mx::allocator::malloc(buf.nbytes()));
-    enc.add_temporary(buf);
-    ws = mx::gpu_ptr<void>(buf);
-  }
-  trace("capture: begin");
-  auto capture = enc.capture_context();
+// Adds the graph's execution to MLX-CUDA's command graph: cuDNN populates (first run) or updates
+// (later runs, new pointers) a CUDA graph, which the encoder adds as a child node.
+void run(mx::cu::CommandEncoder& enc, cudnnHandle_t h, Built& b, std::unordered_map<int64_t, void*>& pack,
+         void* workspace) {
+  enc.device().make_current();
   cudnnSetStream(h, enc.stream());
-  trace("execute");
-  auto err = b.graph->execute(h, pack, ws);
-  if (err.is_bad()) {
-    capture.discard = true;
-    fail(std::string("execute: ") + err.get_message());
+  if (b.cuda_graph == nullptr) {
+    trace("cudaGraphCreate");
+    if (cudaGraphCreate(&b.cuda_graph, 0) != cudaSuccess) {
+      b.cuda_graph = nullptr;
+      fail("cudaGraphCreate failed");
+    }
+    auto err = b.graph->populate_cuda_graph(h, pack, workspace, b.cuda_graph);
+    if (err.is_bad()) {
+      cudaGraphDestroy(b.cuda_graph);
+      b.cuda_graph = nullptr;
+    }
+    check(err, "populate_cuda_graph");
+  } else {
+    check(b.graph->update_cuda_graph(h, pack, workspace, b.cuda_graph), "update_cuda_graph");
   }
-  trace("capture: end");
+  enc.add_graph_node(b.cuda_graph);
+  trace("graph node added");
 }
 
-// What both primitives share: the scale, the mask, CUDA only.
+// What both primitives share: the scale, the mask, CUDA only, and the end of eval_gpu.
 class CudnnPrimitive : public mx::Primitive {
  public:
   CudnnPrimitive(mx::Stream s, float scale, bool causal)
@@ -258,6 +368,30 @@ class CudnnPrimitive : public mx::Primitive {
   }
 
  protected:
+  // Memory for `outs` (laid out as `layouts`) and `workspace` bytes, the arrays registered with
+  // the encoder, then the graph run with `pack` plus the outputs' and the scale's pointers.
+  void execute(mx::cu::CommandEncoder& enc, cudnnHandle_t h, Built& b, const std::vector<mx::array>& in,
+               std::vector<mx::array>& outs, const std::vector<Layout>& layouts, const int64_t* out_uids,
+               std::unordered_map<int64_t, void*> pack) {
+    std::vector<mx::array> memory;
+    for (const auto& o : outs) memory.push_back(buffer_of(o.size(), o.dtype()));
+    if (b.workspace > 0) memory.push_back(buffer_of((b.workspace + 3) / 4, mx::float32));
+    allocate(stream(), in[0], memory);
+    for (size_t i = 0; i < outs.size(); ++i) adopt(outs[i], memory[i], layouts[i]);
+    trace("memory allocated");
+    for (const auto& a : in) enc.set_input_array(a);
+    for (const auto& a : outs) enc.set_output_array(a);
+    void* workspace = nullptr;
+    if (b.workspace > 0) {
+      enc.add_temporary(memory.back());
+      workspace = mx::gpu_ptr<void>(memory.back());
+    }
+    for (size_t i = 0; i < outs.size(); ++i) pack[out_uids[i]] = mx::gpu_ptr<void>(outs[i]);
+    float scale = scale_;
+    pack[SCALE] = &scale;
+    run(enc, h, b, pack, workspace);
+  }
+
   float scale_;
   bool causal_;
 };
@@ -273,35 +407,33 @@ class AttentionVJP : public CudnnPrimitive {
     const char* names[] = {"q", "k", "v", "o", "stats", "dO"};
     for (int i = 0; i < 6; ++i)
       if (i != 4) require_layout(in[i], names[i]);
-    for (int i = 0; i < 3; ++i) alloc_like(outs[i], in[i]);
-    trace("backward: outputs allocated");
-    auto h = begin(enc, in, outs);
-    std::vector<mx::array> layout(in);
-    layout.insert(layout.end(), outs.begin(), outs.end());
-    auto& b = cached(key_of("bwd", enc.device().cuda_device(), causal_, layout), [&] {
-      Built b{new_graph(in[0].dtype())};
-      auto& g = *b.graph;
-      auto q = tensor(g, "q", Q, in[0]), k = tensor(g, "k", K, in[1]), v = tensor(g, "v", V, in[2]);
-      auto o = tensor(g, "o", O, in[3]), st = tensor(g, "stats", STATS, in[4]);
-      auto d_o = tensor(g, "dO", DO, in[5]);
+    std::vector<Layout> layouts;
+    for (const auto& a : in) layouts.push_back(layout_of(a));
+    std::vector<Layout> out_layouts;
+    for (int i = 0; i < 3; ++i) out_layouts.push_back(layout_like(outs[i].shape(), outs[i].dtype(), in[i]));
+    auto h = handle_for(enc);
+    std::vector<Layout> all(layouts);
+    all.insert(all.end(), out_layouts.begin(), out_layouts.end());
+    std::lock_guard<std::mutex> lock(graphs_mutex);
+    auto& b = cached(key_of("bwd", enc.device().cuda_device(), causal_, all), [&](Built& built) {
+      built.graph = new_graph(in[0].dtype());
+      auto& g = *built.graph;
+      auto q = tensor(g, "q", Q, layouts[0]), k = tensor(g, "k", K, layouts[1]), v = tensor(g, "v", V, layouts[2]);
+      auto o = tensor(g, "o", O, layouts[3]), st = tensor(g, "stats", STATS, layouts[4]);
+      auto d_o = tensor(g, "dO", DO, layouts[5]);
       auto opts = fe::graph::SDPA_backward_attributes().set_name("mlxflow_sdpa_backward")
                       .set_attn_scale(scale_tensor(g));
       if (causal_) opts.set_causal_mask(true);
       auto [dq, dk, dv] = g.sdpa_backward(q, k, v, o, d_o, st, opts);
-      dq->set_output(true).set_uid(DQ).set_dim(dims_of(outs[0])).set_stride(strides_of(outs[0]));
-      dk->set_output(true).set_uid(DK).set_dim(dims_of(outs[1])).set_stride(strides_of(outs[1]));
-      dv->set_output(true).set_uid(DV).set_dim(dims_of(outs[2])).set_stride(strides_of(outs[2]));
-      finish(g, h, b);
-      return b;
+      describe(*dq, DQ, out_layouts[0]).set_output(true);
+      describe(*dk, DK, out_layouts[1]).set_output(true);
+      describe(*dv, DV, out_layouts[2]).set_output(true);
+      finish(g, h, built);
     });
-    float scale = scale_;
-    std::unordered_map<int64_t, void*> pack{
-        {Q, mx::gpu_ptr<void>(in[0])},  {K, mx::gpu_ptr<void>(in[1])},
-        {V, mx::gpu_ptr<void>(in[2])},  {O, mx::gpu_ptr<void>(in[3])},
-        {STATS, mx::gpu_ptr<void>(in[4])}, {DO, mx::gpu_ptr<void>(in[5])},
-        {DQ, mx::gpu_ptr<void>(outs[0])}, {DK, mx::gpu_ptr<void>(outs[1])},
-        {DV, mx::gpu_ptr<void>(outs[2])}, {SCALE, &scale}};
-    run(enc, h, b, pack);
+    static constexpr int64_t uids[] = {DQ, DK, DV};
+    execute(enc, h, b, in, outs, out_layouts, uids,
+            {{Q, mx::gpu_ptr<void>(in[0])}, {K, mx::gpu_ptr<void>(in[1])}, {V, mx::gpu_ptr<void>(in[2])},
+             {O, mx::gpu_ptr<void>(in[3])}, {STATS, mx::gpu_ptr<void>(in[4])}, {DO, mx::gpu_ptr<void>(in[5])}});
   }
   const char* name() const override {
     return "MlxflowCudnnAttentionVJP";
@@ -328,32 +460,28 @@ class Attention : public CudnnPrimitive {
     auto& enc = mx::cu::get_command_encoder(stream());
     const char* names[] = {"q", "k", "v"};
     for (int i = 0; i < 3; ++i) require_layout(in[i], names[i]);
-    alloc_like(outs[0], in[0]);
-    outs[1].set_data(mx::allocator::malloc(outs[1].nbytes()));
-    trace("forward: outputs allocated");
-    auto h = begin(enc, in, outs);
-    std::vector<mx::array> layout(in);
-    layout.push_back(outs[0]);
-    auto& b = cached(key_of("fwd", enc.device().cuda_device(), causal_, layout), [&] {
-      Built b{new_graph(in[0].dtype())};
-      auto& g = *b.graph;
-      auto q = tensor(g, "q", Q, in[0]), k = tensor(g, "k", K, in[1]), v = tensor(g, "v", V, in[2]);
+    std::vector<Layout> layouts = {layout_of(in[0]), layout_of(in[1]), layout_of(in[2])};
+    std::vector<Layout> out_layouts = {layout_like(outs[0].shape(), outs[0].dtype(), in[0]),
+                                       row_major(outs[1].shape(), mx::float32)};
+    auto h = handle_for(enc);
+    std::vector<Layout> all(layouts);
+    all.insert(all.end(), out_layouts.begin(), out_layouts.end());
+    std::lock_guard<std::mutex> lock(graphs_mutex);
+    auto& b = cached(key_of("fwd", enc.device().cuda_device(), causal_, all), [&](Built& built) {
+      built.graph = new_graph(in[0].dtype());
+      auto& g = *built.graph;
+      auto q = tensor(g, "q", Q, layouts[0]), k = tensor(g, "k", K, layouts[1]), v = tensor(g, "v", V, layouts[2]);
       auto opts = fe::graph::SDPA_attributes().set_name("mlxflow_sdpa")
                       .set_generate_stats(true).set_attn_scale(scale_tensor(g));
       if (causal_) opts.set_causal_mask(true);
       auto [o, st] = g.sdpa(q, k, v, opts);
-      o->set_output(true).set_uid(O).set_dim(dims_of(outs[0])).set_stride(strides_of(outs[0]));
-      st->set_output(true).set_uid(STATS).set_data_type(fe::DataType_t::FLOAT)
-          .set_dim(dims_of(outs[1])).set_stride(strides_of(outs[1]));
-      finish(g, h, b);
-      return b;
+      describe(*o, O, out_layouts[0]).set_output(true);
+      describe(*st, STATS, out_layouts[1]).set_output(true);
+      finish(g, h, built);
     });
-    float scale = scale_;
-    std::unordered_map<int64_t, void*> pack{
-        {Q, mx::gpu_ptr<void>(in[0])}, {K, mx::gpu_ptr<void>(in[1])},
-        {V, mx::gpu_ptr<void>(in[2])}, {O, mx::gpu_ptr<void>(outs[0])},
-        {STATS, mx::gpu_ptr<void>(outs[1])}, {SCALE, &scale}};
-    run(enc, h, b, pack);
+    static constexpr int64_t uids[] = {O, STATS};
+    execute(enc, h, b, in, outs, out_layouts, uids,
+            {{Q, mx::gpu_ptr<void>(in[0])}, {K, mx::gpu_ptr<void>(in[1])}, {V, mx::gpu_ptr<void>(in[2])}});
   }
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
                              const std::vector<mx::array>& cotangents,
@@ -386,7 +514,7 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
   if (s.device != mx::Device::gpu) fail("needs a GPU stream");
   for (const auto* a : {&q, &k, &v})
     if (a->ndim() != 4 || a->dtype() != q.dtype()) fail("q, k, v must be 4-D of one dtype");
-  cudnn_type(q.dtype());
+  if (q.dtype() != mx::bfloat16 && q.dtype() != mx::float16) fail("only bfloat16 and float16 are supported");
   if (k.shape() != v.shape() || q.shape(0) != k.shape(0) || q.shape(3) != k.shape(3) ||
       k.shape(1) == 0 || q.shape(1) % k.shape(1) != 0 || q.shape(3) % 8 != 0 || q.shape(3) > 128)
     fail("need q [B, H, T, D], k = v [B, Hkv, S, D], H % Hkv == 0, D % 8 == 0, D <= 128");
@@ -402,6 +530,7 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
 }  // namespace
 
 NB_MODULE(_mlxflow_cuda, m) {
+  if (tracing()) install_crash_report();
   m.doc() = "mlxflow's cuDNN attention for MLX-CUDA (built lazily by mlxcore.kernels._build)";
   m.def("attention", &attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a = true,
         "softmax(scale * q k^T [+ top-left causal mask]) v through cuDNN: q [B, H, T, D], k = v "
