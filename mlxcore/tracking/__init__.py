@@ -13,6 +13,7 @@ per tracker, the counts of what was delivered and lost (the report card shows th
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -84,6 +85,7 @@ class Tracker:
         self.delivery = Delivery()
         self.started = False
         self._queue: queue.Queue = queue.Queue()
+        self._pending: collections.deque = collections.deque()  # taken from the queue, not yet handled
         self._worker = threading.Thread(target=self._work, name=f"tracker-{self.name}", daemon=True)
         self._worker.start()
         self._queue.put(("start", None))
@@ -109,6 +111,8 @@ class Tracker:
     _stop = False
 
     def _count_queued(self) -> None:
+        while self._pending:
+            self._lose(*self._pending.popleft())
         while True:
             try:
                 kind, payload = self._queue.get_nowait()
@@ -148,10 +152,14 @@ class Tracker:
                     log.warning("%s: %s failed %d times, dropped: %s", self.name, what, tries, msg)
         return False
 
+    def _next(self):
+        """The next item in the order it was logged: the ones a metrics batch set aside come first."""
+        return self._pending.popleft() if self._pending else self._queue.get()
+
     def _work(self) -> None:
         d = self.delivery
         while True:
-            kind, payload = self._queue.get()
+            kind, payload = self._next()
             if self._stop:
                 self._lose(kind, payload)
                 continue
@@ -159,25 +167,28 @@ class Tracker:
                 self.started = self._call("start", self._start)
                 d.add(d.delivered if self.started else d.lost, "params", len(self.params))
             elif kind == "metrics":
-                batch = [payload]  # everything that queued up meanwhile goes in one call
-                later = []
+                # everything that queued up meanwhile goes in one call; the artifacts and the finish
+                # among it are set aside and taken next, in order, before anything logged later
+                batch = [payload]
                 while True:
                     try:
                         k, p = self._queue.get_nowait()
                     except queue.Empty:
                         break
-                    (batch if k == "metrics" else later).append(p if k == "metrics" else (k, p))
+                    if k == "metrics":
+                        batch.append(p)
+                    else:
+                        self._pending.append((k, p))
                 points = [(key, value, step, ts) for metrics, step, ts in batch for key, value in metrics.items()]
                 ok = self.started and self._call(f"log {len(points)} metric points", lambda: self._metrics(points))
                 d.add(d.delivered if ok else d.lost, "metric points", len(points))
-                for item in later:  # artifacts / finish after the metrics, in order
-                    self._queue.put(item)  # (re-queued: they run on the next turns)
             elif kind == "artifact":
                 ok = self.started and self._call(f"artifact {payload[0]}", lambda: self._artifact(*payload))
                 d.add(d.delivered if ok else d.lost, "artifacts", 1)
             elif kind == "finish":
                 if self.started:
                     self._call("finish", lambda: self._finish(payload))
+                self._count_queued()  # nothing is logged after the finish; were it, it is counted lost
                 return
 
     # -- backends

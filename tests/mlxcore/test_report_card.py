@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import re
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -152,6 +154,51 @@ def test_logging_never_waits_for_a_slow_tracker_and_batches_what_queued_up(tmp_p
     out = session.finish()
     assert out["flaky"]["delivered"]["metric points"] == 200 and t.calls <= 3  # batched
     assert {k for k, *_ in t.got} == {"preference-dpo/loss", "preference-dpo/lr"}
+
+
+class Gated(Tracker):
+    """A backend whose start and first metrics call wait for the test, and that records its artifacts."""
+
+    name = "gated"
+
+    def __init__(self, *a, **kw):
+        self.started_gate, self.metrics_gate, self.in_metrics = threading.Event(), threading.Event(), threading.Event()
+        self.artifacts = []
+        super().__init__(*a, **kw)
+
+    def _start(self):
+        self.started_gate.wait(10)
+
+    def _metrics(self, points):
+        self.in_metrics.set()
+        self.metrics_gate.wait(10)
+
+    def _artifact(self, path, folder):
+        self.artifacts.append(Path(path).name)
+
+
+def test_artifacts_queued_around_a_slow_metrics_call_are_all_delivered_before_the_run_ends(tmp_path):
+    """The end of a run: the curves and the model card queue up behind the last metrics while the
+    backend is slow, then the report card and the finish arrive during that call. Every artifact
+    is delivered, in order, before the run is finished (none dropped uncounted after the finish)."""
+    t = Gated(TrackingConfig(), tmp_path, "r", "e", {})
+    t.log_metrics({"sft/loss": 1.0}, 1)
+    t.log_artifact(tmp_path / "curve.png", "curves")
+    t.log_artifact(tmp_path / "README.md", "model")
+    t.started_gate.set()  # the worker takes the metrics (and sees the two artifacts queued behind them)
+    assert t.in_metrics.wait(10)
+    t.log_artifact(tmp_path / "report.md")
+    done = {}
+    finisher = threading.Thread(target=lambda: done.setdefault("d", t.finish(timeout_s=10)))
+    finisher.start()
+    deadline = time.monotonic() + 10
+    while t._queue.qsize() < 2 and time.monotonic() < deadline:  # the report card and the finish
+        time.sleep(0.01)
+    t.metrics_gate.set()
+    finisher.join(15)
+    d = done["d"]
+    assert t.artifacts == ["curve.png", "README.md", "report.md"]
+    assert d.delivered == {"params": 0, "metric points": 1, "artifacts": 3} and not any(d.lost.values())
 
 
 def test_a_hung_tracker_is_abandoned_at_the_deadline_and_its_queue_counted_lost(tmp_path):
