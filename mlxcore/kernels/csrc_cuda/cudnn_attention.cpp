@@ -33,7 +33,6 @@
 #include <memory>
 #include <mutex>
 #include <numeric>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -176,10 +175,10 @@ Layout layout_like(const mx::Shape& shape, mx::Dtype dtype, const mx::array& lik
 void require_layout(const mx::array& a, const char* name) {
   auto addr = reinterpret_cast<uintptr_t>(mx::gpu_ptr<void>(a));
   if (a.strides(-1) != 1 || addr % 16 != 0) {
-    std::ostringstream os;
-    os << name << " must have a unit stride along the head dimension and 16-byte aligned data "
-       << "(strides " << a.strides() << ", address % 16 = " << addr % 16 << ")";
-    fail(os.str());
+    std::string st;
+    for (auto x : a.strides()) st += (st.empty() ? "" : ", ") + std::to_string(x);
+    fail(std::string(name) + " must have a unit stride along the head dimension and 16-byte aligned data (strides " +
+         st + ", address % 16 = " + std::to_string(addr % 16) + ")");
   }
 }
 
@@ -256,16 +255,16 @@ struct Built {
   }
 };
 
+// No iostreams here (nor anywhere in this file): see the link flags in cuda_attention.py.
 std::string key_of(const char* kind, int dev, bool causal, const std::vector<Layout>& layouts) {
-  std::ostringstream os;
-  os << kind << '|' << dev << '|' << causal;
+  std::string key = std::string(kind) + '|' + std::to_string(dev) + '|' + (causal ? '1' : '0');
   for (const auto& l : layouts) {
-    os << '|' << l.dtype << ':';
-    for (auto d : l.dims) os << d << ',';
-    os << ':';
-    for (auto s : l.strides) os << s << ',';
+    key += '|' + std::to_string(static_cast<int>(l.dtype.val())) + ':';
+    for (auto d : l.dims) key += std::to_string(d) + ',';
+    key += ':';
+    for (auto s : l.strides) key += std::to_string(s) + ',';
   }
-  return os.str();
+  return key;
 }
 
 // Built graphs by kind, device, layouts (bounded: a run sees a handful of shapes). The mutex is
