@@ -206,10 +206,10 @@ def available() -> bool:
 
 
 LAYERS = ("rope", "swiglu", "addnorm", "cross_entropy", "attention")  # ours: cuda_rope, cuda_swiglu, cuda_addnorm, cuda_xent, cuda_attention
-# Layers `auto` leaves off until they have passed on a GPU: `cuda_attention` crashed (SIGSEGV) in
-# its first GPU run (README, "Attention through our own cuDNN graph"). `all`, or a list naming it,
+# Layers `auto` leaves off until they have passed on a GPU (none now; `cuda_attention` was here until
+# its run on an H100, README "Attention through our own cuDNN graph"). `all`, or a list naming one,
 # turns it on.
-NOT_DEFAULT = ("attention",)
+NOT_DEFAULT: tuple[str, ...] = ()
 
 
 def layer_on(name: str) -> bool:

@@ -143,11 +143,11 @@ def test_decoding_with_a_cache_keeps_mlx_lm_attention(monkeypatch):
 
 
 def test_it_runs_only_where_the_layer_switch_names_it(monkeypatch):
-    """Off by default until it has passed on a GPU (its first run crashed): `all` or a list naming
-    `attention` turns it on."""
+    """On by default on CUDA (`auto`), as with `all` or a list naming `attention`; off with `off` or a
+    list without it."""
     monkeypatch.setattr(cuda, "available", lambda: True)
     monkeypatch.setattr(cuda_attention.EXTENSION, "load", lambda: object())
-    for layers, on in (("auto", False), ("rope,swiglu", False), ("off", False), ("all", True), ("rope,attention", True)):
+    for layers, on in (("auto", True), ("rope,swiglu", False), ("off", False), ("all", True), ("rope,attention", True)):
         monkeypatch.setenv("MLXFLOW_CUDA_LAYERS", layers)
         assert (cuda_attention._ext() is not None) is on, layers
         assert cuda_attention.status() == ("cuDNN attention, top-left causal mask" if on else "MLX's attention")
@@ -209,9 +209,10 @@ def _reference(q, k, v, scale, causal, w):
     return out, dq, fold(ds.transpose(0, 1, 3, 2) @ qn), fold(p.transpose(0, 1, 3, 2) @ w)
 
 
-def _needs_extension():
+def _needs_extension(monkeypatch):
     if not cuda.available():
         pytest.skip("needs MLX's CUDA backend")
+    monkeypatch.setenv("MLXFLOW_CUDA_LAYERS", "all")
     if cuda_attention._ext() is None:
         pytest.fail(f"the cuDNN attention extension did not build: {cuda_attention.EXTENSION.error()}")
 
@@ -220,8 +221,8 @@ def _needs_extension():
 @pytest.mark.parametrize("dtype, causal, B, T, H, Hkv, D", [
     ("bfloat16", True, 2, 200, 8, 2, 64), ("float16", True, 1, 130, 4, 4, 128), ("bfloat16", False, 2, 96, 6, 3, 32)],
     ids=["bf16-causal-gqa", "fp16-causal-d128", "bf16-full"])
-def test_it_matches_float64_in_value_and_all_three_gradients(dtype, causal, B, T, H, Hkv, D):
-    _needs_extension()
+def test_it_matches_float64_in_value_and_all_three_gradients(dtype, causal, B, T, H, Hkv, D, monkeypatch):
+    _needs_extension(monkeypatch)
     q, k, v = _qkv(B, T, H, Hkv, D, dtype=getattr(mx, dtype))
     w = RNG.standard_normal((B, H, T, D))
     scale = D ** -0.5
@@ -239,15 +240,16 @@ def test_it_matches_float64_in_value_and_all_three_gradients(dtype, causal, B, T
 
 @pytest.mark.gpu
 def test_a_compiled_model_trains_the_same_with_it_on_and_off(monkeypatch):
-    _needs_extension()
+    _needs_extension(monkeypatch)
     tokens = mx.array(RNG.integers(0, 97, (4, 65)))
 
     def loss(model):
         return nn.losses.cross_entropy(model(tokens[:, :-1]).astype(mx.float32), tokens[:, 1:]).mean()
 
     results = {}
-    for layers in ("all", "auto"):
+    for layers in ("all", ",".join(x for x in cuda.LAYERS if x != "attention")):  # ours, then MLX's attention
         monkeypatch.setenv("MLXFLOW_CUDA_LAYERS", layers)
+        assert cuda_attention.status().startswith("cuDNN") == (layers == "all")
         model = _llama(mx.bfloat16)
         patch.use_fast_kernels(model)
         try:

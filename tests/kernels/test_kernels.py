@@ -385,12 +385,12 @@ def test_status_names_the_cuda_paths_a_step_takes(monkeypatch):
     from mlxcore.kernels import cuda
 
     monkeypatch.setattr(cuda, "available", lambda: True)
-    assert kernels.status().startswith("CUDA: mlxflow kernels for rope, swiglu, addnorm, cross_entropy, AdamW")
-    assert "projection groups, weight gradients first; MLX's attention;" in kernels.status()
-    # `all` adds the cuDNN attention, which cannot build without MLX's CUDA backend: the status says why
-    monkeypatch.setenv("MLXFLOW_CUDA_LAYERS", "all")
-    assert "cross_entropy, attention, AdamW" in kernels.status()
-    assert "; MLX's attention (KernelsUnavailable: this MLX has no CUDA backend" in kernels.status()
+    # the cuDNN attention is on by default, and cannot build without MLX's CUDA backend: the status says why
+    assert kernels.status().startswith("CUDA: mlxflow kernels for rope, swiglu, addnorm, cross_entropy, attention, AdamW")
+    assert "projection groups, weight gradients first; MLX's attention (KernelsUnavailable: this MLX has no CUDA backend" \
+        in kernels.status()
+    monkeypatch.setenv("MLXFLOW_CUDA_LAYERS", "rope,swiglu,addnorm,cross_entropy")
+    assert "cross_entropy, AdamW" in kernels.status() and "; MLX's attention;" in kernels.status()
     monkeypatch.delenv("MLXFLOW_CUDA_LAYERS")
     monkeypatch.setenv("MLXFLOW_WGRAD_FIRST", "off")
     assert "projection groups (MLXFLOW_WGRAD_FIRST=off);" in kernels.status()
