@@ -224,7 +224,12 @@ def _build_plan(ext: Extension):
               "-DNB_COMPACT_ASSERTIONS", f"-I{py_inc}", f"-I{nb_dir / 'include'}",
               f"-I{nb_dir / 'ext' / 'robin_map' / 'include'}", f"-I{mlx_dir / 'include'}", *conf["common"]]
     kflags = conf["kflags"]
-    link = ["-shared", f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}", *conf["link"]]
+    # --exclude-libs: a compiler that links parts of libstdc++ statically (the lent H100's did) would
+    # export them, and the loader would bind some of their references to the process's libstdc++.so.6
+    # and others to the copy: the cuDNN attention crashed so at its first `ostringstream << long`.
+    # Hidden, a static copy is private and self-consistent; with a shared libstdc++ nothing changes.
+    link = ["-shared", f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}", "-Wl,--exclude-libs,ALL",
+            *conf["link"]]
     try:
         cxx_version = subprocess.run([*cxx.split(), "--version"], capture_output=True,
                                      text=True, timeout=30).stdout

@@ -109,13 +109,8 @@ def _configure() -> dict:
     # The driver API calls of cuDNN's frontend (cuGraph*) resolve through libmlx.so, which needs
     # libcuda.so.1: linking the toolkit's stub here could shadow the real driver. Not stripped, with
     # line tables: MLXFLOW_CUDA_ATTENTION_TRACE's crash report gives offsets for addr2line.
-    # --exclude-libs: on the lent H100 (CXX=/opt/gcc/bin/g++) the module came out with parts of libstdc++
-    # linked in statically and exported; the loader then bound some of their references to the
-    # process's libstdc++.so.6 and others to the copy, and the first `ostringstream << long` read a
-    # locale facet past the end of its table (SIGSEGV, found by the crash report). Hidden, a static
-    # copy is self-consistent.
     return dict(common=["-DCUDNN_FRONTEND_SKIP_JSON_LIB", *(f"-I{d}" for d in incs)],
-                kflags=["-O2", "-g1"], link=link + ["-Wl,--exclude-libs,ALL"],
+                kflags=["-O2", "-g1"], link=link,
                 key=[str(d) for d in incs] + link + versions)
 
 
