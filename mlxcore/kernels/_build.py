@@ -11,7 +11,8 @@ Cache key: sha256 of the C++ sources, the mlx / nanobind / Python versions, the 
 `--version`, the flags and the CPU's feature flags (a home directory shared by different
 machines must not load a `-march=native` build made for another CPU). Builds go to a
 temporary directory and are moved into place with an atomic rename, so concurrent processes
-never see a half-written library. A failed build leaves a FAILED marker (with the log) so
+never see a half-written library, and a file lock per cache entry makes processes that start
+together (data-parallel ranks, test workers) wait for one build. A failed build leaves a FAILED marker (with the log) so
 later processes do not retry it; delete the cache directory to retry.
 
 Environment:
@@ -298,18 +299,36 @@ def _load_or_build(ext: Extension):
     lib = final_dir / (ext.module + sysconfig.get_config_var("EXT_SUFFIX"))
     if lib.exists():
         return _probe(_import(ext.module, lib))
+    _raise_if_failed(final_dir)
+    _check_nanobind_abi(plan["nanobind"], plan["nb_dir"])
+    final_dir.mkdir(parents=True, exist_ok=True)
+    # One builder per cache entry: processes that start together (data-parallel ranks, test
+    # workers) wait for the first one's build instead of each compiling the same module.
+    import fcntl  # POSIX; the extensions build on Linux only
+
+    with open(final_dir / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the builder ends, killed or not
+        if lib.exists():
+            return _probe(_import(ext.module, lib))
+        _raise_if_failed(final_dir)
+        _build_into(ext, plan, final_dir, lib)
+    return _probe(_import(ext.module, lib))
+
+
+def _raise_if_failed(final_dir: Path) -> None:
     if (final_dir / "FAILED").exists():
         raise KernelsUnavailable(f"an earlier build failed, see {final_dir}/FAILED "
                                  "(delete that directory to retry)")
-    _check_nanobind_abi(plan["nanobind"], plan["nb_dir"])
-    final_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _build_into(ext: Extension, plan, final_dir: Path, lib: Path) -> None:
     print(f"mlxflow: compiling {ext.what} into {final_dir} (one-time, about a minute)...",
           file=sys.stderr)
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="build-", dir=final_dir))
     try:
         built = _compile(ext, plan, tmp)
-        os.replace(built, lib)  # atomic: a concurrent builder's identical file may win
+        os.replace(built, lib)  # atomic: a reader never sees a half-written library
     except KernelsUnavailable as e:
         log = tmp / "build.log"
         if log.exists():
@@ -320,4 +339,3 @@ def _load_or_build(ext: Extension):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"mlxflow: {ext.what} built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return _probe(_import(ext.module, lib))
