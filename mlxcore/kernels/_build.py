@@ -12,8 +12,9 @@ Cache key: sha256 of the C++ sources, the mlx / nanobind / Python versions, the 
 machines must not load a `-march=native` build made for another CPU). Builds go to a
 temporary directory and are moved into place with an atomic rename, so concurrent processes
 never see a half-written library, and a file lock per cache entry makes processes that start
-together (data-parallel ranks, test workers) wait for one build. A failed build leaves a FAILED marker (with the log) so
-later processes do not retry it; delete the cache directory to retry.
+together (data-parallel ranks, test workers) wait for one build. A failed build leaves a
+FAILED marker (with the log) so later processes do not retry it; delete the cache directory
+to retry.
 
 Environment:
   MLXFLOW_KERNELS        auto (default) | off (never use the extension) | on (raise instead
