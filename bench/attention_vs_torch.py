@@ -5,8 +5,8 @@
 On an H100 the `200mb` step's attention kernels (cuDNN's flash forward and backward in both
 frameworks, the same kernels by name) took 15.2 ms in MLX against 11.6 ms in torch
 (`bench/kernel_profile.py`). This times the attention mlxcore's training step calls,
-`mlxcore.kernels.attention` (on CUDA MLX's `mx.fast.scaled_dot_product_attention`, or with
-`MLXFLOW_CUDA_LAYERS=all` our cuDNN graph, `mlxcore.kernels.cuda_attention`; on the Linux CPU the
+`mlxcore.kernels.attention` (on CUDA our cuDNN graph, `mlxcore.kernels.cuda_attention`, or MLX's
+`mx.fast.scaled_dot_product_attention` when `MLXFLOW_CUDA_LAYERS` leaves `attention` out; on the Linux CPU the
 fused C++ kernel), and torch's `scaled_dot_product_attention` (`is_causal`, `enable_gqa`) on
 the same values, each with its gradient, for q / k / v given as
 

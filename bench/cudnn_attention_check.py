@@ -1,6 +1,6 @@
 """mlxflow's cuDNN attention (`mlxcore.kernels.cuda_attention`) against MLX-CUDA's, on an NVIDIA GPU.
 
-    MLXFLOW_CUDA_LAYERS=all python bench/cudnn_attention_check.py [--trace] [--skip-speed]
+    python bench/cudnn_attention_check.py [--trace] [--skip-speed]
 
 1. Smoke: one tiny forward and backward, each evaluated on its own (with `--trace`, every build
    and run step and, on a crash, the native frames: `MLXFLOW_CUDA_ATTENTION_TRACE=1`).

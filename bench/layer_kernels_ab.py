@@ -5,7 +5,7 @@
 Builds one model and compiled step per variant (same seed, same batch, the `mlxflow speed` step
 with its default `AdamWFloat32State`), each traced under its own setting: `MLXFLOW_CUDA_LAYERS`
 for the RoPE, SwiGLU, residual add + RMSNorm and cross-entropy kernels (`mlxcore.kernels.cuda_rope` /
-`cuda_swiglu` / `cuda_addnorm` / `cuda_xent`; `attention`: the defaults and `cuda_attention`) and the projection
+`cuda_swiglu` / `cuda_addnorm` / `cuda_xent`; `all` also has `cuda_attention`, `no-attention` not) and the projection
 groups of `use_fast_kernels` (`kernels.lean_projections`) on or off. Then it times the steps in
 interleaved rounds, one step of each variant a round, so that a busy or throttled machine slows
 every variant alike, and prints each variant's median and fastest step, its time relative to the
@@ -36,7 +36,7 @@ from mlxcore.train.step import make_step
 VARIANTS = {"none": ("off", False), "rope": ("rope", False), "swiglu": ("swiglu", False),
             "addnorm": ("addnorm", False), "cross_entropy": ("cross_entropy", False), "groups": ("off", True),
             "rope+swiglu+groups": ("rope,swiglu", True), "no-cross_entropy": ("rope,swiglu,addnorm", True),
-            "all": ("auto", True), "attention": ("all", True)}
+            "all": ("auto", True), "no-attention": ("rope,swiglu,addnorm,cross_entropy", True)}
 
 
 def build(cfg: SpeedConfig, layers: str, groups: bool, warmup: int) -> dict:

@@ -12,8 +12,8 @@ and for sampling (categorical sampling with temperature / top-p, log-softmax).
 
 Same API and semantics on every device. On the Linux CPU backend they run custom MLX
 primitives from a small C++ extension (vectorized, multi-threaded; built on first use, see
-`_build.py`); on CUDA with `MLXFLOW_CUDA_LAYERS=all`, attention in bfloat16 / float16 runs cuDNN
-through `cuda_attention` (also built on first use); elsewhere — macOS/Metal, no compiler, `MLXFLOW_KERNELS=off`, an
+`_build.py`); on CUDA, attention in bfloat16 / float16 runs cuDNN through `cuda_attention`
+(also built on first use; `MLXFLOW_CUDA_LAYERS` without `attention` keeps MLX's); elsewhere — macOS/Metal, no compiler, `MLXFLOW_KERNELS=off`, an
 unsupported shape — they are plain MLX ops (`reference_cross_entropy`,
 `mx.fast.scaled_dot_product_attention`). Both paths are lazy graph ops: they compose with
 `mx.compile`, `mx.grad` and `nn.value_and_grad` (the extension's vjp is a custom primitive).

@@ -5,7 +5,7 @@ mlx-lm's model files call two module-level functions per layer: `scaled_dot_prod
 module (`mlx_lm.models.llama`, `...qwen3`, ...). `use_fast_kernels(model)` rebinds those two
 names in the module that defines `model`'s class to wrappers that take the fast CPU kernel
 when it applies (CPU default device, no KV cache, causal or no mask, no attention sinks; on
-CUDA with `MLXFLOW_CUDA_LAYERS=all`, the same calls in bfloat16 / float16 with as many keys as
+CUDA, unless `MLXFLOW_CUDA_LAYERS` leaves `attention` out, the same calls in bfloat16 / float16 with as many keys as
 queries take `cuda_attention`, cuDNN with a top-left causal mask) and call mlx-lm's original
 otherwise, so generation with a cache and Metal are unchanged;
 `swiglu` elsewhere is mlx-lm's fused forward, with `kernels.lean_swiglu`'s backward (saves less; on CUDA `cuda_swiglu`)
