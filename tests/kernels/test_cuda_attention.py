@@ -78,6 +78,30 @@ def _llama(dtype):
     return model
 
 
+def _loss_and_grads(model, tokens, compiled=False):
+    """The model's mean next-token cross-entropy on `tokens` and its gradients, evaluated; compiled:
+    through `mx.compile`, as a training step runs them (the loss closes over the model, whose
+    parameters `nn.value_and_grad` passes in)."""
+    def loss():
+        return nn.losses.cross_entropy(model(tokens[:, :-1]).astype(mx.float32), tokens[:, 1:]).mean()
+
+    step = nn.value_and_grad(model, loss)
+    out = (mx.compile(step) if compiled else step)()
+    mx.eval(out)
+    return out
+
+
+def _assert_close(got, want, tol, grad_tol=None):
+    """Two (loss, gradients) results agree: the loss within `tol`, the gradients within `grad_tol`
+    (default 5 x tol), absolute and relative."""
+    from mlx.utils import tree_flatten
+
+    grad_tol = 5 * tol if grad_tol is None else grad_tol
+    assert abs(got[0].item() - want[0].item()) <= tol
+    for (name, a), (_, b) in zip(tree_flatten(got[1]), tree_flatten(want[1]), strict=True):
+        np.testing.assert_allclose(_np(a), _np(b), atol=grad_tol, rtol=grad_tol, err_msg=name)
+
+
 @pytest.mark.parametrize("dtype, taken", [(mx.bfloat16, True), (mx.float32, False)])
 def test_a_patched_model_sends_its_training_attention_there(monkeypatch, dtype, taken):
     """Each layer's cache-free causal attention goes to the extension (bfloat16), and the loss and
@@ -86,32 +110,25 @@ def test_a_patched_model_sends_its_training_attention_there(monkeypatch, dtype, 
     monkeypatch.setattr(cuda_attention, "_ext", lambda: standin)
     monkeypatch.setattr(kernels, "available", lambda: False)  # the CPU kernels would come first
     tokens = mx.array(RNG.integers(0, 97, (2, 12)))
-
-    def loss(model):
-        return nn.losses.cross_entropy(model(tokens[:, :-1]).astype(mx.float32), tokens[:, 1:]).mean()
-
     patch.restore_all()  # mlx-lm's own attention for the reference (a test before may have left it patched)
     model = _llama(dtype)
-    want, want_g = nn.value_and_grad(model, loss)(model)
-    mx.eval(want, want_g)
+    want = _loss_and_grads(model, tokens)
     assert standin.calls == []
     patch.use_fast_kernels(model)
     try:
-        got, got_g = nn.value_and_grad(model, loss)(model)
-        mx.eval(got, got_g)
+        got = _loss_and_grads(model, tokens)
         mx.eval(model(tokens[:, :1]))  # one token, no cache: mlx-lm passes no mask
+        assert len(standin.calls) == (4 if taken else 0)
+        compiled = _loss_and_grads(model, tokens, compiled=True)  # as a training step runs it
     finally:
         patch.restore_all()
-    assert len(standin.calls) == (4 if taken else 0)
     if taken:
         assert standin.calls[0] == ((2, 4, 11, 16), (2, 2, 11, 16), 16 ** -0.5, True)
-        assert standin.calls[-1] == ((2, 4, 1, 16), (2, 2, 1, 16), 16 ** -0.5, False)
+        assert standin.calls[3] == ((2, 4, 1, 16), (2, 2, 1, 16), 16 ** -0.5, False)
+        assert len(standin.calls) == 6  # the compiled step traced the two layers' calls once
     tol = 2e-2 if dtype == mx.bfloat16 else 1e-5
-    assert abs(got.item() - want.item()) <= tol
-    from mlx.utils import tree_flatten
-    for (name, a), (_, b) in zip(tree_flatten(got_g), tree_flatten(want_g)):
-        np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)),
-                                   atol=tol * 5, rtol=tol * 5, err_msg=name)
+    _assert_close(got, want, tol)
+    _assert_close(compiled, want, tol)
 
 
 def test_kernels_attention_takes_it_except_for_packed_rows(monkeypatch):
@@ -242,26 +259,17 @@ def test_it_matches_float64_in_value_and_all_three_gradients(dtype, causal, B, T
 def test_a_compiled_model_trains_the_same_with_it_on_and_off(monkeypatch):
     _needs_extension(monkeypatch)
     tokens = mx.array(RNG.integers(0, 97, (4, 65)))
-
-    def loss(model):
-        return nn.losses.cross_entropy(model(tokens[:, :-1]).astype(mx.float32), tokens[:, 1:]).mean()
-
-    results = {}
+    results = []
     for layers in ("all", ",".join(x for x in cuda.LAYERS if x != "attention")):  # ours, then MLX's attention
         monkeypatch.setenv("MLXFLOW_CUDA_LAYERS", layers)
         assert cuda_attention.status().startswith("cuDNN") == (layers == "all")
         model = _llama(mx.bfloat16)
         patch.use_fast_kernels(model)
         try:
-            results[layers] = mx.compile(nn.value_and_grad(model, loss))(model)
-            mx.eval(results[layers])
+            results.append(_loss_and_grads(model, tokens, compiled=True))
         finally:
             patch.restore_all()
-    (a, ga), (b, gb) = results.values()
-    assert abs(a.item() - b.item()) < 2e-2
-    from mlx.utils import tree_flatten
-    for (name, x), (_, y) in zip(tree_flatten(ga), tree_flatten(gb)):
-        np.testing.assert_allclose(_np(x), _np(y), atol=5e-2, rtol=5e-2, err_msg=name)
+    _assert_close(*results, 2e-2, grad_tol=5e-2)
 
 
 def test_the_build_is_keyed_on_the_cudnn_and_frontend_versions(monkeypatch, tmp_path):
