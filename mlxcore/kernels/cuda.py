@@ -207,8 +207,8 @@ def available() -> bool:
 
 LAYERS = ("rope", "swiglu", "addnorm", "cross_entropy", "attention")  # ours: cuda_rope, cuda_swiglu, cuda_addnorm, cuda_xent, cuda_attention
 # Layers `auto` leaves off until they have passed on a GPU (none now; `cuda_attention` was here until
-# its run on an H100, README "Attention through our own cuDNN graph"). `all`, or a list naming one,
-# turns it on.
+# its run on an H100, README "Attention through our own cuDNN graph"). `all`, or a list naming
+# such a layer, turns it on.
 NOT_DEFAULT: tuple[str, ...] = ()
 
 

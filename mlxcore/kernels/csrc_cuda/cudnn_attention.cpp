@@ -255,7 +255,8 @@ struct Built {
   }
 };
 
-// No iostreams here (nor anywhere in this file): see the link flags in cuda_attention.py.
+// No iostreams here (nor anywhere in this file): a statically linked libstdc++ once crashed at
+// this key's ostringstream; see the link flags in _build.py.
 std::string key_of(const char* kind, int dev, bool causal, const std::vector<Layout>& layouts) {
   std::string key = std::string(kind) + '|' + std::to_string(dev) + '|' + (causal ? '1' : '0');
   for (const auto& l : layouts) {
