@@ -25,7 +25,9 @@ A reply's `<think>...</think>` reasoning is stripped (`strip_think`: what follow
 `</think>`); an unclosed block, cut off by `max_tokens`, leaves an empty text.
 
 Retry policy. One call (`chat`, or one job of `imap_unordered`) makes up to 1 + `retries`
-attempts. Transient failures are retried: HTTP 5xx and 429, timeouts, refused or dropped
+attempts. An attempt, its whole body included, ends after `timeout_s` (plus at most one
+read): a server dripping keep-alive whitespace or a byte at a time cannot hold it; an answer over
+64 MiB is cut off. Both count as transient (timeout, malformed). `content: null` is an empty reply. Transient failures are retried: HTTP 5xx and 429, timeouts, refused or dropped
 connections (httpx transport errors, e.g. RemoteProtocolError "server disconnected"), and
 malformed answers (a 2xx whose body is not JSON or lacks the reply text: a teacher that is
 restarting can answer garbage). Before retry k (1, 2, ...) the client sleeps an "equal jitter"
@@ -68,6 +70,7 @@ import collections
 import ipaddress
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -81,6 +84,9 @@ import httpx
 from mlxcore.bench.answers import strip_think
 from mlxcore.distill.schema import TeacherConfig  # noqa: F401  (re-exported)
 from mlxcore.clients.secrets import SecretResolver, resolve_api_key
+
+_MAX_BODY = 64 << 20  # bytes of one answer; a reply of max_tokens tokens is a tiny fraction of it
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 FAILURE_KINDS = ("timeout", "5xx", "429", "connection", "malformed", "4xx")
 
@@ -135,11 +141,11 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
-def _server_message(resp: httpx.Response) -> str:
+def _server_message(raw: bytes | bytearray) -> str:
     try:
-        data = resp.json()
+        data = json.loads(bytes(raw))
     except ValueError:
-        return resp.text.strip()[:500] or "(empty body)"
+        return bytes(raw).decode("utf-8", "replace").strip()[:500] or "(empty body)"
     err = data.get("error") if isinstance(data, dict) else None
     if isinstance(err, dict):
         err = err.get("message")
@@ -277,7 +283,7 @@ class Teacher:
                                f"{self._running_hint()}", kind="connection") from e
         if resp.status_code >= 400:
             raise TeacherError(f"the teacher at {self.url} answered GET {path} with HTTP {resp.status_code}: "
-                               f"{_server_message(resp)}", kind=_status_kind(resp.status_code),
+                               f"{_server_message(resp.content)}", kind=_status_kind(resp.status_code),
                                status=resp.status_code)
         try:
             return resp.json()
@@ -320,12 +326,25 @@ class Teacher:
     def _attempt(self, path: str, body: dict) -> tuple[str, int, int, str | None]:
         """One HTTP request: (text, prompt_tokens, completion_tokens, finish_reason).
 
+        The whole attempt, body included, ends after `timeout_s` (httpx's timeout alone bounds each
+        read, so a server sending keep-alive whitespace or trickling bytes could hold it forever),
+        and a body over `_MAX_BODY` bytes is cut off: both are retried as transient.
         Raises _Transient for what a retry may cure, TeacherError for what it will not.
         """
+        limit = self.config.timeout_s
+        deadline = time.monotonic() + limit
         try:
-            resp = self._client.post(path, json=body)
+            with self._client.stream("POST", path, json=body) as resp:
+                raw = bytearray()
+                for chunk in resp.iter_bytes():
+                    raw += chunk
+                    if len(raw) > _MAX_BODY:
+                        raise _Transient("malformed", f"the answer to POST {path} passed {_MAX_BODY >> 20} MiB; "
+                                         "cut off", status=resp.status_code)
+                    if time.monotonic() > deadline:
+                        raise httpx.ReadTimeout("the whole answer took too long")
         except httpx.TimeoutException as e:
-            raise _Transient("timeout", f"no answer within {self.config.timeout_s:g}s ({type(e).__name__})") from e
+            raise _Transient("timeout", f"no answer within {limit:g}s ({type(e).__name__})") from e
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as e:
             raise TeacherError(f"cannot send a request to {self.url}: {e}", kind="4xx") from e
         except httpx.ConnectError as e:
@@ -337,32 +356,36 @@ class Teacher:
 
         status = resp.status_code
         if status == 429 or status >= 500:
-            raise _Transient(_status_kind(status), f"HTTP {status} from POST {path}: {_server_message(resp)}",
+            raise _Transient(_status_kind(status), f"HTTP {status} from POST {path}: {_server_message(raw)}",
                              status=status, retry_after=_retry_after(resp))
         if status >= 300:
-            msg = f"the teacher answered HTTP {status} to POST {path}: {_server_message(resp)}"
+            msg = f"the teacher answered HTTP {status} to POST {path}: {_server_message(raw)}"
             if status == 404:
                 msg += f" (model {self.config.model!r}: is it pulled? `ollama pull {self.config.model}`)"
             raise TeacherError(msg, kind="4xx", status=status)
         try:
-            data = resp.json()
+            data = json.loads(bytes(raw))
         except ValueError:
-            raise _Transient("malformed", f"invalid JSON from POST {path}: {resp.text[:200]!r}",
+            raise _Transient("malformed", f"invalid JSON from POST {path}: {bytes(raw[:200])!r}",
                              status=status) from None
         try:
             if self.config.api == "ollama":
-                text, finish = data["message"]["content"], data.get("done_reason")
+                text, finish = data["message"].get("content"), data.get("done_reason")
                 prompt, completion = _int(data.get("prompt_eval_count")), _int(data.get("eval_count"))
             else:
                 choice = data["choices"][0]
-                text, finish = choice["message"]["content"], choice.get("finish_reason")
+                text, finish = choice["message"].get("content"), choice.get("finish_reason")
                 usage = data.get("usage") or {}
                 prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+            if text is None:  # a valid answer with no text, e.g. a reasoning model that spent max_tokens thinking
+                text = ""
             if not isinstance(text, str):
                 raise TypeError(f"content is {type(text).__name__}")
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise _Transient("malformed", f"unexpected answer shape from POST {path} ({type(e).__name__}: {e}): "
                              f"{json.dumps(data)[:200]}", status=status) from None
+        # JSON can carry a lone surrogate ("\ud83d"), which no UTF-8 file can hold: U+FFFD in its place
+        text = _LONE_SURROGATE.sub("\ufffd", text)
         return strip_think(text) or "", prompt, completion, finish if isinstance(finish, str) else None
 
     def _chat(self, messages: list[dict[str, Any]], cancel: threading.Event | None) -> Reply:

@@ -104,6 +104,120 @@ def test_config_rejects_unknown_keys_and_bad_values():
         TeacherConfig(workers=0)
 
 
+class RawServer:
+    """A loopback HTTP/1.1 server that answers every request with `respond(conn)`: the bytes a
+    misbehaving server sends (keep-alive whitespace, a trickle, a body in a given shape)."""
+
+    def __init__(self, respond):
+        import socket
+
+        self.respond, self.sock = respond, socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.requests = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn):
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, body = data.split(b"\r\n\r\n", 1)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.requests += 1
+            try:
+                self.respond(conn)
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
+
+
+def json_answer(body: bytes):
+    return lambda conn: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize("kind", ["keep-alive whitespace", "trickle"])
+def test_an_attempt_ends_after_timeout_s_however_the_server_drips_its_answer(kind):
+    """httpx's timeout bounds each read only: a server that sends keep-alive whitespace (as some
+    OpenAI-compatible gateways do while generating) or one byte at a time would hold an attempt
+    for ever. The attempt as a whole ends after timeout_s (plus one read) and is retried."""
+    def drip(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        for _ in range(200):
+            conn.sendall(b" " if kind == "keep-alive whitespace" else b"{")
+            time.sleep(0.1)
+
+    server = RawServer(drip)
+    try:
+        with teacher(server.url, api="openai", timeout_s=1.0, retries=1) as t:
+            start = time.monotonic()
+            with pytest.raises(TeacherError, match="no answer within 1s") as err:
+                t.chat(MESSAGES)
+            took = time.monotonic() - start
+            stats = t.stats
+    finally:
+        server.close()
+    assert err.value.kind == "timeout" and err.value.attempts == 2 and server.requests == 2
+    assert stats["failures"]["timeout"] == 2 and stats["failed"] == 2
+    assert took < 2 * (1.0 + 0.3) + 0.5, took  # two attempts of about timeout_s each (20 s of dripping without the bound)
+
+
+def test_an_answer_over_the_size_cap_is_cut_off_and_retried(server, monkeypatch):
+    import mlxcore.clients.chat as chat
+
+    monkeypatch.setattr(chat, "_MAX_BODY", 4096)
+    server.answer = lambda m: "word " * 2000  # 10 kB of content: a server that never stops
+    with teacher(server, retries=1, max_tokens=100000) as t:
+        with pytest.raises(TeacherError, match="passed 0 MiB; cut off") as err:
+            t.chat(MESSAGES)
+    assert err.value.kind == "malformed" and err.value.attempts == 2
+
+
+@pytest.mark.parametrize("api, body", [
+    ("openai", b'{"choices": [{"message": {"role": "assistant", "content": null}, "finish_reason": "length"}]}'),
+    ("ollama", b'{"message": {"role": "assistant", "content": null}, "done": true, "done_reason": "length"}')])
+def test_null_content_is_an_empty_reply_not_a_fault(api, body):
+    """vLLM's reasoning parser answers `content: null` when thinking used up max_tokens: a valid,
+    empty answer (the caller rejects it once), not a malformed one retried `retries` times."""
+    server = RawServer(json_answer(body))
+    try:
+        with teacher(server.url, api=api, retries=3) as t:
+            reply = t.chat(MESSAGES)
+    finally:
+        server.close()
+    assert (reply.text, reply.finish_reason, reply.attempts, server.requests) == ("", "length", 1, 1)
+
+
+def test_a_lone_surrogate_in_the_answer_becomes_a_replacement_character():
+    """JSON may escape half a surrogate pair ("\ud83d"); such a string cannot be written as UTF-8,
+    which crashed the row store on every re-run. It arrives as U+FFFD; a whole escaped pair stays
+    the character it encodes."""
+    import json
+
+    body = b'{"message": {"role": "assistant", "content": "Paris \\ud83d. Lyon \\ud83d\\ude00"}, "done": true}'
+    server = RawServer(json_answer(body))
+    try:
+        with teacher(server.url) as t:
+            text = t.chat(MESSAGES).text
+    finally:
+        server.close()
+    assert text == "Paris \ufffd. Lyon \U0001f600"
+    text.encode("utf-8")
+    json.dumps(text, ensure_ascii=False).encode("utf-8")
+
+
 # ------------------------------------------------------------------------------ retries
 
 
