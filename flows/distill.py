@@ -12,7 +12,8 @@ from flows.export import ship
 from tasks.bench import run_bench
 from tasks.data import tokenizer
 from tasks.report import reported
-from tasks.distill import check_teacher, compare, generate_rows, prompt_corpus, rows_dir, student_dir, train_student
+from tasks.distill import (check_teacher, compare, generate_rows, prompt_corpus, rows_dir, stop_generation, student_dir,
+                           train_student)
 from tasks.promotion import bench_outcomes, metric_of, promote
 from tasks.record import record_run
 from tasks.train import model_card, publish
@@ -36,7 +37,11 @@ def distill(config: DistillConfig = DistillConfig(), overrides: list[str] = []) 
                                config.max_prompts)
     trained = train_student.submit(rows, tok["path"], student, config.train, config.stream, config.target_rows, out, run,
                                    teacher=config.teacher)
-    wait([gen, trained])
+    try:
+        wait([gen, trained])
+    except BaseException:  # Ctrl-C / SIGTERM / cancel arrive here: stop the generator's thread too
+        stop_generation(rows)
+        raise
     generated, model = gen.result(), trained.result()  # a failed generator stops the student too
     final, aligned = model["checkpoint"], None
     if config.preference is not None:  # right vs wrong teacher replies: preference pairs with no human labels

@@ -16,6 +16,7 @@ written, the last checkpoint), and a finished one returns at once.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -141,6 +142,20 @@ def _publish_generation(stats: dict, run_name: str) -> None:
                   f"| teacher | {json.dumps(t, default=str)} |\n| torn tail repaired | {stats['repaired_bytes']} bytes |\n"))
 
 
+# rows dir -> the stop event of the generator writing it in this process (set by `stop_generation`)
+_STOPS: dict[str, threading.Event] = {}
+
+
+def stop_generation(rows_dir: str) -> None:
+    """Ask this process's generator of `rows_dir` to stop. The flow calls it when it is interrupted:
+    Ctrl-C, SIGTERM or a Prefect cancel reach the flow's thread, not the task's, which would
+    otherwise go on asking the teacher until its target (the student stops once it sees the
+    generator failed)."""
+    event = _STOPS.get(str(Path(rows_dir)))
+    if event is not None:
+        event.set()
+
+
 @task(name="distill-generate", **HOOKS)
 def generate_rows(rows_dir: str, teacher: TeacherConfig, prompts: PromptConfig, verify: VerifyPolicy,
                   target_rows: int, max_prompts: int | None) -> dict:
@@ -158,10 +173,11 @@ def generate_rows(rows_dir: str, teacher: TeacherConfig, prompts: PromptConfig, 
     out.mkdir(parents=True, exist_ok=True)
     mark_generation(out, token, "running")
     report = _GenerationReport(target_rows)
+    _STOPS[str(out)] = stop = threading.Event()
     try:
         with Teacher(teacher, resolve_secret=prefect_secret) as client:  # its key is read here, in this process
             stats = generate(client, prompts, rows_path, target_rows, policy=verify, max_prompts=max_prompts,
-                             on_progress=report, progress_every=1.0, progress_bar=True)
+                             on_progress=report, progress_every=1.0, progress_bar=True, stop=stop)
     except BaseException as e:
         mark_generation(out, token, "failed", error=f"{type(e).__name__}: {e}"[:2000])
         if report.last is not None:

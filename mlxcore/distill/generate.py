@@ -51,6 +51,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -61,7 +62,7 @@ from mlxcore.clients.chat import Teacher, TeacherConfig, TeacherError
 from mlxcore.distill.verify import NO_ANSWER, VerifyPolicy, check
 
 
-__all__ = ["GenerationStalled", "PAIRS_FILE", "REJECTED_FILE", "WRONG_ANSWER", "companion_paths", "generate",
+__all__ = ["GenerationStalled", "GenerationStopped", "PAIRS_FILE", "REJECTED_FILE", "WRONG_ANSWER", "companion_paths", "generate",
            "make_pair", "write_pairs", "wrong_id"]
 
 REJECTED_FILE, PAIRS_FILE = "rejected.jsonl", "pairs.jsonl"  # beside rows.jsonl (see the module doc)
@@ -70,6 +71,10 @@ WRONG_ANSWER = "wrong answer"  # the rejection reason (before its ": got ..., ex
 
 class GenerationStalled(RuntimeError):
     """The prompt budget ran out before the target (the teacher's answers keep failing checks)."""
+
+
+class GenerationStopped(RuntimeError):
+    """`stop` was set (the flow was interrupted: Ctrl-C, SIGTERM, a Prefect cancel): the rows so far are kept."""
 
 
 # ----------------------------------------------------------------------- wrong replies and pairs
@@ -174,12 +179,14 @@ def write_pairs(rows_dir: str | Path, rows_file: str = "rows.jsonl") -> int:
 def generate(teacher: TeacherConfig | Teacher, prompt_cfg: prompt_gen.PromptConfig, out_path: str | Path,
              target_rows: int, *, policy: VerifyPolicy | None = None, max_prompts: int | None = None,
              on_progress: Callable[[dict], None] | None = None, progress_every: float = 2.0,
-             progress_bar: bool = False) -> dict[str, Any]:
+             progress_bar: bool = False, stop: threading.Event | None = None) -> dict[str, Any]:
     """Append verified teacher rows to `out_path` until it holds `target_rows`; the run's stats.
 
     `max_prompts` bounds the prompt indices tried (default 20 x target_rows) so a teacher that
     never passes the checks ends in GenerationStalled instead of looping forever. `progress_bar`
-    draws a terminal bar of rows (tqdm, on stderr). Verified-wrong replies and preference pairs go
+    draws a terminal bar of rows (tqdm, on stderr). Setting `stop` (from another thread) ends the
+    run with GenerationStopped once the replies in hand are written: no new request is issued and
+    each one in flight ends within the teacher's `timeout_s`. Verified-wrong replies and preference pairs go
     to the files beside `out_path` (`companion_paths`, see the module doc).
     """
     policy = policy or VerifyPolicy()
@@ -191,11 +198,12 @@ def generate(teacher: TeacherConfig | Teacher, prompt_cfg: prompt_gen.PromptConf
 
             bar = owned.enter_context(tqdm(total=target_rows, desc="distill rows", unit="row", dynamic_ncols=True))
         return _generate(client, prompt_cfg, Path(out_path), target_rows, policy, max_prompts, on_progress,
-                         progress_every, bar)
+                         progress_every, bar, stop or threading.Event())
 
 
 def _generate(client: Teacher, prompt_cfg, out_path: Path, target_rows: int, policy: VerifyPolicy,
-              max_prompts: int | None, on_progress, progress_every: float, bar=None) -> dict[str, Any]:
+              max_prompts: int | None, on_progress, progress_every: float, bar,
+              stop: threading.Event) -> dict[str, Any]:
     label = f"{client.config.api}:{client.config.model}"
     max_prompts = max_prompts or 20 * target_rows
     per_cat: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -232,6 +240,8 @@ def _generate(client: Teacher, prompt_cfg, out_path: Path, target_rows: int, pol
 
         def jobs():
             for index in range(max_prompts):
+                if stop.is_set():
+                    return
                 p = prompt_gen.prompt(prompt_cfg, index)
                 if store.has(p.id) or store.has_prompt(prompt_hash(p.messages)):
                     continue
@@ -241,6 +251,8 @@ def _generate(client: Teacher, prompt_cfg, out_path: Path, target_rows: int, pol
         results = client.imap_unordered(jobs())
         try:
             for index, reply in results:
+                if stop.is_set():
+                    break
                 p = pending.pop(index)
                 cat = per_cat[p.category]
                 if isinstance(reply, TeacherError):
@@ -281,6 +293,9 @@ def _generate(client: Teacher, prompt_cfg, out_path: Path, target_rows: int, pol
             results.close()  # stop issuing requests; replies in flight are dropped, never written
         if pairer.rescan:  # a wrong reply to a prompt whose accepted row was already on disk
             pairer.complete()
+        if stop.is_set() and store.count < target_rows:
+            raise GenerationStopped(f"{out_path}: stopped at {store.count} of {target_rows} rows; "
+                                    "a re-run goes on from there")
         if store.count < target_rows:
             raise GenerationStalled(
                 f"{out_path}: {store.count} of {target_rows} rows after trying {max_prompts} prompts "

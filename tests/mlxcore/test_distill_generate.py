@@ -9,7 +9,7 @@ import time
 import pytest
 
 from mlxcore.distill import prompts as prompt_gen
-from mlxcore.distill.generate import GenerationStalled, generate
+from mlxcore.distill.generate import GenerationStalled, GenerationStopped, generate
 from mlxcore.data.rows import iter_rows
 from mlxcore.clients.chat import TeacherConfig
 
@@ -101,6 +101,27 @@ def test_a_restating_teacher_behind_a_faulty_network_keeps_only_stated_right_ans
     keepable = {i for i in asked if sloppy.kept(sloppy.by_id[i])}
     kept = {r["meta"]["id"] for r in rows}
     assert kept <= keepable and len(keepable - kept) <= slack
+
+
+def test_stop_ends_the_run_within_a_reply_and_a_rerun_goes_on_from_the_rows_kept(tmp_path):
+    """`stop` (the flow sets it on Ctrl-C, SIGTERM or a cancel, which reach the flow's thread, not
+    the generator's) ends generation once the replies in hand are written, instead of asking the
+    teacher on to the target; a re-run continues from the same file."""
+    import threading
+
+    stop, path = threading.Event(), tmp_path / "rows.jsonl"
+    with OllamaStandin(answer=answer) as hub:
+        hub.delay_s = 0.05
+        threading.Thread(target=lambda: (time.sleep(1.0), stop.set()), daemon=True).start()
+        start = time.monotonic()
+        with pytest.raises(GenerationStopped, match=r"stopped at \d+ of 400 rows; a re-run goes on"):
+            generate(_teacher(hub), CFG, path, 400, stop=stop)
+        took, asked = time.monotonic() - start, len(hub.chat_bodies())
+    kept = len(_rows(path))
+    assert 0 < kept < 400 and took < 2.0 and asked < 200, (kept, took, asked)  # 400 rows take about 7 s unstopped
+    with OllamaStandin(answer=answer) as hub:
+        generate(_teacher(hub), CFG, path, 400)
+    _assert_clean(path, 400)
 
 
 def test_a_teacher_that_is_always_wrong_stalls_with_a_clear_error(tmp_path):
