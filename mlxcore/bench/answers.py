@@ -184,6 +184,10 @@ def _clean_latex(s: str) -> str:
     return s.replace("\\", "")
 
 
+# several different numbers joined like this state no one answer (a hedge), not a number and its working
+_HEDGE = re.compile(r"\b(?:or|either|otherwise|if|unless|maybe|perhaps|possibly|between)\b|[,;]|\.\.\.|\band\b")
+
+
 def number_from_candidate(cand: str) -> str | None:
     """The number a marked answer states ("x = -3" -> "-3", "$1,200." -> "1200", "ten" -> "10")."""
     cand = _clean_latex(cand)
@@ -193,6 +197,8 @@ def number_from_candidate(cand: str) -> str | None:
     if whole is not None:
         return whole
     nums = _numbers(cand)
+    if len(set(nums)) > 1 and _HEDGE.search(cand):  # "-7 or -6", "-7, -6, -5", "4 if we round, otherwise 5"
+        return None
     if nums:
         return nums[0]
     words = re.findall(r"[a-z]+", cand.lower())
@@ -221,11 +227,9 @@ def normalize_choice(s: str) -> str | None:
     t = re.sub(r"^(?:the answer is|answer is|my answer is|so|therefore|thus|hence)[\s:,]+", "", t)
     if _CANNOT.search(t):
         return "cannot tell"
-    if _NO.match(t):
-        return "no"
-    if _YES.match(t):
-        return "yes"
-    return None
+    said = {c for c, pat in (("no", _NO), ("yes", _YES)) if pat.match(t)}
+    said |= {c for c, w in (("no", r"\bno\b"), ("yes", r"\byes\b")) if said and re.search(w, t)}
+    return said.pop() if len(said) == 1 else None  # "yes or no" states neither
 
 
 def normalize_name(s: str, choices: Iterable[str] | None = None) -> str | None:

@@ -13,7 +13,7 @@ import collections
 import pytest
 
 from mlxcore.distill import prompts as prompt_gen
-from mlxcore.bench.answers import final_number, strip_think
+from mlxcore.bench.answers import final_answer, final_number, strip_think
 from mlxcore.distill.verify import NO_ANSWER, check, extract_answer
 from tests.known_teacher import NUMBER_STYLES, WORD_STYLES, KnownTeacher, is_right, restates, spell, wrong_value
 
@@ -107,6 +107,27 @@ def test_a_stated_final_answer_is_found(text, want):
 @pytest.mark.parametrize("text", NOT_STATED, ids=[str(i) for i in range(len(NOT_STATED))])
 def test_a_reply_that_states_no_answer_has_none(text):
     assert extract_answer(text, "gcd_lcm") is None
+
+
+@pytest.mark.parametrize("text", ["Answer: -7 or -6", "Answer: either -7 or 100", "Answer: -7, -6, -5, 0, 1, 2",
+                                  "Answer: -7 if we round, otherwise 4", "The answer is -7 or maybe -6."])
+def test_a_hedged_number_states_no_answer(text):
+    """Several different numbers offered as the answer are no answer: a teacher hedging "-7 or -6"
+    was kept as verified right when the truth was -7 (the first number won)."""
+    assert extract_answer(text, "arithmetic") is None
+    assert final_number(text) is None
+
+
+@pytest.mark.parametrize("text,want", [("Answer: 42 (6 times 7)", "42"), ("Answer: $1,200.", "1200"),
+                                       ("Answer: x = -3", "-3"), ("Answer: 3 + 4 = 7", "7")])
+def test_one_number_with_its_working_is_still_the_answer(text, want):
+    assert extract_answer(text, "arithmetic") == want
+
+
+@pytest.mark.parametrize("text,want", [("Answer: yes or no", None), ("Answer: No. Yes.", None), ("Answer: Yes.", "yes"),
+                                       ("Answer: No, not at all", "no")])
+def test_a_yes_no_answer_that_says_both_states_neither(text, want):
+    assert final_answer(text, "choice", ["yes", "no", "cannot tell"]) == want
 
 
 def test_a_final_statement_copied_from_the_prompt_is_no_answer():
