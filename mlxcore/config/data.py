@@ -84,7 +84,9 @@ class SourceConfig(_Strict):
     format: Literal["auto", "text", "conversations", "instruction", "alpaca", "gsm8k", "ids"] = Field(
         "auto", description="Row schema; auto: detected from each file's first row.")
     text_field: str = Field("text", description="text format: the field holding the document.")
-    prompt_field: str = Field("prompt", description="instruction format: the prompt's field.")
+    prompt_field: str | None = Field(None, description="instruction format: the prompt's field; default: the first of "
+                                                       "prompt, instruction, question, query the row has (Dolly's "
+                                                       "context and Alpaca's input added to it).")
     response_field: str = Field("response", description="instruction format: the response's field.")
     prompt_format: str | None = Field(None, description="Template over the row's fields for the user turn, e.g. 'Q: {question}'.")
     response_format: str | None = Field(None, description="Template over the row's fields for the assistant turn.")

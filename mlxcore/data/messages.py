@@ -124,7 +124,19 @@ def tools_of(row: dict, where: str) -> list | None:
             tools = None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise DataError(f"{where}: field 'tools' must be a list of tool definitions (JSON objects)")
-    return tools
+    return [_without_nulls(t) for t in tools]
+
+
+def _without_nulls(value: Any) -> Any:
+    """A JSON value without its null-valued object keys. Parquet and `datasets` store tool schemas
+    as Arrow structs, which give every schema every key any row has, null where it has none
+    (another tool's properties, `"required": null`): rendered, they would teach tools that differ
+    from the row's."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def message_list(value: Any, where: str, name: str | None = None) -> list[dict]:
@@ -149,7 +161,7 @@ def message_list(value: Any, where: str, name: str | None = None) -> list[dict]:
         if calls:
             msg["tool_calls"] = calls
         msg.update({k: m[k] for k in ("tool_call_id", "name") if m["role"] == "tool" and isinstance(m.get(k), str)})
-        if "weight" in m:
+        if m.get("weight") is not None:  # Arrow (parquet, `datasets`) gives every message every key, null where unset
             if m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
                 raise DataError(f"{where}: {what}: 'weight' is for assistant messages and must be 0 or 1, "
                                 f"got {m['weight']!r} on a {m['role']!r} message")

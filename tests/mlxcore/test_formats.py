@@ -287,6 +287,49 @@ def test_chat_rows_can_be_pretraining_text(tmp_path, small_data):
     assert mask is None and tok.decode(toks[:-1]) == tok.apply_chat_template(msgs, tokenize=False)
 
 
+def test_the_pipeline_s_own_source_options_read_dolly_and_trl_rows_too(tmp_path, small_data):
+    """The pipeline and finetune flows pass `SourceConfig.options()`; its `prompt_field` was "prompt"
+    by default, which turned off the field detection: Dolly's instruction rows and TRL's message-list
+    prompt-completion rows failed there while `mlxflow pretokenize` read them."""
+    from mlxcore.config.data import SourceConfig
+
+    opts = SourceConfig(train=["x"]).options()
+    dolly = {"instruction": "Who wrote it?", "context": "Hamlet is a play by Shakespeare.", "response": "Shakespeare",
+             "category": "closed_qa"}
+    _, docs, tok = _sft(tmp_path, small_data, [dolly] * 2, name="dolly.jsonl", out="dolly", **opts)
+    assert tok.decode(docs[0][0]) == tok.apply_chat_template(
+        [{"role": "user", "content": "Who wrote it?\n\nHamlet is a play by Shakespeare."},
+         {"role": "assistant", "content": "Shakespeare"}], tokenize=False)
+    trl = {"prompt": [{"role": "user", "content": "one"}], "completion": [{"role": "assistant", "content": "two"}]}
+    _, docs, tok = _sft(tmp_path, small_data, [trl] * 2, name="trl.jsonl", out="trl", **opts)
+    assert _learned(tok, docs[0]) == "two" + tok.eos_token
+
+
+def test_parquet_s_null_filled_keys_are_absent_keys(tmp_path, small_data):
+    """Arrow (parquet, `datasets`' exports) gives every message every key any message has, null where
+    it has none: a null `weight` on a user turn is no weight (it failed the row), and a tool schema's
+    null keys (another tool's properties, `"required": null`) are not part of the tool."""
+    from mlxcore.data.messages import tools_of
+
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "skip", "weight": 0},
+                          {"role": "user", "content": "again"}, {"role": "assistant", "content": "yo", "weight": 1}]}] * 2
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "w.parquet")
+    assert pq.read_table(tmp_path / "w.parquet").to_pylist()[0]["messages"][0]["weight"] is None  # what Arrow gives
+    out = tmp_path / "w"
+    pretokenize.pretokenize({"train": [tmp_path / "w.parquet"], "val": [tmp_path / "w.parquet"]}, small_data["tok"],
+                            "sft", out, progress_bar=False)
+    tok = tokenizers.load(small_data["tok"])
+    assert _learned(tok, _docs(out)[0]) == "yo" + tok.eos_token
+
+    tools = [{"type": "function", "function": {"name": "a", "parameters": {"type": "object", "properties": {"x": {"type": "string"}},
+                                                                         "required": ["x"]}}},
+             {"type": "function", "function": {"name": "b", "parameters": {"type": "object", "properties": {"y": {"type": "integer"}}}}}]
+    pq.write_table(pa.Table.from_pylist([{"tools": tools}]), tmp_path / "t.parquet")
+    stored = pq.read_table(tmp_path / "t.parquet").to_pylist()[0]
+    assert stored["tools"][1]["function"]["parameters"]["required"] is None  # Arrow's fill
+    assert tools_of(stored, "t.parquet:1") == tools
+
+
 def test_parquet_json_array_and_txt_inputs(tmp_path, small_data):
     table = pa.table({"question": ["1+1?", "2+2?"], "answer": ["#### 2", "#### 4"]})
     pq.write_table(table, tmp_path / "g.parquet")
