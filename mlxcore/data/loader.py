@@ -147,6 +147,12 @@ class SFTBatches(_Batches):
         self.num_items = int(self._starts[-1])
         lengths = np.concatenate([np.diff(ix) for ix in self.data.index])
         self.truncated = int((lengths > seq_len + 1).sum())
+        if self.num_items and not self._label_counts().any():
+            raise ValueError(
+                f"{data_dir} ({split}): no row has an assistant token within its first seq_len + 1 = {seq_len + 1} "
+                f"tokens (the rows are up to {int(lengths.max())} tokens and training cuts them there), so there "
+                "is nothing to learn: raise seq_len, or lower the data's max_tokens to at most seq_len + 1 (rows "
+                "whose kept part has no assistant token are then dropped)")
         if bucket not in ("none", "length", "labels"):
             raise ValueError(f"bucket must be none, length or labels, not {bucket!r}")
         if bucket != "none":

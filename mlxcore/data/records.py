@@ -198,7 +198,7 @@ def _prompt_response(row: dict, fmt: str, opts: dict, where: str) -> tuple[str, 
     return prompt, response
 
 
-def _row_system(row: dict, where: str) -> str:
+def row_system(row: dict, where: str) -> str:
     """The row's own system prompt ("system" / "system_prompt"), or ""."""
     for name in SYSTEM_FIELDS:
         if name in row and row[name] is not None:
@@ -246,7 +246,7 @@ def to_example(row: dict, fmt: str, kind: str, opts: dict, where: str):
     elif fmt in CHAT_FORMATS:
         prompt, response = _prompt_response(row, fmt, opts, where)
         msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        system = _row_system(row, where)
+        system = row_system(row, where)
         if system:
             msgs = [{"role": "system", "content": system}] + msgs
     else:

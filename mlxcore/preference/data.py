@@ -16,7 +16,8 @@ use, so a model SFT'd here and then preference-trained sees the same tokens), an
   <out>/manifest.json kind "preference", its `rows` kind (pairs / kto / scored), counts
 
 An over-long example (prompt + response over `max_tokens`) keeps the end of its prompt (at
-least half the budget) and then the start of its response, and is counted as `truncated`.
+least half the budget) and then the start of its response, and is counted as `truncated`; with
+`overlong: drop` it is left out and counted as `dropped_overlong`.
 Splits: the files' own val files, or a fixed `val_fraction` of the train rows (by row number,
 as in SFT). The whole stage is written atomically.
 """
@@ -34,7 +35,7 @@ from mlxcore import lineage
 from mlxcore.data import records
 from mlxcore.data import tokenizer as tokenizers
 from mlxcore.data.inputs import SPLITS, resolve_inputs
-from mlxcore.data.pretokenize import Holdout, byte_bar, report_bytes
+from mlxcore.data.pretokenize import Holdout, byte_bar, render_chat, report_bytes
 from mlxcore.data.records import DataError
 from mlxcore.io import atomic_dir, path_digest, read_manifest, write_manifest
 from mlxcore.preference import formats
@@ -75,12 +76,18 @@ class Renderer:
     def __init__(self, tok):
         self.tok, self.eos = tok, tok.eos_token or ""
 
-    def prompt(self, messages: list[dict]) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def prompt(self, messages: list[dict], where: str = "") -> str:
+        return self._render(messages, where, add_generation_prompt=True)
+
+    def _render(self, messages: list[dict], where: str, **kwargs) -> str:
+        try:
+            return render_chat(self.tok, messages, **kwargs)
+        except DataError as e:  # a template that refuses the conversation (e.g. roles that must alternate)
+            raise DataError(f"{where}: {e}" if where else str(e)) from None
 
     def response(self, messages: list[dict], prompt_text: str, reply: str, where: str) -> tuple[str, str]:
         """(the reply through its end-of-turn token, the template's text after it)."""
-        full = self.tok.apply_chat_template(messages + [{"role": "assistant", "content": reply}], tokenize=False)
+        full = self._render(messages + [{"role": "assistant", "content": reply}], where)
         if not full.startswith(prompt_text):
             raise DataError(f"{where}: the chat template is not prefix-stable; cannot split prompt and response")
         answer = full[len(prompt_text):]
@@ -89,7 +96,7 @@ class Renderer:
 
     def encode(self, backend, messages: list[dict], replies: list[str], where: str = "") -> tuple[list, list, list]:
         """(prompt ids, [reply + tail ids], [reply token counts]): each piece encoded on its own, as SFT does."""
-        prompt_text = self.prompt(messages)
+        prompt_text = self.prompt(messages, where)
         pieces = [prompt_text]
         for reply in replies:
             pieces += self.response(messages, prompt_text, reply, where)
@@ -168,6 +175,9 @@ def pretokenize(inputs: Any, tokenizer_dir: str | Path, out_dir: str | Path, *, 
                 stats["dropped_empty"] += 1
                 continue
             prompt, responses, trained, cut = fit_lengths(prompt, responses, trained, max_tokens)
+            if cut and opts.get("overlong") == "drop":
+                stats["dropped_overlong"] += 1
+                continue
             stats["truncated"] += int(cut)
             splits["val" if to_val else split].add(prompt, responses, trained, target)
         pending.clear()

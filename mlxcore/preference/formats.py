@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 
 from mlxcore.data.messages import message_list
-from mlxcore.data.records import DataError, string_field
+from mlxcore.data.records import DataError, row_system, string_field
 
 FORMATS = ("auto", "pairs", "pair-messages", "kto", "scored")
 KINDS = {"pairs": "pairs", "pair-messages": "pairs", "kto": "kto", "scored": "scored"}
@@ -128,9 +128,12 @@ def _prompt(row: dict, opts: dict, where: str, fmt: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def _with_system(prompt: list[dict], opts: dict) -> list[dict]:
-    if opts.get("system_prompt") and prompt[0]["role"] != "system":
-        return [{"role": "system", "content": opts["system_prompt"]}] + prompt
+def _with_system(prompt: list[dict], opts: dict, row: dict, where: str) -> list[dict]:
+    """The prompt after a system turn: the row's own ("system" / "system_prompt", as in Intel's
+    orca_dpo_pairs), else the config's `system_prompt`; none where the prompt has one."""
+    system = row_system(row, where) or opts.get("system_prompt")
+    if system and prompt[0]["role"] != "system":
+        return [{"role": "system", "content": system}] + prompt
     return prompt
 
 
@@ -139,6 +142,9 @@ def _split_shared(chosen: list[dict], rejected: list[dict], where: str) -> tuple
     for name, msgs in (("chosen", chosen), ("rejected", rejected)):
         if msgs[-1]["role"] != "assistant":
             raise DataError(f"{where}: the {name} conversation does not end with an assistant reply")
+        if "tool_calls" in msgs[-1]:  # its text alone (often empty) would be learned as the whole reply
+            raise DataError(f"{where}: the {name} conversation ends with a tool call; a preference side must be "
+                            "a text reply")
     n = 0
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
@@ -170,7 +176,7 @@ def to_example(row: dict, fmt: str, opts: dict, where: str) -> dict:
         chosen, rejected = string_field(row, "chosen", where, fmt), string_field(row, "rejected", where, fmt)
         if chosen.strip() == rejected.strip():
             raise Skip("identical", where)
-        return {"prompt": _with_system(prompt, opts), "chosen": chosen, "rejected": rejected}
+        return {"prompt": _with_system(prompt, opts, row, where), "chosen": chosen, "rejected": rejected}
     if fmt == "pair-messages":
         sides = (_openai_sides(row, where) if "preferred_output" in row
                  else [_conversation(row, name, opts, where, fmt) for name in ("chosen", "rejected")])
@@ -179,7 +185,7 @@ def to_example(row: dict, fmt: str, opts: dict, where: str) -> dict:
         prompt, chosen, rejected = _split_shared(*sides, where)
         if chosen.strip() == rejected.strip():
             raise Skip("identical", where)
-        return {"prompt": _with_system(prompt, opts), "chosen": chosen, "rejected": rejected}
+        return {"prompt": _with_system(prompt, opts, row, where), "chosen": chosen, "rejected": rejected}
     if fmt == "kto":
         prompt = _prompt(row, opts, where, fmt)
         completion = _response_field(row, opts, where, fmt, ("completion", "response"))
@@ -191,7 +197,7 @@ def to_example(row: dict, fmt: str, opts: dict, where: str) -> dict:
                 label = bool(label)
             else:
                 raise DataError(f"{where}: field 'label' must be true or false (desirable or not), got {label!r}")
-        return {"prompt": _with_system(prompt, opts), "completion": completion, "label": label}
+        return {"prompt": _with_system(prompt, opts, row, where), "completion": completion, "label": label}
     if fmt == "scored":
         prompt = _prompt(row, opts, where, fmt)
         response = _response_field(row, opts, where, fmt, ("response", "completion", "output"))
@@ -206,5 +212,5 @@ def to_example(row: dict, fmt: str, opts: dict, where: str) -> dict:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
             raise DataError(f"{where}: field {name!r} must be a finite number, got {value!r}")
-        return {"prompt": _with_system(prompt, opts), "response": response, "reward": float(value)}
+        return {"prompt": _with_system(prompt, opts, row, where), "response": response, "reward": float(value)}
     raise DataError(f"{where}: unknown preference format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -69,3 +69,21 @@ def test_bucketed_epochs_differ_and_ranks_split_each_global_batch(small_data):
                             for x, y in zip(*b.next()[0][:2]))
     assert rows(one) == sorted(rows(r0) + rows(r1))
     assert _rows(one, 0) != _rows(one, 1)
+
+
+def test_rows_whose_replies_all_lie_past_seq_len_fail_instead_of_training_on_nothing(small_data, tmp_path):
+    """With data max_tokens above seq_len + 1, training cuts every row at seq_len + 1; when no
+    reply starts before that cut, every loss mask is empty and the run "trained" at loss 0.000."""
+    import json
+
+    from mlxcore.data import pretokenize
+
+    rows = [{"messages": [{"role": "user", "content": " ".join(["word"] * 60) + f" {i}"},
+                          {"role": "assistant", "content": "ok"}]} for i in range(4)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = tmp_path / "long.jsonl"
+    pretokenize.pretokenize({"train": [src], "val": [src]}, small_data["tok"], "sft", tmp_path / "out", max_tokens=512,
+                            progress_bar=False)
+    with pytest.raises(ValueError, match=r"no row has an assistant token within its first seq_len \+ 1 = 17 tokens"):
+        SFTBatches(tmp_path / "out", "train", 2, seq_len=16)
+    assert SFTBatches(tmp_path / "out", "train", 2, seq_len=256)._label_counts().min() > 0

@@ -374,6 +374,51 @@ def test_fit_lengths_cuts_the_prompt_from_the_left_keeping_half_the_budget():
     assert cut and prompt == p[:3] and [len(x) for x in responses] == [13, 13] and trained == [13, 13]
 
 
+def test_overlong_drop_leaves_long_examples_out_and_counts_them(tmp_path, tok_dir):
+    """`overlong: drop` (the SFT option, accepted by the preference source too) was ignored: the
+    examples were truncated instead."""
+    prompt = "Sort: " + " ".join(str(i % 10) for i in range(40))
+    rows = [{"prompt": prompt, "chosen": "1 2", "rejected": "2 1"}] + [
+        {"prompt": f"Copy: {c}", "chosen": c, "rejected": "y"} for c in "abcd"]
+    src = _write(tmp_path / "long.jsonl", rows)
+    m, ex = _tokenize(tmp_path, tok_dir, src, max_tokens=32, source={"overlong": "drop"})
+    assert m["stats"]["dropped_overlong"] == 2 and m["stats"]["truncated"] == 0  # the first row, in train and val
+    assert len(ex) == 4 and all(len(ex.prompt_ids(i)) < 32 for i in range(4))
+
+
+def test_a_row_s_system_field_is_the_system_turn_and_a_tool_call_side_is_refused(tmp_path, tok_dir, tok):
+    """Intel/orca_dpo_pairs' rows carry a "system" field: it was dropped, so the pair taught a reply
+    to a prompt it was not given. A side ending in a tool call would train its (empty) text."""
+    row = {"system": "Answer in French.", "question": "Greet me.", "chosen": "Bonjour", "rejected": "Hello"}
+    _, ex = _tokenize(tmp_path, tok_dir, _write(tmp_path / "orca.jsonl", [row] * 2))
+    _assert_example(tok, ex, 0, [S("Answer in French."), U("Greet me.")], ["Bonjour", "Hello"])
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    bad = {"prompt": [U("Call f.")], "chosen": [call], "rejected": [A("no")]}
+    with pytest.raises(DataError, match=r"tools.jsonl:1: the chosen conversation ends with a tool call"):
+        _tokenize(tmp_path, tok_dir, _write(tmp_path / "tools.jsonl", [bad]), out="tools")
+    assert not (tmp_path / "tools").exists()
+
+
+def test_a_template_that_refuses_a_conversation_names_the_row(tmp_path, tok_dir):
+    """A strict template (Mistral's: roles must alternate) raising on a row printed jinja's stack
+    and no file or line; SFT names them for the same row."""
+    import shutil
+
+    strict = tmp_path / "strict-tok"
+    shutil.copytree(tok_dir, strict)
+    (strict / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+        "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}")
+    good = {"prompt": [U("Copy: a")], "chosen": [A("a")], "rejected": [A("b")]}
+    bad = {"prompt": [U("one"), U("two")], "chosen": [A("a")], "rejected": [A("b")]}
+    with pytest.raises(DataError, match=r"roles.jsonl:2: the tokenizer's chat template cannot render this "
+                                         r"conversation: .*roles must alternate"):
+        _tokenize(tmp_path, strict, _write(tmp_path / "roles.jsonl", [good, bad]), out="roles")
+    assert not (tmp_path / "roles").exists()
+
+
 def test_long_examples_are_truncated_and_counted(tmp_path, tok_dir, tok):
     prompt = "Sort: " + " ".join(str(i % 10) for i in range(40))
     rows = [{"prompt": prompt, "chosen": "1 2", "rejected": "2 1"},
