@@ -372,6 +372,11 @@ def saved_dataset_files(path: Path) -> list[Path]:
         raise DataError(f"{name!r} is a DatasetDict saved by datasets; name one split's directory: "
                         + ", ".join(f"'{name}/{s}'" for s in splits))
     if not (path / "state.json").is_file():
+        if (path / "train.jsonl").is_file():  # mlx-lm's data layout: train / valid / test.jsonl
+            val = f"['{name}/valid.jsonl']" if (path / "valid.jsonl").is_file() else "[] (val_fraction of train held out)"
+            raise DataError(f"{name!r} is a directory in mlx-lm's layout; give its splits apart, e.g. "
+                            f"train=['{name}/train.jsonl'] val={val} (a glob of it would train on its "
+                            "valid and test rows too)")
         raise DataError(f"{name!r} is a directory; name its files with a glob such as '{name}/*.jsonl' "
                         "(or give a directory datasets' save_to_disk wrote)")
     try:

@@ -174,6 +174,12 @@ def test_a_datasets_save_to_disk_dir_and_its_arrow_files_are_data(tmp_path, smal
     (tmp_path / "plain").mkdir()
     with pytest.raises(DownloadError, match="is a directory; name its files with a glob"):
         download.match_local("plain", str(tmp_path / "plain"))
+    for split in ("train", "valid", "test"):  # mlx-lm's layout: its splits apart, never a glob over all three
+        (tmp_path / "mlxlm" / f"{split}.jsonl").parent.mkdir(exist_ok=True)
+        (tmp_path / "mlxlm" / f"{split}.jsonl").write_bytes(_jsonl(ROWS[:4]))
+    with pytest.raises(DownloadError, match=rf"mlx-lm's layout; give its splits apart, e.g. train=\['{tmp_path}/mlxlm/"
+                                        rf"train.jsonl'\] val=\['{tmp_path}/mlxlm/valid.jsonl'\]"):
+        download.match_local("mlxlm", str(tmp_path / "mlxlm"))
     (tmp_path / "saved" / shards[-1].name).unlink()
     with pytest.raises(DownloadError, match=rf"{shards[-1].name} \(listed in .*state.json\) is missing"):
         download.match_local("saved", str(tmp_path / "saved"))
