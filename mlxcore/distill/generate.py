@@ -73,6 +73,12 @@ class GenerationStalled(RuntimeError):
     """The prompt budget ran out before the target (the teacher's answers keep failing checks)."""
 
 
+# A run of this many replies in a row with nothing to check ends generation: a teacher that always
+# answers empty (or spends max_tokens thinking) would otherwise cost 20 x target_rows requests
+HOLLOW = ("empty reply", "truncated (finish_reason=length)")
+HOLLOW_RUN = 100
+
+
 class GenerationStopped(RuntimeError):
     """`stop` was set (the flow was interrupted: Ctrl-C, SIGTERM, a Prefect cancel): the rows so far are kept."""
 
@@ -248,6 +254,7 @@ def _generate(client: Teacher, prompt_cfg, out_path: Path, target_rows: int, pol
                 pending[index] = p
                 yield index, p.messages
 
+        hollow = 0  # replies in a row with no text to check (empty, or cut at max_tokens)
         results = client.imap_unordered(jobs())
         try:
             for index, reply in results:
@@ -262,6 +269,12 @@ def _generate(client: Teacher, prompt_cfg, out_path: Path, target_rows: int, pol
                 cat["answered"] += 1
                 text = reply.text  # the client already removed a leading <think> block
                 verdict = check(p, text, policy, reply.finish_reason)
+                hollow = hollow + 1 if verdict.reason in HOLLOW else 0
+                if hollow >= HOLLOW_RUN:
+                    raise GenerationStalled(
+                        f"the teacher {label} at {client.url} gave {hollow} empty or cut-off replies in a row "
+                        f"(last: {verdict.reason}; {stats['rows']} rows kept): a thinking model may spend "
+                        "max_tokens on its reasoning; raise teacher.max_tokens or pick a model that answers")
                 if not verdict.ok:
                     reason = verdict.reason.split(":")[0].split(" (")[0]  # "wrong answer", "no_answer", ...
                     reasons[reason] += 1
@@ -298,7 +311,8 @@ def _generate(client: Teacher, prompt_cfg, out_path: Path, target_rows: int, pol
                                     "a re-run goes on from there")
         if store.count < target_rows:
             raise GenerationStalled(
-                f"{out_path}: {store.count} of {target_rows} rows after trying {max_prompts} prompts "
+                f"{out_path}: {store.count} of {target_rows} rows after trying {max_prompts} prompts on the teacher "
+                f"{label} at {client.url} "
                 f"(rejections: {dict(reasons)}, teacher errors: {stats['teacher_errors']}); "
                 "check the teacher's answers or raise max_prompts")
         return report(final=True)

@@ -126,8 +126,24 @@ def test_stop_ends_the_run_within_a_reply_and_a_rerun_goes_on_from_the_rows_kept
 
 def test_a_teacher_that_is_always_wrong_stalls_with_a_clear_error(tmp_path):
     with OllamaStandin(answer=lambda m: "Answer: 987654321") as hub:
-        with pytest.raises(GenerationStalled, match=r"0 of 5 rows after trying 40 prompts"):
+        with pytest.raises(GenerationStalled, match=r"0 of 5 rows after trying 40 prompts on the teacher "
+                                                     rf"ollama:qwen3:0.6b at {hub.url}"):
             generate(_teacher(hub), prompt_gen.PromptConfig(weights={"math": 1.0}), tmp_path / "r.jsonl", 5, max_prompts=40)
+
+
+@pytest.mark.parametrize("reply", ["", "<think>I need to work this out step by step and then"])
+def test_a_teacher_that_only_answers_empty_stops_after_a_run_of_them_naming_it(reply, tmp_path):
+    """Empty replies (or a thinking model's, cut inside its reasoning) have nothing to check: after
+    HOLLOW_RUN of them in a row the run stops naming the teacher and the fix, instead of asking
+    20 x target_rows prompts (40,000 requests at the default target)."""
+    from mlxcore.distill.generate import HOLLOW_RUN
+
+    with OllamaStandin(answer=lambda m: reply) as hub:
+        with pytest.raises(GenerationStalled, match=rf"the teacher ollama:qwen3:0.6b at {hub.url} gave {HOLLOW_RUN} "
+                                                     r"empty or cut-off replies in a row .*raise teacher.max_tokens"):
+            generate(_teacher(hub), CFG, tmp_path / "r.jsonl", 2000)
+        asked = len(hub.chat_bodies())
+    assert HOLLOW_RUN <= asked < HOLLOW_RUN + 20  # the requests in flight at the stop, no more
 
 
 CHILD = """
