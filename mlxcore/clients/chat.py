@@ -32,7 +32,7 @@ connections (httpx transport errors, e.g. RemoteProtocolError "server disconnect
 malformed answers (a 2xx whose body is not JSON or lacks the reply text: a teacher that is
 restarting can answer garbage). Before retry k (1, 2, ...) the client sleeps an "equal jitter"
 backoff: half of min(max_backoff_s, backoff_s * 2**(k-1)) plus a uniform random part of the other
-half; a 429/503 `Retry-After` (in seconds) raises that sleep, capped at max_backoff_s. Other 4xx
+half; a 429/503 `Retry-After` (seconds or an HTTP date) raises that sleep, capped at max_backoff_s. Other 4xx
 answers (400 bad request, 401, 404 model not found, ...) are not retried: the call raises
 `TeacherError` naming the status, the server's message and, for 404, the model. A call whose
 attempts all failed raises `TeacherError` (in `imap_unordered` it is yielded for that job: the
@@ -67,6 +67,8 @@ This module is part of mlxcore: it must not import prefect.
 from __future__ import annotations
 
 import collections
+import datetime
+import email.utils
 import ipaddress
 import json
 import random
@@ -153,11 +155,21 @@ def _server_message(raw: bytes | bytearray) -> str:
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
+    """Retry-After in seconds, or as an HTTP date (RFC 9110) counted from now; None when absent or unreadable."""
     value = resp.headers.get("Retry-After")
+    if value is None:
+        return None
     try:
-        return max(0.0, float(value)) if value is not None else None
+        return max(0.0, float(value))
     except ValueError:
-        return None  # an HTTP date: ignore, the backoff applies
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # HTTP dates are GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 def _int(value: Any) -> int:

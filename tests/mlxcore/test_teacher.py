@@ -263,6 +263,30 @@ def test_retry_after_is_honoured(server):
     assert slept == [0.3] and reply.attempts == 2
 
 
+def test_retry_after_as_an_http_date_is_honoured_too():
+    """RFC 9110 allows Retry-After as an HTTP date; it was ignored (the backoff alone applied)."""
+    import email.utils
+
+    def busy_then_ok(conn, state={"n": 0}):
+        state["n"] += 1
+        if state["n"] == 1:
+            when = email.utils.formatdate(time.time() + 3, usegmt=True)
+            conn.sendall(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: " + when.encode()
+                         + b"\r\nContent-Length: 0\r\n\r\n")
+        else:
+            json_answer(b'{"message": {"role": "assistant", "content": "ok"}, "done": true}')(conn)
+
+    server = RawServer(busy_then_ok)
+    try:
+        with teacher(server.url, backoff_s=0.0, max_backoff_s=10) as t:
+            slept, sleep = [], t._sleep
+            t._sleep = lambda seconds, cancel: (slept.append(seconds), sleep(seconds, cancel))[1]
+            assert t.chat(MESSAGES).text == "ok"
+    finally:
+        server.close()
+    assert len(slept) == 1 and 1.5 < slept[0] <= 3.0  # whole seconds: the date is rounded down to one
+
+
 @pytest.mark.parametrize("api", ["ollama", "openai"])
 def test_an_unknown_model_is_not_retried_and_the_error_names_it(server, api):
     with teacher(server, api=api, model="nope:1b", retries=4) as t:
