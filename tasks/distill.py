@@ -75,11 +75,12 @@ def student_dir(config: DistillConfig, tokenizer_dir: str) -> Path:
 
 
 def _unreachable(task, task_run, state) -> bool:
-    """Retry a teacher that did not answer (it may be starting); a missing model fails at once."""
+    """Retry a teacher that did not answer, is busy (429) or answered garbage (it may be starting); a missing
+    model fails at once."""
     try:
         state.result()
     except TeacherError as e:
-        return e.kind in ("connection", "timeout", "5xx")
+        return e.kind in ("connection", "timeout", "5xx", "429", "malformed")  # a busy or restarting teacher
     except Exception:
         return False
     return False

@@ -72,3 +72,18 @@ def test_faults_and_a_sigkill_lose_and_duplicate_nothing(tmp_path):
     assert len(rows) == target
     assert sum(proxy.injected.values()) >= 10 and len(proxy.injected) >= 4, proxy.injected
     assert "resumed from" in again.stdout and "step-" in again.stdout  # the student went on from its checkpoint
+
+
+@pytest.mark.parametrize("kind, retried", [("429", True), ("5xx", True), ("connection", True), ("timeout", True),
+                                           ("malformed", True), ("4xx", False)])
+def test_the_health_check_is_retried_on_a_busy_or_restarting_teacher_only(kind, retried):
+    """A 429 (busy) or a garbled answer from a teacher that is starting is worth the health task's
+    retries; a 4xx (a missing model, a bad key) fails at once with its fix."""
+    from mlxcore.clients.chat import TeacherError
+    from tasks.distill import _unreachable
+
+    class Failed:
+        def result(self):
+            raise TeacherError("health check", kind=kind)
+
+    assert _unreachable(None, None, Failed()) is retried
