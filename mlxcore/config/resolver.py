@@ -39,10 +39,12 @@ def _format_errors(err: ValidationError, source: str, root: yaml.Node | None, ov
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         key = ".".join(str(p) for p in loc) or "(top level)"
-        setter = next((item for item in reversed(overrides)
-                       if _startswith(key, item.partition("=")[0]) or _startswith(item.partition("=")[0], key)), None)
-        if setter is not None:
-            where = f"{label} {setter}"
+        # the override of this key or of a section holding it, else every override inside it (a
+        # section-level check, such as warmup_steps <= steps, may be failed by any of them)
+        setter = next((item for item in reversed(overrides) if _startswith(key, item.partition("=")[0])), None)
+        inside = [item for item in overrides if _startswith(item.partition("=")[0], key)]
+        if setter is not None or inside:
+            where = f"{label} {setter}" if setter is not None else ", ".join(f"{label} {item}" for item in inside)
         else:
             line = _node_line(root, loc)
             where = f"{source}:{line}" if line else source

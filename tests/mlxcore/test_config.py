@@ -64,6 +64,10 @@ def test_a_bad_set_is_reported_against_the_set_not_the_file(tmp_path):
     assert not any(f"{path}:3" in line or f"{path}:2" in line for line in lines)  # sft's lines set nothing wrong
     with pytest.raises(ConfigError, match="--set sft=3: sft: Input should be a valid dictionary"):
         load_config(None, ["sft=3"])
+    # a section-level check names every --set inside the section (it named the last one, which set nothing wrong)
+    with pytest.raises(ConfigError, match=r"--set pretrain.steps=4, --set pretrain.lr=0.001: pretrain: .*"
+                                          r"warmup_steps=\d+ exceeds steps=4"):
+        load_config(None, ["pretrain.steps=4", "pretrain.lr=0.001"])
 
 
 def test_a_vocab_size_the_tokenizer_cannot_have_fails_before_any_stage_dir(tmp_path):
