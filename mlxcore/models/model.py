@@ -12,6 +12,7 @@ tokenizers load with `trust_remote_code=False`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
@@ -99,8 +100,25 @@ def _moe_fields(cfg: ModelConfig) -> dict:
     }
 
 
+def rope_keys(config: dict) -> dict:
+    """The top-level `rope_theta` / `rope_scaling` a config means but keeps in transformers 5's
+    nested `rope_parameters` block ({"rope_type", "rope_theta", "factor", ...}): mlx-lm's llama and
+    qwen2 (and the GGUF export) read only the top-level keys, so without them such a model would
+    train and export with the default theta and no scaling. Empty when nothing needs lifting."""
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict):
+        return {}
+    out = {}
+    if "rope_theta" not in config and params.get("rope_theta") is not None:
+        out["rope_theta"] = params["rope_theta"]
+    if params.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+        out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return out
+
+
 def from_config(config: dict, seed: int = 0) -> nn.Module:
     """A freshly initialised model for an HF-style config dict (any mlx-lm `model_type`)."""
+    config = {**config, **rope_keys(config)}
     mx.random.seed(seed)
     model_class, args_class = get_model_classes(config)  # mlx_lm.models.<model_type>, or our retention
     model = model_class(args_class.from_dict(config))
@@ -119,7 +137,12 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
     if not is_model_dir(path, adapters=False):
         raise FileNotFoundError(f"{path}: not a checkpoint or model dir (no config.json)")
     try:
-        return load_model(path, get_model_classes=get_model_classes, trust_remote_code=False)  # strict: every weight must match
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from None
+    try:  # strict: every weight must match
+        return load_model(path, get_model_classes=get_model_classes, trust_remote_code=False,
+                          model_config=rope_keys(config))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 

@@ -80,3 +80,33 @@ def test_transformers_loads_the_checkpoint_with_the_same_logits_and_greedy_reply
     for _ in range(8):  # greedy, the whole sequence each step: no cache to differ
         ours.append(int(mx.argmax(model(mx.array([ours]))[0, -1]).item()))
     assert ours[len(prompt):] == theirs
+
+
+def test_a_transformers_5_config_s_rope_parameters_are_read(saved, tmp_path):
+    """transformers 5 writes `rope_theta` (and any scaling) inside a nested `rope_parameters` block;
+    mlx-lm's llama reads only the top-level keys, so such a model trained (and exported) with the
+    default theta 10000: far from its own logits. Loaded here, it gives the logits of the same
+    weights with the top-level key; a scaling type in the block reaches the GGUF export's refusal."""
+    from mlx.utils import tree_flatten
+
+    from mlxcore.export.gguf import _hparams
+    from mlxcore.models import model as models
+
+    model, config, path = saved
+    nested = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k != "rope_theta"}
+    nested["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_theta"]}
+    (path / "config.json").write_text(json.dumps(nested))
+    x = mx.array([[1, 5, 9, 200, 17, 3, 42] * 4])
+    loaded, got = models.load(path)
+    assert got["rope_theta"] == config["rope_theta"] == 1e6 and "rope_scaling" not in got
+    np.testing.assert_array_equal(np.array(loaded(x)), np.array(model(x)))
+    default_theta = from_config({**config, "rope_theta": 10000.0}, seed=3)
+    default_theta.load_weights(tree_flatten(model.parameters()))
+    assert np.abs(np.array(default_theta(x)) - np.array(model(x))).max() > 1e-3  # what was loaded before
+
+    nested["rope_parameters"] = {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}
+    (path / "config.json").write_text(json.dumps(nested))
+    _, got = models.load(path)
+    assert got["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    with pytest.raises(ValueError, match="rope_scaling .* is not supported by the GGUF export"):
+        _hparams(got, "llama", {"model.embed_tokens.weight": np.zeros((4, 4))})
