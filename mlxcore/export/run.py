@@ -42,7 +42,8 @@ def export_all(model_dir: str | Path, out_dir: str | Path, formats: Sequence[str
             log(f"gguf {fmt}: {info['path']} ({info['bytes'] / 1e6:.1f} MB, {info['seconds']:.1f} s)")
         elif fmt.startswith("mlx-"):
             bits = int(fmt.split("-")[1][0])
-            info = mlx_quant.export_mlx_quantized(model_dir, out / f"{name}-{fmt}", bits=bits, group_size=group_size)
+            info = mlx_quant.export_mlx_quantized(model_dir, out / f"{name}-{fmt}", bits=bits, group_size=group_size,
+                                                  overwrite=True)  # as each GGUF is: a re-export replaces it
             result["mlx"][bits] = info
             log(f"mlx {bits}-bit: {out / f'{name}-{fmt}'}")
         else:

@@ -130,3 +130,25 @@ def test_an_already_quantized_model_is_dequantized_before_requantizing(dirs):
     src, _ = mlx_lm.load(str(q4))
     want, got = greedy(src), greedy(model)
     assert sum(a == b for a, b in zip(want, got)) >= 0.75 * STEPS, (want, got)
+
+
+def test_exporting_again_into_the_same_out_replaces_the_mlx_export_as_it_does_the_gguf(dirs, tmp_path):
+    """`mlxflow export` twice into one --out (after re-fusing a new adapter into the same model dir)
+    replaced the GGUF and then died on the MLX dir with a FileExistsError, leaving the old model's
+    quantized export beside the new GGUF."""
+    import shutil
+
+    from mlxcore.export.run import export_all
+
+    model = tmp_path / "model"
+    shutil.copytree(dirs["base"], model)
+    export_all(model, tmp_path / "out", ["mlx-8bit"], gate=None, log=lambda m: None)
+    [path] = (tmp_path / "out").glob("*-mlx-8bit")
+    before = (path / "model.safetensors").read_bytes()
+    shutil.rmtree(model)
+    checkpoint.fuse(dirs["lora"], model)  # other weights, the same dir
+    export_all(model, tmp_path / "out", ["mlx-8bit"], gate=None, log=lambda m: None)
+    export_mlx_quantized(model, tmp_path / "fresh", bits=8)
+    now = (path / "model.safetensors").read_bytes()
+    assert now == (tmp_path / "fresh" / "model.safetensors").read_bytes() != before
+    assert not temp_files(tmp_path / "out")
