@@ -81,9 +81,14 @@ def digest(tokenizer_dir: str | Path) -> str:
     return dir_digest(tokenizer_dir, TOKENIZER_FILES)
 
 
+# carried with the tokenizer files (a base model's sampling defaults and end-of-turn ids, which
+# transformers' `generate` reads) but not part of the tokenizer's digest
+CARRIED_FILES = ("generation_config.json",)
+
+
 def copy_files(tokenizer_dir: str | Path, dest: str | Path) -> None:
-    """Copy the tokenizer files of `tokenizer_dir` (e.g. into a checkpoint)."""
-    for name in TOKENIZER_FILES:
+    """Copy the tokenizer files of `tokenizer_dir` (e.g. into a checkpoint), and its generation_config.json."""
+    for name in (*TOKENIZER_FILES, *CARRIED_FILES):
         src = Path(tokenizer_dir) / name
         if src.is_file():
             shutil.copy2(src, Path(dest) / name)

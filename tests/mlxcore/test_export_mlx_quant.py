@@ -152,3 +152,23 @@ def test_exporting_again_into_the_same_out_replaces_the_mlx_export_as_it_does_th
     now = (path / "model.safetensors").read_bytes()
     assert now == (tmp_path / "fresh" / "model.safetensors").read_bytes() != before
     assert not temp_files(tmp_path / "out")
+
+
+def test_a_base_model_s_generation_config_reaches_the_tokenizer_stage_adapters_and_the_fused_model(dirs, tmp_path):
+    """A Hub model's generation_config.json (sampling defaults, end-of-turn ids that transformers'
+    `generate` reads) was dropped by the tokenizer stage, so fine-tuned and fused dirs lacked it
+    and HF decoded them greedily with no stop list of the base's."""
+    import shutil
+
+    from mlxcore.config import TokenizerConfig
+    from mlxcore.data.tokenizer import load_or_train
+
+    base = tmp_path / "base"
+    shutil.copytree(dirs["base"], base)
+    gen = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "eos_token_id": [2, 0]}
+    (base / "generation_config.json").write_text(json.dumps(gen))
+    load_or_train(TokenizerConfig(path=str(base)), None, tmp_path / "tok")  # the finetune flow's tokenizer stage
+    lora = adapter_checkpoint(tmp_path / "lora", base, tmp_path / "tok")
+    fused = checkpoint.fuse(lora, tmp_path / "fused")
+    for d in (tmp_path / "tok", lora, fused):
+        assert json.loads((d / "generation_config.json").read_text()) == gen, d
