@@ -42,7 +42,11 @@ def ship(export: ExportConfig, model_dir: str, run: str, label: str, text: list[
                                    list(text), run)
     pushed = None
     if export.push is not None:
-        uploads = [(g["path"], "") for g in ggufs.values()] + [(m["model"], f"mlx-{b}bit") for b, m in mlx.items()]
+        # the first GGUF format's folder at the top (its file, Modelfile, card); the other formats' .gguf
+        # files beside it (one Modelfile and card per repo: they would overwrite each other); each MLX
+        # export in its own folder
+        uploads = [(g["path"], "", [] if i == 0 else ["*.gguf"]) for i, g in enumerate(ggufs.values())]
+        uploads += [(m["model"], f"mlx-{b}bit", []) for b, m in mlx.items()]
         pushed = push_exports(uploads, export.push, run)
     return {"gguf": ggufs, "mlx": mlx, "gates": gates, "pushed": pushed, "targets": targets}
 

@@ -94,13 +94,13 @@ def parity_gate(model_dir: str, gguf_dir: str, gguf_file: str, qtype: str, gate:
 
 
 @task(retries=2, retry_delay_seconds=5, **HOOKS)
-def push_exports(uploads: list[tuple[str, str]], push: HubPushConfig, run_dir: str) -> dict:
-    """Upload (folder, path in the repo) pairs to one hub model repo: the GGUF files and Modelfile at
-    the top, each MLX export in `mlx-<bits>bit/`."""
+def push_exports(uploads: list[tuple[str, str, list[str]]], push: HubPushConfig, run_dir: str) -> dict:
+    """Upload (folder, path in the repo, only these files: globs, or [] for all) to one hub model repo:
+    the GGUF files and the first format's Modelfile and card at the top, each MLX export in `mlx-<bits>bit/`."""
     token = resolve_api_key(push.api_key_env, push.api_key_secret, default_env="HF_TOKEN", resolver=prefect_secret,
                             who=f"hub repo {push.repo_id}")
     commits = [hub.push(folder, push.repo_id, token=token, endpoint=push.endpoint, private=push.private,
-                        revision=push.revision, path_in_repo=path_in_repo, ignore=["manifest.json"],
+                        revision=push.revision, path_in_repo=path_in_repo, ignore=["manifest.json"], allow=allow,
                         commit_message=f"mlxflow export of {Path(run_dir).name}")
-               for folder, path_in_repo in uploads]
+               for folder, path_in_repo, allow in uploads]
     return {"repo_id": push.repo_id, "commits": commits}

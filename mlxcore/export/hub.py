@@ -74,21 +74,22 @@ def _is_transport(err: BaseException) -> bool:
     return False
 
 
-def _files(folder: Path, ignore: Sequence[str] = ()) -> list[tuple[str, int]]:
+def _files(folder: Path, ignore: Sequence[str] = (), allow: Sequence[str] = ()) -> list[tuple[str, int]]:
     """(path relative to `folder`, size) of what upload_folder sends: the same filter it applies."""
     from huggingface_hub.utils import filter_repo_objects
     from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 
     rel = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-    kept = filter_repo_objects(list(rel), ignore_patterns=[*IGNORE, *ignore, *DEFAULT_IGNORE_PATTERNS])
+    kept = filter_repo_objects(list(rel), allow_patterns=list(allow) or None,
+                               ignore_patterns=[*IGNORE, *ignore, *DEFAULT_IGNORE_PATTERNS])
     return [(k, rel[k]) for k in kept]
 
 
 def push(folder, repo_id: str, *, token: str | None = None, endpoint: str | None = None, private: bool = False,
          revision: str = "main", path_in_repo: str = "", commit_message: str = "Upload with mlxcore",
-         repo_type: str = "model", ignore: Sequence[str] = ()) -> dict:
-    """Upload every file of `folder` (but `ignore`'s glob patterns) to `repo_id` (created if missing) at
-    `revision`, under `path_in_repo`."""
+         repo_type: str = "model", ignore: Sequence[str] = (), allow: Sequence[str] = ()) -> dict:
+    """Upload every file of `folder` (only those matching `allow`'s glob patterns, when given; never
+    `ignore`'s) to `repo_id` (created if missing) at `revision`, under `path_in_repo`."""
     folder = Path(folder)
     where = _endpoint(endpoint)
     target = f"{repo_type} repo {repo_id} on {where}"
@@ -96,7 +97,7 @@ def push(folder, repo_id: str, *, token: str | None = None, endpoint: str | None
         raise PushError(f"cannot push {folder}: {repo_id!r} is not a repo id (owner/name)")
     if not folder.is_dir():
         raise PushError(f"cannot push {folder} to {target}: not a directory")
-    files = _files(folder, ignore)
+    files = _files(folder, ignore, allow)
     if not files:
         raise PushError(f"cannot push {folder} to {target}: the folder has no files to upload")
     prefix = path_in_repo.strip("/")
@@ -125,7 +126,7 @@ def push(folder, repo_id: str, *, token: str | None = None, endpoint: str | None
             step = "uploading"
             info = api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=prefix or None,
                                      commit_message=commit_message, revision=revision, repo_type=repo_type,
-                                     ignore_patterns=[*IGNORE, *ignore])
+                                     allow_patterns=list(allow) or None, ignore_patterns=[*IGNORE, *ignore])
     except HfHubHTTPError as e:
         status = e.response.status_code if getattr(e, "response", None) is not None else None
         said = (getattr(e, "server_message", None) or "").strip().replace("\n", " ")

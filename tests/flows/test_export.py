@@ -122,7 +122,7 @@ def test_the_export_flow_pushes_gguf_and_mlx_to_the_hub_with_the_token_from_the_
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("MY_HF_TOKEN", "hf_write_token_for_tests")
     with HubStandin(tokens={"hf_write_token_for_tests": "write"}) as hub:
-        state = _export(tmp_path, smoke_pipeline["result"]["checkpoint"], formats=["q8_0", "mlx-8bit"], gate=None,
+        state = _export(tmp_path, smoke_pipeline["result"]["checkpoint"], formats=["q8_0", "f16", "mlx-8bit"], gate=None,
                         push={"repo_id": "me/smoke", "endpoint": hub.endpoint, "api_key_env": "MY_HF_TOKEN"})
         assert state.is_completed(), state.message
         out = state.result()
@@ -132,7 +132,10 @@ def test_the_export_flow_pushes_gguf_and_mlx_to_the_hub_with_the_token_from_the_
     mlx = Path(out["mlx"][8]["model"])
     assert remote["mlx-8bit/model.safetensors"] == (mlx / "model.safetensors").read_bytes()
     assert {c["authorization"] for c in hub.api_calls} == {"Bearer hf_write_token_for_tests"}
-    assert len(out["pushed"]["commits"]) == 2 and not any(p.endswith("manifest.json") for p in remote)  # ours stay home
+    assert len(out["pushed"]["commits"]) == 3 and not any(p.endswith("manifest.json") for p in remote)  # ours stay home
+    # a second GGUF format: its file beside the first's; the one Modelfile and card stay the first format's
+    f16 = Path(out["gguf"]["f16"]["gguf"])
+    assert remote[f16.name] == f16.read_bytes() and b"q8_0" in remote["Modelfile"] and b"f16" not in remote["Modelfile"]
     # the model card travels with the weights: the GGUF's at the top, the MLX export's beside it
     assert b"library_name: gguf" in remote["README.md"] and b"license: mit" in remote["README.md"]
     assert b"library_name: mlx" in remote["mlx-8bit/README.md"]
