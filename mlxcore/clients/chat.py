@@ -27,7 +27,8 @@ A reply's `<think>...</think>` reasoning is stripped (`strip_think`: what follow
 Retry policy. One call (`chat`, or one job of `imap_unordered`) makes up to 1 + `retries`
 attempts. An attempt, its whole body included, ends after `timeout_s` (plus at most one
 read): a server dripping keep-alive whitespace or a byte at a time cannot hold it; an answer over
-64 MiB is cut off. Both count as transient (timeout, malformed). `content: null` is an empty reply. Transient failures are retried: HTTP 5xx and 429, timeouts, refused or dropped
+64 MiB is cut off. Both count as transient (timeout, malformed). `content: null` is an empty
+reply. Transient failures are retried: HTTP 5xx and 429, timeouts, refused or dropped
 connections (httpx transport errors, e.g. RemoteProtocolError "server disconnected"), and
 malformed answers (a 2xx whose body is not JSON or lacks the reply text: a teacher that is
 restarting can answer garbage). Before retry k (1, 2, ...) the client sleeps an "equal jitter"

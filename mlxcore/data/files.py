@@ -373,7 +373,8 @@ def saved_dataset_files(path: Path) -> list[Path]:
                         + ", ".join(f"'{name}/{s}'" for s in splits))
     if not (path / "state.json").is_file():
         if (path / "train.jsonl").is_file():  # mlx-lm's data layout: train / valid / test.jsonl
-            val = f"['{name}/valid.jsonl']" if (path / "valid.jsonl").is_file() else "[] (val_fraction of train held out)"
+            val = (f"['{name}/valid.jsonl']" if (path / "valid.jsonl").is_file()
+                   else "[] (val_fraction of train held out)")
             raise DataError(f"{name!r} is a directory in mlx-lm's layout; give its splits apart, e.g. "
                             f"train=['{name}/train.jsonl'] val={val} (a glob of it would train on its "
                             "valid and test rows too)")

@@ -62,8 +62,8 @@ from mlxcore.clients.chat import Teacher, TeacherConfig, TeacherError
 from mlxcore.distill.verify import NO_ANSWER, VerifyPolicy, check
 
 
-__all__ = ["GenerationStalled", "GenerationStopped", "PAIRS_FILE", "REJECTED_FILE", "WRONG_ANSWER", "companion_paths", "generate",
-           "make_pair", "write_pairs", "wrong_id"]
+__all__ = ["GenerationStalled", "GenerationStopped", "PAIRS_FILE", "REJECTED_FILE", "WRONG_ANSWER", "companion_paths",
+           "generate", "make_pair", "write_pairs", "wrong_id"]
 
 REJECTED_FILE, PAIRS_FILE = "rejected.jsonl", "pairs.jsonl"  # beside rows.jsonl (see the module doc)
 WRONG_ANSWER = "wrong answer"  # the rejection reason (before its ": got ..., expected ...") of a kept reply

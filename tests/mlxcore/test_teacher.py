@@ -130,7 +130,8 @@ class RawServer:
             while b"\r\n\r\n" not in data:
                 data += conn.recv(65536)
             head, body = data.split(b"\r\n\r\n", 1)
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
             while len(body) < length:
                 body += conn.recv(65536)
             self.requests += 1
@@ -171,7 +172,7 @@ def test_an_attempt_ends_after_timeout_s_however_the_server_drips_its_answer(kin
         server.close()
     assert err.value.kind == "timeout" and err.value.attempts == 2 and server.requests == 2
     assert stats["failures"]["timeout"] == 2 and stats["failed"] == 2
-    assert took < 2 * (1.0 + 0.3) + 0.5, took  # two attempts of about timeout_s each (20 s of dripping without the bound)
+    assert took < 2 * (1.0 + 0.3) + 0.5, took  # two attempts of about timeout_s each (20 s of dripping unbounded)
 
 
 def test_an_answer_over_the_size_cap_is_cut_off_and_retried(server, monkeypatch):
@@ -362,7 +363,9 @@ def test_a_dead_teacher_spends_the_budget_in_unrecovered_calls_and_gives_up_with
     assert "429 2" in msg and "HTTP 500" in msg
     time.sleep(0.2)
     settled = len(server.log)
-    assert requests_at_give_up <= settled <= 18 + 2  # at most the other worker's request was in flight
+    # at most the other worker's call's attempts, up to 3 as `attempts` above allows (seen under load:
+    # its third was in flight when the sixth loss gave up)
+    assert requests_at_give_up <= settled <= 18 + 3 and settled <= report["attempts"] + 1
     time.sleep(0.2)
     assert len(server.log) == settled  # nothing issued after giving up
     assert taken[0] <= 2 * 2 + len(yielded) + 1
