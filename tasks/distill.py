@@ -184,6 +184,8 @@ def generate_rows(rows_dir: str, teacher: TeacherConfig, prompts: PromptConfig, 
         if report.last is not None:
             _publish_generation(report.last, out.parent.name)
         raise
+    finally:
+        _STOPS.pop(str(out), None)
     _publish_generation(stats, out.parent.name)
     small = {k: stats[k] for k in ("rows", "new_rows", "rows_per_s", "elapsed_s", "teacher_errors", "rejections",
                                    "wrong_kept")}

@@ -33,14 +33,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import shutil
 import time
 from pathlib import Path
 
 import mlxcore  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.nn as nn
 
-from mlxcore.data.tokenizer import TOKENIZER_FILES
+from mlxcore.data.tokenizer import copy_files
 from mlxcore.io import atomic_dir, write_manifest
 from mlxcore.models.layout import ADAPTER_CONFIG, is_adapter_dir, is_model_dir
 
@@ -104,9 +103,7 @@ def export_mlx_quantized(model_dir, out_dir, bits: int = 4, group_size: int = 64
     with atomic_dir(out_dir, replace=overwrite) as tmp:
         save_model(tmp, model)
         save_config(dict(qconfig), tmp / "config.json")
-        for name in (*TOKENIZER_FILES, "generation_config.json"):
-            if (tokenizer_dir / name).is_file():
-                shutil.copy2(tokenizer_dir / name, tmp / name)
+        copy_files(tokenizer_dir, tmp)  # the tokenizer files and generation_config.json
         nbytes = sum(p.stat().st_size for p in tmp.glob("model*.safetensors"))
         write_manifest(tmp, "checkpoint", {"quantized_from": str(model_dir.resolve()), "source": source,
                                            "quantization": qconfig["quantization"]})
